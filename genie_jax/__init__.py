@@ -1,0 +1,15 @@
+"""genie_jax: Genie-style world models (tokenizer, latent actions, MaskGIT dynamics) in JAX.
+
+Shape suffixes. Arrays are named with the letters of their axes, in order, after an
+underscore: ``video_BTHWC`` is a batch of clips, ``z_BTNL`` their latents. One letter, one
+meaning, everywhere in the project:
+
+  B  batch (examples)                  N  tokens (patches) per frame
+  T  time (frames) of the queries      M  tokens per frame on the attended (key) side
+  S  time on the attended (key) side   D  model width
+  H  image height                      F  feed-forward width
+  W  image width                       K  attention heads
+  C  image channels                    E  width of one attention head
+  P  pixels of one patch (p*p*C)       L  latent (codebook entry) width
+  V  codebook size (token vocabulary)  A  latent-action vocabulary
+"""

@@ -1,0 +1,42 @@
+"""genie_jax: Genie-style world models in JAX/Flax (tokenizer, latent actions, MaskGIT dynamics)."""
+
+import setuptools
+
+# Versions pinned to the ones the test suite last passed with (CPU, Python 3.11).
+INSTALL_REQUIRES = [
+    "jax==0.10.2",
+    "jaxlib==0.10.2",
+    "flax==0.12.8",
+    "optax==0.2.8",
+    "orbax-checkpoint==0.12.8",
+    "grain==0.2.18",
+    "tensorflow-datasets==4.9.10",
+    "array_record==0.8.6",
+    "ml-collections==1.1.0",
+    "absl-py==2.5.1",
+    "einops==0.8.2",
+    "chex==0.1.92",
+    "dm-pix==0.4.5",
+    "tensorboardX==2.6.5",
+    "imageio==2.38.1",
+    "pillow==13.0.0",
+    "numpy>=2.0,<3",
+    "psutil>=5.9",
+]
+
+EXTRAS = {
+    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0"],
+    # Reading users' video files (mp4, webm, ...).
+    "video": ["imageio-ffmpeg>=0.5"],
+}
+
+setuptools.setup(
+    name="genie_jax",
+    version="0.1.0",
+    description=__doc__,
+    packages=setuptools.find_packages(include=["genie_jax", "genie_jax.*", "data_pipelines",
+                                               "data_pipelines.*", "configs"]),
+    python_requires=">=3.10",
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS,
+)
