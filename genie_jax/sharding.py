@@ -51,10 +51,6 @@ DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("qkv", None),
 )
 
-# Parameters never sharded are created without metadata; nnx reports them as P().
-_NO_NAMES = ()
-
-
 def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
   """Builds a mesh with axes `MESH_AXES`; one size may be -1 (the remaining devices).
 
@@ -124,14 +120,15 @@ def named_sharding(mesh: Mesh, rules: Rules, names: Sequence[str | None]) -> Nam
 
 
 def state_shardings(abstract_state: Any, mesh: Mesh, rules: Rules) -> Any:
-  """Shardings for an nnx state (or any tree of nnx Variables) from its logical names."""
+  """Shardings for an nnx state from the logical names its Variables carry.
+
+  The result has the structure of `abstract_state` (Variables holding NamedShardings), so it
+  can be zipped with the state by jax.tree.map and passed to jit as in/out shardings.
+  """
   logical = nnx.get_partition_spec(abstract_state)
-
-  def to_sharding(spec):
-    spec = spec.get_value() if isinstance(spec, nnx.Variable) else spec
-    return named_sharding(mesh, rules, tuple(spec) if spec is not None else _NO_NAMES)
-
-  return jax.tree.map(to_sharding, logical, is_leaf=lambda x: isinstance(x, (P, nnx.Variable)))
+  return jax.tree.map(
+      lambda spec: named_sharding(mesh, rules, tuple(spec)), logical,
+      is_leaf=lambda x: isinstance(x, P))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -1,0 +1,110 @@
+"""Orbax checkpoints holding, in one step directory, the train state (model, optimizer, step),
+the Grain iterator state of every process and the config as JSON.
+
+The config is also written to workdir/config.json so that later stages and `evaluate` rebuild
+the model from what was trained, not from flags retyped by hand.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import grain
+import jax
+import ml_collections
+import orbax.checkpoint as ocp
+from absl import logging
+
+CONFIG_FILE = "config.json"
+
+
+def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  return json.loads(config.to_json_best_effort())
+
+
+def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Writes workdir/config.json (process 0 only)."""
+  if jax.process_index() != 0:
+    return
+  os.makedirs(workdir, exist_ok=True)
+  tmp = os.path.join(workdir, CONFIG_FILE + ".tmp")
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(config_to_dict(config), f, indent=2, sort_keys=True)
+  os.replace(tmp, os.path.join(workdir, CONFIG_FILE))
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a workdir was trained with, locked so that typos in overrides fail."""
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(
+        f"{path} not found: {workdir!r} is not a genie_jax workdir (train there first, or "
+        "pass the workdir that holds config.json and checkpoints/)")
+  with open(path, encoding="utf-8") as f:
+    config = ml_collections.ConfigDict(json.load(f))
+  config.lock()
+  return config
+
+
+class Checkpointer:
+  """Thin wrapper over ocp.CheckpointManager with the items genie_jax saves."""
+
+  def __init__(self, workdir: str, cfg: ml_collections.ConfigDict,
+               config: ml_collections.ConfigDict | None = None, *, read_only: bool = False):
+    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self._config_dict = config_to_dict(config) if config is not None else None
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=cfg.max_to_keep,
+        keep_period=cfg.keep_period or None,
+        save_interval_steps=1,  # The trainer decides when to save.
+        enable_async_checkpointing=cfg.async_save,
+        create=not read_only,
+        read_only=read_only,
+    )
+    self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+  def latest_step(self) -> int | None:
+    return self.manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self.manager.all_steps())
+
+  def save(self, step: int, state: Any, data_iterator: Any | None = None, *,
+           force: bool = False) -> bool:
+    """Starts a (possibly asynchronous) save of state, iterator state and config."""
+    items = {"state": ocp.args.StandardSave(state)}
+    if self._config_dict is not None:
+      items["config"] = ocp.args.JsonSave(self._config_dict)
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+    saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+    if saved:
+      logging.info("Saving checkpoint for step %d to %s", step, self.directory)
+    return saved
+
+  def restore(self, step: int | None, abstract_state: Any,
+              data_iterator: Any | None = None) -> tuple[int, Any]:
+    """Restores `step` (default latest) onto the shardings in `abstract_state`.
+
+    `abstract_state` is a tree of jax.ShapeDtypeStruct with `.sharding` set for the current
+    mesh, so a checkpoint written on one mesh restores onto another. The data iterator, if
+    given, is restored in place.
+    """
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    logging.info("Restored checkpoint of step %d from %s", step, self.directory)
+    return step, restored["state"]
+
+  def wait(self) -> None:
+    self.manager.wait_until_finished()
+
+  def close(self) -> None:
+    self.manager.wait_until_finished()
+    self.manager.close()

@@ -1,0 +1,76 @@
+r"""Evaluates a trained workdir from its checkpoint.
+
+  python -m genie_jax.evaluate --workdir=workdirs/tok [--step=N] [--num_batches=N]
+
+The model is rebuilt from workdir/config.json; the evaluators are those of its config.evals.
+Writes workdir/eval/metrics.json (and one PNG per evaluator picture) and prints the metrics.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+from absl import app
+from absl import flags
+from absl import logging
+
+from genie_jax import checkpointing
+from genie_jax import evaluators as evaluators_lib
+from genie_jax import sharding
+from genie_jax import tasks
+from genie_jax import train_state
+from genie_jax import visualize
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A workdir written by genie_jax.main.")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default: the latest.")
+_NUM_BATCHES = flags.DEFINE_integer("num_batches", None,
+                                    "Evaluate this many batches per evaluator (default: config).")
+_OUT = flags.DEFINE_string("out", None, "Output folder; default: <workdir>/eval.")
+
+
+def evaluate(workdir: str, *, step: int | None = None, num_batches: int | None = None,
+             out_dir: str | None = None) -> dict[str, float]:
+  """Restores `workdir` at `step` and runs its evaluators on this host's devices."""
+  config = checkpointing.load_config(workdir)
+  with config.unlocked():
+    # Evaluate on whatever devices are here, not the training mesh.
+    config.mesh = dict(data=-1, fsdp=1, tensor=1)
+    if num_batches is not None:
+      for eval_cfg in config.evals.values():
+        eval_cfg.num_batches = num_batches
+  task = tasks.get_task(config)
+  mesh = sharding.make_mesh(config.mesh)
+  spec = train_state.make_state_spec(task, config, mesh)
+  ckpt = checkpointing.Checkpointer(workdir, config.checkpoint, read_only=True)
+  step, state = ckpt.restore(step, spec.abstract)
+  ckpt.close()
+
+  out_dir = out_dir or os.path.join(workdir, "eval")
+  results: dict[str, float] = {"step": step}
+  for evaluator in evaluators_lib.build_evaluators(config, task, spec):
+    scalars, images = evaluator.run(state)
+    results.update({f"{evaluator.name}/{k}": v for k, v in scalars.items()})
+    if jax.process_index() == 0:
+      for name, image in images.items():
+        visualize.save_png(os.path.join(out_dir, f"{evaluator.name}_{name}.png"), image)
+  if jax.process_index() == 0:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "metrics.json"), "w", encoding="utf-8") as f:
+      json.dump(results, f, indent=2, sort_keys=True)
+    logging.info("Wrote %s", os.path.join(out_dir, "metrics.json"))
+  return results
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  results = evaluate(_WORKDIR.value, step=_STEP.value, num_batches=_NUM_BATCHES.value,
+                     out_dir=_OUT.value)
+  print(json.dumps(results, indent=2, sort_keys=True))
+
+
+if __name__ == "__main__":
+  flags.mark_flags_as_required(["workdir"])
+  app.run(main)

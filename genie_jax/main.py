@@ -1,0 +1,31 @@
+r"""Trains one genie_jax stage.
+
+  python -m genie_jax.main --config=configs/tokenizer.py:runlocal --workdir=workdirs/tok \
+      --config.total_steps=2000
+
+Running the same command again resumes from the latest checkpoint in --workdir.
+"""
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from genie_jax import train
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file, optionally with ':args' (e.g. configs/tokenizer.py:runlocal).",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and images go.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  logging.info("Config:\n%s", _CONFIG.value)
+  train.train_and_evaluate(_CONFIG.value, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+  app.run(main)

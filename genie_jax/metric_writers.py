@@ -1,0 +1,93 @@
+"""Metrics out of the trainer: TensorBoard events, a JSON-lines file, images and a progress line.
+
+Only process 0 writes; every process calls these functions with the same (replicated) values,
+so no JAX computation ever runs on one process alone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Mapping
+
+import jax
+import numpy as np
+from absl import logging
+
+from genie_jax import visualize
+
+
+class MetricWriter:
+  """Writes scalars to TensorBoard (tensorboardX, no TensorFlow) and workdir/metrics.jsonl."""
+
+  def __init__(self, workdir: str, *, enabled: bool | None = None):
+    self.enabled = jax.process_index() == 0 if enabled is None else enabled
+    self.workdir = workdir
+    self._tb = None
+    self._jsonl = None
+    if self.enabled:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      os.makedirs(workdir, exist_ok=True)
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+
+  def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+    if not self.enabled:
+      return
+    clean = {k: float(v) for k, v in scalars.items()}
+    for name, value in clean.items():
+      self._tb.add_scalar(name, value, step)
+    self._jsonl.write(json.dumps({"step": int(step), **clean}) + "\n")
+    self._jsonl.flush()
+
+  def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
+    """Writes uint8 HWC images as TensorBoard images and PNGs under workdir/images/."""
+    if not self.enabled:
+      return
+    out_dir = os.path.join(self.workdir, "images")
+    os.makedirs(out_dir, exist_ok=True)
+    for name, image_HWC in images.items():
+      self._tb.add_image(name, image_HWC, step, dataformats="HWC")
+      visualize.save_png(os.path.join(out_dir, f"{name}_{step:08d}.png"), image_HWC)
+
+  def write_videos(self, step: int, videos: Mapping[str, np.ndarray], fps: int = 8) -> None:
+    """Writes uint8 THWC videos as GIFs under workdir/images/."""
+    if not self.enabled:
+      return
+    out_dir = os.path.join(self.workdir, "images")
+    os.makedirs(out_dir, exist_ok=True)
+    for name, video_THWC in videos.items():
+      visualize.save_gif(os.path.join(out_dir, f"{name}_{step:08d}.gif"), video_THWC, fps=fps)
+
+  def flush(self) -> None:
+    if self.enabled:
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self.enabled:
+      self._tb.close()
+      self._jsonl.close()
+
+
+class Progress:
+  """Steps/s, examples/s and ETA over the last logging interval."""
+
+  def __init__(self, first_step: int, total_steps: int, global_batch_size: int):
+    self.total_steps = total_steps
+    self.batch = global_batch_size
+    self._last_step = first_step
+    self._last_time = time.perf_counter()
+
+  def update(self, step: int) -> dict[str, float]:
+    now = time.perf_counter()
+    steps = max(step - self._last_step, 1)
+    seconds = max(now - self._last_time, 1e-9)
+    self._last_step, self._last_time = step, now
+    rate = steps / seconds
+    return {"steps_per_sec": rate, "examples_per_sec": rate * self.batch,
+            "eta_hours": (self.total_steps - step) / rate / 3600}
+
+  def log_line(self, step: int, scalars: Mapping[str, float]) -> None:
+    shown = " ".join(f"{k}={v:.4g}" for k, v in sorted(scalars.items()))
+    logging.info("[step %d/%d] %s", step, self.total_steps, shown)

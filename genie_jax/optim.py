@@ -1,0 +1,60 @@
+"""Optimizer and learning-rate schedules from `config.optimizer`."""
+
+from __future__ import annotations
+
+import jax
+import ml_collections
+import optax
+
+SCHEDULES = ("constant", "warmup_cosine", "wsd")
+
+
+def learning_rate_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
+  """Warmup then constant, cosine decay, or warmup-stable-decay (WSD).
+
+  WSD holds the peak rate and decays linearly to `end_lr` over the last `decay_fraction` of
+  training; it lets a run be extended (or stopped early with a short decay) without retuning.
+  """
+  warmup = min(int(cfg.warmup_steps), total_steps)
+  if cfg.schedule not in SCHEDULES:
+    raise ValueError(f"config.optimizer.schedule={cfg.schedule!r}; choose one of {SCHEDULES}")
+  if cfg.schedule == "constant":
+    return optax.warmup_constant_schedule(0.0, cfg.lr, max(warmup, 1))
+  if cfg.schedule == "warmup_cosine":
+    return optax.warmup_cosine_decay_schedule(
+        0.0, cfg.lr, max(warmup, 1), max(total_steps, warmup + 1), end_value=cfg.end_lr)
+  decay = int(round(total_steps * cfg.decay_fraction))
+  stable = max(total_steps - warmup - decay, 0)
+  return optax.join_schedules(
+      [optax.linear_schedule(0.0, cfg.lr, max(warmup, 1)),
+       optax.constant_schedule(cfg.lr),
+       optax.linear_schedule(cfg.lr, cfg.end_lr, max(decay, 1))],
+      boundaries=[warmup, warmup + stable])
+
+
+def _decay_mask(params):
+  # Decay weight matrices only: norms, biases, position tables and the VQ codebook (whose
+  # entries must stay near the encoder outputs) are left alone.
+  def keep(path, x):
+    names = "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+    return x.ndim >= 2 and "codebook" not in names and "pos" not in names
+  return jax.tree_util.tree_map_with_path(keep, params)
+
+
+def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int) -> tuple[
+    optax.GradientTransformation, optax.Schedule]:
+  """AdamW (Genie: b1=b2=0.9, wd 1e-4) with global-norm clipping and a schedule."""
+  schedule = learning_rate_schedule(cfg, total_steps)
+  chain = []
+  if cfg.grad_clip_norm:
+    chain.append(optax.clip_by_global_norm(cfg.grad_clip_norm))
+  chain.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                           weight_decay=cfg.weight_decay, mask=_decay_mask))
+  return optax.chain(*chain), schedule
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """Genie App. F tokenizer optimizer."""
+  return ml_collections.ConfigDict(dict(
+      lr=3e-4, end_lr=0.0, b1=0.9, b2=0.9, eps=1e-8, weight_decay=1e-4,
+      schedule="warmup_cosine", warmup_steps=10_000, decay_fraction=0.2, grad_clip_norm=1.0))

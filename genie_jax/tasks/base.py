@@ -1,0 +1,56 @@
+"""What a training stage is: a model factory, a loss, and how to look at the model.
+
+The shared trainer (genie_jax/train.py) owns everything else: mesh, input, sharding, optimizer,
+checkpoints, logging and the loop. Adding a stage means adding one Task subclass, registering
+it in genie_jax/tasks/__init__.py and writing one config.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+import jax
+import ml_collections
+from flax import nnx
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+class Task(abc.ABC):
+  """One training stage. Methods that take a model run inside jit."""
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self.config = config
+
+  def validate(self) -> None:
+    """Raises ValueError naming the config key when the config cannot work for this task.
+
+    Runs before any data is read or anything is compiled.
+    """
+
+  @abc.abstractmethod
+  def make_model(self, rngs: nnx.Rngs) -> nnx.Module:
+    """Builds the model from `self.config.model`; every weight carries logical axis names."""
+
+  @abc.abstractmethod
+  def loss(self, model: nnx.Module, batch: Batch, rng: jax.Array) -> tuple[jax.Array, Metrics, Any]:
+    """Training loss on a global batch.
+
+    The model may update its non-parameter state (e.g. codebook usage); the trainer keeps it.
+
+    Returns:
+      (scalar loss, scalar metrics, aux passed to `after_update`).
+    """
+
+  def after_update(self, model: nnx.Module, aux: Any, rng: jax.Array) -> Metrics:
+    """Runs on the updated model inside the train step (e.g. dead-code restart)."""
+    del model, aux, rng
+    return {}
+
+  def visualize(self, model: nnx.Module, batch: Batch) -> list[jax.Array]:
+    """Rows of videos to look at during training, e.g. [originals, reconstructions]; each
+    (B, T, H, W, C) floats in [0, 1]. Shown as one grid and one side-by-side GIF."""
+    del model, batch
+    return []

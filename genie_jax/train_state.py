@@ -1,0 +1,140 @@
+"""The train state, its shardings, and the sharded train step; shared by the trainer, the
+evaluator and the benchmark.
+
+State layout (a plain dict, so Orbax saves it as a tree):
+  step         int32 scalar, replicated
+  params       nnx.State of the model's nnx.Param variables
+  model_state  nnx.State of the model's other variables (e.g. codebook usage)
+  opt_state    optax state; parameter-shaped parts sharded like the parameters
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from genie_jax import optim
+from genie_jax import sharding
+from genie_jax.tasks.base import Task
+
+
+@dataclasses.dataclass(frozen=True)
+class StateSpec:
+  """Everything needed to create, restore, shard and update a train state."""
+  graphdef: Any
+  tx: optax.GradientTransformation
+  schedule: optax.Schedule
+  mesh: Mesh
+  rules: tuple
+  shardings: dict[str, Any]
+  abstract: dict[str, Any]  # jax.ShapeDtypeStruct leaves with their shardings.
+  init: Callable[[jax.Array], dict[str, Any]]
+
+  def model(self, state: dict[str, Any]) -> nnx.Module:
+    return nnx.merge(self.graphdef, state["params"], state["model_state"])
+
+
+def rules_of(config: ml_collections.ConfigDict) -> tuple:
+  return tuple((name, tuple(axes) if isinstance(axes, list) else axes)
+               for name, axes in config.sharding.rules)
+
+
+def make_state_spec(task: Task, config: ml_collections.ConfigDict, mesh: Mesh) -> StateSpec:
+  """Shapes and shardings of the train state, from jax.eval_shape (nothing is allocated)."""
+  rules = rules_of(config)
+  tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
+
+  def create(key):
+    model = task.make_model(nnx.Rngs(key))
+    graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
+    state = dict(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
+                 opt_state=tx.init(params))
+    return graphdef, state
+
+  graphdef, shapes = nnx.eval_shape(lambda: create(jax.random.key(0)))
+  replicated = sharding.replicated(mesh)
+
+  def fit(shape_tree, sharding_tree):
+    return jax.tree.map(lambda x, s: sharding.fit_spec_to_shape(s, x.shape), shape_tree,
+                        sharding_tree)
+
+  param_shardings = fit(shapes["params"],
+                        sharding.state_shardings(shapes["params"], mesh, rules))
+  shardings = dict(
+      step=replicated,
+      params=param_shardings,
+      model_state=fit(shapes["model_state"],
+                      sharding.state_shardings(shapes["model_state"], mesh, rules)),
+      opt_state=optax.tree_map_params(
+          tx, lambda _, s: s, shapes["opt_state"], param_shardings,
+          transform_non_params=lambda _: replicated,
+          is_leaf=lambda x: isinstance(x, NamedSharding)),
+  )
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          shapes, shardings)
+  init = jax.jit(lambda key: create(key)[1], out_shardings=shardings)
+  return StateSpec(graphdef=graphdef, tx=tx, schedule=schedule, mesh=mesh, rules=rules,
+                   shardings=shardings, abstract=abstract, init=init)
+
+
+def batch_shardings(spec: StateSpec, batch: dict[str, Any]) -> dict[str, NamedSharding]:
+  """Every batch entry is sharded along its leading (example) axis only."""
+  return {k: sharding.named_sharding(spec.mesh, spec.rules, ("batch",) + (None,) * (v.ndim - 1))
+          for k, v in batch.items()}
+
+
+def make_train_step(task: Task, spec: StateSpec, seed: int):
+  """The update for one global batch: loss, gradients, AdamW, then the task's post-update.
+
+  Randomness is derived from (seed, step), so a resumed run draws the same numbers as an
+  uninterrupted one.
+  """
+  base_key = jax.random.key(seed)
+
+  def train_step(state, batch):
+    step = state["step"]
+    loss_key, update_key = jax.random.split(jax.random.fold_in(base_key, step))
+
+    def loss_fn(params):
+      model = nnx.merge(spec.graphdef, params, state["model_state"])
+      with sharding.activation_rules(spec.mesh, spec.rules):
+        loss, metrics, aux = task.loss(model, batch, loss_key)
+      return loss, (metrics, aux, nnx.state(model, nnx.Not(nnx.Param)))
+
+    (loss, (metrics, aux, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        state["params"])
+    updates, opt_state = spec.tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    model = nnx.merge(spec.graphdef, params, model_state)
+    metrics = dict(metrics, **task.after_update(model, aux, update_key))
+    _, params, model_state = nnx.split(model, nnx.Param, ...)
+    metrics.update(loss=loss, grad_norm=optax.global_norm(grads),
+                   param_norm=optax.global_norm(params), learning_rate=spec.schedule(step))
+    new_state = dict(step=step + 1, params=params, model_state=model_state, opt_state=opt_state)
+    return new_state, metrics
+
+  return train_step
+
+
+def jit_train_step(task: Task, spec: StateSpec, seed: int, example_batch: dict[str, Any]):
+  """jit with explicit shardings; the old state's buffers are donated to the new one."""
+  return jax.jit(
+      make_train_step(task, spec, seed),
+      in_shardings=(spec.shardings, batch_shardings(spec, example_batch)),
+      out_shardings=(spec.shardings, sharding.replicated(spec.mesh)),
+      donate_argnums=(0,),
+  )
+
+
+def abstract_batch(spec: StateSpec, batch: dict[str, Any]) -> dict[str, jax.ShapeDtypeStruct]:
+  shardings = batch_shardings(spec, batch)
+  return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k])
+          for k, v in batch.items()}
