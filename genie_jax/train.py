@@ -40,14 +40,21 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
     raise ValueError(f"config.total_steps={config.total_steps} must be positive")
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       devices: list[jax.Device] | None = None) -> dict[str, float]:
   """Trains `config.stage` in `workdir`, resuming from its latest checkpoint if any.
 
-  Returns the last logged training metrics (handy for tests and sweeps).
+  Args:
+    config: a stage config (configs/<stage>.py).
+    workdir: checkpoints, config.json, metrics and images go here.
+    devices: the devices of the mesh; default all devices of all processes.
+
+  Returns:
+    The last logged training metrics (handy for tests and sweeps).
   """
   # --- Task and config checks: everything that can be wrong is found before work starts.
   task = tasks.get_task(config)
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = sharding.make_mesh(config.mesh, devices)
   check_config(config, mesh)
   logging.info("Mesh %s over %d devices in %d processes", dict(mesh.shape), mesh.size,
                jax.process_count())

@@ -1,0 +1,132 @@
+r"""Benchmarks the tokenizer's train step (forward, backward, AdamW) on this machine.
+
+  python benchmarks/tokenizer_step.py                       # all shapes
+  python benchmarks/tokenizer_step.py --shapes=jasmine_ref --steps=5
+
+For each shape it prints compile time, median step time, steps/s, images/s (frames/s), XLA's
+FLOPs per step, model FLOPs utilisation against the best float32 matmul throughput measured
+here, XLA's memory estimate and the process's peak resident memory. Inputs are random frames,
+so the figures are the model's, not the data pipeline's.
+"""
+
+from __future__ import annotations
+
+import resource
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app
+from absl import flags
+
+from configs import tokenizer as tokenizer_config
+from genie_jax import profiling
+from genie_jax import sharding
+from genie_jax import tasks
+from genie_jax import train_state
+
+# name -> (config arguments, overrides). All 64x64 frames, 16-frame clips.
+SHAPES = {
+    # The CPU-sized model of `configs/tokenizer.py:runlocal`.
+    "small": ("size=cpu", dict(batch_size=8)),
+    # The shape at which the peer Jasmine's step was measured on this kind of CPU
+    # (16.2 s median, float32).
+    "jasmine_ref": ("size=appf", dict(batch_size=4, d_model=256, num_heads=4, enc_layers=4,
+                                      dec_layers=4)),
+    # Genie App. F tokenizer (d 512, 8+8 blocks, patch 4); batch cut from 48 to fit a CPU.
+    "appf": ("size=appf", dict(batch_size=2)),
+}
+
+_SHAPES = flags.DEFINE_list("shapes", list(SHAPES), f"Which of {list(SHAPES)} to run.")
+_STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per shape (after one warm-up step).")
+_BATCH = flags.DEFINE_integer("batch_size", 0, "Override every shape's batch size.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
+_REMAT = flags.DEFINE_bool("remat", False, "Rematerialise each block.")
+
+
+def matmul_peak_flops(sizes=(1024, 2048, 3072), repeats=5) -> float:
+  """Best float32 matmul throughput (FLOP/s) jax reaches on the default device."""
+  best = 0.0
+  for n in sizes:
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, a).block_until_ready()
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      f(a, a).block_until_ready()
+      best = max(best, 2 * n**3 / (time.perf_counter() - t0))
+  return best
+
+
+def bench_shape(name: str, peak: float) -> dict[str, float]:
+  """Compiles and times the train step at shape `name` on one device."""
+  config_arg, overrides = SHAPES[name]
+  config = tokenizer_config.get_config(config_arg)
+  config.batch_size = _BATCH.value or overrides.pop("batch_size")
+  config.model.update({k: v for k, v in overrides.items() if k != "batch_size"})
+  config.model.dtype = _DTYPE.value
+  config.model.remat = _REMAT.value
+  config.mesh = dict(data=1, fsdp=1, tensor=1)
+
+  task = tasks.get_task(config)
+  spec = train_state.make_state_spec(task, config, sharding.make_mesh(config.mesh,
+                                                                      jax.devices()[:1]))
+  rng = np.random.default_rng(0)
+  t, s = config.data.clip_len, config.data.image_size
+  local = dict(video=rng.integers(0, 256, (config.batch_size, t, s, s, 3), dtype=np.uint8),
+               actions=np.zeros((config.batch_size, t), np.int32))
+  batch = {k: jax.device_put(v, train_state.batch_shardings(spec, local)[k])
+           for k, v in local.items()}
+
+  t0 = time.perf_counter()
+  compiled = train_state.jit_train_step(task, spec, config.seed, local).lower(
+      spec.abstract, train_state.abstract_batch(spec, local)).compile()
+  compile_s = time.perf_counter() - t0
+  stats = profiling.compiled_stats(compiled)
+
+  state = spec.init(jax.random.key(0))
+  state, metrics = compiled(state, batch)  # Warm-up.
+  jax.block_until_ready(metrics)
+  times, losses = [], [float(metrics["loss"])]
+  for _ in range(_STEPS.value):
+    t0 = time.perf_counter()
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    times.append(time.perf_counter() - t0)
+    losses.append(float(metrics["loss"]))
+  step_s = statistics.median(times)
+  flops = stats.get("flops", float("nan"))
+  return dict(
+      compile_s=compile_s, step_s=step_s, steps_per_s=1 / step_s,
+      images_per_s=config.batch_size * t / step_s, gflop_per_step=flops / 1e9,
+      mfu=flops / step_s / peak,
+      xla_peak_mib=stats.get("peak_bytes_estimate", float("nan")) / 2**20,
+      rss_peak_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+      params_m=sum(x.size for x in jax.tree.leaves(spec.abstract["params"])) / 1e6,
+      batch=config.batch_size, first_loss=losses[0], last_loss=losses[-1])
+
+
+def main(argv):
+  del argv
+  unknown = set(_SHAPES.value) - set(SHAPES)
+  if unknown:
+    raise app.UsageError(f"--shapes: unknown {sorted(unknown)}; known: {list(SHAPES)}")
+  peak = matmul_peak_flops()
+  print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()} "
+        f"({jax.default_backend()}), jax {jax.__version__}, dtype {_DTYPE.value}, "
+        f"remat {_REMAT.value}")
+  print(f"float32 matmul peak measured: {peak / 1e9:.1f} GFLOP/s")
+  columns = ("shape", "batch", "params_m", "compile_s", "step_s", "steps_per_s", "images_per_s",
+             "gflop_per_step", "mfu", "xla_peak_mib", "rss_peak_mib", "first_loss", "last_loss")
+  print(" | ".join(columns))
+  for name in _SHAPES.value:
+    r = bench_shape(name, peak)
+    print(" | ".join([name] + [f"{r[c]:.4g}" for c in columns[1:]]), flush=True)
+  sys.stdout.flush()
+
+
+if __name__ == "__main__":
+  app.run(main)

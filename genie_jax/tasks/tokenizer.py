@@ -1,0 +1,59 @@
+"""Stage 1: the ST-ViViT VQ-VAE video tokenizer (Genie section 2.1)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from genie_jax.models import tokenizer as tokenizer_lib
+from genie_jax.tasks import base
+
+
+def to_unit_float(video_BTHWC: jax.Array) -> jax.Array:
+  """uint8 frames from the data pipeline -> float32 in [0, 1]."""
+  return video_BTHWC.astype(jnp.float32) / 255.0
+
+
+class TokenizerTask(base.Task):
+  """Loss = MSE(pixels) + VQ codebook loss + beta * commitment loss; dead codes restarted."""
+
+  def validate(self) -> None:
+    model, data = self.config.model, self.config.data
+    if model.image_size != data.image_size:
+      raise ValueError(
+          f"config.model.image_size={model.image_size} differs from "
+          f"config.data.image_size={data.image_size}; set both to the dataset's frame size")
+    if data.clip_len > model.max_frames:
+      raise ValueError(
+          f"config.data.clip_len={data.clip_len} exceeds config.model.max_frames="
+          f"{model.max_frames} (the temporal position table); raise max_frames")
+    tokenizer_lib.validate_config(model)
+
+  def make_model(self, rngs: nnx.Rngs) -> tokenizer_lib.Tokenizer:
+    return tokenizer_lib.Tokenizer(self.config.model, rngs=rngs)
+
+  def loss(self, model, batch, rng):
+    del rng
+    target_BTHWC = to_unit_float(batch["video"])
+    out = model(target_BTHWC, train=True)
+    mse = jnp.mean(jnp.square(out["recon"].astype(jnp.float32) - target_BTHWC))
+    loss = mse + out["vq_loss"]
+    metrics = dict(mse=mse, psnr=-10.0 * jnp.log10(mse), vq_loss=out["vq_loss"],
+                   codebook_loss=out["codebook_loss"], commitment_loss=out["commitment_loss"],
+                   codebook_usage=out["usage"], codebook_perplexity=out["perplexity"])
+    return loss, metrics, out["z"]
+
+  def after_update(self, model, aux, rng):
+    latents_XL = aux.reshape(-1, aux.shape[-1])
+    return dict(restarted_codes=model.vq.restart_dead_codes(latents_XL, rng))
+
+  def reconstruct(self, model, batch):
+    target_BTHWC = to_unit_float(batch["video"])
+    out = model(target_BTHWC, train=False)
+    return dict(recon=out["recon"], target=target_BTHWC, codes=out["indices"],
+                num_codes=self.config.model.num_codes)
+
+  def visualize(self, model, batch):
+    out = self.reconstruct(model, batch)
+    return [out["target"], jnp.clip(out["recon"].astype(jnp.float32), 0.0, 1.0)]

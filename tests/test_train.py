@@ -1,0 +1,223 @@
+"""The shared trainer end to end: configs, sharding equivalence, checkpoints, resume, evaluate."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from configs import tokenizer as tokenizer_config
+from genie_jax import checkpointing
+from genie_jax import evaluate
+from genie_jax import sharding
+from genie_jax import tasks
+from genie_jax import train
+from genie_jax import train_state
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(data_dir, **overrides):
+  """Tiny tokenizer on a tiny builtin-world dataset (32x32 frames, 8-frame clips)."""
+  config = tokenizer_config.get_config("size=tiny,runlocal")
+  config.data.data_dir = data_dir
+  config.data.image_size = 32
+  config.data.clip_len = 8
+  config.data.num_train_episodes = 8
+  config.data.num_val_episodes = 4
+  config.data.episode_len = 40
+  config.model.image_size = 32
+  config.model.max_frames = 8
+  config.batch_size = 8
+  config.total_steps = 6
+  config.log_every_steps = 1
+  config.images_every_steps = 3
+  config.eval_every_steps = 3
+  config.evals.reconstruction.num_batches = 1
+  config.checkpoint.every_steps = 3
+  config.checkpoint.max_to_keep = 5
+  config.optimizer.warmup_steps = 2
+  for key, value in overrides.items():
+    target = config
+    *path, last = key.split(".")
+    for part in path:
+      target = target[part]
+    target[last] = value
+  return config
+
+
+def read_metrics(workdir, key="train/loss"):
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    rows = [json.loads(line) for line in f]
+  return {row["step"]: row[key] for row in rows if key in row}
+
+
+def random_batch(config, seed=0):
+  rng = np.random.default_rng(seed)
+  t, s = config.data.clip_len, config.data.image_size
+  return dict(video=rng.integers(0, 256, (config.batch_size, t, s, s, 3), dtype=np.uint8),
+              actions=rng.integers(0, 5, (config.batch_size, t), dtype=np.int32))
+
+
+# --- Config handling ------------------------------------------------------------------------
+
+
+def test_locked_config_rejects_unknown_key(tmp_path):
+  proc = subprocess.run(
+      [sys.executable, "-m", "genie_jax.main", "--config=configs/tokenizer.py:size=tiny",
+       "--config.model.d_modle=64", f"--workdir={tmp_path}"],
+      cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert proc.returncode != 0
+  assert "d_modle" in proc.stderr
+  assert not os.listdir(tmp_path)  # Nothing was written.
+
+
+def test_config_argument_typo_is_an_error():
+  with pytest.raises(ValueError, match="runlcoal"):
+    tokenizer_config.get_config("runlcoal")
+
+
+@pytest.mark.parametrize("key,value,message", [
+    ("batch_size", 12, "config.batch_size=12"),
+    ("model.image_size", 48, "config.model.image_size=48"),
+    ("model.patch_size", 5, "config.model.patch_size"),
+    ("stage", "tokeniser", "config.stage='tokeniser'"),
+    ("mesh", dict(data=3, fsdp=1, tensor=1), "config.mesh"),
+])
+def test_bad_config_fails_before_work(tmp_path, key, value, message):
+  config = tiny_config(str(tmp_path / "data"))
+  target = config.model if key.startswith("model.") else config
+  target[key.split(".")[-1]] = value
+  with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    train.train_and_evaluate(config, str(tmp_path / "work"))
+  assert not os.path.exists(tmp_path / "data")  # Failed before generating any data.
+
+
+# --- Sharding: DP and FSDP give the single-device losses ------------------------------------
+
+
+def _losses_on_mesh(config, mesh_shape, devices, steps=3):
+  config = config.copy_and_resolve_references()
+  config.mesh = mesh_shape
+  task = tasks.get_task(config)
+  spec = train_state.make_state_spec(task, config, sharding.make_mesh(config.mesh, devices))
+  state = spec.init(jax.random.key(0))
+  step_fn = None
+  losses = []
+  for i in range(steps):
+    local = random_batch(config, seed=i)
+    step_fn = step_fn or train_state.jit_train_step(task, spec, config.seed, local)
+    batch = {k: jax.device_put(v, s) for k, v in local.items()
+             for s in [train_state.batch_shardings(spec, local)[k]]}
+    state, metrics = step_fn(state, batch)
+    losses.append(float(metrics["loss"]))
+  return losses, jax.device_get(state["params"]), spec
+
+
+def test_data_parallel_and_fsdp_match_one_device(tmp_path):
+  config = tiny_config(str(tmp_path))
+  devices = jax.devices()
+  assert len(devices) == 8
+  base, base_params, _ = _losses_on_mesh(config, dict(data=1, fsdp=1, tensor=1), devices[:1])
+  for mesh_shape in (dict(data=8, fsdp=1, tensor=1), dict(data=1, fsdp=8, tensor=1),
+                     dict(data=2, fsdp=4, tensor=1)):
+    losses, params, spec = _losses_on_mesh(config, mesh_shape, devices)
+    np.testing.assert_allclose(losses, base, rtol=2e-5, err_msg=str(mesh_shape))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
+                 params, base_params)
+    if mesh_shape["fsdp"] == 8:
+      # FSDP really shards the weights: some parameter is split over the fsdp axis.
+      specs = [s.spec for s in jax.tree.leaves(spec.shardings["params"])]
+      assert any("fsdp" in str(p) for p in specs)
+  assert base[-1] < base[0]
+
+
+# --- Checkpoints and exact resume -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained_workdir(tmp_path_factory, tiny_data_dir):
+  """6 steps on 8 devices (data parallel), checkpoints at steps 3 and 6."""
+  workdir = str(tmp_path_factory.mktemp("work") / "tok")
+  train.train_and_evaluate(tiny_config(tiny_data_dir), workdir)
+  return workdir
+
+
+def test_checkpoint_holds_model_optimizer_iterator_and_config(trained_workdir):
+  ckpt = checkpointing.Checkpointer(trained_workdir, tiny_config("").checkpoint, read_only=True)
+  assert ckpt.all_steps() == [3, 6]
+  step_dir = os.path.join(ckpt.directory, "6")
+  assert {"state", "data", "config"} <= set(os.listdir(step_dir))
+  saved = checkpointing.load_config(trained_workdir)
+  assert saved.stage == "tokenizer" and saved.model.d_model == 32
+  with pytest.raises(AttributeError):
+    saved.model.d_modle = 3  # Loaded configs are locked too.
+
+
+def test_resume_is_exact(trained_workdir, tmp_path, tiny_data_dir):
+  """Delete the last checkpoint, rerun the same command: steps 4..6 repeat bit for bit."""
+  resumed = str(tmp_path / "resumed")
+  shutil.copytree(trained_workdir, resumed)
+  shutil.rmtree(os.path.join(resumed, "checkpoints", "6"))
+  with open(os.path.join(resumed, "metrics.jsonl"), encoding="utf-8") as f:
+    kept = [line for line in f if json.loads(line)["step"] <= 3]
+  with open(os.path.join(resumed, "metrics.jsonl"), "w", encoding="utf-8") as f:
+    f.writelines(kept)
+  train.train_and_evaluate(tiny_config(tiny_data_dir), resumed)
+  original, again = read_metrics(trained_workdir), read_metrics(resumed)
+  assert sorted(again) == [1, 2, 3, 4, 5, 6]
+  for step in (4, 5, 6):
+    assert again[step] == original[step], (step, again[step], original[step])
+
+
+def test_restore_onto_other_meshes(trained_workdir):
+  config = checkpointing.load_config(trained_workdir)
+  task = tasks.get_task(config)
+  ckpt = checkpointing.Checkpointer(trained_workdir, config.checkpoint, read_only=True)
+  restored = []
+  for mesh_shape, devices in ((dict(data=1, fsdp=1, tensor=1), jax.devices()[:1]),
+                              (dict(data=1, fsdp=8, tensor=1), jax.devices()),
+                              (dict(data=2, fsdp=2, tensor=2), jax.devices())):
+    spec = train_state.make_state_spec(task, config, sharding.make_mesh(mesh_shape, devices))
+    step, state = ckpt.restore(None, spec.abstract)
+    assert step == 6
+    leaf = jax.tree.leaves(state["params"])[0]
+    assert leaf.sharding.mesh.shape == spec.mesh.shape
+    restored.append(jax.device_get(state))
+  for other in restored[1:]:
+    jax.tree.map(np.testing.assert_array_equal, restored[0], other)
+
+
+# --- A real short run: the loss falls, validation PSNR rises, evaluate reports it -----------
+
+
+def test_short_training_run_learns_then_evaluates(tmp_path, tiny_data_dir):
+  config = tiny_config(tiny_data_dir, total_steps=120, eval_every_steps=20,
+                       images_every_steps=60, log_every_steps=10)
+  config.checkpoint.every_steps = 60
+  config.mesh = dict(data=1, fsdp=1, tensor=1)
+  config.evals.reconstruction.num_batches = 2
+  workdir = str(tmp_path / "tok")
+  train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+
+  losses = read_metrics(workdir)
+  assert losses[120] < 0.5 * losses[10], losses
+  psnr = read_metrics(workdir, "reconstruction/psnr")
+  assert sorted(psnr) == [20, 40, 60, 80, 100, 120]
+  assert psnr[120] > psnr[20] + 1.0, psnr
+  assert os.listdir(os.path.join(workdir, "tensorboard"))
+  assert any(name.endswith(".gif") for name in os.listdir(os.path.join(workdir, "images")))
+
+  results = evaluate.evaluate(workdir)
+  with open(os.path.join(workdir, "eval", "metrics.json"), encoding="utf-8") as f:
+    saved = json.load(f)
+  assert saved == pytest.approx(results)
+  assert saved["step"] == 120
+  assert saved["reconstruction/psnr"] == pytest.approx(psnr[120], abs=0.5)
+  assert 0.0 < saved["reconstruction/ssim"] <= 1.0
+  assert 0.0 < saved["reconstruction/codebook_usage"] <= 1.0
+  assert os.path.exists(os.path.join(workdir, "eval", "reconstruction_reconstructions.png"))
