@@ -78,11 +78,10 @@ def bench_shape(name: str, peak: float) -> dict[str, float]:
   t, s = config.data.clip_len, config.data.image_size
   local = dict(video=rng.integers(0, 256, (config.batch_size, t, s, s, 3), dtype=np.uint8),
                actions=np.zeros((config.batch_size, t), np.int32))
-  batch = {k: jax.device_put(v, train_state.batch_shardings(spec, local)[k])
-           for k, v in local.items()}
+  batch = jax.device_put(local, spec.batch_sharding)
 
   t0 = time.perf_counter()
-  compiled = train_state.jit_train_step(task, spec, config.seed, local).lower(
+  compiled = train_state.jit_train_step(task, spec, config.seed).lower(
       spec.abstract, train_state.abstract_batch(spec, local)).compile()
   compile_s = time.perf_counter() - t0
   stats = profiling.compiled_stats(compiled)

@@ -79,9 +79,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   # --- The update step, compiled once; its cost is printed before training starts.
   local_batch = next(train_iter)
-  batch_shardings = train_state.batch_shardings(spec, local_batch)
   t0 = time.perf_counter()
-  compiled = train_state.jit_train_step(task, spec, config.seed, local_batch).lower(
+  compiled = train_state.jit_train_step(task, spec, config.seed).lower(
       spec.abstract, train_state.abstract_batch(spec, local_batch)).compile()
   logging.info("Compiled train step in %.1fs: %s", time.perf_counter() - t0,
                profiling.format_stats(profiling.compiled_stats(compiled)))
@@ -106,7 +105,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   last_metrics: dict[str, float] = {}
   step = first_step
   while step < config.total_steps:
-    batch = input_pipeline.to_global_batch(local_batch, batch_shardings)
+    batch = input_pipeline.to_global_batch(local_batch, spec.batch_sharding)
     with jax.profiler.StepTraceAnnotation("train", step_num=step):
       state, metrics = compiled(state, batch)
     pending.append(metrics)

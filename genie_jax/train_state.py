@@ -38,8 +38,13 @@ class StateSpec:
   abstract: dict[str, Any]  # jax.ShapeDtypeStruct leaves with their shardings.
   init: Callable[[jax.Array], dict[str, Any]]
 
+  @property
+  def batch_sharding(self) -> NamedSharding:
+    """Sharding of the leading (example) axis of every batch entry."""
+    return sharding.named_sharding(self.mesh, self.rules, ("batch",))
+
   def model(self, state: dict[str, Any]) -> nnx.Module:
-    return nnx.merge(self.graphdef, state["params"], state["model_state"])
+    return nnx.merge(self.graphdef, state["params"], state["model_state"], copy=True)
 
 
 def rules_of(config: ml_collections.ConfigDict) -> tuple:
@@ -85,12 +90,6 @@ def make_state_spec(task: Task, config: ml_collections.ConfigDict, mesh: Mesh) -
                    shardings=shardings, abstract=abstract, init=init)
 
 
-def batch_shardings(spec: StateSpec, batch: dict[str, Any]) -> dict[str, NamedSharding]:
-  """Every batch entry is sharded along its leading (example) axis only."""
-  return {k: sharding.named_sharding(spec.mesh, spec.rules, ("batch",) + (None,) * (v.ndim - 1))
-          for k, v in batch.items()}
-
-
 def make_train_step(task: Task, spec: StateSpec, seed: int):
   """The update for one global batch: loss, gradients, AdamW, then the task's post-update.
 
@@ -103,17 +102,19 @@ def make_train_step(task: Task, spec: StateSpec, seed: int):
     step = state["step"]
     loss_key, update_key = jax.random.split(jax.random.fold_in(base_key, step))
 
-    def loss_fn(params):
-      model = nnx.merge(spec.graphdef, params, state["model_state"])
+    # copy=True gives the merged model fresh Variables of the current trace, which the
+    # model may then update (e.g. codebook usage).
+    def loss_fn(params, model_state):
+      model = nnx.merge(spec.graphdef, params, model_state, copy=True)
       with sharding.activation_rules(spec.mesh, spec.rules):
         loss, metrics, aux = task.loss(model, batch, loss_key)
       return loss, (metrics, aux, nnx.state(model, nnx.Not(nnx.Param)))
 
     (loss, (metrics, aux, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state["params"])
+        state["params"], state["model_state"])
     updates, opt_state = spec.tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
-    model = nnx.merge(spec.graphdef, params, model_state)
+    model = nnx.merge(spec.graphdef, params, model_state, copy=True)
     metrics = dict(metrics, **task.after_update(model, aux, update_key))
     _, params, model_state = nnx.split(model, nnx.Param, ...)
     metrics.update(loss=loss, grad_norm=optax.global_norm(grads),
@@ -124,17 +125,16 @@ def make_train_step(task: Task, spec: StateSpec, seed: int):
   return train_step
 
 
-def jit_train_step(task: Task, spec: StateSpec, seed: int, example_batch: dict[str, Any]):
+def jit_train_step(task: Task, spec: StateSpec, seed: int):
   """jit with explicit shardings; the old state's buffers are donated to the new one."""
   return jax.jit(
       make_train_step(task, spec, seed),
-      in_shardings=(spec.shardings, batch_shardings(spec, example_batch)),
+      in_shardings=(spec.shardings, spec.batch_sharding),
       out_shardings=(spec.shardings, sharding.replicated(spec.mesh)),
       donate_argnums=(0,),
   )
 
 
 def abstract_batch(spec: StateSpec, batch: dict[str, Any]) -> dict[str, jax.ShapeDtypeStruct]:
-  shardings = batch_shardings(spec, batch)
-  return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k])
+  return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=spec.batch_sharding)
           for k, v in batch.items()}

@@ -110,9 +110,8 @@ def _losses_on_mesh(config, mesh_shape, devices, steps=3):
   losses = []
   for i in range(steps):
     local = random_batch(config, seed=i)
-    step_fn = step_fn or train_state.jit_train_step(task, spec, config.seed, local)
-    batch = {k: jax.device_put(v, s) for k, v in local.items()
-             for s in [train_state.batch_shardings(spec, local)[k]]}
+    step_fn = step_fn or train_state.jit_train_step(task, spec, config.seed)
+    batch = jax.device_put(local, spec.batch_sharding)
     state, metrics = step_fn(state, batch)
     losses.append(float(metrics["loss"]))
   return losses, jax.device_get(state["params"]), spec

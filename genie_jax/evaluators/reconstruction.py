@@ -36,12 +36,12 @@ class ReconstructionEvaluator:
     self._predict = jax.jit(self._reconstruct, out_shardings=replicated)
 
   def _dataset(self):
-    return input_pipeline.make_dataset(
-        self.config.data, self.cfg.split, seed=0, global_batch_size=self.batch_size,
-        shuffle=False, repeat=False, num_batches=self.cfg.num_batches or None)
+    return input_pipeline.make_eval_dataset(
+        self.config.data, self.cfg.split, global_batch_size=self.batch_size,
+        num_batches=self.cfg.num_batches or None)
 
   def _model(self, params, model_state):
-    return nnx.merge(self.spec.graphdef, params, model_state)
+    return nnx.merge(self.spec.graphdef, params, model_state, copy=True)
 
   def _reconstruct(self, params, model_state, batch):
     with sharding.activation_rules(self.spec.mesh, self.spec.rules):
@@ -52,8 +52,11 @@ class ReconstructionEvaluator:
     recon_BTHWC = jnp.clip(out["recon"].astype(jnp.float32), 0.0, 1.0)
     target_BTHWC = out["target"].astype(jnp.float32)
     mask_BT = out.get("frame_mask", jnp.ones(recon_BTHWC.shape[:2], jnp.float32))
-    psnr_BT = pix.psnr(target_BTHWC, recon_BTHWC)
-    ssim_BT = pix.ssim(target_BTHWC, recon_BTHWC)
+    b, t, h, w, c = recon_BTHWC.shape
+    # dm-pix works on batches of images: fold time into the batch.
+    target_XHWC, recon_XHWC = (x.reshape(b * t, h, w, c) for x in (target_BTHWC, recon_BTHWC))
+    psnr_BT = pix.psnr(target_XHWC, recon_XHWC).reshape(b, t)
+    ssim_BT = pix.ssim(target_XHWC, recon_XHWC).reshape(b, t)
     mse_BT = jnp.mean(jnp.square(target_BTHWC - recon_BTHWC), axis=(-3, -2, -1))
     counts_V = jnp.bincount(out["codes"].reshape(-1), length=out["num_codes"])
     return dict(psnr=jnp.sum(psnr_BT * mask_BT), ssim=jnp.sum(ssim_BT * mask_BT),
@@ -63,11 +66,8 @@ class ReconstructionEvaluator:
     """Returns ({metric: value}, {image name: uint8 HWC grid})."""
     totals = None
     first_batch = None
-    batch_shardings = None
     for local_batch in self._dataset():
-      if batch_shardings is None:
-        batch_shardings = train_state.batch_shardings(self.spec, local_batch)
-      batch = input_pipeline.to_global_batch(local_batch, batch_shardings)
+      batch = input_pipeline.to_global_batch(local_batch, self.spec.batch_sharding)
       if first_batch is None:
         first_batch = batch
       stats = self._stats(state["params"], state["model_state"], batch)

@@ -28,7 +28,7 @@ class TokenizerTask(base.Task):
       raise ValueError(
           f"config.data.clip_len={data.clip_len} exceeds config.model.max_frames="
           f"{model.max_frames} (the temporal position table); raise max_frames")
-    tokenizer_lib.validate_config(model)
+    tokenizer_lib._validate(model)  # TODO(public)
 
   def make_model(self, rngs: nnx.Rngs) -> tokenizer_lib.Tokenizer:
     return tokenizer_lib.Tokenizer(self.config.model, rngs=rngs)
@@ -45,13 +45,12 @@ class TokenizerTask(base.Task):
     return loss, metrics, out["z"]
 
   def after_update(self, model, aux, rng):
-    latents_XL = aux.reshape(-1, aux.shape[-1])
-    return dict(restarted_codes=model.vq.restart_dead_codes(latents_XL, rng))
+    return dict(restarted_codes=model.restart_dead_codes(aux, rng))
 
   def reconstruct(self, model, batch):
     target_BTHWC = to_unit_float(batch["video"])
     out = model(target_BTHWC, train=False)
-    return dict(recon=out["recon"], target=target_BTHWC, codes=out["indices"],
+    return dict(recon=out["recon"], target=target_BTHWC, codes=out["indices_BTN"],
                 num_codes=self.config.model.num_codes)
 
   def visualize(self, model, batch):
