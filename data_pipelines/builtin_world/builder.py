@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 
+import tensorflow_datasets as tfds
+
 from data_pipelines import episode_builder
 from data_pipelines.builtin_world import env as env_lib
 
@@ -22,6 +24,11 @@ class BuiltinWorld(episode_builder.EpisodeDatasetBuilder):
   """Episodes of the built-in world played by a sticky random policy, true actions kept."""
 
   name = "builtin_world"
+  VERSION = tfds.core.Version("1.1.0")
+  RELEASE_NOTES = {
+      "1.0.0": "First release.",
+      "1.1.0": "No random floor grain; bricks of at least 3 pixels, softer mortar.",
+  }
   NUM_ACTIONS = env_lib.NUM_ACTIONS
   ACTION_NAMES = env_lib.ACTION_NAMES
   DESCRIPTION = __doc__
