@@ -195,8 +195,12 @@ def test_restore_onto_other_meshes(trained_workdir):
 
 
 def test_short_training_run_learns_then_evaluates(tmp_path, tiny_data_dir):
+  # Patch 4 and width 64 learn visibly within 120 steps; a fast usage EMA lets dead codes
+  # restart within the run.
   config = tiny_config(tiny_data_dir, total_steps=120, eval_every_steps=20,
-                       images_every_steps=60, log_every_steps=10)
+                       images_every_steps=60, log_every_steps=10, **{
+                           "model.patch_size": 4, "model.d_model": 64,
+                           "model.code_usage_decay": 0.9})
   config.checkpoint.every_steps = 60
   config.mesh = dict(data=1, fsdp=1, tensor=1)
   config.evals.reconstruction.num_batches = 2
@@ -208,6 +212,8 @@ def test_short_training_run_learns_then_evaluates(tmp_path, tiny_data_dir):
   psnr = read_metrics(workdir, "reconstruction/psnr")
   assert sorted(psnr) == [20, 40, 60, 80, 100, 120]
   assert psnr[120] > psnr[20] + 1.0, psnr
+  usage = read_metrics(workdir, "reconstruction/codebook_usage")
+  assert usage[120] > 0.5, usage  # Dead codes were restarted.
   assert os.listdir(os.path.join(workdir, "tensorboard"))
   assert any(name.endswith(".gif") for name in os.listdir(os.path.join(workdir, "images")))
 
