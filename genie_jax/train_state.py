@@ -117,8 +117,8 @@ def make_train_step(task: Task, spec: StateSpec, seed: int):
     model = nnx.merge(spec.graphdef, params, model_state, copy=True)
     metrics = dict(metrics, **task.after_update(model, aux, update_key))
     _, params, model_state = nnx.split(model, nnx.Param, ...)
-    metrics.update(loss=loss, grad_norm=optax.global_norm(grads),
-                   param_norm=optax.global_norm(params), learning_rate=spec.schedule(step))
+    metrics.update(loss=loss, grad_norm=optax.tree.norm(grads),
+                   param_norm=optax.tree.norm(params), learning_rate=spec.schedule(step))
     new_state = dict(step=step + 1, params=params, model_state=model_state, opt_state=opt_state)
     return new_state, metrics
 

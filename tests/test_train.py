@@ -117,13 +117,13 @@ def _losses_on_mesh(config, mesh_shape, devices, steps=3):
   return losses, jax.device_get(state["params"]), spec
 
 
-def test_data_parallel_and_fsdp_match_one_device(tmp_path):
+def test_data_parallel_fsdp_and_tensor_parallel_match_one_device(tmp_path):
   config = tiny_config(str(tmp_path))
   devices = jax.devices()
   assert len(devices) == 8
   base, base_params, _ = _losses_on_mesh(config, dict(data=1, fsdp=1, tensor=1), devices[:1])
   for mesh_shape in (dict(data=8, fsdp=1, tensor=1), dict(data=1, fsdp=8, tensor=1),
-                     dict(data=2, fsdp=4, tensor=1)):
+                     dict(data=2, fsdp=4, tensor=1), dict(data=2, fsdp=2, tensor=2)):
     losses, params, spec = _losses_on_mesh(config, mesh_shape, devices)
     np.testing.assert_allclose(losses, base, rtol=2e-5, err_msg=str(mesh_shape))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
@@ -132,6 +132,9 @@ def test_data_parallel_and_fsdp_match_one_device(tmp_path):
       # FSDP really shards the weights: some parameter is split over the fsdp axis.
       specs = [s.spec for s in jax.tree.leaves(spec.shardings["params"])]
       assert any("fsdp" in str(p) for p in specs)
+    if mesh_shape["tensor"] == 2:
+      specs = [s.spec for s in jax.tree.leaves(spec.shardings["params"])]
+      assert any("tensor" in str(p) for p in specs)
   assert base[-1] < base[0]
 
 
