@@ -1,0 +1,226 @@
+"""ST-ViViT VQ-VAE video tokenizer (Genie stage 1).
+
+video_BTHWC -> patches_BTNP -> Linear P->D -> encoder ST-transformer (ends in a norm)
+-> Linear D->L -> z_BTNL -> VQ -> zq_BTNL -> Linear L->D -> decoder ST-transformer
+-> Linear D->P -> unpatchify -> recon_BTHWC.
+
+Both ST-transformers are causal in time, so the tokens of frame t depend on frames 1..t only
+and frame t decodes from the tokens of frames 1..t only. Training loss (Genie):
+mean((recon - to_unit_interval(video))**2) + out['vq_loss'].
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from genie_jax.models import layers
+from genie_jax.models import vq
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """config.model for the tokenizer; defaults are Genie App. F (CoinRun) shapes.
+
+  Keys:
+    image_size: frame height = width in pixels.
+    patch_size: side p of the square patches; N = (image_size / p)^2 tokens per frame.
+    channels: C, colour channels of the frames.
+    max_frames: the longest clip T the learned temporal positions cover.
+    d_model: D, width of both ST-transformers.
+    num_heads: K attention heads (D must divide by K).
+    mlp_ratio: feed-forward width F = mlp_ratio * D.
+    enc_layers, dec_layers: ST blocks in the encoder and the decoder.
+    latent_dim: L, width of a latent / codebook entry.
+    num_codes: V, codebook size.
+    commitment_beta: weight of the VQ commitment loss.
+    vq_normalize: match latents to codes by cosine similarity (l2-normalised) instead of
+      squared L2 distance.
+    code_usage_decay: decay of the per-code usage EMA (dead-code detection).
+    dead_code_threshold: a code is dead when its usage EMA is below this fraction of 1/V.
+    qk_norm: normalise q and k per head before their dot product, as the large Genie models
+      do against growing attention logits.
+    qk_norm_kind: 'layernorm' (ViT-22B) or 'rmsnorm', when qk_norm.
+    dtype: compute dtype ('float32' or 'bfloat16'); norms, softmax, VQ and the output
+      pixels stay float32.
+    param_dtype: dtype of the parameters (keep 'float32').
+    remat: recompute each ST block in the backward pass (less memory, more compute).
+    remat_policy: 'full' keeps only block inputs; 'dots' also keeps the outputs of the
+      projection and feed-forward matmuls and recomputes the attention probabilities.
+    attention_impl: 'xla' (any backend) or 'cudnn' (NVIDIA GPU, bf16, fused kernel).
+  """
+  cfg = ml_collections.ConfigDict(dict(
+      image_size=64,
+      patch_size=4,
+      channels=3,
+      max_frames=16,
+      d_model=512,
+      num_heads=8,
+      mlp_ratio=4,
+      enc_layers=8,
+      dec_layers=8,
+      latent_dim=32,
+      num_codes=1024,
+      commitment_beta=0.25,
+      vq_normalize=False,
+      code_usage_decay=0.99,
+      dead_code_threshold=0.1,
+      qk_norm=False,
+      qk_norm_kind="layernorm",
+      dtype="float32",
+      param_dtype="float32",
+      remat=False,
+      remat_policy="full",
+      attention_impl="xla",
+  ))
+  cfg.lock()
+  return cfg
+
+
+def to_unit_interval(video: jax.Array) -> jax.Array:
+  """Pixels as float32 in [0, 1]: uint8 video is divided by 255, floats pass through."""
+  if jnp.issubdtype(video.dtype, jnp.integer):
+    return video.astype(jnp.float32) / 255.0
+  return video.astype(jnp.float32)
+
+
+def _choice(cfg, key: str, options: tuple[str, ...]) -> str:
+  if cfg[key] not in options:
+    raise ValueError(f"config.model.{key}={cfg[key]!r}; expected one of {list(options)}")
+  return cfg[key]
+
+
+def _dtype(cfg, key: str):
+  try:
+    return jnp.dtype(cfg[key])
+  except TypeError as e:
+    raise ValueError(f"config.model.{key}={cfg[key]!r} is not a dtype name") from e
+
+
+def validate_config(cfg: ml_collections.ConfigDict) -> None:
+  """Raises ValueError, naming the config.model key, for a config the model cannot use."""
+  for key in ("image_size", "patch_size", "channels", "max_frames", "d_model", "num_heads",
+              "mlp_ratio", "latent_dim", "num_codes"):
+    if cfg[key] < 1:
+      raise ValueError(f"config.model.{key}={cfg[key]} must be positive")
+  for key in ("enc_layers", "dec_layers"):
+    if cfg[key] < 0:
+      raise ValueError(f"config.model.{key}={cfg[key]} must not be negative")
+  if cfg.image_size % cfg.patch_size:
+    raise ValueError(f"config.model.patch_size={cfg.patch_size} does not divide "
+                     f"config.model.image_size={cfg.image_size}")
+  if cfg.d_model % cfg.num_heads:
+    raise ValueError(f"config.model.num_heads={cfg.num_heads} does not divide "
+                     f"config.model.d_model={cfg.d_model}")
+  if not 0.0 <= cfg.code_usage_decay < 1.0:
+    raise ValueError(f"config.model.code_usage_decay={cfg.code_usage_decay} must be in [0, 1)")
+  _choice(cfg, "qk_norm_kind", ("layernorm", "rmsnorm"))
+  _choice(cfg, "remat_policy", tuple(layers.REMAT_POLICIES))
+  _choice(cfg, "attention_impl", layers.ATTENTION_IMPLS)
+  _dtype(cfg, "dtype")
+  _dtype(cfg, "param_dtype")
+
+
+# genie_jax/tasks/tokenizer.py still calls the old private name.
+_validate = validate_config
+
+
+class Tokenizer(nnx.Module):
+  """ST-ViViT VQ-VAE: video <-> tokens_BTN. Config keys: see `default_config`."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    validate_config(cfg)
+    qk_norm_kind = _choice(cfg, "qk_norm_kind", ("layernorm", "rmsnorm"))
+    qk_norm = qk_norm_kind if cfg.qk_norm else None
+    remat_policy = _choice(cfg, "remat_policy", tuple(layers.REMAT_POLICIES))
+    remat = remat_policy if cfg.remat else None
+    attention_impl = _choice(cfg, "attention_impl", layers.ATTENTION_IMPLS)
+    dtype, param_dtype = _dtype(cfg, "dtype"), _dtype(cfg, "param_dtype")
+    self.image_size = cfg.image_size
+    self.patch_size = cfg.patch_size
+    self.channels = cfg.channels
+    self.dtype = dtype
+    patch_dim = cfg.patch_size ** 2 * cfg.channels
+    d = cfg.d_model
+    transformer = lambda num_layers: layers.STTransformer(
+        num_layers, d, cfg.num_heads, num_tokens=self.tokens_per_frame,
+        max_frames=cfg.max_frames, mlp_ratio=cfg.mlp_ratio, qk_norm=qk_norm, dtype=dtype,
+        param_dtype=param_dtype, attention_impl=attention_impl, remat=remat, rngs=rngs)
+    linear = lambda n_in, n_out, names: layers.Linear(
+        n_in, n_out, names=names, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.patch_embed = linear(patch_dim, d, ("patch", "embed"))
+    self.encoder = transformer(cfg.enc_layers)
+    self.to_latent = linear(d, cfg.latent_dim, ("embed", "latent"))
+    self.vq = vq.VectorQuantizer(
+        cfg.num_codes, cfg.latent_dim, commitment_beta=cfg.commitment_beta,
+        normalize=cfg.vq_normalize, usage_decay=cfg.code_usage_decay,
+        dead_code_threshold=cfg.dead_code_threshold, param_dtype=param_dtype, rngs=rngs)
+    self.from_latent = linear(cfg.latent_dim, d, ("latent", "embed"))
+    self.decoder = transformer(cfg.dec_layers)
+    self.to_pixels = linear(d, patch_dim, ("embed", "patch"))
+
+  @property
+  def tokens_per_frame(self) -> int:
+    """N, tokens per frame."""
+    return (self.image_size // self.patch_size) ** 2
+
+  def _check_video(self, video_BTHWC: jax.Array) -> None:
+    expected = (self.image_size, self.image_size, self.channels)
+    if video_BTHWC.ndim != 5 or tuple(video_BTHWC.shape[2:]) != expected:
+      raise ValueError(f"video must be (B, T, {', '.join(map(str, expected))}) for "
+                       f"config.model image_size={self.image_size}, "
+                       f"channels={self.channels}; got {video_BTHWC.shape}")
+
+  def encode_latents(self, video_BTHWC: jax.Array) -> jax.Array:
+    """Pre-quantisation latents z_BTNL (float32) of uint8 or [0, 1] float video."""
+    self._check_video(video_BTHWC)
+    # Centred pixels give the patch embedding zero-mean inputs.
+    x_BTHWC = to_unit_interval(video_BTHWC) * 2.0 - 1.0
+    x_BTND = self.patch_embed(layers.patchify(x_BTHWC, self.patch_size))
+    return self.to_latent(self.encoder(x_BTND)).astype(jnp.float32)
+
+  def decode_latents(self, zq_BTNL: jax.Array) -> jax.Array:
+    """Pixels in [0, 1] scale (float32, not clipped) from quantised latents zq_BTNL."""
+    x_BTND = self.decoder(self.from_latent(zq_BTNL))
+    patches_BTNP = self.to_pixels(x_BTND).astype(jnp.float32)
+    x_BTHWC = layers.unpatchify(patches_BTNP, self.patch_size, self.image_size,
+                                self.image_size)
+    return (x_BTHWC + 1.0) * 0.5
+
+  def __call__(self, video_BTHWC: jax.Array, *, train: bool) -> dict[str, jax.Array]:
+    """Encodes, quantises and reconstructs a clip.
+
+    Args:
+      video_BTHWC: uint8 in [0, 255] or float in [0, 1].
+      train: update the codebook usage EMA.
+
+    Returns:
+      'recon': float32 video in [0, 1] scale (unclipped, for the loss), same shape;
+      'indices_BTN': int32 tokens; 'z': z_BTNL, float32 latents before quantisation (the
+      candidates for `restart_dead_codes`); 'vq_loss' (codebook + beta * commitment),
+      'codebook_loss', 'commitment_loss', 'perplexity', 'usage': see `VectorQuantizer`.
+    """
+    z_BTNL = self.encode_latents(video_BTHWC)
+    zq_BTNL, indices_BTN, aux = self.vq(z_BTNL, train=train)
+    out = {
+        "recon": self.decode_latents(zq_BTNL),
+        "indices_BTN": indices_BTN,
+        "z": z_BTNL,
+        "vq_loss": aux.pop("loss"),
+    }
+    out.update(aux)
+    return out
+
+  def encode(self, video_BTHWC: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Tokens of a clip: (indices_BTN int32, zq_BTNL float32). Leaves the usage EMA alone."""
+    zq_BTNL, indices_BTN, _ = self.vq(self.encode_latents(video_BTHWC), train=False)
+    return indices_BTN, zq_BTNL
+
+  def decode(self, indices_BTN: jax.Array) -> jax.Array:
+    """Frames from tokens: float32 video_BTHWC in [0, 1] (clipped)."""
+    return jnp.clip(self.decode_latents(self.vq.lookup(indices_BTN)), 0.0, 1.0)
+
+  def restart_dead_codes(self, z_BTNL: jax.Array, key: jax.Array) -> jax.Array:
+    """Restarts dead codes from this batch's latents `z`; returns how many (see vq)."""
+    return self.vq.restart_dead_codes(z_BTNL, key)

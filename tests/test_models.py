@@ -1,0 +1,330 @@
+"""Model invariants: causality, positions added once, FFN width, VQ, sharding names, dtypes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from genie_jax import sharding
+from genie_jax.models import layers
+from genie_jax.models import tokenizer as tokenizer_lib
+from genie_jax.models import vq as vq_lib
+
+T, IMAGE = 4, 8
+
+
+def tiny_config(**overrides):
+  cfg = tokenizer_lib.default_config()
+  cfg.update(dict(image_size=IMAGE, patch_size=4, max_frames=T, d_model=16, num_heads=2,
+                  enc_layers=1, dec_layers=1, latent_dim=4, num_codes=8))
+  cfg.update(overrides)
+  return cfg
+
+
+def random_video(seed=0, batch=2, frames=T):
+  rng = np.random.default_rng(seed)
+  return jnp.asarray(rng.integers(0, 256, (batch, frames, IMAGE, IMAGE, 3), dtype=np.uint8))
+
+
+def params_of(model):
+  return nnx.state(model, nnx.Param)
+
+
+# --- Causality ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("t", [0, 1, 2])
+def test_tokenizer_is_causal_in_time(t):
+  model = tokenizer_lib.Tokenizer(tiny_config(), rngs=nnx.Rngs(0))
+  video = random_video()
+  changed = video.at[:, t + 1:].set(255 - video[:, t + 1:])
+  out, out_changed = model(video, train=False), model(changed, train=False)
+  np.testing.assert_array_equal(out["z"][:, :t + 1], out_changed["z"][:, :t + 1])
+  np.testing.assert_array_equal(out["indices_BTN"][:, :t + 1],
+                                out_changed["indices_BTN"][:, :t + 1])
+  np.testing.assert_array_equal(out["recon"][:, :t + 1], out_changed["recon"][:, :t + 1])
+  # The change is visible from frame t+1 on, so the check above is not vacuous.
+  assert not np.allclose(out["z"][:, t + 1], out_changed["z"][:, t + 1])
+
+
+def test_later_frames_see_earlier_ones():
+  model = tokenizer_lib.Tokenizer(tiny_config(), rngs=nnx.Rngs(0))
+  video = random_video()
+  changed = video.at[:, 0].set(255 - video[:, 0])
+  z, z_changed = model(video, train=False)["z"], model(changed, train=False)["z"]
+  assert not np.allclose(z[:, -1], z_changed[:, -1])
+
+
+def _attention(over, causal):
+  return layers.Attention(16, 2, over=over, causal=causal, rngs=nnx.Rngs(0))
+
+
+def test_temporal_attention_is_causal():
+  attention = _attention("time", causal=True)
+  x = jax.random.normal(jax.random.key(0), (2, T, 3, 16))
+  for t in range(T - 1):
+    changed = x.at[:, t + 1:].add(1.0)
+    y, y_changed = attention(x), attention(changed)
+    np.testing.assert_array_equal(y[:, :t + 1], y_changed[:, :t + 1])
+    assert not np.allclose(y[:, t + 1:], y_changed[:, t + 1:])
+
+
+def test_temporal_attention_stays_at_its_token():
+  attention = _attention("time", causal=True)
+  x = jax.random.normal(jax.random.key(0), (2, T, 3, 16))
+  y, y_changed = attention(x), attention(x.at[:, :, 0].add(1.0))
+  np.testing.assert_array_equal(y[:, :, 1:], y_changed[:, :, 1:])
+
+
+def test_spatial_attention_sees_every_token_of_its_frame_only():
+  attention = _attention("tokens", causal=False)
+  x = jax.random.normal(jax.random.key(0), (2, T, 5, 16))
+  y, y_changed = attention(x), attention(x.at[:, 1, -1].add(1.0))
+  for n in range(5):  # Every token of frame 1, including earlier ones, sees the last one.
+    assert not np.allclose(y[:, 1, n], y_changed[:, 1, n])
+  np.testing.assert_array_equal(y[:, 0], y_changed[:, 0])
+  np.testing.assert_array_equal(y[:, 2:], y_changed[:, 2:])
+
+
+# --- Architecture ---------------------------------------------------------------------------
+
+
+def _transformer(num_layers):
+  return layers.STTransformer(num_layers, 16, 2, num_tokens=5, max_frames=T,
+                              rngs=nnx.Rngs(0))
+
+
+def test_positions_are_added_once_before_the_blocks():
+  model = _transformer(2)
+  model.spatial_pos[...] = jax.random.normal(jax.random.key(1), model.spatial_pos.shape)
+  model.temporal_pos[...] = jax.random.normal(jax.random.key(2), model.temporal_pos.shape)
+  x = jax.random.normal(jax.random.key(0), (2, 3, 5, 16))
+  pos = model.temporal_pos[:3, None] + model.spatial_pos[None]
+  expected = model.final_norm(model.blocks[1](model.blocks[0](x + pos)))
+  np.testing.assert_allclose(model(x), expected, rtol=1e-6, atol=1e-6)
+  # No block owns positional parameters of its own.
+  for block in model.blocks:
+    shapes = [v.shape for v in jax.tree.leaves(params_of(block))]
+    assert (5, 16) not in shapes and (T, 16) not in shapes
+
+
+def test_zero_blocks_is_positions_and_norm():
+  model = _transformer(0)
+  x = jax.random.normal(jax.random.key(0), (2, T, 5, 16))
+  pos = model.temporal_pos[:, None] + model.spatial_pos[None]
+  np.testing.assert_allclose(model(x), model.final_norm(x + pos), rtol=1e-6, atol=1e-6)
+
+
+def test_block_is_spatial_temporal_then_one_4x_feed_forward():
+  block = layers.STBlock(16, 2, rngs=nnx.Rngs(0))
+  assert block.spatial_attention.over == "tokens" and not block.spatial_attention.causal
+  assert block.temporal_attention.over == "time" and block.temporal_attention.causal
+  assert block.ffn.up_kernel.shape == (16, 64)
+  assert block.ffn.down_kernel.shape == (64, 16)
+  feed_forwards = [m for _, m in nnx.iter_graph(block) if isinstance(m, layers.FeedForward)]
+  assert len(feed_forwards) == 1
+
+
+def test_patchify_roundtrip_and_order():
+  video = jnp.arange(2 * 3 * 8 * 12 * 3, dtype=jnp.float32).reshape(2, 3, 8, 12, 3)
+  patches = layers.patchify(video, 4)
+  assert patches.shape == (2, 3, 6, 48)
+  # Token 1 is the second patch of the first patch row.
+  np.testing.assert_array_equal(patches[0, 0, 1], video[0, 0, :4, 4:8].reshape(-1))
+  np.testing.assert_array_equal(layers.unpatchify(patches, 4, 8, 12), video)
+
+
+def test_every_weight_matrix_has_logical_axis_names():
+  model = tokenizer_lib.Tokenizer(tiny_config(qk_norm=True, qk_norm_kind="rmsnorm"), rngs=nnx.Rngs(0))
+  known = dict(sharding.DEFAULT_RULES)
+  checked = 0
+  for path, var in nnx.to_flat_state(params_of(model)):
+    if var.ndim < 2:
+      continue
+    names = var.get_metadata().get("out_sharding")
+    assert names is not None and len(names) == var.ndim, (path, names)
+    assert all(name in known for name in names), (path, names)
+    checked += 1
+  assert checked > 10
+  # The trainer's path: shardings for every parameter on a (one-device) mesh.
+  mesh = sharding.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+  abstract = nnx.eval_shape(lambda: params_of(
+      tokenizer_lib.Tokenizer(tiny_config(), rngs=nnx.Rngs(0))))
+  sharding.state_shardings(abstract, mesh, sharding.DEFAULT_RULES)
+
+
+def test_config_errors_name_the_key():
+  with pytest.raises(ValueError, match=r"config.model.patch_size=5 does not divide "
+                     r"config.model.image_size=8"):
+    tokenizer_lib.Tokenizer(tiny_config(patch_size=5), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"config.model.num_heads=3 does not divide "
+                     r"config.model.d_model=16"):
+    tokenizer_lib.Tokenizer(tiny_config(num_heads=3), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"config.model.attention_impl='flash'"):
+    tokenizer_lib.Tokenizer(tiny_config(attention_impl="flash"), rngs=nnx.Rngs(0))
+  with pytest.raises(AttributeError):  # Locked: a typo cannot add a key.
+    tiny_config().pach_size = 2
+
+
+def test_default_config_is_genie_appendix_f():
+  cfg = tokenizer_lib.default_config()
+  assert (cfg.image_size, cfg.patch_size, cfg.d_model, cfg.num_heads) == (64, 4, 512, 8)
+  assert (cfg.enc_layers, cfg.dec_layers, cfg.num_codes, cfg.latent_dim) == (8, 8, 1024, 32)
+  assert cfg.attention_impl == "xla"
+
+
+def test_uint8_and_unit_float_inputs_agree_and_encode_decode_match_call():
+  model = tokenizer_lib.Tokenizer(tiny_config(), rngs=nnx.Rngs(0))
+  video = random_video()
+  out = model(video, train=False)
+  out_float = model(video.astype(jnp.float32) / 255.0, train=False)
+  np.testing.assert_allclose(out["recon"], out_float["recon"], atol=1e-6)
+  assert out["recon"].dtype == jnp.float32 and out["recon"].shape == video.shape
+  assert model.tokens_per_frame == 4 and out["indices_BTN"].shape == (2, T, 4)
+  indices, zq = model.encode(video)
+  np.testing.assert_array_equal(indices, out["indices_BTN"])
+  assert zq.shape == (2, T, 4, 4)
+  np.testing.assert_allclose(model.decode(indices), jnp.clip(out["recon"], 0, 1), atol=1e-6)
+
+
+# --- Vector quantiser -----------------------------------------------------------------------
+
+
+def _vq(**kwargs):
+  return vq_lib.VectorQuantizer(16, 4, rngs=nnx.Rngs(0), **kwargs)
+
+
+@pytest.mark.parametrize("normalize", [False, True])
+def test_vq_picks_nearest_code_and_returns_it(normalize):
+  vq = _vq(normalize=normalize)
+  z = jax.random.normal(jax.random.key(1), (3, 5, 4))
+  zq, indices, aux = vq(z, train=False)
+  codes = vq.codes()
+  zn = z / np.linalg.norm(z, axis=-1, keepdims=True) if normalize else z
+  dist = np.sum((np.asarray(zn)[..., None, :] - np.asarray(codes)) ** 2, -1)
+  np.testing.assert_array_equal(indices, np.argmin(dist, -1))
+  np.testing.assert_allclose(zq, codes[indices], atol=1e-6)
+  assert 0 < aux["usage"] <= 1 and 1 <= aux["perplexity"] <= 16
+
+
+def test_vq_straight_through_gradient():
+  vq = _vq()
+  z = jax.random.normal(jax.random.key(1), (6, 4))
+  weights = jax.random.normal(jax.random.key(2), (6, 4))
+  downstream = lambda zq: jnp.sum(jnp.sin(zq) * weights)
+  zq = vq(z, train=False)[0]
+  grad_z = jax.grad(lambda z: downstream(vq(z, train=False)[0]))(z)
+  np.testing.assert_allclose(grad_z, jax.grad(downstream)(zq), rtol=1e-6)
+
+
+def test_vq_losses_reach_codebook_and_encoder_separately():
+  vq = _vq()
+  graphdef, params, rest = nnx.split(vq, nnx.Param, ...)
+  z = jax.random.normal(jax.random.key(1), (6, 4))
+
+  def grads(name):
+    def loss(params, z):
+      return nnx.merge(graphdef, params, rest, copy=True)(z, train=False)[2][name]
+    return jax.grad(loss, argnums=(0, 1))(params, z)
+
+  g_params, g_z = grads("codebook_loss")
+  assert np.abs(g_params["codebook"][...]).sum() > 0 and np.abs(g_z).sum() == 0
+  g_params, g_z = grads("commitment_loss")
+  assert np.abs(g_params["codebook"][...]).sum() == 0 and np.abs(g_z).sum() > 0
+  _, _, aux = vq(z, train=False)
+  np.testing.assert_allclose(aux["loss"],
+                             aux["codebook_loss"] + 0.25 * aux["commitment_loss"], rtol=1e-6)
+
+
+def test_vq_usage_ema_updates_only_in_training():
+  vq = _vq(usage_decay=0.5)
+  z = jax.random.normal(jax.random.key(1), (40, 4))
+  before = np.array(vq.usage[...])
+  vq(z, train=False)
+  np.testing.assert_array_equal(vq.usage[...], before)
+  _, indices, _ = vq(z, train=True)
+  freq = np.bincount(np.asarray(indices), minlength=16) / 40
+  np.testing.assert_allclose(vq.usage[...], 0.5 * before + 0.5 * freq, rtol=1e-6)
+  assert not isinstance(vq.usage, nnx.Param)
+
+
+def test_restart_dead_codes_replaces_exactly_the_dead_rows():
+  vq = _vq(dead_code_threshold=0.5)
+  usage = np.full(16, 1 / 16, np.float32)
+  dead = np.zeros(16, bool)
+  dead[[2, 5, 11]] = True
+  usage[dead] = 0.01 / 16
+  vq.usage[...] = jnp.asarray(usage)
+  before = np.array(vq.codebook[...])
+  candidates = 100 + jax.random.normal(jax.random.key(3), (2, 20, 4))
+
+  restarted = nnx.jit(lambda vq, c, key: vq.restart_dead_codes(c, key))(
+      vq, candidates, jax.random.key(4))
+  after = np.asarray(vq.codebook[...])
+  assert int(restarted) == 3
+  np.testing.assert_array_equal(after[~dead], before[~dead])
+  flat = np.asarray(candidates).reshape(-1, 4)
+  for row in after[dead]:
+    assert np.any(np.all(flat == row, axis=-1))
+  np.testing.assert_array_equal(vq.usage[...][~dead], usage[~dead])
+  np.testing.assert_allclose(vq.usage[...][dead], 1 / 16)
+  assert int(vq.restart_dead_codes(candidates, jax.random.key(5))) == 0
+
+
+# --- Training -------------------------------------------------------------------------------
+
+
+def _loss_and_grads(model, video):
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+  def loss_fn(params):
+    out = nnx.merge(graphdef, params, rest, copy=True)(video, train=False)
+    target = tokenizer_lib.to_unit_interval(video)
+    return jnp.mean(jnp.square(out["recon"] - target)) + out["vq_loss"]
+
+  return jax.jit(jax.value_and_grad(loss_fn))(params)
+
+
+def test_tiny_tokenizer_overfits_one_batch():
+  model = tokenizer_lib.Tokenizer(tiny_config(d_model=32, num_codes=32), rngs=nnx.Rngs(0))
+  optimizer = nnx.Optimizer(model, optax.adam(3e-3), wrt=nnx.Param)
+  video = random_video(batch=2)
+  target = tokenizer_lib.to_unit_interval(video)
+
+  @nnx.jit
+  def step(model, optimizer):
+    def loss_fn(model):
+      out = model(video, train=True)
+      return jnp.mean(jnp.square(out["recon"] - target)) + out["vq_loss"]
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    optimizer.update(model, grads)
+    return loss
+
+  losses = [float(step(model, optimizer)) for _ in range(60)]
+  assert losses[-1] < 0.3 * losses[0], losses[::10]
+
+
+def test_bfloat16_compute_keeps_float32_params():
+  model = tokenizer_lib.Tokenizer(tiny_config(dtype="bfloat16", qk_norm=True),
+                                  rngs=nnx.Rngs(0))
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params_of(model)))
+  video = random_video()
+  out = model(video, train=False)
+  assert out["recon"].dtype == jnp.float32 and out["z"].dtype == jnp.float32
+  loss, grads = _loss_and_grads(model, video)
+  assert np.isfinite(float(loss))
+  assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_gives_the_same_loss_and_grads(remat):
+  video = random_video()
+  plain = tokenizer_lib.Tokenizer(tiny_config(enc_layers=2), rngs=nnx.Rngs(0))
+  rematted = tokenizer_lib.Tokenizer(tiny_config(enc_layers=2, remat=True, remat_policy=remat), rngs=nnx.Rngs(0))
+  loss, grads = _loss_and_grads(plain, video)
+  loss_r, grads_r = _loss_and_grads(rematted, video)
+  np.testing.assert_allclose(loss_r, loss, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+               grads_r, grads)
