@@ -28,7 +28,7 @@ class TokenizerTask(base.Task):
       raise ValueError(
           f"config.data.clip_len={data.clip_len} exceeds config.model.max_frames="
           f"{model.max_frames} (the temporal position table); raise max_frames")
-    tokenizer_lib._validate(model)  # TODO(public)
+    tokenizer_lib.validate_config(model)
 
   def make_model(self, rngs: nnx.Rngs) -> tokenizer_lib.Tokenizer:
     return tokenizer_lib.Tokenizer(self.config.model, rngs=rngs)
