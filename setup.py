@@ -15,13 +15,11 @@ INSTALL_REQUIRES = [
     "ml-collections==1.1.0",
     "absl-py==2.5.1",
     "einops==0.8.2",
-    "chex==0.1.92",
     "dm-pix==0.4.5",
     "tensorboardX==2.6.5",
     "imageio==2.38.1",
     "pillow==13.0.0",
     "numpy>=2.0,<3",
-    "psutil>=5.9",
 ]
 
 EXTRAS = {

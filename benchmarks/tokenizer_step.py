@@ -64,6 +64,7 @@ def matmul_peak_flops(sizes=(1024, 2048, 3072), repeats=5) -> float:
 def bench_shape(name: str, peak: float) -> dict[str, float]:
   """Compiles and times the train step at shape `name` on one device."""
   config_arg, overrides = SHAPES[name]
+  overrides = dict(overrides)
   config = tokenizer_config.get_config(config_arg)
   config.batch_size = _BATCH.value or overrides.pop("batch_size")
   config.model.update({k: v for k, v in overrides.items() if k != "batch_size"})

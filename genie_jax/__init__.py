@@ -12,4 +12,6 @@ meaning, everywhere in the project:
   C  image channels                    E  width of one attention head
   P  pixels of one patch (p*p*C)       L  latent (codebook entry) width
   V  codebook size (token vocabulary)  A  latent-action vocabulary
+  Q  the stacked q/k/v axis (3)        I  images: batch and time folded (B*T)
+  R  rows of a picture grid            X  any leading axes (e.g. z_XL: latents of any shape)
 """

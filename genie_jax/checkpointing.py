@@ -48,6 +48,47 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   return config
 
 
+# Keys that may differ between a run and its continuation: how often things happen, how long to
+# train, where data is read from and how fast, and the mesh (checkpoints restore onto any mesh).
+RESUMABLE_KEYS = ("total_steps", "log_every_steps", "images_every_steps", "num_images",
+                  "eval_every_steps", "evals", "checkpoint", "mesh", "data.data_dir",
+                  "data.worker_count", "data.read_threads", "data.prefetch")
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+  flat = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      flat.update(_flatten(value, f"{prefix}{key}."))
+    else:
+      flat[f"{prefix}{key}"] = value
+  return flat
+
+
+def check_resume_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Refuses to continue a workdir with a config that changes what was trained.
+
+  Raises:
+    ValueError: listing the keys that differ from workdir/config.json, other than
+      RESUMABLE_KEYS; nothing in the workdir is touched.
+  """
+  path = os.path.join(workdir, CONFIG_FILE)
+  if not os.path.exists(path):
+    return
+  with open(path, encoding="utf-8") as f:
+    saved = _flatten(json.load(f))
+  new = _flatten(config_to_dict(config))
+  changed = sorted(
+      key for key in set(saved) | set(new)
+      if saved.get(key) != new.get(key)
+      and not any(key == k or key.startswith(k + ".") for k in RESUMABLE_KEYS))
+  if changed:
+    details = "; ".join(f"config.{k}: {saved.get(k)!r} -> {new.get(k)!r}" for k in changed)
+    raise ValueError(
+        f"{workdir} was trained with another config ({details}). Use a new --workdir, or "
+        f"the original values, to continue it.")
+
+
 class Checkpointer:
   """Thin wrapper over ocp.CheckpointManager with the items genie_jax saves."""
 
@@ -101,9 +142,6 @@ class Checkpointer:
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     logging.info("Restored checkpoint of step %d from %s", step, self.directory)
     return step, restored["state"]
-
-  def wait(self) -> None:
-    self.manager.wait_until_finished()
 
   def close(self) -> None:
     self.manager.wait_until_finished()

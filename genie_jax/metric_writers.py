@@ -21,7 +21,9 @@ from genie_jax import visualize
 class MetricWriter:
   """Writes scalars to TensorBoard (tensorboardX, no TensorFlow) and workdir/metrics.jsonl."""
 
-  def __init__(self, workdir: str, *, enabled: bool | None = None):
+  def __init__(self, workdir: str, *, first_step: int = 0, enabled: bool | None = None):
+    """Opens the writers; rows after `first_step` (left by a run that stopped after its last
+    checkpoint) are dropped, so a resumed run logs every step once."""
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self.workdir = workdir
     self._tb = None
@@ -29,8 +31,15 @@ class MetricWriter:
     if self.enabled:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       os.makedirs(workdir, exist_ok=True)
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
+                               purge_step=first_step + 1 if first_step else None)
+      path = os.path.join(workdir, "metrics.jsonl")
+      if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+          kept = [line for line in f if json.loads(line)["step"] <= first_step]
+        with open(path, "w", encoding="utf-8") as f:
+          f.writelines(kept)
+      self._jsonl = open(path, "a", encoding="utf-8")
 
   def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self.enabled:

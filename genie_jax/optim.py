@@ -32,13 +32,21 @@ def learning_rate_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> 
       boundaries=[warmup, warmup + stable])
 
 
-def _decay_mask(params):
-  # Decay weight matrices only: norms, biases, position tables and the VQ codebook (whose
-  # entries must stay near the encoder outputs) are left alone.
-  def keep(path, x):
-    names = "/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
-    return x.ndim >= 2 and "codebook" not in names and "pos" not in names
-  return jax.tree_util.tree_map_with_path(keep, params)
+def decay_mask(params):
+  """True for the weights that weight decay applies to: matmul kernels only.
+
+  Biases, norms, position tables and the VQ codebook (whose entries must stay where the
+  encoder puts its latents) are not decayed.
+  """
+  def is_kernel(path, _):
+    last = path[-1] if path else None
+    # nnx states end paths in the Variable's attribute name; plain dicts in the key.
+    name = str(getattr(last, "key", getattr(last, "name", last)))
+    if name == "value" and len(path) > 1:  # A Variable's own pytree key.
+      last = path[-2]
+      name = str(getattr(last, "key", getattr(last, "name", last)))
+    return name.endswith("kernel")
+  return jax.tree_util.tree_map_with_path(is_kernel, params)
 
 
 def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int) -> tuple[
@@ -49,7 +57,7 @@ def make_optimizer(cfg: ml_collections.ConfigDict, total_steps: int) -> tuple[
   if cfg.grad_clip_norm:
     chain.append(optax.clip_by_global_norm(cfg.grad_clip_norm))
   chain.append(optax.adamw(schedule, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
-                           weight_decay=cfg.weight_decay, mask=_decay_mask))
+                           weight_decay=cfg.weight_decay, mask=decay_mask))
   return optax.chain(*chain), schedule
 
 

@@ -6,7 +6,7 @@ from typing import Any
 
 
 def compiled_stats(compiled: Any) -> dict[str, float]:
-  """FLOPs per call and memory (bytes per device) of a `jax.stages.Compiled`.
+  """FLOPs per call and memory (bytes), both per device, of a `jax.stages.Compiled`.
 
   Either figure is left out when the backend does not report it.
   """
@@ -32,7 +32,8 @@ def compiled_stats(compiled: Any) -> dict[str, float]:
 def format_stats(stats: dict[str, float]) -> str:
   parts = []
   if "flops" in stats:
-    parts.append(f"{stats['flops'] / 1e9:.1f} GFLOP/step")
+    # XLA counts the FLOPs of the partitioned program: per device.
+    parts.append(f"{stats['flops'] / 1e9:.1f} GFLOP/step/device")
   for key in ("argument_bytes", "temp_bytes", "output_bytes", "peak_bytes_estimate"):
     if key in stats:
       parts.append(f"{key.replace('_bytes', '')}={stats[key] / 2**20:.1f} MiB")

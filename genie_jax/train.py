@@ -17,6 +17,7 @@ import data_pipelines
 from genie_jax import checkpointing
 from genie_jax import evaluators as evaluators_lib
 from genie_jax import metric_writers
+from genie_jax import optim
 from genie_jax import profiling
 from genie_jax import sharding
 from genie_jax import tasks
@@ -36,8 +37,23 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
   if config.batch_size % jax.process_count():
     raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the "
                      f"{jax.process_count()} processes")
-  if config.total_steps <= 0:
-    raise ValueError(f"config.total_steps={config.total_steps} must be positive")
+  for key, value in (("total_steps", config.total_steps),
+                     ("log_every_steps", config.log_every_steps),
+                     ("checkpoint.every_steps", config.checkpoint.every_steps)):
+    if value <= 0:
+      raise ValueError(f"config.{key}={value} must be positive")
+  optim.learning_rate_schedule(config.optimizer, config.total_steps)
+
+
+def _check_finite(loss: float, step: int) -> None:
+  if not np.isfinite(loss):
+    raise FloatingPointError(
+        f"training loss is {loss} at step {step}; the state of this step was not saved "
+        "(the last checkpoint is the latest finite one)")
+
+
+def _due(step: int, every: int, last: int) -> bool:
+  return bool(every) and (step % every == 0 or step == last)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -56,19 +72,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   task = tasks.get_task(config)
   mesh = sharding.make_mesh(config.mesh, devices)
   check_config(config, mesh)
+  checkpointing.check_resume_config(workdir, config)
   logging.info("Mesh %s over %d devices in %d processes", dict(mesh.shape), mesh.size,
                jax.process_count())
+
+  # --- Model and optimizer shapes and shardings (nothing allocated yet), and evaluators, whose
+  # settings are checked here rather than at the first evaluation.
+  spec = train_state.make_state_spec(task, config, mesh)
+  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(spec.abstract["params"]))
+  logging.info("Model %s: %.2fM parameters", config.stage, num_params / 1e6)
+  evaluators = evaluators_lib.build_evaluators(config, task, spec)
 
   # --- Input: this process's share of each global batch, as a checkpointable Grain iterator.
   data_pipelines.get_builder(config.data, prepare=True)
   train_iter = iter(input_pipeline.make_dataset(
       config.data, "train", seed=config.seed, global_batch_size=config.batch_size))
 
-  # --- Model and optimizer: shapes and shardings first, then a sharded init or a restore.
-  spec = train_state.make_state_spec(task, config, mesh)
-  num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(spec.abstract["params"]))
-  logging.info("Model %s: %.2fM parameters", config.stage, num_params / 1e6)
-
+  # --- State: a sharded init, or the latest checkpoint with the iterator restored in place.
   checkpointing.save_config(workdir, config)
   ckpt = checkpointing.Checkpointer(workdir, config.checkpoint, config)
   if ckpt.latest_step() is not None:
@@ -85,11 +105,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   logging.info("Compiled train step in %.1fs: %s", time.perf_counter() - t0,
                profiling.format_stats(profiling.compiled_stats(compiled)))
 
-  # --- Evaluators and pictures.
-  evaluators = evaluators_lib.build_evaluators(config, task, spec)
-  visualize_fn = jax.jit(lambda s, b: task.visualize(spec.model(s), b),
-                         out_shardings=sharding.replicated(mesh))
-  writer = metric_writers.MetricWriter(workdir)
+  # --- Pictures and metrics. Only the first examples are shown, so only they are computed.
+  n_images = config.num_images
+  visualize_fn = jax.jit(
+      lambda s, b: task.visualize(spec.model(s), jax.tree.map(lambda x: x[:n_images], b)),
+      out_shardings=sharding.replicated(mesh))
+  writer = metric_writers.MetricWriter(workdir, first_step=first_step)
   progress = metric_writers.Progress(first_step, config.total_steps, config.batch_size)
 
   def run_evals(step):
@@ -104,41 +125,39 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   pending: list[dict[str, jax.Array]] = []
   last_metrics: dict[str, float] = {}
   step = first_step
-  while step < config.total_steps:
-    batch = input_pipeline.to_global_batch(local_batch, spec.batch_sharding)
-    with jax.profiler.StepTraceAnnotation("train", step_num=step):
+  last = config.total_steps
+  try:
+    while step < last:
+      batch = input_pipeline.to_global_batch(local_batch, spec.batch_sharding)
       state, metrics = compiled(state, batch)
-    pending.append(metrics)
-    step += 1
-    # Saved before the next batch is drawn, so the iterator state matches the train state.
-    if step % config.checkpoint.every_steps == 0 or step == config.total_steps:
-      ckpt.save(step, state, train_iter, force=step == config.total_steps)
+      pending.append(metrics)
+      step += 1
+      if _due(step, config.checkpoint.every_steps, last):
+        # A non-finite state never becomes the latest checkpoint. Saved before the next
+        # batch is drawn, so the saved iterator state matches the saved train state.
+        _check_finite(float(jax.device_get(metrics["loss"])), step)
+        ckpt.save(step, state, train_iter, force=step == last)
 
-    if step % config.log_every_steps == 0 or step == config.total_steps:
-      # One device->host transfer per interval; the mean smooths over the interval.
-      fetched = jax.device_get(pending)
-      pending = []
-      last_metrics = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-      if not np.isfinite(last_metrics["loss"]):
-        raise FloatingPointError(f"loss is {last_metrics['loss']} at step {step}")
-      scalars = {f"train/{k}": v for k, v in last_metrics.items()}
-      scalars.update(progress.update(step))
-      writer.write_scalars(step, scalars)
-      progress.log_line(step, scalars)
-    if config.images_every_steps and (step % config.images_every_steps == 0 or
-                                      step == config.total_steps):
-      rows = jax.device_get(visualize_fn(state, batch))
-      writer.write_images(step, {"train": visualize.video_grid(
-          [r[:config.num_images] for r in rows])})
-      writer.write_videos(step, {"train": visualize.side_by_side_video([r[0] for r in rows])})
-    if config.eval_every_steps and (step % config.eval_every_steps == 0 or
-                                    step == config.total_steps):
-      run_evals(step)
-    if step < config.total_steps:
-      local_batch = next(train_iter)
-
-  writer.flush()
-  ckpt.close()
-  writer.close()
+      if _due(step, config.log_every_steps, last):
+        # One device->host transfer per interval; the mean smooths over the interval.
+        fetched = jax.device_get(pending)
+        pending = []
+        last_metrics = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+        _check_finite(last_metrics["loss"], step)
+        scalars = {f"train/{k}": v for k, v in last_metrics.items()}
+        scalars.update(progress.update(step))
+        writer.write_scalars(step, scalars)
+        progress.log_line(step, scalars)
+      if _due(step, config.images_every_steps, last):
+        rows = jax.device_get(visualize_fn(state, batch))
+        writer.write_images(step, {"train": visualize.video_grid(rows)})
+        writer.write_videos(step, {"train": visualize.side_by_side_video([r[0] for r in rows])})
+      if _due(step, config.eval_every_steps, last):
+        run_evals(step)
+      if step < last:
+        local_batch = next(train_iter)
+  finally:
+    # Lets an in-flight asynchronous save finish even when the loop fails.
+    ckpt.close()
+    writer.close()
   return last_metrics
-

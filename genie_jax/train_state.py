@@ -48,6 +48,8 @@ class StateSpec:
 
 
 def rules_of(config: ml_collections.ConfigDict) -> tuple:
+  """config.sharding.rules as a tuple of (logical name, mesh axes) (JSON turns tuples into
+  lists)."""
   return tuple((name, tuple(axes) if isinstance(axes, list) else axes)
                for name, axes in config.sharding.rules)
 
@@ -135,6 +137,9 @@ def jit_train_step(task: Task, spec: StateSpec, seed: int):
   )
 
 
-def abstract_batch(spec: StateSpec, batch: dict[str, Any]) -> dict[str, jax.ShapeDtypeStruct]:
-  return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=spec.batch_sharding)
-          for k, v in batch.items()}
+def abstract_batch(spec: StateSpec, local_batch: dict[str, Any]
+                   ) -> dict[str, jax.ShapeDtypeStruct]:
+  """The global batch that `local_batch` (this process's share) is part of."""
+  return {k: jax.ShapeDtypeStruct((v.shape[0] * jax.process_count(),) + v.shape[1:], v.dtype,
+                                  sharding=spec.batch_sharding)
+          for k, v in local_batch.items()}

@@ -147,9 +147,9 @@ class _ClipSource:
     self._clip_len = clip_len
     self._stride = stride
     usable = lengths >= clip_len
-    self._chunk_R = np.flatnonzero(usable)
-    clips_R = (lengths[usable] - clip_len) // stride + 1
-    self._first_clip = np.concatenate([[0], np.cumsum(clips_R)]).astype(np.int64)
+    self._usable_chunks = np.flatnonzero(usable)
+    clips_per_chunk = (lengths[usable] - clip_len) // stride + 1
+    self._first_clip = np.concatenate([[0], np.cumsum(clips_per_chunk)]).astype(np.int64)
     self.num_clips = int(self._first_clip[-1])
     self._len = self.num_clips if padded_len is None else padded_len
     image_size = records.image_size
@@ -170,7 +170,7 @@ class _ClipSource:
     if index >= self.num_clips:
       return self._padding
     r = int(np.searchsorted(self._first_clip, index, side="right")) - 1
-    record = int(self._chunk_R[r])
+    record = int(self._usable_chunks[r])
     offset = int(index - self._first_clip[r]) * self._stride
     example = self._records[record]
     t = slice(offset, offset + self._clip_len)

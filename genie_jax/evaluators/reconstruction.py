@@ -2,7 +2,7 @@
 
 Works for any task with a `reconstruct(model, batch)` method returning a dict with
 'recon' and 'target' (B, T, H, W, C floats in [0, 1]), 'codes' (integer code indices) and the
-static 'num_codes'; 'frame_mask' (B, T), if present, selects which frames count.
+static 'num_codes'.
 """
 
 from __future__ import annotations
@@ -31,6 +31,11 @@ class ReconstructionEvaluator:
     self.task = task
     self.spec = spec
     self.batch_size = eval_cfg.batch_size or config.batch_size
+    dp = spec.mesh.shape["data"] * spec.mesh.shape["fsdp"]
+    if self.batch_size % dp or self.batch_size % jax.process_count():
+      raise ValueError(
+          f"config.evals.{name}.batch_size={self.batch_size} must be divisible by the "
+          f"data-parallel size {dp} and the {jax.process_count()} processes")
     replicated = sharding.replicated(spec.mesh)
     self._stats = jax.jit(self._batch_stats, out_shardings=replicated)
     self._predict = jax.jit(self._reconstruct, out_shardings=replicated)
@@ -51,16 +56,16 @@ class ReconstructionEvaluator:
     out = self._reconstruct(params, model_state, batch)
     recon_BTHWC = jnp.clip(out["recon"].astype(jnp.float32), 0.0, 1.0)
     target_BTHWC = out["target"].astype(jnp.float32)
-    mask_BT = out.get("frame_mask", jnp.ones(recon_BTHWC.shape[:2], jnp.float32))
     b, t, h, w, c = recon_BTHWC.shape
-    # dm-pix works on batches of images: fold time into the batch.
-    target_XHWC, recon_XHWC = (x.reshape(b * t, h, w, c) for x in (target_BTHWC, recon_BTHWC))
-    psnr_BT = pix.psnr(target_XHWC, recon_XHWC).reshape(b, t)
-    ssim_BT = pix.ssim(target_XHWC, recon_XHWC).reshape(b, t)
+    # dm-pix works on batches of images (I = B*T): fold time into the batch.
+    target_IHWC, recon_IHWC = (x.reshape(b * t, h, w, c) for x in (target_BTHWC, recon_BTHWC))
+    ssim_BT = pix.ssim(target_IHWC, recon_IHWC).reshape(b, t)
     mse_BT = jnp.mean(jnp.square(target_BTHWC - recon_BTHWC), axis=(-3, -2, -1))
+    # A perfect frame would give an infinite PSNR; 100 dB caps it (MSE 1e-10).
+    psnr_BT = -10.0 * jnp.log10(jnp.maximum(mse_BT, 1e-10))
     counts_V = jnp.bincount(out["codes"].reshape(-1), length=out["num_codes"])
-    return dict(psnr=jnp.sum(psnr_BT * mask_BT), ssim=jnp.sum(ssim_BT * mask_BT),
-                mse=jnp.sum(mse_BT * mask_BT), frames=jnp.sum(mask_BT), code_counts=counts_V)
+    return dict(psnr=jnp.sum(psnr_BT), ssim=jnp.sum(ssim_BT), mse=jnp.sum(mse_BT),
+                frames=jnp.float32(b * t), code_counts=counts_V)
 
   def run(self, state) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """Returns ({metric: value}, {image name: uint8 HWC grid})."""

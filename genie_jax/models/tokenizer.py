@@ -122,10 +122,6 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   _dtype(cfg, "param_dtype")
 
 
-# genie_jax/tasks/tokenizer.py still calls the old private name.
-_validate = validate_config
-
-
 class Tokenizer(nnx.Module):
   """ST-ViViT VQ-VAE: video <-> tokens_BTN. Config keys: see `default_config`."""
 

@@ -10,11 +10,6 @@ from genie_jax.models import tokenizer as tokenizer_lib
 from genie_jax.tasks import base
 
 
-def to_unit_float(video_BTHWC: jax.Array) -> jax.Array:
-  """uint8 frames from the data pipeline -> float32 in [0, 1]."""
-  return video_BTHWC.astype(jnp.float32) / 255.0
-
-
 class TokenizerTask(base.Task):
   """Loss = MSE(pixels) + VQ codebook loss + beta * commitment loss; dead codes restarted."""
 
@@ -35,11 +30,15 @@ class TokenizerTask(base.Task):
 
   def loss(self, model, batch, rng):
     del rng
-    target_BTHWC = to_unit_float(batch["video"])
+    target_BTHWC = tokenizer_lib.to_unit_interval(batch["video"])
     out = model(target_BTHWC, train=True)
-    mse = jnp.mean(jnp.square(out["recon"].astype(jnp.float32) - target_BTHWC))
+    mse_BT = jnp.mean(jnp.square(out["recon"].astype(jnp.float32) - target_BTHWC),
+                      axis=(2, 3, 4))
+    mse = jnp.mean(mse_BT)
     loss = mse + out["vq_loss"]
-    metrics = dict(mse=mse, psnr=-10.0 * jnp.log10(mse), vq_loss=out["vq_loss"],
+    # Mean of per-frame PSNRs, as the reconstruction evaluator reports it.
+    psnr = jnp.mean(-10.0 * jnp.log10(jnp.maximum(mse_BT, 1e-10)))
+    metrics = dict(mse=mse, psnr=psnr, vq_loss=out["vq_loss"],
                    codebook_loss=out["codebook_loss"], commitment_loss=out["commitment_loss"],
                    codebook_usage=out["usage"], codebook_perplexity=out["perplexity"])
     return loss, metrics, out["z"]
@@ -48,7 +47,7 @@ class TokenizerTask(base.Task):
     return dict(restarted_codes=model.restart_dead_codes(aux, rng))
 
   def reconstruct(self, model, batch):
-    target_BTHWC = to_unit_float(batch["video"])
+    target_BTHWC = tokenizer_lib.to_unit_interval(batch["video"])
     out = model(target_BTHWC, train=False)
     return dict(recon=out["recon"], target=target_BTHWC, codes=out["indices_BTN"],
                 num_codes=self.config.model.num_codes)
