@@ -161,19 +161,42 @@ def test_checkpoint_holds_model_optimizer_iterator_and_config(trained_workdir):
 
 
 def test_resume_is_exact(trained_workdir, tmp_path, tiny_data_dir):
-  """Delete the last checkpoint, rerun the same command: steps 4..6 repeat bit for bit."""
+  """As if killed after step 6 was logged but before its checkpoint landed: rerunning the
+  same command restarts from step 3 and repeats steps 4..6 bit for bit, logging each once."""
   resumed = str(tmp_path / "resumed")
   shutil.copytree(trained_workdir, resumed)
   shutil.rmtree(os.path.join(resumed, "checkpoints", "6"))
-  with open(os.path.join(resumed, "metrics.jsonl"), encoding="utf-8") as f:
-    kept = [line for line in f if json.loads(line)["step"] <= 3]
-  with open(os.path.join(resumed, "metrics.jsonl"), "w", encoding="utf-8") as f:
-    f.writelines(kept)
+  # Rows of steps 1..3 get a marker: a run restarting from scratch would drop them.
+  path = os.path.join(resumed, "metrics.jsonl")
+  with open(path, encoding="utf-8") as f:
+    rows = [json.loads(line) for line in f]
+  with open(path, "w", encoding="utf-8") as f:
+    for row in rows:
+      f.write(json.dumps(dict(row, marker=1) if row["step"] <= 3 else row) + "\n")
+
   train.train_and_evaluate(tiny_config(tiny_data_dir), resumed)
-  original, again = read_metrics(trained_workdir), read_metrics(resumed)
-  assert sorted(again) == [1, 2, 3, 4, 5, 6]
-  for step in (4, 5, 6):
-    assert again[step] == original[step], (step, again[step], original[step])
+
+  with open(path, encoding="utf-8") as f:
+    rows = [json.loads(line) for line in f if "train/loss" in line]
+  assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6]
+  assert [r.get("marker") for r in rows] == [1, 1, 1, None, None, None]
+  original = read_metrics(trained_workdir)
+  for row in rows[3:]:
+    assert row["train/loss"] == original[row["step"]], row["step"]
+
+
+def test_resume_refuses_a_changed_config(trained_workdir, tmp_path, tiny_data_dir):
+  workdir = str(tmp_path / "changed")
+  shutil.copytree(trained_workdir, workdir)
+  before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+  config = tiny_config(tiny_data_dir, **{"model.d_model": 64, "seed": 1})
+  with pytest.raises(ValueError, match=r"config.model.d_model: 32 -> 64.*config.seed: 0 -> 1"):
+    train.train_and_evaluate(config, workdir)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
+  assert checkpointing.load_config(workdir).model.d_model == 32
+  # Schedules and intervals may change: that continues the run.
+  checkpointing.check_resume_config(
+      workdir, tiny_config(tiny_data_dir, total_steps=9, eval_every_steps=4))
 
 
 def test_restore_onto_other_meshes(trained_workdir):
@@ -216,7 +239,8 @@ def test_short_training_run_learns_then_evaluates(tmp_path, tiny_data_dir):
   assert sorted(psnr) == [20, 40, 60, 80, 100, 120]
   assert psnr[120] > psnr[20] + 1.0, psnr
   usage = read_metrics(workdir, "reconstruction/codebook_usage")
-  assert usage[120] > 0.5, usage  # Dead codes were restarted.
+  assert usage[120] > 0.5, usage
+  assert sum(read_metrics(workdir, "train/restarted_codes").values()) > 0
   assert os.listdir(os.path.join(workdir, "tensorboard"))
   assert any(name.endswith(".gif") for name in os.listdir(os.path.join(workdir, "images")))
 
