@@ -58,7 +58,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   if args.runlocal:
     config.batch_size = 8
-    config.total_steps = 1000
+    config.total_steps = 600
     config.optimizer.lr = 1e-3
     config.optimizer.warmup_steps = 100
     # Short runs collapse onto a few codes early; a fast usage EMA restarts dead codes within
