@@ -32,28 +32,31 @@ def params_of(model):
   return nnx.state(model, nnx.Param)
 
 
+# Jitted, so that repeated calls on one tiny model compile once instead of running eagerly.
+evaluate = nnx.jit(lambda model, video: model(video, train=False))
+
+
 # --- Causality ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("t", [0, 1, 2])
-def test_tokenizer_is_causal_in_time(t):
+def test_tokenizer_is_causal_in_time():
   model = tokenizer_lib.Tokenizer(tiny_config(), rngs=nnx.Rngs(0))
   video = random_video()
-  changed = video.at[:, t + 1:].set(255 - video[:, t + 1:])
-  out, out_changed = model(video, train=False), model(changed, train=False)
-  np.testing.assert_array_equal(out["z"][:, :t + 1], out_changed["z"][:, :t + 1])
-  np.testing.assert_array_equal(out["indices_BTN"][:, :t + 1],
-                                out_changed["indices_BTN"][:, :t + 1])
-  np.testing.assert_array_equal(out["recon"][:, :t + 1], out_changed["recon"][:, :t + 1])
-  # The change is visible from frame t+1 on, so the check above is not vacuous.
-  assert not np.allclose(out["z"][:, t + 1], out_changed["z"][:, t + 1])
+  out = evaluate(model, video)
+  for t in range(T - 1):
+    changed = video.at[:, t + 1:].set(255 - video[:, t + 1:])
+    out_changed = evaluate(model, changed)
+    for key in ("z", "indices_BTN", "recon"):
+      np.testing.assert_array_equal(out[key][:, :t + 1], out_changed[key][:, :t + 1])
+    # The change is visible from frame t+1 on, so the check above is not vacuous.
+    assert not np.allclose(out["z"][:, t + 1], out_changed["z"][:, t + 1])
 
 
 def test_later_frames_see_earlier_ones():
   model = tokenizer_lib.Tokenizer(tiny_config(), rngs=nnx.Rngs(0))
   video = random_video()
   changed = video.at[:, 0].set(255 - video[:, 0])
-  z, z_changed = model(video, train=False)["z"], model(changed, train=False)["z"]
+  z, z_changed = evaluate(model, video)["z"], evaluate(model, changed)["z"]
   assert not np.allclose(z[:, -1], z_changed[:, -1])
 
 
@@ -86,6 +89,60 @@ def test_spatial_attention_sees_every_token_of_its_frame_only():
     assert not np.allclose(y[:, 1, n], y_changed[:, 1, n])
   np.testing.assert_array_equal(y[:, 0], y_changed[:, 0])
   np.testing.assert_array_equal(y[:, 2:], y_changed[:, 2:])
+
+
+# --- Hand-written VJPs against plain autodiff -------------------------------------------
+
+
+def _check_vjp(fn, reference, args, rtol=1e-5, atol=1e-5):
+  @jax.jit
+  def value_and_vjp(args, cotangent):
+    out, vjp = jax.vjp(fn, *args)
+    out_ref, vjp_ref = jax.vjp(reference, *args)
+    return out, out_ref, vjp(cotangent), vjp_ref(cotangent)
+
+  shape = jax.eval_shape(fn, *args)
+  cotangent = jax.random.normal(jax.random.key(9), shape.shape, shape.dtype)
+  out, out_ref, grads, grads_ref = value_and_vjp(args, cotangent)
+  np.testing.assert_allclose(out, out_ref, rtol=rtol, atol=atol)
+  for grad, grad_ref in zip(grads, grads_ref):
+    np.testing.assert_allclose(grad, grad_ref, rtol=rtol, atol=atol)
+
+
+def test_layer_norm_vjp_matches_autodiff():
+  def reference(x, scale, bias):
+    mean = jnp.mean(x, -1, keepdims=True)
+    var = jnp.var(x, -1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + 1e-6) * scale + bias
+
+  keys = jax.random.split(jax.random.key(0), 3)
+  x = 3.0 + 2.0 * jax.random.normal(keys[0], (2, 3, 5, 32))
+  scale = 1.0 + jax.random.normal(keys[1], (32,))
+  bias = jax.random.normal(keys[2], (32,))
+  _check_vjp(lambda *a: layers.layer_norm(1e-6, *a), reference, (x, scale, bias), atol=1e-4)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_core_vjp_matches_autodiff(causal):
+  def reference(q, k, v):
+    logits = jnp.einsum("...se,...te->...st", q, k)
+    if causal:
+      logits = jnp.where(jnp.tril(jnp.ones(logits.shape[-2:], bool)), logits, -1e30)
+    return jnp.einsum("...st,...te->...se", jax.nn.softmax(logits, -1), v)
+
+  q, k, v = jax.random.normal(jax.random.key(0), (3, 2, 3, 7, 8))
+  _check_vjp(lambda *a: layers.attention_core(causal, *a), reference, (3 * q, k, v))
+
+
+def test_attention_matches_dot_product_attention():
+  attention = layers.Attention(16, 2, over="tokens", causal=False, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(0), (2, 3, 5, 16))
+  qkv = jnp.einsum("btnd,dqke->qbtnke", x, attention.qkv_kernel[...]) + \
+      attention.qkv_bias[...][:, None, None, None]
+  o = jax.nn.dot_product_attention(*(a.reshape(6, 5, 2, 8) for a in qkv))
+  expected = jnp.einsum("btnke,ked->btnd", o.reshape(2, 3, 5, 2, 8),
+                        attention.out_kernel[...]) + attention.out_bias[...]
+  np.testing.assert_allclose(attention(x), expected, rtol=1e-5, atol=1e-5)
 
 
 # --- Architecture ---------------------------------------------------------------------------
@@ -178,8 +235,8 @@ def test_default_config_is_genie_appendix_f():
 def test_uint8_and_unit_float_inputs_agree_and_encode_decode_match_call():
   model = tokenizer_lib.Tokenizer(tiny_config(), rngs=nnx.Rngs(0))
   video = random_video()
-  out = model(video, train=False)
-  out_float = model(video.astype(jnp.float32) / 255.0, train=False)
+  out = evaluate(model, video)
+  out_float = evaluate(model, video.astype(jnp.float32) / 255.0)
   np.testing.assert_allclose(out["recon"], out_float["recon"], atol=1e-6)
   assert out["recon"].dtype == jnp.float32 and out["recon"].shape == video.shape
   assert model.tokens_per_frame == 4 and out["indices_BTN"].shape == (2, T, 4)

@@ -1,12 +1,28 @@
-"""Building blocks of the ST-transformers: attention, the ST block, patchify.
+"""Building blocks of the ST-transformers: norms, attention, the ST block, patchify.
 
 Arrays carry their axes in their names (letters in `genie_jax/__init__.py`); einsum strings
 use the same letters. Every weight matrix names its axes for `genie_jax.sharding`, and block
 boundaries constrain activations to ('batch', 'time', 'tokens', 'act_embed').
+
+Performance notes (XLA:CPU, measured in benchmarks/ and the model tests' reference checks):
+  * LayerNorm and the attention core have hand-written VJPs. LayerNorm takes both row
+    statistics in one pass (a two-output reduction, which XLA fuses with its producers); the
+    attention core keeps the unnormalised probabilities and divides the [S, E] output rather
+    than the [S, S] probabilities, and its backward multiplies the [S, S] matrices only in
+    orientations XLA runs without transposing them.
+  * q, k and v are moved to a head-major layout ([..., K, S, E], S the attended axis) once,
+    so every batched matmul of the core has its batch axes leading.
+  * Projections are 2-D matmuls over the flattened leading (token) axes. Their weight
+    gradients then contract one leading axis, which XLA:CPU does in place; the same
+    contractions written as einsums over (b, t, n) made it transpose [tokens, F]-sized
+    operands, and jnp.einsum also lists contracted letters alphabetically ("ke" becomes
+    "ek"), another transpose.
+  * The GELU is recomputed in the backward pass instead of storing its tanh.
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -20,13 +36,18 @@ from genie_jax import sharding
 Dtype = Any
 
 _ACT_BTND = ("batch", "time", "tokens", "act_embed")
-_ACT_BTNKE = ("batch", "time", "tokens", "act_heads", None)
 _ACT_BTNF = ("batch", "time", "tokens", "act_mlp")
+# Head-major q/k/v/o of spatial ([B, T, K, N, E]) and temporal ([B, N, K, T, E]) attention.
+_ACT_HEADS = {"tokens": ("batch", "time", "act_heads", "tokens", None),
+              "time": ("batch", "tokens", "act_heads", "time", None)}
+# [B, T, N, K, E] -> head-major, and back.
+_TO_HEADS = {"tokens": (0, 1, 3, 2, 4), "time": (0, 2, 3, 1, 4)}
+_FROM_HEADS = {"tokens": (0, 1, 3, 2, 4), "time": (0, 3, 1, 2, 4)}
 
 # Standard deviation of learned position tables and embeddings (ViT/BERT practice).
 _EMBED_STDDEV = 0.02
 
-QK_NORMS = (None, "layernorm", "rmsnorm")
+NORMS = ("layernorm", "rmsnorm")
 ATTENTION_IMPLS = ("xla", "cudnn")
 REMAT_POLICIES = {
     # Keeps only each block's input: the least memory, one extra forward per block.
@@ -51,6 +72,62 @@ def _fan_in_init(in_axes: Sequence[int]) -> Callable[..., jax.Array]:
       1.0, "fan_in", "truncated_normal", in_axis=tuple(in_axes), out_axis=())
 
 
+def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None) -> jax.Array:
+  """x[..., I] @ kernel[I, ...] (+ bias) as one 2-D matmul over the flattened leading axes.
+
+  The kernel's (and bias's) trailing axes are flattened into one output axis O; the bias is
+  added before the leading axes are restored, so that its gradient is a reduction over one
+  axis of the same 2-D array the kernel's gradient reads.
+  """
+  y = x.reshape(-1, x.shape[-1]) @ kernel.reshape(x.shape[-1], -1)
+  if bias is not None:
+    y = y + bias.reshape(-1)
+  return y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+# --- LayerNorm ----------------------------------------------------------------------------
+
+
+def _sum_pair(a: jax.Array, b: jax.Array, axes: tuple[int, ...]):
+  # A two-operand reduction: XLA computes both sums in one fused pass over the inputs,
+  # where two single sums become separate passes with materialised inputs.
+  zero = jnp.zeros((), jnp.float32)
+  return jax.lax.reduce((a, b), (zero, zero), lambda x, y: (x[0] + y[0], x[1] + y[1]), axes)
+
+
+def _layer_norm_fwd(eps, x, scale, bias):
+  xf = x.astype(jnp.float32)
+  width = x.shape[-1]
+  total, total_sq = _sum_pair(xf, xf * xf, (x.ndim - 1,))
+  mean = (total / width)[..., None]
+  # E[x^2] - E[x]^2, as flax's default LayerNorm; clamped against rounding below zero.
+  var = jnp.maximum((total_sq / width)[..., None] - mean * mean, 0.0)
+  rstd = jax.lax.rsqrt(var + eps)
+  y = (xf - mean) * rstd * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+  return y, (x, mean, rstd, scale)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def layer_norm(eps: float, x: jax.Array, scale: jax.Array, bias: jax.Array) -> jax.Array:
+  """LayerNorm over the last axis; float32 output whatever the input dtype."""
+  return _layer_norm_fwd(eps, x, scale, bias)[0]
+
+
+def _layer_norm_bwd(eps, res, dy):
+  del eps
+  x, mean, rstd, scale = res
+  width = x.shape[-1]
+  xhat = (x.astype(jnp.float32) - mean) * rstd
+  g = dy * scale.astype(jnp.float32)
+  g_sum, g_xhat_sum = _sum_pair(g, g * xhat, (x.ndim - 1,))
+  dx = rstd * (g - (g_sum / width)[..., None] - xhat * (g_xhat_sum / width)[..., None])
+  dscale, dbias = _sum_pair(dy * xhat, dy, tuple(range(x.ndim - 1)))
+  return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(scale.dtype)
+
+
+layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+
+
 class Norm(nnx.Module):
   """LayerNorm or RMSNorm over the last axis, computed in float32, cast to `dtype`.
 
@@ -60,8 +137,9 @@ class Norm(nnx.Module):
 
   def __init__(self, features: int, *, kind: str = "layernorm", dtype: Dtype = jnp.float32,
                param_dtype: Dtype = jnp.float32, eps: float = 1e-6, rngs: nnx.Rngs):
-    if kind not in ("layernorm", "rmsnorm"):
-      raise ValueError(f"unknown norm {kind!r}; expected 'layernorm' or 'rmsnorm'")
+    del rngs  # Deterministic init; kept for a uniform constructor signature.
+    if kind not in NORMS:
+      raise ValueError(f"unknown norm {kind!r}; expected one of {NORMS}")
     self.kind = kind
     self.dtype = dtype
     self.eps = eps
@@ -69,22 +147,63 @@ class Norm(nnx.Module):
     self.bias = nnx.Param(jnp.zeros((features,), param_dtype)) if kind == "layernorm" else None
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x = x.astype(jnp.float32)
     if self.kind == "layernorm":
-      x = x - jnp.mean(x, axis=-1, keepdims=True)
+      return layer_norm(self.eps, x, self.scale[...], self.bias[...]).astype(self.dtype)
+    x = x.astype(jnp.float32)
     x = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
-    x = x * self.scale[...].astype(jnp.float32)
-    if self.bias is not None:
-      x = x + self.bias[...].astype(jnp.float32)
-    return x.astype(self.dtype)
+    return (x * self.scale[...].astype(jnp.float32)).astype(self.dtype)
+
+
+# --- Attention ----------------------------------------------------------------------------
+
+
+def _attention_core_fwd(causal, q, k, v):
+  logits = jnp.einsum("...se,...te->...st", q, k, preferred_element_type=jnp.float32)
+  if causal:
+    s, t = logits.shape[-2:]
+    logits = jnp.where(jnp.tril(jnp.ones((s, t), bool)), logits, -jnp.inf)
+  # The diagonal is never masked, so every row has a finite maximum.
+  unnormalised = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+  denominator = jnp.sum(unnormalised, axis=-1, keepdims=True)
+  o = jnp.einsum("...st,...te->...se", unnormalised.astype(v.dtype), v,
+                 preferred_element_type=jnp.float32)
+  o = (o / denominator).astype(q.dtype)
+  return o, (q, k, v, unnormalised, denominator, o)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def attention_core(causal: bool, q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+  """softmax(q k^T) v over head-major [..., S, E] arrays (q already scaled).
+
+  All leading axes are batch axes. With `causal`, query s sees keys t <= s only.
+  """
+  return _attention_core_fwd(causal, q, k, v)[0]
+
+
+def _attention_core_bwd(causal, res, do):
+  del causal  # Masked entries of `unnormalised` are 0, so they get no gradient.
+  q, k, v, unnormalised, denominator, o = res
+  dtype = q.dtype
+  # With P = unnormalised / denominator: dlogits = P * (do v^T - rowsum(do * o)).
+  do_scaled = do.astype(jnp.float32) / denominator
+  row = jnp.sum(do_scaled * o.astype(jnp.float32), axis=-1, keepdims=True)
+  do_scaled = do_scaled.astype(dtype)
+  dp = jnp.einsum("...se,...te->...st", do_scaled, v, preferred_element_type=jnp.float32)
+  dlogits = (unnormalised * (dp - row)).astype(dtype)
+  dq = jnp.einsum("...st,...te->...se", dlogits, k)
+  dk = jnp.einsum("...st,...se->...te", dlogits, q)
+  dv = jnp.einsum("...st,...se->...te", unnormalised.astype(dtype), do_scaled)
+  return dq, dk, dv
+
+
+attention_core.defvjp(_attention_core_fwd, _attention_core_bwd)
 
 
 class Attention(nnx.Module):
   """Multi-head self-attention over one axis of x_BTND: the tokens of a frame or time.
 
   `over='tokens'` attends among the N tokens of each frame (spatial); `over='time'` attends
-  among the T frames at each token position (temporal). The attended axis is chosen through
-  the einsum strings rather than by transposing x, so XLA picks the layouts.
+  among the T frames at each token position (temporal).
 
   Args:
     d_model: width D of x.
@@ -95,8 +214,8 @@ class Attention(nnx.Module):
       product (ViT-22B; used by the large Genie models against logit growth).
     dtype: compute dtype of matmuls; softmax is computed in float32.
     param_dtype: dtype of the weights.
-    implementation: 'xla' (einsum + softmax, portable and fast on CPU) or 'cudnn'
-      (jax.nn.dot_product_attention's fused kernel; NVIDIA GPUs with bf16/fp16 only).
+    implementation: 'xla' (any backend; the layout described in the module docstring) or
+      'cudnn' (jax.nn.dot_product_attention's fused kernel; NVIDIA GPUs, bf16/fp16).
   """
 
   def __init__(self, d_model: int, num_heads: int, *, over: str, causal: bool = False,
@@ -105,10 +224,10 @@ class Attention(nnx.Module):
                rngs: nnx.Rngs):
     if d_model % num_heads:
       raise ValueError(f"d_model={d_model} is not divisible by num_heads={num_heads}")
-    if over not in ("tokens", "time"):
-      raise ValueError(f"Attention over={over!r}; expected 'tokens' or 'time'")
-    if qk_norm not in QK_NORMS:
-      raise ValueError(f"qk_norm={qk_norm!r}; expected one of {QK_NORMS}")
+    if over not in _TO_HEADS:
+      raise ValueError(f"Attention over={over!r}; expected one of {sorted(_TO_HEADS)}")
+    if qk_norm is not None and qk_norm not in NORMS:
+      raise ValueError(f"qk_norm={qk_norm!r}; expected None or one of {NORMS}")
     if implementation not in ATTENTION_IMPLS:
       raise ValueError(f"attention implementation={implementation!r}; expected one of "
                        f"{ATTENTION_IMPLS}")
@@ -129,44 +248,32 @@ class Attention(nnx.Module):
     if qk_norm is None:
       self.q_norm = self.k_norm = None
     else:
-      self.q_norm = Norm(head_dim, kind=qk_norm, dtype=dtype, param_dtype=param_dtype,
-                         rngs=rngs)
-      self.k_norm = Norm(head_dim, kind=qk_norm, dtype=dtype, param_dtype=param_dtype,
-                         rngs=rngs)
+      norm = lambda: Norm(head_dim, kind=qk_norm, dtype=dtype, param_dtype=param_dtype,
+                          rngs=rngs)
+      self.q_norm, self.k_norm = norm(), norm()
 
   def __call__(self, x_BTND: jax.Array) -> jax.Array:
-    x_BTND = x_BTND.astype(self.dtype)
-    qkv_BTNQKE = jnp.einsum("btnd,dqke->btnqke", x_BTND,
-                            self.qkv_kernel[...].astype(self.dtype))
-    qkv_BTNQKE = qkv_BTNQKE + self.qkv_bias[...].astype(self.dtype)
-    q_BTNKE, k_BTNKE, v_BTNKE = (qkv_BTNQKE[:, :, :, i] for i in range(3))
+    b, t, n, _ = x_BTND.shape
+    qkv = dense(x_BTND.astype(self.dtype), self.qkv_kernel[...].astype(self.dtype),
+                self.qkv_bias[...].astype(self.dtype))
+    qkv_BTNQKE = qkv.reshape(b, t, n, *self.qkv_bias.shape)
+    # jnp.split (not indexing) so that the backward pass concatenates the three gradients
+    # in one pass instead of padding and adding them.
+    q_BTNKE, k_BTNKE, v_BTNKE = (a[:, :, :, 0] for a in jnp.split(qkv_BTNQKE, 3, axis=3))
     if self.q_norm is not None:
       q_BTNKE, k_BTNKE = self.q_norm(q_BTNKE), self.k_norm(k_BTNKE)
-    q_BTNKE = sharding.constrain(q_BTNKE, _ACT_BTNKE)
+    scale = jnp.asarray(self.scale, self.dtype)
     if self.implementation == "cudnn":
-      o_BTNKE = self._cudnn(q_BTNKE, k_BTNKE, v_BTNKE)
+      o_BTNKE = self._cudnn(q_BTNKE * scale, k_BTNKE, v_BTNKE)
     else:
-      o_BTNKE = self._xla(q_BTNKE, k_BTNKE, v_BTNKE)
-    o_BTNKE = sharding.constrain(o_BTNKE, _ACT_BTNKE)
-    y_BTND = jnp.einsum("btnke,ked->btnd", o_BTNKE, self.out_kernel[...].astype(self.dtype))
-    return y_BTND + self.out_bias[...].astype(self.dtype)
-
-  def _xla(self, q_BTNKE, k_BTNKE, v_BTNKE):
-    if self.over == "tokens":
-      logits = jnp.einsum("btnke,btmke->btknm", q_BTNKE, k_BTNKE,
-                          preferred_element_type=jnp.float32)
-    else:
-      logits = jnp.einsum("btnke,bsnke->bnkts", q_BTNKE, k_BTNKE,
-                          preferred_element_type=jnp.float32)
-    logits = logits * self.scale
-    if self.causal:
-      q_len, k_len = logits.shape[-2:]
-      mask = jnp.tril(jnp.ones((q_len, k_len), bool))
-      logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    if self.over == "tokens":
-      return jnp.einsum("btknm,btmke->btnke", probs, v_BTNKE)
-    return jnp.einsum("bnkts,bsnke->btnke", probs, v_BTNKE)
+      to_heads = lambda a: sharding.constrain(jnp.transpose(a, _TO_HEADS[self.over]),
+                                              _ACT_HEADS[self.over])
+      o = attention_core(self.causal, to_heads(q_BTNKE) * scale, to_heads(k_BTNKE),
+                         to_heads(v_BTNKE))
+      o_BTNKE = jnp.transpose(sharding.constrain(o, _ACT_HEADS[self.over]),
+                              _FROM_HEADS[self.over])
+    return dense(o_BTNKE.reshape(b, t, n, -1), self.out_kernel[...].astype(self.dtype),
+                 self.out_bias[...].astype(self.dtype))
 
   def _cudnn(self, q_BTNKE, k_BTNKE, v_BTNKE):
     # dot_product_attention wants (batch, sequence, heads, head_dim).
@@ -178,9 +285,16 @@ class Attention(nnx.Module):
       to_seq = lambda a: jnp.swapaxes(a, 1, 2).reshape(b * n, t, k, e)
       from_seq = lambda a: jnp.swapaxes(a.reshape(b, n, t, k, e), 1, 2)
     o = jax.nn.dot_product_attention(
-        to_seq(q_BTNKE), to_seq(k_BTNKE), to_seq(v_BTNKE), scale=self.scale,
+        to_seq(q_BTNKE), to_seq(k_BTNKE), to_seq(v_BTNKE), scale=1.0,
         is_causal=self.causal, implementation="cudnn")
     return from_seq(o)
+
+
+# --- Feed-forward, ST block, ST transformer ----------------------------------------------
+
+
+# Recomputed in the backward pass: storing tanh(.) would cost a pass over [tokens, F].
+_gelu_with_bias = jax.checkpoint(lambda h, bias: jax.nn.gelu(h + bias))
 
 
 class FeedForward(nnx.Module):
@@ -197,12 +311,11 @@ class FeedForward(nnx.Module):
     self.down_bias = nnx.Param(jnp.zeros((d_model,), param_dtype))
 
   def __call__(self, x_BTND: jax.Array) -> jax.Array:
-    x_BTND = x_BTND.astype(self.dtype)
-    h_BTNF = jnp.einsum("btnd,df->btnf", x_BTND, self.up_kernel[...].astype(self.dtype))
-    h_BTNF = jax.nn.gelu(h_BTNF + self.up_bias[...].astype(self.dtype))
+    h_BTNF = dense(x_BTND.astype(self.dtype), self.up_kernel[...].astype(self.dtype))
+    h_BTNF = _gelu_with_bias(h_BTNF, self.up_bias[...].astype(self.dtype))
     h_BTNF = sharding.constrain(h_BTNF, _ACT_BTNF)
-    y_BTND = jnp.einsum("btnf,fd->btnd", h_BTNF, self.down_kernel[...].astype(self.dtype))
-    return y_BTND + self.down_bias[...].astype(self.dtype)
+    return dense(h_BTNF, self.down_kernel[...].astype(self.dtype),
+                 self.down_bias[...].astype(self.dtype))
 
 
 class STBlock(nnx.Module):
@@ -246,7 +359,7 @@ class STTransformer(nnx.Module):
   added once before the first block. Learned rather than sinusoidal: clips never exceed
   `max_frames` and frames always have N tokens, so the extrapolation of sinusoids buys
   nothing, while learned tables cost (N + T) * D parameters and can fit the 2-D patch grid.
-  The activations stay in `dtype`; the residual stream is not upcast.
+  The residual stream stays in `dtype`.
 
   Args:
     num_layers: number of ST blocks (0 is allowed: positions and the final norm only).
@@ -323,5 +436,5 @@ class Linear(nnx.Module):
     self.bias = nnx.Param(jnp.zeros((out_features,), param_dtype))
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    y = jnp.einsum("...i,io->...o", x.astype(self.dtype), self.kernel[...].astype(self.dtype))
-    return y + self.bias[...].astype(self.dtype)
+    return dense(x.astype(self.dtype), self.kernel[...].astype(self.dtype),
+                 self.bias[...].astype(self.dtype))

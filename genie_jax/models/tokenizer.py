@@ -115,7 +115,7 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
                      f"config.model.d_model={cfg.d_model}")
   if not 0.0 <= cfg.code_usage_decay < 1.0:
     raise ValueError(f"config.model.code_usage_decay={cfg.code_usage_decay} must be in [0, 1)")
-  _choice(cfg, "qk_norm_kind", ("layernorm", "rmsnorm"))
+  _choice(cfg, "qk_norm_kind", layers.NORMS)
   _choice(cfg, "remat_policy", tuple(layers.REMAT_POLICIES))
   _choice(cfg, "attention_impl", layers.ATTENTION_IMPLS)
   _dtype(cfg, "dtype")
@@ -127,7 +127,7 @@ class Tokenizer(nnx.Module):
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     validate_config(cfg)
-    qk_norm_kind = _choice(cfg, "qk_norm_kind", ("layernorm", "rmsnorm"))
+    qk_norm_kind = _choice(cfg, "qk_norm_kind", layers.NORMS)
     qk_norm = qk_norm_kind if cfg.qk_norm else None
     remat_policy = _choice(cfg, "remat_policy", tuple(layers.REMAT_POLICIES))
     remat = remat_policy if cfg.remat else None
