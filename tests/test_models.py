@@ -134,14 +134,21 @@ def test_attention_core_vjp_matches_autodiff(causal):
   _check_vjp(lambda *a: layers.attention_core(causal, *a), reference, (3 * q, k, v))
 
 
-def test_attention_matches_dot_product_attention():
-  attention = layers.Attention(16, 2, over="tokens", causal=False, rngs=nnx.Rngs(0))
+@pytest.mark.parametrize("over,causal", [("tokens", False), ("time", True)])
+def test_attention_matches_dot_product_attention(over, causal):
+  attention = layers.Attention(16, 2, over=over, causal=causal, rngs=nnx.Rngs(0))
   x = jax.random.normal(jax.random.key(0), (2, 3, 5, 16))
-  qkv = jnp.einsum("btnd,dqke->qbtnke", x, attention.qkv_kernel[...]) + \
-      attention.qkv_bias[...][:, None, None, None]
-  o = jax.nn.dot_product_attention(*(a.reshape(6, 5, 2, 8) for a in qkv))
-  expected = jnp.einsum("btnke,ked->btnd", o.reshape(2, 3, 5, 2, 8),
-                        attention.out_kernel[...]) + attention.out_bias[...]
+  qkv = jnp.einsum("btnd,dkqe->qbtnke", x, attention.qkv_kernel[...]) + \
+      jnp.moveaxis(attention.qkv_bias[...], 1, 0)[:, None, None, None]
+  if over == "tokens":
+    o = jax.nn.dot_product_attention(*(a.reshape(6, 5, 2, 8) for a in qkv))
+    o = o.reshape(2, 3, 5, 2, 8)
+  else:
+    seq = [jnp.swapaxes(a, 1, 2).reshape(10, 3, 2, 8) for a in qkv]
+    o = jnp.swapaxes(jax.nn.dot_product_attention(*seq, is_causal=True).reshape(2, 5, 3, 2, 8),
+                     1, 2)
+  expected = jnp.einsum("btnke,ked->btnd", o, attention.out_kernel[...]) + \
+      attention.out_bias[...]
   np.testing.assert_allclose(attention(x), expected, rtol=1e-5, atol=1e-5)
 
 
