@@ -161,7 +161,8 @@ def chunk_episode(
 class EpisodeDatasetBuilder(tfds.core.ShardBasedBuilder, skip_registration=True):
   """Base of the genie_jax datasets: episodes from `_episodes`, chunked into records.
 
-  Subclasses set `NUM_ACTIONS`/`ACTION_NAMES` and implement `_num_episodes` and `_episodes`.
+  Subclasses set `NUM_ACTIONS`/`ACTION_NAMES`, implement `_episodes` and, unless their config
+  has num_train_episodes/num_val_episodes, `_num_episodes`.
   Shards hold `EPISODES_PER_SHARD` consecutive episodes of the split's episode stream; shards
   are written one after the other in this process, so a stream (e.g. a vectorised
   environment) may carry its state from one shard to the next.
@@ -202,9 +203,11 @@ class EpisodeDatasetBuilder(tfds.core.ShardBasedBuilder, skip_registration=True)
   def config_from_data_config(cls, data_config: Any) -> EpisodeConfig:
     """The builder config described by `config.data` (see data_pipelines.registry)."""
 
-  @abc.abstractmethod
   def _num_episodes(self, split: str) -> int:
-    """How many episodes `_episodes(split)` yields."""
+    """How many episodes `_episodes(split)` yields; by default from the config's
+    num_train_episodes / num_val_episodes (generated datasets)."""
+    config = self.builder_config
+    return len(split_episode_ids(config.num_train_episodes, config.num_val_episodes)[split])
 
   @abc.abstractmethod
   def _episodes(self, split: str) -> Iterator[Episode]:

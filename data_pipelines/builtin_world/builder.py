@@ -43,11 +43,6 @@ class BuiltinWorld(episode_builder.EpisodeDatasetBuilder):
         episode_len=int(data_config.episode_len),
         **episode_builder.common_config_kwargs(data_config))
 
-  def _num_episodes(self, split: str) -> int:
-    config = self.builder_config
-    return len(episode_builder.split_episode_ids(config.num_train_episodes,
-                                                 config.num_val_episodes)[split])
-
   def _episodes(self, split: str) -> Iterator[episode_builder.Episode]:
     config = self.builder_config
     if config.episode_len < 2:

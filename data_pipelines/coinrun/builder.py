@@ -71,11 +71,6 @@ class Coinrun(episode_builder.EpisodeDatasetBuilder):
         num_levels=int(data_config.coinrun_num_levels),
         **episode_builder.common_config_kwargs(data_config))
 
-  def _num_episodes(self, split: str) -> int:
-    config = self.builder_config
-    return len(episode_builder.split_episode_ids(config.num_train_episodes,
-                                                 config.num_val_episodes)[split])
-
   def _episodes(self, split: str) -> Iterator[episode_builder.Episode]:
     config = self.builder_config
     if not config.min_chunk_len <= config.max_episode_len:

@@ -136,7 +136,6 @@ class Tokenizer(nnx.Module):
     self.image_size = cfg.image_size
     self.patch_size = cfg.patch_size
     self.channels = cfg.channels
-    self.dtype = dtype
     patch_dim = cfg.patch_size ** 2 * cfg.channels
     d = cfg.d_model
     transformer = lambda num_layers: layers.STTransformer(
