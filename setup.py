@@ -23,7 +23,8 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS = {
-    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0"],
+    # websocket-client: tests/test_play.py drives headless Chromium over the DevTools protocol.
+    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "websocket-client==1.9.2"],
     # Reading users' video files (mp4, webm, ...).
     "video": ["imageio-ffmpeg>=0.5"],
 }
@@ -34,6 +35,8 @@ setuptools.setup(
     description=__doc__,
     packages=setuptools.find_packages(include=["genie_jax", "genie_jax.*", "data_pipelines",
                                                "data_pipelines.*", "configs"]),
+    # The play page (genie_jax.play).
+    package_data={"genie_jax": ["static/*.html"]},
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,

@@ -1,0 +1,324 @@
+r"""Play a trained Genie world model in a web browser.
+
+  python -m genie_jax.play --workdir=workdirs/dyn [--port=8000] [--host=127.0.0.1] \
+      [--step=N] [--num_steps=25] [--temperature=1.0] [--seed=0]
+
+then open http://127.0.0.1:8000/. Pick a prompt frame (the first frames of a few validation
+clips, or "random"), then press number keys 1..9, 0 (latent actions 0..9) or the arrow keys
+(mapped to actions by --arrow_actions), or click the action buttons. Each frame is shown as soon
+as it is generated; the page also shows the generation latency, the recent frames and actions,
+and offers the played episode as a GIF.
+
+The server is the standard library's ThreadingHTTPServer with one static page (no external
+resources) and JSON endpoints:
+
+  GET  /                 the page
+  GET  /api/info         {num_actions, image_size, prompts: [PNG data URL], num_prompts,
+                          arrow_actions: {key: action}, title}
+  POST /api/start        {prompt: index | "random"} -> {frame, t, prompt, actions}
+  POST /api/step         {action: int} -> {frame, t, action, latency_ms, actions}
+  POST /api/reset        {} -> as /api/start, from the same prompt frame
+  GET  /api/episode.gif  the frames played since the last start, as an animated GIF
+
+Errors are JSON {error: message} with HTTP 400 (bad request, e.g. an action out of range) or
+500. The world is anything with the `World` interface below (a trained `genie.Genie`, or a
+stand-in in tests); one generation runs at a time.
+"""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import importlib.resources
+import io
+import json
+import threading
+import time
+from typing import Any, Protocol
+import urllib.parse
+
+from absl import app
+from absl import flags
+from absl import logging
+import imageio.v3 as iio
+import numpy as np
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A dynamics workdir written by genie_jax.main.")
+_PORT = flags.DEFINE_integer("port", 8000, "Port to serve the page on.")
+_HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to serve on (0.0.0.0: all).")
+_STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default: the latest.")
+_NUM_STEPS = flags.DEFINE_integer("num_steps", None,
+                                  "MaskGIT decoding steps per frame; default: the model's.")
+_TEMPERATURE = flags.DEFINE_float("temperature", None,
+                                  "Sampling temperature; default: the model's.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the sampler and of the random prompt.")
+_NUM_PROMPTS = flags.DEFINE_integer("num_prompts", 32,
+                                    "Validation clips whose frames can be prompts.")
+_ARROW_ACTIONS = flags.DEFINE_list("arrow_actions", ["0", "1", "2", "3"],
+                                   "Latent actions of the Left, Right, Up, Down arrow keys.")
+
+# Keys the page maps to actions through /api/info; number keys are fixed (1..9, 0).
+ARROW_KEYS = ("ArrowLeft", "ArrowRight", "ArrowUp", "ArrowDown")
+NUM_THUMBNAILS = 8
+MAX_BODY_BYTES = 1 << 16
+
+
+class PlaySession(Protocol):
+  """One episode being generated."""
+
+  def step(self, action: int) -> np.ndarray:
+    """Takes latent `action` at the last frame; returns the next frame, uint8 (H, W, C)."""
+
+
+class World(Protocol):
+  """A playable world model: `genie.Genie` or a test stand-in."""
+
+  num_actions: int
+
+  def start(self, prompt_BTHWC: np.ndarray) -> PlaySession:
+    """Starts an episode from prompt frames, uint8 (1, T, H, W, C)."""
+
+
+class PlayError(ValueError):
+  """A bad request: answered with HTTP 400 and the message."""
+
+
+def png_data_url(image_HWC: np.ndarray) -> str:
+  """A uint8 image as a data: URL the page can put in an <img> src."""
+  png = iio.imwrite("<bytes>", np.asarray(image_HWC, np.uint8), extension=".png")
+  return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+class Game:
+  """The one episode served: prompt choice, steps (one at a time) and its frames."""
+
+  def __init__(self, world: World, prompts_BTHWC: np.ndarray, *,
+               arrow_actions: tuple[int, ...] = (0, 1, 2, 3), seed: int = 0,
+               title: str = "Genie"):
+    prompts_BTHWC = np.asarray(prompts_BTHWC)
+    if prompts_BTHWC.ndim != 5 or prompts_BTHWC.dtype != np.uint8 or not len(prompts_BTHWC):
+      raise ValueError("prompts must be uint8 clips (B, T, H, W, C) with B >= 1, got "
+                       f"{prompts_BTHWC.dtype} {prompts_BTHWC.shape}.")
+    self.num_actions = int(world.num_actions)
+    bad = [a for a in arrow_actions if not 0 <= a < self.num_actions]
+    if len(arrow_actions) != len(ARROW_KEYS) or bad:
+      raise ValueError(f"--arrow_actions={list(arrow_actions)}: need {len(ARROW_KEYS)} actions "
+                       f"in [0, {self.num_actions}).")
+    self._world = world
+    self._prompts = prompts_BTHWC
+    self._arrow_actions = dict(zip(ARROW_KEYS, arrow_actions))
+    self._rng = np.random.default_rng(seed)
+    self._title = title
+    # Held for a whole generation: the model and the episode are not shared between requests.
+    self._lock = threading.Lock()
+    self._session: PlaySession | None = None
+    self._frames: list[np.ndarray] = []
+    self._actions: list[int] = []
+    self._prompt = -1
+
+  def info(self) -> dict[str, Any]:
+    """What the page needs before the first frame."""
+    return dict(
+        title=self._title,
+        num_actions=self.num_actions,
+        image_size=list(self._prompts.shape[2:4]),
+        prompts=[png_data_url(clip[0]) for clip in self._prompts[:NUM_THUMBNAILS]],
+        num_prompts=len(self._prompts),
+        arrow_actions=self._arrow_actions,
+    )
+
+  def start(self, prompt: Any) -> dict[str, Any]:
+    """Starts a new episode from thumbnail `prompt` (an index) or "random"."""
+    with self._lock:
+      if prompt == "random":
+        # Any frame of any loaded clip, not only the thumbnails' first frames.
+        clip = int(self._rng.integers(len(self._prompts)))
+        frame_HWC = self._prompts[clip, self._rng.integers(self._prompts.shape[1])]
+      elif isinstance(prompt, int) and not isinstance(prompt, bool) and (
+          0 <= prompt < len(self._prompts)):
+        clip, frame_HWC = prompt, self._prompts[prompt, 0]
+      else:
+        raise PlayError(f"prompt={prompt!r} is not valid: give an integer in "
+                        f"[0, {len(self._prompts)}) or \"random\".")
+      return self._start(frame_HWC, clip)
+
+  def reset(self) -> dict[str, Any]:
+    """Starts again from the current episode's prompt frame."""
+    with self._lock:
+      if not self._frames:
+        raise PlayError("No episode to reset: pick a prompt first.")
+      return self._start(self._frames[0], self._prompt)
+
+  def _start(self, frame_HWC: np.ndarray, clip: int) -> dict[str, Any]:
+    self._session = self._world.start(frame_HWC[None, None])
+    self._frames, self._actions, self._prompt = [frame_HWC], [], clip
+    return dict(frame=png_data_url(frame_HWC), t=0, prompt=clip, actions=[])
+
+  def step(self, action: Any) -> dict[str, Any]:
+    """Generates the frame that latent `action` leads to."""
+    if isinstance(action, bool) or not isinstance(action, int) or not (
+        0 <= action < self.num_actions):
+      raise PlayError(f"action={action!r} is not a valid latent action: give an integer in "
+                      f"[0, {self.num_actions}).")
+    with self._lock:
+      if self._session is None:
+        raise PlayError("No episode: POST /api/start {\"prompt\": ...} first.")
+      start = time.perf_counter()
+      frame_HWC = np.asarray(self._session.step(action))
+      latency_ms = (time.perf_counter() - start) * 1e3
+      if frame_HWC.shape != self._frames[0].shape or frame_HWC.dtype != np.uint8:
+        raise RuntimeError(f"The world returned a {frame_HWC.dtype} {frame_HWC.shape} frame; "
+                           f"expected uint8 {self._frames[0].shape}.")
+      self._frames.append(frame_HWC)
+      self._actions.append(action)
+      return dict(frame=png_data_url(frame_HWC), t=len(self._frames) - 1, action=action,
+                  latency_ms=latency_ms, actions=list(self._actions))
+
+  def episode_gif(self, fps: int = 8) -> bytes:
+    """The frames since the last start as a looping GIF."""
+    with self._lock:
+      if not self._frames:
+        raise PlayError("No episode yet: pick a prompt first.")
+      frames_THWC = np.stack(self._frames)
+    return iio.imwrite("<bytes>", frames_THWC, extension=".gif", duration=1000 / fps, loop=0)
+
+
+def _page() -> bytes:
+  return importlib.resources.files("genie_jax").joinpath("static/play.html").read_bytes()
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+  """Routes the page and the JSON API to the server's Game."""
+
+  server: PlayServer
+
+  def do_GET(self):  # pylint: disable=invalid-name
+    path = urllib.parse.urlsplit(self.path).path
+    if path in ("/", "/index.html"):
+      self._send(200, self.server.page, "text/html; charset=utf-8")
+    elif path == "/api/info":
+      self._answer(self.server.game.info)
+    elif path == "/api/episode.gif":
+      self._answer(self.server.game.episode_gif, content_type="image/gif")
+    else:
+      self._json(404, dict(error=f"No such page: {path}"))
+
+  def do_POST(self):  # pylint: disable=invalid-name
+    path = urllib.parse.urlsplit(self.path).path
+    game = self.server.game
+    routes = {"/api/start": ("prompt", game.start),
+              "/api/step": ("action", game.step),
+              "/api/reset": (None, lambda _: game.reset())}
+    if path not in routes:
+      self._json(404, dict(error=f"No such endpoint: POST {path}"))
+      return
+    key, method = routes[path]
+    try:
+      body = self._read_json()
+      if key is not None and key not in body:
+        raise PlayError(f"POST {path} needs a JSON object with {key!r}, got {body!r}.")
+    except PlayError as e:
+      self._json(400, dict(error=str(e)))
+      return
+    self._answer(lambda: method(body.get(key)))
+
+  def _read_json(self) -> dict[str, Any]:
+    length = int(self.headers.get("Content-Length") or 0)
+    if length > MAX_BODY_BYTES:
+      raise PlayError(f"Request body of {length} bytes is too large.")
+    try:
+      body = json.loads(self.rfile.read(length) or b"null")
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+      raise PlayError(f"Request body is not JSON: {e}") from e
+    if not isinstance(body, dict):
+      raise PlayError(f"Request body must be a JSON object, got {body!r}.")
+    return body
+
+  def _answer(self, fn, content_type: str | None = None) -> None:
+    try:
+      result = fn()
+    except PlayError as e:
+      self._json(400, dict(error=str(e)))
+    except Exception as e:  # pylint: disable=broad-except
+      logging.exception("Request %s failed.", self.path)
+      self._json(500, dict(error=f"{type(e).__name__}: {e}"))
+    else:
+      if content_type is None:
+        self._json(200, result)
+      else:
+        self._send(200, result, content_type)
+
+  def _json(self, code: int, obj: Any) -> None:
+    self._send(code, json.dumps(obj).encode("utf-8"), "application/json")
+
+  def _send(self, code: int, data: bytes, content_type: str) -> None:
+    self.send_response(code)
+    self.send_header("Content-Type", content_type)
+    self.send_header("Content-Length", str(len(data)))
+    self.send_header("Cache-Control", "no-store")
+    self.end_headers()
+    self.wfile.write(data)
+
+  def log_message(self, format, *args):  # pylint: disable=redefined-builtin
+    logging.debug("%s " + format, self.address_string(), *args)
+
+
+class PlayServer(http.server.ThreadingHTTPServer):
+  """Serves the play page and API for one Game; port 0 picks a free port."""
+
+  daemon_threads = True
+
+  def __init__(self, game: Game, host: str = "127.0.0.1", port: int = 0):
+    self.game = game
+    self.page = _page()
+    super().__init__((host, port), _Handler)
+
+  @property
+  def url(self) -> str:
+    host, port = self.server_address[:2]
+    return f"http://{host}:{port}/"
+
+
+def load_prompts(workdir: str, num_clips: int) -> np.ndarray:
+  """The first `num_clips` validation clips of the workdir's data, uint8 (B, T, H, W, C)."""
+  from genie_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from genie_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
+  config = checkpointing.load_config(workdir)
+  ds = input_pipeline.make_eval_dataset(config.data, "validation", global_batch_size=num_clips,
+                                        num_batches=1, drop_remainder=False,
+                                        process_index=0, process_count=1)
+  batch = next(iter(ds))
+  return np.asarray(batch["video"])[np.asarray(batch["episode_id"]) >= 0]
+
+
+def load_world(workdir: str, step: int | None, num_steps: int | None,
+               temperature: float | None, seed: int) -> World:
+  """The trained Genie of a dynamics workdir, with the sampling options given."""
+  from genie_jax import genie  # pylint: disable=g-import-not-at-top
+  sampling = dict(num_steps=num_steps, temperature=temperature)
+  sampling = {k: v for k, v in sampling.items() if v is not None}
+  return genie.Genie.from_workdir(workdir, step=step, seed=seed, **sampling)
+
+
+def main(argv):
+  del argv
+  if not _WORKDIR.value:
+    raise app.UsageError("--workdir is required.")
+  arrow_actions = tuple(int(a) for a in _ARROW_ACTIONS.value)
+  world = load_world(_WORKDIR.value, _STEP.value, _NUM_STEPS.value, _TEMPERATURE.value,
+                     _SEED.value)
+  prompts_BTHWC = load_prompts(_WORKDIR.value, _NUM_PROMPTS.value)
+  game = Game(world, prompts_BTHWC, arrow_actions=arrow_actions, seed=_SEED.value,
+              title=f"{_WORKDIR.value} (step {_STEP.value or 'latest'})")
+  server = PlayServer(game, _HOST.value, _PORT.value)
+  logging.info("Serving Genie on %s (Ctrl-C stops).", server.url)
+  try:
+    server.serve_forever()
+  except KeyboardInterrupt:
+    pass
+  finally:
+    server.server_close()
+
+
+if __name__ == "__main__":
+  app.run(main)

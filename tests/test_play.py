@@ -1,0 +1,313 @@
+"""genie_jax.play: the JSON API, one generation at a time, and the page played in Chromium."""
+
+import base64
+import json
+import os
+import re
+import shutil
+import subprocess
+import threading
+import time
+import urllib.error
+import urllib.request
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+
+from genie_jax import play
+
+NUM_ACTIONS = 6
+ARROW_ACTIONS = (5, 4, 3, 0)  # Left, Right, Up, Down: not the identity, so the mapping shows.
+
+
+class FakeSession:
+  """Next frame = previous frame + 37 * (action + 1) (mod 256): each action looks different."""
+
+  def __init__(self, world, prompt_BTHWC):
+    self._world = world
+    self.frames = [prompt_BTHWC[0, -1]]
+
+  def step(self, action):
+    with self._world.guard:
+      self._world.active += 1
+      self._world.max_active = max(self._world.max_active, self._world.active)
+    time.sleep(0.02)  # Long enough for overlapping requests to overlap here.
+    self.frames.append(expected_next(self.frames[-1], action))
+    self._world.actions.append(action)
+    with self._world.guard:
+      self._world.active -= 1
+    return self.frames[-1]
+
+
+class FakeWorld:
+  """A deterministic stand-in for genie.Genie that records what it was asked."""
+
+  num_actions = NUM_ACTIONS
+
+  def __init__(self):
+    self.guard = threading.Lock()
+    self.active = self.max_active = 0
+    self.actions = []
+    self.prompts = []
+
+  def start(self, prompt_BTHWC):
+    assert prompt_BTHWC.shape == (1, 1, 64, 64, 3) and prompt_BTHWC.dtype == np.uint8
+    self.prompts.append(prompt_BTHWC)
+    self.actions = []
+    return FakeSession(self, prompt_BTHWC)
+
+
+def expected_next(frame_HWC, action):
+  return ((frame_HWC.astype(np.int32) + 37 * (action + 1)) % 256).astype(np.uint8)
+
+
+def make_prompts(num_clips=3, num_frames=2):
+  """Clips of 8x8-pixel blocks of a few colours (so GIF palettes keep them exact)."""
+  rng = np.random.default_rng(0)
+  colours = rng.integers(0, 256, (num_clips, num_frames, 8, 8, 3), dtype=np.uint8) // 64 * 64
+  return np.repeat(np.repeat(colours, 8, axis=2), 8, axis=3)
+
+
+def decode(data_url):
+  assert data_url.startswith("data:image/png;base64,")
+  return iio.imread(base64.b64decode(data_url.split(",", 1)[1]))
+
+
+@pytest.fixture(name="served")
+def served_fixture():
+  world, prompts = FakeWorld(), make_prompts()
+  game = play.Game(world, prompts, arrow_actions=ARROW_ACTIONS, seed=0, title="fake")
+  server = play.PlayServer(game, "127.0.0.1", 0)
+  thread = threading.Thread(target=server.serve_forever, daemon=True)
+  thread.start()
+  yield server, world, prompts
+  server.shutdown()
+  server.server_close()
+  thread.join()
+
+
+def request(server, path, body=None):
+  """(HTTP status, parsed JSON or raw bytes) of GET path, or POST path with a JSON body."""
+  data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
+  req = urllib.request.Request(server.url.rstrip("/") + path, data=data)
+  try:
+    with urllib.request.urlopen(req, timeout=10) as r:
+      status, content, kind = r.status, r.read(), r.headers["Content-Type"]
+  except urllib.error.HTTPError as e:
+    status, content, kind = e.code, e.read(), e.headers["Content-Type"]
+  return status, (json.loads(content) if kind == "application/json" else content)
+
+
+def test_api(served):
+  server, world, prompts = served
+  status, page = request(server, "/")
+  assert status == 200 and b"image-rendering: pixelated" in page
+  assert not re.search(rb"(src|href)=\"https?://", page), "the page must not load anything"
+
+  status, info = request(server, "/api/info")
+  assert status == 200 and info["num_actions"] == NUM_ACTIONS and info["image_size"] == [64, 64]
+  assert len(info["prompts"]) == 3 and info["num_prompts"] == 3
+  np.testing.assert_array_equal(decode(info["prompts"][2]), prompts[2, 0])
+  assert info["arrow_actions"] == dict(zip(play.ARROW_KEYS, ARROW_ACTIONS))
+
+  status, err = request(server, "/api/step", {"action": 1})
+  assert status == 400 and "/api/start" in err["error"]
+  assert request(server, "/api/episode.gif")[0] == 400
+
+  status, first = request(server, "/api/start", {"prompt": 1})
+  assert status == 200 and first["t"] == 0 and first["prompt"] == 1
+  np.testing.assert_array_equal(decode(first["frame"]), prompts[1, 0])
+  frames = [prompts[1, 0]]
+  for t, action in enumerate([3, 0, 5], start=1):
+    status, answer = request(server, "/api/step", {"action": action})
+    frames.append(expected_next(frames[-1], action))
+    assert status == 200 and answer["t"] == t and answer["action"] == action
+    assert answer["latency_ms"] >= 20
+    np.testing.assert_array_equal(decode(answer["frame"]), frames[-1])
+  assert world.actions == [3, 0, 5] and answer["actions"] == [3, 0, 5]
+
+  for bad in [6, -1, "2", 1.0, True, None]:
+    status, err = request(server, "/api/step", {"action": bad})
+    assert status == 400 and "[0, 6)" in err["error"], (bad, err)
+  assert world.actions == [3, 0, 5]
+  for body in [b"{not json", b"[1]", {"act": 1}]:
+    status, err = request(server, "/api/step", body)
+    assert status == 400 and err["error"], body
+  for prompt in [3, -1, "1", None]:
+    status, err = request(server, "/api/start", {"prompt": prompt})
+    assert status == 400 and "[0, 3)" in err["error"] and "random" in err["error"]
+  assert request(server, "/api/nothing")[0] == 404
+  assert request(server, "/api/nothing", {})[0] == 404
+
+  status, gif = request(server, "/api/episode.gif")
+  assert status == 200 and gif.startswith(b"GIF8")
+  np.testing.assert_array_equal(iio.imread(gif, index=None)[..., :3], np.stack(frames))
+
+  status, again = request(server, "/api/reset", {})
+  assert status == 200 and again["t"] == 0 and again["prompt"] == 1 and world.actions == []
+  np.testing.assert_array_equal(decode(again["frame"]), prompts[1, 0])
+  status, rand = request(server, "/api/start", {"prompt": "random"})
+  assert status == 200 and any((decode(rand["frame"]) == f).all() for f in prompts.reshape(
+      -1, 64, 64, 3))
+
+
+def test_one_generation_at_a_time(served):
+  server, world, _ = served
+  request(server, "/api/start", {"prompt": 0})
+  answers = []
+  threads = [threading.Thread(target=lambda a=a: answers.append(
+      request(server, "/api/step", {"action": a % NUM_ACTIONS}))) for a in range(8)]
+  for thread in threads:
+    thread.start()
+  for thread in threads:
+    thread.join()
+  assert world.max_active == 1
+  assert sorted(answer["t"] for status, answer in answers if status == 200) == list(range(1, 9))
+
+
+def test_bad_arrow_actions():
+  with pytest.raises(ValueError, match="arrow_actions"):
+    play.Game(FakeWorld(), make_prompts(), arrow_actions=(0, 1, 2, 6))
+
+
+# --- The page in a real browser ----------------------------------------------------------
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+class DevTools:
+  """A headless Chromium page driven over the Chrome DevTools Protocol."""
+
+  def __init__(self, tmp_path, url):
+    websocket = pytest.importorskip("websocket", reason="websocket-client (the test extra)")
+    profile = tmp_path / "chromium"
+    self.proc = subprocess.Popen(
+        [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
+         "--no-default-browser-check", "--disable-extensions", "--remote-debugging-port=0",
+         f"--user-data-dir={profile}", "--window-size=1400,1000", url],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+      port_file = profile / "DevToolsActivePort"
+      self._wait(lambda: port_file.exists() and port_file.read_text().count("\n") >= 1, 30)
+      port = int(port_file.read_text().split()[0])
+      with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list", timeout=10) as r:
+        page = next(t for t in json.load(r) if t["type"] == "page")
+      self.ws = websocket.create_connection(page["webSocketDebuggerUrl"], timeout=20,
+                                            suppress_origin=True)
+    except BaseException:
+      self.close()
+      raise
+    self._id = 0
+
+  def close(self):
+    if hasattr(self, "ws"):
+      self.ws.close()
+    self.proc.kill()
+    self.proc.wait()
+
+  def send(self, method, **params):
+    self._id += 1
+    self.ws.send(json.dumps(dict(id=self._id, method=method, params=params)))
+    while True:  # Events arrive in between; the answer carries our id.
+      message = json.loads(self.ws.recv())
+      if message.get("id") == self._id:
+        assert "error" not in message, message
+        return message["result"]
+
+  def js(self, expression):
+    result = self.send("Runtime.evaluate", expression=expression, returnByValue=True,
+                       awaitPromise=True)
+    assert "exceptionDetails" not in result, result
+    return result["result"].get("value")
+
+  def wait_js(self, expression, timeout=10):
+    self._wait(lambda: self.js(expression), timeout, expression)
+
+  @staticmethod
+  def _wait(condition, timeout, what="Chromium"):
+    deadline = time.monotonic() + timeout
+    while not condition():
+      assert time.monotonic() < deadline, f"timed out waiting for {what}"
+      time.sleep(0.05)
+
+  def press(self, key, code, key_code, text=""):
+    """A real key press, as the keyboard sends it."""
+    for kind in ("keyDown", "keyUp"):
+      self.send("Input.dispatchKeyEvent", type=kind, key=key, code=code, text=text,
+                windowsVirtualKeyCode=key_code, nativeVirtualKeyCode=key_code)
+
+  def click(self, selector):
+    """A real left click in the middle of the element."""
+    box = self.js(f"(() => {{ const r = document.querySelector({json.dumps(selector)})"
+                  ".getBoundingClientRect(); return [r.x + r.width / 2, r.y + r.height / 2]; })()")
+    for kind in ("mousePressed", "mouseReleased"):
+      self.send("Input.dispatchMouseEvent", type=kind, x=box[0], y=box[1], button="left",
+                clickCount=1)
+
+  def frame(self):
+    """The t and pixels of the big frame on screen."""
+    t, src = self.js("[document.getElementById('frame').dataset.t, "
+                     "document.getElementById('frame').src]")
+    return int(t), decode(src)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason="chromium is not installed (apt-get install "
+                    "chromium; .ci/run installs it)")
+def test_play_in_browser(served, tmp_path):
+  server, world, prompts = served
+  browser = DevTools(tmp_path, server.url)
+  try:
+    browser.wait_js("document.querySelectorAll('#prompts img').length === 3")
+    assert browser.js("document.querySelectorAll('#actions button').length") == NUM_ACTIONS
+    legend = browser.js("[...document.querySelectorAll('#legend tr')].map(r => r.innerText)")
+    assert len(legend) == NUM_ACTIONS
+    assert "1" in legend[0] and "\u2193" in legend[0]  # key 1 and ArrowDown -> action 0
+    assert "\u2190" in legend[5] and "6" in legend[5]  # ArrowLeft and key 6 -> action 5
+    assert browser.js("getComputedStyle(document.getElementById('frame')).imageRendering"
+                      ) == "pixelated"
+    assert browser.js("document.getElementById('frame').getBoundingClientRect().width") >= 256
+
+    browser.click("#prompts img:nth-child(2)")
+    browser.wait_js("document.getElementById('frame').dataset.t === '0'")
+    t, shown = browser.frame()
+    np.testing.assert_array_equal(shown, prompts[1, 0])
+    expected = [prompts[1, 0]]
+
+    # Key "3" is action 2, ArrowRight action ARROW_ACTIONS[1], the button "5" action 5.
+    presses = [(lambda: browser.press("3", "Digit3", 51, "3"), 2),
+               (lambda: browser.press("ArrowRight", "ArrowRight", 39), ARROW_ACTIONS[1]),
+               (lambda: browser.click("#action-5"), 5)]
+    for t, (press, action) in enumerate(presses, start=1):
+      before = shown
+      press()
+      browser.wait_js(f"document.getElementById('frame').dataset.t === '{t}'")
+      _, shown = browser.frame()
+      expected.append(expected_next(expected[-1], action))
+      assert not np.array_equal(shown, before), "the frame on screen did not change"
+      np.testing.assert_array_equal(shown, expected[-1])
+      stats = browser.js("document.getElementById('stats').innerText")
+      assert re.search(r"generation \d+ ms \(\d+\.\d frames/s\)", stats), stats
+    assert world.actions == [2, ARROW_ACTIONS[1], 5]
+    captions = browser.js("[...document.querySelectorAll('#history figcaption')]"
+                          ".map(c => c.innerText)")
+    assert captions == ["prompt", "a2", f"a{ARROW_ACTIONS[1]}", "a5"]
+    assert re.search(r"shown \d+\.\d frames/s", stats), stats
+
+    # Key 9 would be action 8: there is none, so nothing is asked of the world.
+    browser.press("9", "Digit9", 57, "9")
+    time.sleep(0.3)
+    assert browser.frame()[0] == 3 and world.actions == [2, ARROW_ACTIONS[1], 5]
+
+    href = browser.js("document.getElementById('download').href")
+    with urllib.request.urlopen(href, timeout=10) as r:
+      gif = r.read()
+    np.testing.assert_array_equal(iio.imread(gif, index=None)[..., :3], np.stack(expected))
+
+    browser.click("#reset")
+    browser.wait_js("document.getElementById('frame').dataset.t === '0'")
+    np.testing.assert_array_equal(browser.frame()[1], prompts[1, 0])
+    assert browser.js("document.querySelectorAll('#history figure').length") == 1
+    assert world.actions == [] and len(world.prompts) == 2
+  finally:
+    browser.close()
