@@ -199,7 +199,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     elif path == "/api/info":
       self._answer(self.server.game.info)
     elif path == "/api/episode.gif":
-      self._answer(self.server.game.episode_gif, content_type="image/gif")
+      self._answer(self.server.game.episode_gif, content_type="image/gif",
+                   headers={"Content-Disposition": 'attachment; filename="genie_episode.gif"'})
     else:
       self._json(404, dict(error=f"No such page: {path}"))
 
@@ -234,7 +235,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
       raise PlayError(f"Request body must be a JSON object, got {body!r}.")
     return body
 
-  def _answer(self, fn, content_type: str | None = None) -> None:
+  def _answer(self, fn, content_type: str | None = None,
+              headers: dict[str, str] | None = None) -> None:
     try:
       result = fn()
     except PlayError as e:
@@ -246,14 +248,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
       if content_type is None:
         self._json(200, result)
       else:
-        self._send(200, result, content_type)
+        self._send(200, result, content_type, headers)
 
   def _json(self, code: int, obj: Any) -> None:
     self._send(code, json.dumps(obj).encode("utf-8"), "application/json")
 
-  def _send(self, code: int, data: bytes, content_type: str) -> None:
+  def _send(self, code: int, data: bytes, content_type: str,
+            headers: dict[str, str] | None = None) -> None:
     self.send_response(code)
     self.send_header("Content-Type", content_type)
+    for name, value in (headers or {}).items():
+      self.send_header(name, value)
     self.send_header("Content-Length", str(len(data)))
     self.send_header("Cache-Control", "no-store")
     self.end_headers()
@@ -304,7 +309,14 @@ def main(argv):
   del argv
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required.")
-  arrow_actions = tuple(int(a) for a in _ARROW_ACTIONS.value)
+  if _NUM_STEPS.value is not None and _NUM_STEPS.value < 1:
+    raise app.UsageError(f"--num_steps={_NUM_STEPS.value} must be at least 1.")
+  if _TEMPERATURE.value is not None and _TEMPERATURE.value < 0:
+    raise app.UsageError(f"--temperature={_TEMPERATURE.value} must be >= 0.")
+  try:
+    arrow_actions = tuple(int(a) for a in _ARROW_ACTIONS.value)
+  except ValueError as e:
+    raise app.UsageError(f"--arrow_actions={_ARROW_ACTIONS.value}: {e}") from e
   world = load_world(_WORKDIR.value, _STEP.value, _NUM_STEPS.value, _TEMPERATURE.value,
                      _SEED.value)
   prompts_BTHWC = load_prompts(_WORKDIR.value, _NUM_PROMPTS.value)

@@ -15,6 +15,9 @@ import imageio.v3 as iio
 import numpy as np
 import pytest
 
+import data_pipelines
+from configs import tokenizer as tokenizer_config
+from genie_jax import checkpointing
 from genie_jax import play
 
 NUM_ACTIONS = 6
@@ -166,6 +169,19 @@ def test_one_generation_at_a_time(served):
   assert sorted(answer["t"] for status, answer in answers if status == 200) == list(range(1, 9))
 
 
+def test_load_prompts_reads_validation_clips(tmp_path, tiny_data_dir):
+  config = tokenizer_config.get_config("size=tiny,runlocal")
+  config.data.update(data_dir=tiny_data_dir, image_size=32, clip_len=8, num_train_episodes=2,
+                     num_val_episodes=3, episode_len=24)
+  data_pipelines.get_builder(config.data, prepare=True)
+  checkpointing.save_config(str(tmp_path), config)
+  prompts = play.load_prompts(str(tmp_path), num_clips=16)
+  # 3 episodes x 3 clips of 8 frames: fewer than asked, and no padding rows.
+  assert prompts.shape == (9, 8, 32, 32, 3) and prompts.dtype == np.uint8
+  assert len({p.tobytes() for p in prompts[:, 0]}) == 9
+  assert prompts.std() > 0
+
+
 def test_bad_arrow_actions():
   with pytest.raises(ValueError, match="arrow_actions"):
     play.Game(FakeWorld(), make_prompts(), arrow_actions=(0, 1, 2, 6))
@@ -302,6 +318,7 @@ def test_play_in_browser(served, tmp_path):
     href = browser.js("document.getElementById('download').href")
     with urllib.request.urlopen(href, timeout=10) as r:
       gif = r.read()
+      assert "attachment" in r.headers["Content-Disposition"]
     np.testing.assert_array_equal(iio.imread(gif, index=None)[..., :3], np.stack(expected))
 
     browser.click("#reset")
