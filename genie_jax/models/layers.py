@@ -98,7 +98,9 @@ def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None, *,
 
 def _sum_pair(a: jax.Array, b: jax.Array, axes: tuple[int, ...]):
   # A two-operand reduction: XLA computes both sums in one fused pass over the inputs,
-  # where two single sums become separate passes with materialised inputs.
+  # where two single sums become separate passes with materialised inputs. Only for
+  # reductions over the minor (last) axis: over leading axes XLA:CPU runs the two-operand
+  # form ~20x slower than two plain sums (168 ms against 8 ms for [16384, 256]).
   zero = jnp.zeros((), jnp.float32)
   return jax.lax.reduce((a, b), (zero, zero), lambda x, y: (x[0] + y[0], x[1] + y[1]), axes)
 
@@ -129,7 +131,8 @@ def _layer_norm_bwd(eps, res, dy):
   g = dy * scale.astype(jnp.float32)
   g_sum, g_xhat_sum = _sum_pair(g, g * xhat, (x.ndim - 1,))
   dx = rstd * (g - (g_sum / width)[..., None] - xhat * (g_xhat_sum / width)[..., None])
-  dscale, dbias = _sum_pair(dy * xhat, dy, tuple(range(x.ndim - 1)))
+  rows = tuple(range(x.ndim - 1))
+  dscale, dbias = jnp.sum(dy * xhat, axis=rows), jnp.sum(dy, axis=rows)
   return dx.astype(x.dtype), dscale.astype(scale.dtype), dbias.astype(scale.dtype)
 
 
