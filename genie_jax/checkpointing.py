@@ -143,6 +143,19 @@ class Checkpointer:
     logging.info("Restored checkpoint of step %d from %s", step, self.directory)
     return step, restored["state"]
 
+  def restore_model(self, step: int | None, abstract_model: Any) -> tuple[int, Any]:
+    """Restores only the model part of a train state: `abstract_model` is a sub-tree of
+    it (e.g. its 'params' and 'model_state'), with shardings as in `restore`. The optimizer
+    state and the data iterator are not read."""
+    step = self.latest_step() if step is None else step
+    if step is None:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_model)
+    restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+        abstract_model, restore_args=restore_args, partial_restore=True)))
+    logging.info("Restored the model of step %d from %s", step, self.directory)
+    return step, restored["state"]
+
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()

@@ -94,7 +94,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if ckpt.latest_step() is not None:
     _, state = ckpt.restore(None, spec.abstract, train_iter)
   else:
-    state = spec.init(jax.random.key(config.seed))
+    # Earlier stages' weights enter on a fresh start only: on resume the checkpoint has them.
+    state = task.init_from_pretrained(spec.init(jax.random.key(config.seed)), spec)
   first_step = int(jax.device_get(state["step"]))
 
   # --- The update step, compiled once; its cost is printed before training starts.

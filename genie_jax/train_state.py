@@ -3,8 +3,10 @@ evaluator and the benchmark.
 
 State layout (a plain dict, so Orbax saves it as a tree):
   step         int32 scalar, replicated
-  params       nnx.State of the model's nnx.Param variables
-  model_state  nnx.State of the model's other variables (e.g. codebook usage)
+  params       nnx.State of the model's trainable variables (`Task.trainable`, by default
+               every nnx.Param)
+  model_state  nnx.State of the model's other variables (e.g. codebook usage, frozen
+               pretrained weights)
   opt_state    optax state; parameter-shaped parts sharded like the parameters
 """
 
@@ -37,6 +39,7 @@ class StateSpec:
   shardings: dict[str, Any]
   abstract: dict[str, Any]  # jax.ShapeDtypeStruct leaves with their shardings.
   init: Callable[[jax.Array], dict[str, Any]]
+  trainable: Any = nnx.Param  # nnx filter of the variables in state['params'].
 
   @property
   def batch_sharding(self) -> NamedSharding:
@@ -45,6 +48,11 @@ class StateSpec:
 
   def model(self, state: dict[str, Any]) -> nnx.Module:
     return nnx.merge(self.graphdef, state["params"], state["model_state"], copy=True)
+
+  def split(self, model: nnx.Module) -> tuple[nnx.State, nnx.State]:
+    """(params, model_state) of `model`: its trainable variables and all the others."""
+    _, params, model_state = nnx.split(model, self.trainable, ...)
+    return params, model_state
 
 
 def rules_of(config: ml_collections.ConfigDict) -> tuple:
@@ -61,7 +69,7 @@ def make_state_spec(task: Task, config: ml_collections.ConfigDict, mesh: Mesh) -
 
   def create(key):
     model = task.make_model(nnx.Rngs(key))
-    graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
+    graphdef, params, model_state = nnx.split(model, task.trainable, ...)
     state = dict(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
                  opt_state=tx.init(params))
     return graphdef, state
@@ -89,7 +97,8 @@ def make_state_spec(task: Task, config: ml_collections.ConfigDict, mesh: Mesh) -
                           shapes, shardings)
   init = jax.jit(lambda key: create(key)[1], out_shardings=shardings)
   return StateSpec(graphdef=graphdef, tx=tx, schedule=schedule, mesh=mesh, rules=rules,
-                   shardings=shardings, abstract=abstract, init=init)
+                   shardings=shardings, abstract=abstract, init=init,
+                   trainable=task.trainable)
 
 
 def make_train_step(task: Task, spec: StateSpec, seed: int):
@@ -110,7 +119,7 @@ def make_train_step(task: Task, spec: StateSpec, seed: int):
       model = nnx.merge(spec.graphdef, params, model_state, copy=True)
       with sharding.activation_rules(spec.mesh, spec.rules):
         loss, metrics, aux = task.loss(model, batch, loss_key)
-      return loss, (metrics, aux, nnx.state(model, nnx.Not(nnx.Param)))
+      return loss, (metrics, aux, spec.split(model)[1])
 
     (loss, (metrics, aux, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
         state["params"], state["model_state"])
@@ -118,7 +127,7 @@ def make_train_step(task: Task, spec: StateSpec, seed: int):
     params = optax.apply_updates(state["params"], updates)
     model = nnx.merge(spec.graphdef, params, model_state, copy=True)
     metrics = dict(metrics, **task.after_update(model, aux, update_key))
-    _, params, model_state = nnx.split(model, nnx.Param, ...)
+    params, model_state = spec.split(model)
     metrics.update(loss=loss, grad_norm=optax.tree.norm(grads),
                    param_norm=optax.tree.norm(params), learning_rate=spec.schedule(step))
     new_state = dict(step=step + 1, params=params, model_state=model_state, opt_state=opt_state)

@@ -19,7 +19,14 @@ Metrics = dict[str, jax.Array]
 
 
 class Task(abc.ABC):
-  """One training stage. Methods that take a model run inside jit."""
+  """One training stage. Methods that take a model run inside jit.
+
+  `trainable` is the nnx filter of the variables the optimizer updates (the train state's
+  'params'); every other variable, frozen pretrained weights included, lives in
+  'model_state' and gets no gradient and no optimizer state.
+  """
+
+  trainable: Any = nnx.Param
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
@@ -43,6 +50,19 @@ class Task(abc.ABC):
     Returns:
       (scalar loss, scalar metrics, aux passed to `after_update`).
     """
+
+  def init_from_pretrained(self, state: dict[str, Any], spec: Any) -> dict[str, Any]:
+    """Puts pretrained weights (e.g. earlier stages) into a freshly initialised train state.
+
+    Called by the trainer on a fresh start only, never on resume (the checkpoint then holds
+    them). Must keep the shardings of `spec.shardings`.
+
+    Args:
+      state: the train state of `spec` (genie_jax.train_state.StateSpec).
+      spec: its StateSpec (mesh, shardings, graphdef).
+    """
+    del spec
+    return state
 
   def after_update(self, model: nnx.Module, aux: Any, rng: jax.Array) -> Metrics:
     """Runs on the updated model inside the train step (e.g. dead-code restart)."""
