@@ -1,0 +1,84 @@
+r"""Stage 3: MaskGIT dynamics model on a trained tokenizer and LAM.
+
+Genie App. F (CoinRun case study) shapes by default: 12 ST blocks, d_model 512, 8 heads,
+batch 36 x 16 frames, 200k steps, AdamW b1=b2=0.9, lr 3e-5 -> 3e-6, warmup 5k. The tokenizer
+and the LAM are rebuilt from the configs saved in their workdirs; the codebook size, tokens
+per frame and number of actions come from there.
+
+Arguments (after the colon, comma separated):
+  tokenizer_workdir=DIR, lam_workdir=DIR    the trained stages 1 and 2 (required)
+  data=builtin_world|coinrun|video_folder   dataset (default builtin_world)
+  size=appf|cpu|tiny                        model size (appf = the paper's App. F shapes)
+  runlocal                                  a CPU-sized run: size=cpu unless given, small
+                                            batch, short schedule, frequent logs
+  conditioning=additive|prepend             how actions enter (Genie adds; Jasmine prepends)
+  cotrain                                   train the LAM on, with its own loss, alongside
+
+Examples:
+  # After configs/tokenizer.py:runlocal and configs/lam.py:runlocal (about 8 min on 2 CPUs):
+  python -m genie_jax.main --config=configs/dynamics.py:runlocal,tokenizer_workdir=workdirs/tok,lam_workdir=workdirs/lam \
+      --workdir=workdirs/dyn
+  # CoinRun at App. F shapes on an accelerator:
+  python -m genie_jax.main --config=configs/dynamics.py:data=coinrun,tokenizer_workdir=workdirs/tok_cr,lam_workdir=workdirs/lam_cr \
+      --workdir=workdirs/dyn_cr
+"""
+
+import ml_collections
+
+import data_pipelines
+from genie_jax import config_lib
+from genie_jax.models import dynamics as dynamics_lib
+
+# Model sizes. `tiny` is for tests.
+SIZES = {
+    "appf": dict(),
+    "cpu": dict(num_layers=2, d_model=128, num_heads=4),
+    "tiny": dict(num_layers=1, d_model=32, num_heads=2),
+}
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """The dynamics config for `arg` (see the module docstring)."""
+  args = config_lib.parse_arg(arg, tokenizer_workdir="", lam_workdir="", data="builtin_world",
+                              size="", runlocal=False, conditioning="additive", cotrain=False)
+  size = args.size or ("cpu" if args.runlocal else "appf")
+  if size not in SIZES:
+    raise ValueError(f"config argument size={size!r}; choose one of {sorted(SIZES)}")
+
+  config = config_lib.base_config()
+  config.stage = "dynamics"
+  config.batch_size = 36
+  config.total_steps = 200_000
+  config.optimizer.lr = 3e-5
+  config.optimizer.end_lr = 3e-6
+  config.optimizer.warmup_steps = 5_000
+
+  # The earlier stages, by workdir; step 0 = their latest checkpoint.
+  config.tokenizer_workdir = args.tokenizer_workdir
+  config.tokenizer_step = 0
+  config.lam_workdir = args.lam_workdir
+  config.lam_step = 0
+  config.cotrain_lam = args.cotrain
+  config.lam_loss_weight = 1.0
+
+  config.data = data_pipelines.default_data_config(args.data)
+
+  config.model = dynamics_lib.default_config()
+  config.model.update(SIZES[size])
+  config.model.max_frames = config.data.clip_len
+  config.model.action_conditioning = args.conditioning
+
+  if args.runlocal:
+    config.batch_size = 8
+    config.total_steps = 1000
+    config.optimizer.lr = 1e-3
+    config.optimizer.end_lr = 1e-4
+    config.optimizer.warmup_steps = 100
+    config.log_every_steps = 10
+    config.images_every_steps = 250
+    config.eval_every_steps = 250
+    config.checkpoint.every_steps = 250
+    if args.data == "coinrun":
+      config.data.num_train_episodes = 300
+      config.data.num_val_episodes = 20
+  return config

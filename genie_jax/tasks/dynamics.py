@@ -1,0 +1,208 @@
+"""Stage 3: the MaskGIT dynamics model on frozen stage-1/2 models (Genie section 2.1).
+
+The config names the tokenizer and LAM workdirs only; both models are rebuilt from the
+configs saved there and their weights are grafted into a fresh train state
+(`init_from_pretrained`). They live in the train state's model_state (no gradient, no optimizer
+state), unless config.cotrain_lam makes the LAM trainable alongside the dynamics model.
+"""
+
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import optax
+from absl import logging
+from flax import nnx
+
+from genie_jax import checkpointing
+from genie_jax import stages
+from genie_jax.models import dynamics as dynamics_lib
+from genie_jax.models import lam as lam_lib
+from genie_jax.models import tokenizer as tokenizer_lib
+from genie_jax.tasks import base
+from genie_jax.tasks import lam as lam_task_lib
+
+# Frames of every dataset are RGB.
+_DATA_CHANNELS = 3
+# MaskGIT training mask rates (Genie): one rate per example, drawn from U[0.5, 1].
+MIN_MASK_RATE, MAX_MASK_RATE = 0.5, 1.0
+
+
+def sample_mask(rng: jax.Array, shape: tuple[int, int, int]) -> tuple[jax.Array, jax.Array]:
+  """The training mask: (mask_BTN bool, rate_B float32).
+
+  Each example draws its own rate r ~ U[0.5, 1] (one rate per batch would raise the variance
+  of the gradient), then hides each token with probability r; frame 0 is never hidden, so
+  there is always a context frame.
+  """
+  b, t, n = shape
+  rate_key, token_key = jax.random.split(rng)
+  rate_B = jax.random.uniform(rate_key, (b,), jnp.float32, MIN_MASK_RATE, MAX_MASK_RATE)
+  mask_BTN = jax.random.uniform(token_key, (b, t, n)) < rate_B[:, None, None]
+  return mask_BTN.at[:, 0].set(False), rate_B
+
+
+def masked_token_metrics(logits_BTNV: jax.Array, tokens_BTN: jax.Array, mask_BTN: jax.Array
+                         ) -> dict[str, jax.Array]:
+  """Cross-entropy and accuracy over the masked positions only, and the masked fraction of
+  frames 1..T-1."""
+  ce_BTN = optax.softmax_cross_entropy_with_integer_labels(logits_BTNV, tokens_BTN)
+  weight_BTN = mask_BTN.astype(jnp.float32)
+  count = jnp.maximum(jnp.sum(weight_BTN), 1.0)
+  correct_BTN = (jnp.argmax(logits_BTNV, axis=-1) == tokens_BTN).astype(jnp.float32)
+  return dict(dynamics_loss=jnp.sum(ce_BTN * weight_BTN) / count,
+              masked_accuracy=jnp.sum(correct_BTN * weight_BTN) / count,
+              mask_fraction=jnp.mean(weight_BTN[:, 1:]))
+
+
+class DynamicsTask(base.Task):
+  """Loss = cross-entropy of the masked tokens (+ lam_loss_weight * the LAM's own loss when
+  co-trained).
+
+  Config keys (besides the trainer's): tokenizer_workdir, tokenizer_step, lam_workdir,
+  lam_step (0: latest checkpoint), cotrain_lam, lam_loss_weight; model: see
+  `genie_jax.models.dynamics.default_config`.
+  """
+
+  def __init__(self, config):
+    super().__init__(config)
+    self.tokenizer_config = None  # The stage configs, read in `validate`.
+    self.lam_config = None
+    self._lam_task = None
+    if config.cotrain_lam:
+      self.trainable = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("tokenizer")))
+    else:
+      self.trainable = nnx.All(nnx.Param, nnx.PathContains("dynamics"))
+
+  def _stage_config(self, key: str, stage: str):
+    workdir = self.config[key]
+    if not workdir:
+      raise ValueError(f"config.{key} is empty; set it to the workdir of a trained {stage} "
+                       f"stage")
+    if not os.path.isdir(workdir):
+      raise ValueError(f"config.{key}={workdir!r} does not exist; train the {stage} stage "
+                       f"there first")
+    try:
+      stage_config = checkpointing.load_config(workdir)
+    except FileNotFoundError as e:
+      raise ValueError(f"config.{key}={workdir!r} holds no config.json: {e}") from e
+    if stage_config.stage != stage:
+      raise ValueError(f"config.{key}={workdir!r} holds a {stage_config.stage!r} stage, not "
+                       f"a {stage!r} stage")
+    data = self.config.data
+    if stage_config.model.image_size != data.image_size:
+      raise ValueError(
+          f"config.{key}={workdir!r}: its {stage} has model.image_size="
+          f"{stage_config.model.image_size} but config.data.image_size={data.image_size}; "
+          f"use a {stage} trained on frames of this size")
+    if stage_config.model.max_frames < data.clip_len:
+      raise ValueError(
+          f"config.{key}={workdir!r}: its {stage} has model.max_frames="
+          f"{stage_config.model.max_frames} < config.data.clip_len={data.clip_len}; use "
+          f"shorter clips or a {stage} trained on clips this long")
+    if stage_config.model.channels != _DATA_CHANNELS:
+      raise ValueError(
+          f"config.{key}={workdir!r}: its {stage} has model.channels="
+          f"{stage_config.model.channels} but config.data.name={data.name!r} frames have "
+          f"{_DATA_CHANNELS}")
+    return stage_config
+
+  def _take(self, key: str, value: int, source: str) -> None:
+    # 0 means "from the stage workdirs"; anything else must agree with them.
+    model = self.config.model
+    if model[key] == 0:
+      model[key] = value
+    elif model[key] != value:
+      raise ValueError(f"config.model.{key}={model[key]} differs from {source}={value}; "
+                       f"leave it 0 to take it from there")
+
+  def validate(self) -> None:
+    config = self.config
+    self.tokenizer_config = self._stage_config("tokenizer_workdir", "tokenizer")
+    self.lam_config = self._stage_config("lam_workdir", "lam")
+    tok_model = self.tokenizer_config.model
+    self._take("num_codes", tok_model.num_codes,
+               f"config.tokenizer_workdir's model.num_codes")
+    self._take("tokens_per_frame", (tok_model.image_size // tok_model.patch_size) ** 2,
+               "config.tokenizer_workdir's tokens per frame")
+    self._take("num_actions", self.lam_config.model.num_actions,
+               "config.lam_workdir's model.num_actions")
+    if config.data.clip_len > config.model.max_frames:
+      raise ValueError(
+          f"config.data.clip_len={config.data.clip_len} exceeds config.model.max_frames="
+          f"{config.model.max_frames} (the temporal position table); raise max_frames")
+    if config.data.clip_len < 2:
+      raise ValueError(f"config.data.clip_len={config.data.clip_len}: the dynamics model "
+                       f"needs clips of at least 2 frames")
+    if config.lam_loss_weight < 0:
+      raise ValueError(f"config.lam_loss_weight={config.lam_loss_weight} must not be negative")
+    dynamics_lib.validate_config(config.model)
+    self._lam_task = lam_task_lib.LatentActionTask(self.lam_config)
+
+  def make_model(self, rngs):
+    return dynamics_lib.WorldModel(
+        tokenizer=tokenizer_lib.Tokenizer(self.tokenizer_config.model, rngs=rngs),
+        lam=lam_lib.LatentActionModel(self.lam_config.model, rngs=rngs),
+        dynamics=dynamics_lib.DynamicsModel(self.config.model, rngs=rngs))
+
+  def init_from_pretrained(self, state, spec):
+    for name, key, step_key, stage in (("tokenizer", "tokenizer_workdir", "tokenizer_step",
+                                        "tokenizer"),
+                                       ("lam", "lam_workdir", "lam_step", "lam")):
+      loaded = stages.load_stage(self.config[key], step=self.config[step_key] or None,
+                                 mesh=spec.mesh, expect_stage=stage)
+      state = stages.graft(state, spec, name, loaded.model)
+      logging.info("Initialised %s from %s, step %d", name, self.config[key], loaded.step)
+    return state
+
+  def tokens_and_actions(self, model: dynamics_lib.WorldModel, video_BTHWC: jax.Array
+                         ) -> tuple[jax.Array, jax.Array]:
+    """Tokenizer codes tokens_BTN and LAM actions_BT (dataset convention: [:, t] caused
+    frame t+1; the last column is 0 and unused) of a clip; no gradient flows into either."""
+    tokens_BTN, _ = model.tokenizer.encode(video_BTHWC)
+    actions_BT = model.lam.infer_actions(video_BTHWC)
+    actions_BT = jnp.pad(actions_BT, ((0, 0), (0, 1)))
+    return jax.lax.stop_gradient(tokens_BTN), jax.lax.stop_gradient(actions_BT)
+
+  def loss(self, model, batch, rng):
+    mask_key, lam_key = jax.random.split(rng)
+    tokens_BTN, actions_BT = self.tokens_and_actions(model, batch["video"])
+    mask_BTN, _ = sample_mask(mask_key, tokens_BTN.shape)
+    logits_BTNV = model.dynamics(tokens_BTN, mask_BTN, actions_BT)
+    metrics = masked_token_metrics(logits_BTNV, tokens_BTN, mask_BTN)
+    loss = metrics["dynamics_loss"]
+    aux = None
+    if self.config.cotrain_lam:
+      # The LAM keeps learning from its own loss; the dynamics loss never reaches it (its
+      # actions are integers), so its codebook moves only through the LAM's VQ loss.
+      lam_loss, lam_metrics, aux = self._lam_task.loss(model.lam, batch, lam_key)
+      loss = loss + self.config.lam_loss_weight * lam_loss
+      metrics.update({f"lam_{k}": v for k, v in lam_metrics.items()}, lam_loss=lam_loss)
+    return loss, metrics, aux
+
+  def after_update(self, model, aux, rng):
+    if not self.config.cotrain_lam:
+      return {}
+    return {f"lam_{k}": v for k, v in self._lam_task.after_update(model.lam, aux, rng).items()}
+
+  def predict_masked(self, model: dynamics_lib.WorldModel, batch, rng: jax.Array
+                     ) -> dict[str, jax.Array]:
+    """One-step (argmax) predictions of the tokens hidden by a training-like mask.
+
+    Returns 'tokens_BTN' (the tokenizer's), 'mask_BTN', 'pred_BTN' (the true tokens where
+    not masked, the argmax prediction where masked), 'logits_BTNV'.
+    """
+    tokens_BTN, actions_BT = self.tokens_and_actions(model, batch["video"])
+    mask_BTN, _ = sample_mask(rng, tokens_BTN.shape)
+    logits_BTNV = model.dynamics(tokens_BTN, mask_BTN, actions_BT)
+    pred_BTN = jnp.where(mask_BTN, jnp.argmax(logits_BTNV, -1).astype(jnp.int32), tokens_BTN)
+    return dict(tokens_BTN=tokens_BTN, mask_BTN=mask_BTN, pred_BTN=pred_BTN,
+                logits_BTNV=logits_BTNV)
+
+  def visualize(self, model, batch):
+    out = self.predict_masked(model, batch, jax.random.key(0))
+    return [tokenizer_lib.to_unit_interval(batch["video"]),
+            model.tokenizer.decode(out["tokens_BTN"]),
+            model.tokenizer.decode(out["pred_BTN"])]

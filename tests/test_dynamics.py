@@ -1,0 +1,356 @@
+"""Stage 3: the MaskGIT dynamics model, its task on frozen / co-trained earlier stages, and
+restoring stages from their workdirs."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import dynamics as dynamics_config
+from configs import lam as lam_config
+from configs import tokenizer as tokenizer_config
+from genie_jax import checkpointing
+from genie_jax import sharding
+from genie_jax import stages
+from genie_jax import tasks
+from genie_jax import train
+from genie_jax import train_state
+from genie_jax.models import dynamics as dynamics_lib
+from genie_jax.tasks import dynamics as dynamics_task
+
+IMAGE_SIZE, CLIP_LEN = 32, 8
+
+
+def _tiny_data(config, data_dir=""):
+  config.data.data_dir = data_dir
+  config.data.image_size = IMAGE_SIZE
+  config.data.clip_len = CLIP_LEN
+  config.data.num_train_episodes = 8
+  config.data.num_val_episodes = 4
+  config.data.episode_len = 40
+
+
+def _stage_config(module):
+  config = module.get_config("size=tiny,runlocal")
+  _tiny_data(config)
+  config.model.image_size = IMAGE_SIZE
+  config.model.max_frames = CLIP_LEN
+  config.checkpoint.async_save = False
+  return config
+
+
+def _save_stage(workdir, config, seed):
+  """A stage workdir as the trainer leaves it (config.json + a checkpoint), from a random
+  init instead of training (fast)."""
+  task = tasks.get_task(config)
+  spec = train_state.make_state_spec(
+      task, config, sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1]))
+  state = spec.init(jax.random.key(seed))
+  checkpointing.save_config(workdir, config)
+  ckpt = checkpointing.Checkpointer(workdir, config.checkpoint, config)
+  ckpt.save(5, state, force=True)
+  ckpt.close()
+  return jax.device_get(state)
+
+
+@pytest.fixture(scope="module")
+def stage_workdirs(tmp_path_factory):
+  """Workdirs of a tiny tokenizer and a tiny LAM, and their saved states."""
+  root = tmp_path_factory.mktemp("stages")
+  tok_dir, lam_dir = str(root / "tok"), str(root / "lam")
+  tok_state = _save_stage(tok_dir, _stage_config(tokenizer_config), seed=1)
+  lam_state = _save_stage(lam_dir, _stage_config(lam_config), seed=2)
+  return dict(tokenizer=tok_dir, lam=lam_dir, tokenizer_state=tok_state, lam_state=lam_state)
+
+
+def _dynamics_config(stage_workdirs, arg="", data_dir=""):
+  config = dynamics_config.get_config(
+      f"size=tiny,runlocal,tokenizer_workdir={stage_workdirs['tokenizer']},"
+      f"lam_workdir={stage_workdirs['lam']}" + (f",{arg}" if arg else ""))
+  _tiny_data(config, data_dir)
+  config.model.max_frames = CLIP_LEN
+  config.checkpoint.async_save = False
+  return config
+
+
+def _random_batch(batch_size, seed=0):
+  rng = np.random.default_rng(seed)
+  return dict(video=rng.integers(0, 256, (batch_size, CLIP_LEN, IMAGE_SIZE, IMAGE_SIZE, 3),
+                                 dtype=np.uint8),
+              actions=rng.integers(0, 6, (batch_size, CLIP_LEN), dtype=np.int32))
+
+
+def _tiny_model(conditioning, **overrides):
+  cfg = dynamics_lib.default_config()
+  cfg.update(dict(num_layers=2, d_model=32, num_heads=2, num_codes=16, tokens_per_frame=4,
+                  num_actions=5, max_frames=6, action_conditioning=conditioning), **overrides)
+  return dynamics_lib.DynamicsModel(cfg, rngs=nnx.Rngs(0))
+
+
+@nnx.jit
+def _logits(model, tokens, mask, actions):
+  return model(tokens, mask, actions)
+
+
+def _random_inputs(seed=0, b=2, t=6, n=4):
+  rng = np.random.default_rng(seed)
+  return (jnp.asarray(rng.integers(0, 16, (b, t, n)), jnp.int32),
+          jnp.asarray(rng.random((b, t, n)) < 0.5),
+          jnp.asarray(rng.integers(0, 5, (b, t)), jnp.int32))
+
+
+# --- The training mask ---------------------------------------------------------------------
+
+
+def test_mask_rate_is_drawn_per_example_and_frame_0_is_never_masked():
+  mask_BTN, rate_B = dynamics_task.sample_mask(jax.random.key(0), (64, 8, 256))
+  mask_BTN, rate_B = np.asarray(mask_BTN), np.asarray(rate_B)
+  assert not mask_BTN[:, 0].any()
+  assert ((rate_B >= 0.5) & (rate_B <= 1.0)).all()
+  assert rate_B.std() > 0.1  # Not one rate for the batch: U[0.5, 1] has std 0.144.
+  frac_B = mask_BTN[:, 1:].mean(axis=(1, 2))
+  np.testing.assert_allclose(frac_B, rate_B, atol=0.05)
+  assert np.corrcoef(frac_B, rate_B)[0, 1] > 0.95
+
+
+# --- The dynamics model: action alignment and causality ------------------------------------
+
+
+@pytest.mark.parametrize("conditioning", dynamics_lib.CONDITIONINGS)
+def test_action_t_conditions_frame_t_plus_1_and_later_only(conditioning):
+  model = _tiny_model(conditioning)
+  tokens, mask, actions = _random_inputs()
+  base = np.asarray(_logits(model, tokens, mask, actions))
+  assert base.shape == (2, 6, 4, 16)
+  t_max = actions.shape[1]
+  for t in range(t_max):
+    changed = np.asarray(_logits(model, tokens, mask, actions.at[:, t].set((actions[:, t] + 1) % 5)))
+    np.testing.assert_array_equal(changed[:, :t + 1], base[:, :t + 1], err_msg=f"t={t}")
+    if t + 1 < t_max:
+      # The frame the action produced sees it directly.
+      assert np.abs(changed[:, t + 1] - base[:, t + 1]).max() > 1e-4, t
+    else:
+      np.testing.assert_array_equal(changed, base)  # The last action produced no frame.
+
+
+@pytest.mark.parametrize("conditioning", dynamics_lib.CONDITIONINGS)
+def test_frame_0_gets_the_no_action_embedding(conditioning):
+  model = _tiny_model(conditioning)
+  caused = np.asarray(model.frame_actions(jnp.asarray([[3, 1, 4, 2]])))
+  np.testing.assert_array_equal(caused, [[model.no_action, 3, 1, 4]])
+  tokens, mask, actions = _random_inputs()
+  base = np.asarray(_logits(model, tokens, mask, actions))
+  # A random direction: a constant shift of every component would vanish in the LayerNorm.
+  shift_D = jax.random.normal(jax.random.key(1), model.action_embed.shape[1:])
+  model.action_embed[...] = model.action_embed[...].at[model.no_action].add(shift_D)
+  changed = np.asarray(_logits(model, tokens, mask, actions))
+  assert np.abs(changed[:, 0] - base[:, 0]).max() > 1e-4
+
+
+@pytest.mark.parametrize("conditioning", dynamics_lib.CONDITIONINGS)
+def test_frames_never_see_later_frames(conditioning):
+  model = _tiny_model(conditioning)
+  tokens, mask, actions = _random_inputs()
+  base = np.asarray(_logits(model, tokens, mask, actions))
+  for t in range(1, tokens.shape[1]):
+    other_tokens = tokens.at[:, t].set((tokens[:, t] + 1) % 16)
+    other_mask = mask.at[:, t].set(~mask[:, t])
+    for tok, msk in ((other_tokens, mask), (tokens, other_mask)):
+      changed = np.asarray(_logits(model, tok, msk, actions))
+      np.testing.assert_array_equal(changed[:, :t], base[:, :t], err_msg=f"t={t}")
+      assert np.abs(changed[:, t] - base[:, t]).max() > 1e-4, t
+
+
+def test_masked_tokens_are_hidden():
+  model = _tiny_model("additive")
+  tokens, _, actions = _random_inputs()
+  mask = jnp.ones(tokens.shape, bool).at[:, 0].set(False)
+  base = np.asarray(_logits(model, tokens, mask, actions))
+  other = tokens.at[:, 1:].set((tokens[:, 1:] + 3) % 16)
+  np.testing.assert_array_equal(np.asarray(_logits(model, other, mask, actions)), base)
+
+
+def test_bad_model_config_names_the_key():
+  with pytest.raises(ValueError, match="config.model.action_conditioning='concat'"):
+    _tiny_model("concat")
+  with pytest.raises(ValueError, match="config.model.num_codes=0"):
+    _tiny_model("additive", num_codes=0)
+
+
+# --- Restoring stages ----------------------------------------------------------------------
+
+
+def test_load_stage_round_trip(stage_workdirs):
+  loaded = stages.load_stage(stage_workdirs["tokenizer"], expect_stage="tokenizer")
+  assert loaded.step == 5 and loaded.config.stage == "tokenizer"
+  saved = stage_workdirs["tokenizer_state"]
+  _, params, model_state = nnx.split(loaded.model, nnx.Param, ...)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), saved["params"])
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(model_state),
+               saved["model_state"])
+  # A mesh of its own, and a model that runs.
+  mesh = sharding.make_mesh(dict(data=1, fsdp=4, tensor=2), jax.devices())
+  loaded = stages.load_stage(stage_workdirs["tokenizer"], mesh=mesh)
+  assert jax.tree.leaves(nnx.state(loaded.model))[0].sharding.mesh.shape == mesh.shape
+  tokens_BTN, _ = loaded.model.encode(_random_batch(2)["video"])
+  assert tokens_BTN.shape == (2, CLIP_LEN, 16)
+
+
+def test_load_stage_errors_name_the_workdir(stage_workdirs, tmp_path):
+  missing = str(tmp_path / "missing")
+  with pytest.raises(FileNotFoundError, match="missing"):
+    stages.load_stage(missing)
+  os.makedirs(missing)
+  with pytest.raises(FileNotFoundError, match="config.json"):
+    stages.load_stage(missing)
+  with pytest.raises(ValueError, match=r"holds a 'lam' stage.*'tokenizer'"):
+    stages.load_stage(stage_workdirs["lam"], expect_stage="tokenizer")
+  with pytest.raises(FileNotFoundError, match="no checkpoint of step 7"):
+    stages.load_stage(stage_workdirs["lam"], step=7)
+  no_ckpt = str(tmp_path / "no_ckpt")
+  checkpointing.save_config(no_ckpt, checkpointing.load_config(stage_workdirs["lam"]))
+  with pytest.raises(FileNotFoundError, match="no_ckpt.*has no checkpoint"):
+    stages.load_stage(no_ckpt)
+
+
+# --- The dynamics task ---------------------------------------------------------------------
+
+
+def test_task_takes_vocab_tokens_and_actions_from_the_stage_workdirs(stage_workdirs):
+  config = _dynamics_config(stage_workdirs)
+  tasks.get_task(config)
+  assert (config.model.num_codes, config.model.tokens_per_frame,
+          config.model.num_actions) == (32, 16, 6)
+  config = _dynamics_config(stage_workdirs)
+  config.model.num_codes = 64
+  with pytest.raises(ValueError, match="config.model.num_codes=64 differs"):
+    tasks.get_task(config)
+
+
+def test_refuses_a_tokenizer_whose_config_does_not_match_the_data(stage_workdirs, tmp_path):
+  config = _dynamics_config(stage_workdirs)
+  config.data.image_size = 64
+  with pytest.raises(ValueError) as error:
+    tasks.get_task(config)
+  message = str(error.value)
+  assert "config.tokenizer_workdir" in message and stage_workdirs["tokenizer"] in message
+  assert "model.image_size=32" in message and "config.data.image_size=64" in message
+
+  config = _dynamics_config(stage_workdirs)
+  config.data.clip_len = 12
+  config.model.max_frames = 12
+  with pytest.raises(ValueError, match=r"config.tokenizer_workdir.*max_frames=8 < "
+                                       r"config.data.clip_len=12"):
+    tasks.get_task(config)
+
+  # A workdir of the wrong stage, and one that does not exist.
+  config = _dynamics_config(stage_workdirs)
+  config.tokenizer_workdir = stage_workdirs["lam"]
+  with pytest.raises(ValueError, match="config.tokenizer_workdir=.*holds a 'lam' stage"):
+    tasks.get_task(config)
+  config.tokenizer_workdir = str(tmp_path / "nowhere")
+  with pytest.raises(ValueError, match="config.tokenizer_workdir=.*nowhere.*does not exist"):
+    tasks.get_task(config)
+
+
+def _init_and_train(config, mesh, steps=3):
+  task = tasks.get_task(config)
+  spec = train_state.make_state_spec(task, config, mesh)
+  state = task.init_from_pretrained(spec.init(jax.random.key(0)), spec)
+  initial = jax.device_get(state)
+  step_fn = train_state.jit_train_step(task, spec, config.seed)
+  for i in range(steps):
+    batch = jax.device_put(_random_batch(config.batch_size, seed=i), spec.batch_sharding)
+    state, metrics = step_fn(state, batch)
+  return spec, initial, jax.device_get(state), jax.device_get(metrics)
+
+
+def _leaves(spec, state, name):
+  """Every variable of submodule `name`, wherever (params or model_state) it lives."""
+  return jax.tree.leaves(nnx.state(getattr(spec.model(state), name)))
+
+
+def _assert_equal(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_frozen_stages_are_grafted_and_stay_bitwise_frozen(stage_workdirs):
+  config = _dynamics_config(stage_workdirs)
+  mesh = sharding.make_mesh(dict(data=2, fsdp=4, tensor=1), jax.devices())
+  spec, initial, final, metrics = _init_and_train(config, mesh)
+  # Only the dynamics model is trained, and only it has optimizer state.
+  assert set(spec.abstract["params"].keys()) == {"dynamics"}
+  assert {"tokenizer", "lam"} <= set(spec.abstract["model_state"].keys())
+  # The grafted weights are the saved ones.
+  for name in ("tokenizer", "lam"):
+    saved = stage_workdirs[f"{name}_state"]
+    _assert_equal(_leaves(spec, initial, name),
+                  jax.tree.leaves((saved["params"], saved["model_state"])))
+  for name in ("tokenizer", "lam"):
+    _assert_equal(_leaves(spec, final, name), _leaves(spec, initial, name))
+  assert any(np.abs(a - b).max() > 0 for a, b in zip(_leaves(spec, final, "dynamics"),
+                                                     _leaves(spec, initial, "dynamics")))
+  assert 0.5 <= metrics["mask_fraction"] <= 1.0
+  assert 0.0 <= metrics["masked_accuracy"] <= 1.0
+  assert np.isfinite(metrics["loss"]) and metrics["loss"] == metrics["dynamics_loss"]
+
+
+def test_grafting_keeps_the_state_shardings(stage_workdirs):
+  config = _dynamics_config(stage_workdirs)
+  task = tasks.get_task(config)
+  spec = train_state.make_state_spec(
+      task, config, sharding.make_mesh(dict(data=1, fsdp=8, tensor=1), jax.devices()))
+  state = task.init_from_pretrained(spec.init(jax.random.key(0)), spec)
+  shardings = jax.tree.leaves(spec.shardings)
+  leaves = jax.tree.leaves(state)
+  assert len(shardings) == len(leaves)
+  assert any("fsdp" in str(s.spec) for s in shardings)
+  for leaf, expected in zip(leaves, shardings):
+    assert leaf.sharding == expected
+
+
+def test_cotrained_lam_keeps_learning_its_codebook(stage_workdirs):
+  config = _dynamics_config(stage_workdirs, "cotrain")
+  mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+  spec, initial, final, metrics = _init_and_train(config, mesh)
+  assert set(spec.abstract["params"].keys()) == {"dynamics", "lam"}
+  codebook = lambda s: np.asarray(spec.model(s).lam.vq.codebook[...])
+  assert np.abs(codebook(final) - codebook(initial)).max() > 0
+  _assert_equal(_leaves(spec, final, "tokenizer"), _leaves(spec, initial, "tokenizer"))
+  assert "lam_mse" in metrics and "lam_restarted_codes" in metrics
+  np.testing.assert_allclose(metrics["loss"], metrics["dynamics_loss"] + metrics["lam_loss"],
+                             rtol=1e-5)
+
+
+# --- A real run ----------------------------------------------------------------------------
+
+
+def test_short_training_run_learns_and_restores(stage_workdirs, tmp_path, tiny_data_dir):
+  config = _dynamics_config(stage_workdirs, data_dir=tiny_data_dir)
+  config.total_steps = 60
+  config.log_every_steps = 10
+  config.images_every_steps = 60
+  config.checkpoint.every_steps = 60
+  config.optimizer.warmup_steps = 10
+  config.mesh = dict(data=1, fsdp=1, tensor=1)
+  workdir = str(tmp_path / "dyn")
+  train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    rows = [json.loads(line) for line in f]
+  losses = {r["step"]: r["train/loss"] for r in rows if "train/loss" in r}
+  assert losses[60] < 0.8 * losses[10], losses
+  assert any(name.endswith(".gif") for name in os.listdir(os.path.join(workdir, "images")))
+
+  # The trained world model restores from its workdir alone, earlier stages included.
+  loaded = stages.load_stage(workdir, expect_stage="dynamics")
+  assert isinstance(loaded.model, dynamics_lib.WorldModel) and loaded.step == 60
+  saved_tok = stage_workdirs["tokenizer_state"]
+  _assert_equal(jax.tree.leaves(nnx.state(loaded.model.tokenizer)),
+                jax.tree.leaves((saved_tok["params"], saved_tok["model_state"])))
