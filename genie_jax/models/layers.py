@@ -285,6 +285,67 @@ class Attention(nnx.Module):
     return dense(o_BTNKE, self.out_kernel[...].astype(self.dtype),
                  self.out_bias[...].astype(self.dtype), in_axes=2)
 
+  # --- Cached temporal attention for frame-by-frame generation (see STTransformer.prefill).
+
+  def _project_qkv(self, x_BTND: jax.Array):
+    qkv_BTNKQE = dense(x_BTND.astype(self.dtype), self.qkv_kernel[...].astype(self.dtype),
+                       self.qkv_bias[...].astype(self.dtype))
+    q_BTNKE, k_BTNKE, v_BTNKE = (qkv_BTNKQE[..., i, :] for i in range(3))
+    if self.q_norm is not None:
+      q_BTNKE, k_BTNKE = self.q_norm(q_BTNKE), self.k_norm(k_BTNKE)
+    return q_BTNKE * jnp.asarray(self.scale, self.dtype), k_BTNKE, v_BTNKE
+
+  def call_with_kv(self, x_BTND: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Temporal attention as `__call__` (XLA path), also returning its keys and values.
+
+    Returns:
+      (out_BTND, k_BNKSE, v_BNKSE): the output and the head-major keys/values of the T
+      frames, which later frames attend to (`attend_cached`).
+    """
+    if self.over != "time":
+      raise ValueError("call_with_kv caches temporal attention only (over='time')")
+    q_BTNKE, k_BTNKE, v_BTNKE = self._project_qkv(x_BTND)
+    to_heads = lambda a: jnp.transpose(a, _TO_HEADS["time"])
+    k_BNKSE, v_BNKSE = to_heads(k_BTNKE), to_heads(v_BTNKE)
+    o_BNKTE = attention_core(self.causal, to_heads(q_BTNKE), k_BNKSE, v_BNKSE)
+    o_BTNKE = jnp.transpose(o_BNKTE, _FROM_HEADS["time"])
+    out_BTND = dense(o_BTNKE, self.out_kernel[...].astype(self.dtype),
+                     self.out_bias[...].astype(self.dtype), in_axes=2)
+    return out_BTND, k_BNKSE, v_BNKSE
+
+  def attend_cached(self, x_B1ND: jax.Array, k_BNKSE: jax.Array, v_BNKSE: jax.Array,
+                    num_valid: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Temporal attention of one new frame to cached past frames and itself.
+
+    Args:
+      x_B1ND: the new frame (normed block input).
+      k_BNKSE, v_BNKSE: cached keys/values of S slots; slots >= num_valid are ignored.
+      num_valid: how many leading slots hold past frames (traced int allowed).
+
+    Returns:
+      (out_B1ND, k_BNK1E, v_BNK1E): the output and the new frame's key/value, to be
+      written into the cache once the frame is final.
+    """
+    if self.over != "time":
+      raise ValueError("attend_cached caches temporal attention only (over='time')")
+    q_B1NKE, k_B1NKE, v_B1NKE = self._project_qkv(x_B1ND)
+    to_heads = lambda a: jnp.transpose(a, _TO_HEADS["time"])
+    q_BNK1E, k_BNK1E, v_BNK1E = to_heads(q_B1NKE), to_heads(k_B1NKE), to_heads(v_B1NKE)
+    keys = jnp.concatenate([k_BNKSE.astype(self.dtype), k_BNK1E], axis=3)
+    values = jnp.concatenate([v_BNKSE.astype(self.dtype), v_BNK1E], axis=3)
+    logits = jnp.einsum("bnkqe,bnkse->bnkqs", q_BNK1E, keys,
+                        preferred_element_type=jnp.float32)
+    slots = jnp.arange(keys.shape[3])
+    # The new frame always sees itself (the last slot), so no row is fully masked.
+    visible = (slots < num_valid) | (slots == keys.shape[3] - 1)
+    probs = jax.nn.softmax(jnp.where(visible, logits, -jnp.inf), axis=-1)
+    o_BNK1E = jnp.einsum("bnkqs,bnkse->bnkqe", probs.astype(self.dtype), values,
+                         preferred_element_type=jnp.float32).astype(self.dtype)
+    o_B1NKE = jnp.transpose(o_BNK1E, _FROM_HEADS["time"])
+    out_B1ND = dense(o_B1NKE, self.out_kernel[...].astype(self.dtype),
+                     self.out_bias[...].astype(self.dtype), in_axes=2)
+    return out_B1ND, k_BNK1E, v_BNK1E
+
   def _cudnn(self, q_BTNKE, k_BTNKE, v_BTNKE):
     # dot_product_attention wants (batch, sequence, heads, head_dim).
     b, t, n, k, e = q_BTNKE.shape
@@ -358,6 +419,29 @@ class STBlock(nnx.Module):
     return sharding.constrain(x_BTND, _ACT_BTND)
 
 
+  def call_with_kv(self, x_BTND: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """`__call__`, also returning the temporal keys/values k_BNKSE, v_BNKSE of its frames."""
+    x_BTND = x_BTND + self.spatial_attention(self.spatial_norm(x_BTND))
+    out_BTND, k_BNKSE, v_BNKSE = self.temporal_attention.call_with_kv(
+        self.temporal_norm(x_BTND))
+    x_BTND = x_BTND + out_BTND
+    x_BTND = x_BTND + self.ffn(self.ffn_norm(x_BTND))
+    return x_BTND, k_BNKSE, v_BNKSE
+
+  def decode_frame(self, x_B1ND: jax.Array, k_BNKSE: jax.Array, v_BNKSE: jax.Array,
+                   num_valid: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The block on one new frame whose past frames' keys/values are cached.
+
+    Returns (x_B1ND, k_BNK1E, v_BNK1E): the output and the frame's temporal key/value.
+    """
+    x_B1ND = x_B1ND + self.spatial_attention(self.spatial_norm(x_B1ND))
+    out_B1ND, k_BNK1E, v_BNK1E = self.temporal_attention.attend_cached(
+        self.temporal_norm(x_B1ND), k_BNKSE, v_BNKSE, num_valid)
+    x_B1ND = x_B1ND + out_B1ND
+    x_B1ND = x_B1ND + self.ffn(self.ffn_norm(x_B1ND))
+    return x_B1ND, k_BNK1E, v_BNK1E
+
+
 def _block_call(block: STBlock, x_BTND: jax.Array) -> jax.Array:
   return block(x_BTND)
 
@@ -415,6 +499,60 @@ class STTransformer(nnx.Module):
     for block in self.blocks:
       x_BTND = block_call(block, x_BTND)
     return self.final_norm(x_BTND)
+
+
+  # --- Cached decoding: past frames never change, and temporal attention is causal, so each
+  # block's temporal keys/values of past frames can be kept while a new frame is generated.
+
+  def prefill(self, x_BTND: jax.Array) -> tuple[jax.Array, KVCache]:
+    """`__call__` on T past frames (positions 0..T-1), returning also their cache.
+
+    Returns:
+      (y_BTND, cache): cache holds one (k_BNKSE, v_BNKSE) pair per block with S = T slots.
+    """
+    t = x_BTND.shape[1]
+    if t > self.temporal_pos.shape[0]:
+      raise ValueError(f"clip has {t} frames but the model was built for max_frames="
+                       f"{self.temporal_pos.shape[0]}")
+    pos_TND = self.temporal_pos[:t, None, :] + self.spatial_pos[None, :, :]
+    x_BTND = (x_BTND + pos_TND).astype(self.dtype)
+    cache = []
+    for block in self.blocks:
+      x_BTND, k_BNKSE, v_BNKSE = block.call_with_kv(x_BTND)
+      cache.append((k_BNKSE, v_BNKSE))
+    return self.final_norm(x_BTND), cache
+
+  def decode_frame(self, x_B1ND: jax.Array, cache: KVCache, position: jax.Array
+                   ) -> tuple[jax.Array, KVCache]:
+    """One new frame at temporal `position`, attending to cache slots 0..position-1.
+
+    Equal (to rounding) to frame `position` of `__call__` on the cached frames followed by
+    this one. `position` may be traced, so one compiled program serves every frame.
+
+    Returns:
+      (y_B1ND, frame_kv): the output and the frame's (k_BNK1E, v_BNK1E) per block, for
+      `write_cache_slot` once the frame is final.
+    """
+    pos_1D = jax.lax.dynamic_slice_in_dim(self.temporal_pos[...], position, 1, axis=0)
+    x_B1ND = (x_B1ND + pos_1D[:, None, :] + self.spatial_pos[None, :, :]).astype(self.dtype)
+    frame_kv = []
+    for block, (k_BNKSE, v_BNKSE) in zip(self.blocks, cache):
+      x_B1ND, k_BNK1E, v_BNK1E = block.decode_frame(x_B1ND, k_BNKSE, v_BNKSE, position)
+      frame_kv.append((k_BNK1E, v_BNK1E))
+    return self.final_norm(x_B1ND), frame_kv
+
+
+KVCache = list[tuple[jax.Array, jax.Array]]
+
+
+def write_cache_slot(cache: KVCache, frame_kv: KVCache, slot: jax.Array) -> KVCache:
+  """The cache with one frame's keys/values (from `STTransformer.decode_frame`) at `slot`.
+
+  `slot` must be < S: dynamic_update_slice would clamp a larger one onto the last slot.
+  """
+  return [(jax.lax.dynamic_update_slice_in_dim(k, k_new.astype(k.dtype), slot, axis=3),
+           jax.lax.dynamic_update_slice_in_dim(v, v_new.astype(v.dtype), slot, axis=3))
+          for (k, v), (k_new, v_new) in zip(cache, frame_kv)]
 
 
 def patchify(video_BTHWC: jax.Array, patch_size: int) -> jax.Array:
