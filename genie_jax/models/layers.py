@@ -202,24 +202,9 @@ def _attention_core_bwd(causal, res, do):
   dp = jnp.einsum("...se,...te->...st", do_scaled, v, preferred_element_type=jnp.float32)
   dlogits = (unnormalised * (dp - row)).astype(dtype)
   dq = jnp.einsum("...st,...te->...se", dlogits, k)
-  dk = _contract_queries(dlogits, q)
-  dv = _contract_queries(unnormalised.astype(dtype), do_scaled)
+  dk = jnp.einsum("...st,...se->...te", dlogits, q)
+  dv = jnp.einsum("...st,...se->...te", unnormalised.astype(dtype), do_scaled)
   return dq, dk, dv
-
-
-def _contract_queries(a_st: jax.Array, b_se: jax.Array) -> jax.Array:
-  """einsum('...st,...se->...te'): contracts the query axis, the major axis of both.
-
-  XLA:CPU's fast matmul path wants the left operand contracted on its minor axis. When
-  the [S, T] operand is the larger one (spatial attention: T = N = 256 keys against E = 64),
-  transposing the small [S, E] operand and the [E, T] result and contracting
-  [E, S] x [S, T] is about twice as fast; for short axes (temporal attention) the plain
-  einsum is as fast.
-  """
-  if a_st.shape[-1] <= b_se.shape[-1]:
-    return jnp.einsum("...st,...se->...te", a_st, b_se)
-  out_ET = jnp.einsum("...es,...st->...et", jnp.swapaxes(b_se, -1, -2), a_st)
-  return jnp.swapaxes(out_ET, -1, -2)
 
 
 attention_core.defvjp(_attention_core_fwd, _attention_core_bwd)
