@@ -2,6 +2,7 @@ r"""Benchmarks the tokenizer's train step (forward, backward, AdamW) on this mac
 
   python benchmarks/tokenizer_step.py                       # all shapes
   python benchmarks/tokenizer_step.py --shapes=jasmine_ref --steps=5
+  python benchmarks/tokenizer_step.py --shapes=jasmine_ref --malloc=tcmalloc
 
 For each shape it prints compile time, median step time, steps/s, images/s (frames/s), XLA's
 FLOPs per step, model FLOPs utilisation against the best float32 matmul throughput measured
@@ -11,6 +12,7 @@ so the figures are the model's, not the data pipeline's.
 
 from __future__ import annotations
 
+import os
 import resource
 import statistics
 import sys
@@ -45,6 +47,24 @@ _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per shape (after one warm
 _BATCH = flags.DEFINE_integer("batch_size", 0, "Override every shape's batch size.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 _REMAT = flags.DEFINE_bool("remat", False, "Rematerialise each block.")
+_MALLOC = flags.DEFINE_enum(
+    "malloc", "system", ["system", "tcmalloc"],
+    "Host allocator. XLA:CPU allocates and frees several GB of temporaries per step; glibc "
+    "returns buffers over 32 MB to the OS and faults them in again, tcmalloc keeps them "
+    "(Debian: apt-get install libtcmalloc-minimal4).")
+
+_TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
+
+
+def _use_allocator(name: str) -> None:
+  """Re-executes this process with `name` preloaded, unless it already is."""
+  if name == "system" or _TCMALLOC in os.environ.get("LD_PRELOAD", ""):
+    return
+  if not os.path.exists(_TCMALLOC):
+    raise app.UsageError(f"--malloc=tcmalloc needs {_TCMALLOC}: "
+                         "apt-get install libtcmalloc-minimal4")
+  env = dict(os.environ, LD_PRELOAD=_TCMALLOC)
+  os.execve(sys.executable, [sys.executable] + sys.argv, env)
 
 
 def matmul_peak_flops(sizes=(1024, 2048, 3072), repeats=5) -> float:
@@ -114,10 +134,11 @@ def main(argv):
   unknown = set(_SHAPES.value) - set(SHAPES)
   if unknown:
     raise app.UsageError(f"--shapes: unknown {sorted(unknown)}; known: {list(SHAPES)}")
+  _use_allocator(_MALLOC.value)
   peak = matmul_peak_flops()
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()} "
         f"({jax.default_backend()}), jax {jax.__version__}, dtype {_DTYPE.value}, "
-        f"remat {_REMAT.value}")
+        f"remat {_REMAT.value}, malloc {_MALLOC.value}")
   print(f"float32 matmul peak measured: {peak / 1e9:.1f} GFLOP/s")
   columns = ("shape", "batch", "params_m", "compile_s", "step_s", "steps_per_s", "images_per_s",
              "gflop_per_step", "mfu", "xla_peak_mib", "rss_peak_mib", "first_loss", "last_loss")
