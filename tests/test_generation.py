@@ -173,3 +173,104 @@ def test_cache_built_frame_by_frame_equals_prefill():
   for (k, v), (k_full, v_full) in zip(cache, full_cache):
     np.testing.assert_allclose(k, k_full, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(v, v_full, atol=1e-5, rtol=1e-5)
+
+
+# --- Genie: cached vs full-window logits, compile-once rollouts, play ------------------------
+
+IMAGE, FRAMES, CODES, ACTIONS = 16, 4, 8, 3  # N = (16 / 8)^2 = 4 tokens per frame.
+
+
+def _world(conditioning="additive"):
+  from genie_jax.models import dynamics as dynamics_lib  # pylint: disable=g-import-not-at-top
+  from genie_jax.models import lam as lam_lib  # pylint: disable=g-import-not-at-top
+  from genie_jax.models import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  common = dict(image_size=IMAGE, patch_size=8, max_frames=FRAMES, d_model=16, num_heads=2,
+                enc_layers=1, dec_layers=1, latent_dim=4)
+  tok_cfg = tokenizer_lib.default_config()
+  tok_cfg.update(dict(common, num_codes=CODES))
+  lam_cfg = lam_lib.default_config()
+  lam_cfg.update(dict(common, num_actions=ACTIONS))
+  dyn_cfg = dynamics_lib.default_config()
+  dyn_cfg.update(dict(num_layers=2, d_model=16, num_heads=2, num_codes=CODES,
+                      tokens_per_frame=4, num_actions=ACTIONS, max_frames=FRAMES,
+                      action_conditioning=conditioning))
+  rngs = nnx.Rngs(0)
+  return dynamics_lib.WorldModel(tokenizer_lib.Tokenizer(tok_cfg, rngs=rngs),
+                                 lam_lib.LatentActionModel(lam_cfg, rngs=rngs),
+                                 dynamics_lib.DynamicsModel(dyn_cfg, rngs=rngs))
+
+
+def _video(batch, frames, seed=0):
+  rng = np.random.default_rng(seed)
+  return rng.integers(0, 256, (batch, frames, IMAGE, IMAGE, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("conditioning", ["additive", "prepend"])
+def test_cached_logits_equal_full_window_logits(conditioning):
+  from genie_jax import genie as genie_lib  # pylint: disable=g-import-not-at-top
+  dynamics = _world(conditioning).dynamics
+  rng = np.random.default_rng(0)
+  length = 7  # Longer than the 4-frame window: frames 4.. slide it.
+  tokens = jnp.asarray(rng.integers(0, CODES, (2, length, 4)), jnp.int32)
+  actions = jnp.asarray(rng.integers(0, ACTIONS, (2, length)), jnp.int32)
+
+  @nnx.jit(static_argnames="cached")
+  def logits(dynamics, tokens, f, current, mask, cached):
+    return genie_lib.frame_logits_fn(dynamics, tokens, actions, f, cached=cached)(current, mask)
+
+  for f in (1, 2, 3, 4, 6):
+    current = jnp.asarray(rng.integers(0, CODES, (2, 4)), jnp.int32)
+    mask = jnp.asarray(rng.random((2, 4)) < 0.5)
+    cached = logits(dynamics, tokens, jnp.int32(f), current, mask, True)
+    full = logits(dynamics, tokens, jnp.int32(f), current, mask, False)
+    np.testing.assert_allclose(cached, full, atol=1e-5, rtol=1e-5)
+    # The logits depend on the past frames in the window (the check is not vacuous).
+    moved = logits(dynamics, (tokens.at[:, f - 1].add(1)) % CODES, jnp.int32(f), current,
+                   mask, True)
+    assert not np.allclose(moved, cached, atol=1e-5)
+
+
+def test_rollout_compiles_once_and_matches_uncached_and_play():
+  from genie_jax import genie as genie_lib  # pylint: disable=g-import-not-at-top
+  from genie_jax import visualize  # pylint: disable=g-import-not-at-top
+  genie = genie_lib.Genie(_world())
+  prompt = _video(2, 2)
+  num = 6  # 2 + 6 = 8 frames: past both 4-frame windows (dynamics and tokenizer decoder).
+  actions = np.random.default_rng(1).integers(0, ACTIONS, (2, num))
+  video = genie.rollout(prompt, actions, rng=jax.random.key(0), num_steps=3, temperature=0.0)
+  other = genie.rollout(prompt, (actions + 1) % ACTIONS, rng=jax.random.key(1), num_steps=3,
+                        temperature=0.0)
+  # One program for every frame, step and action sequence.
+  assert genie._rollout._cache_size() == 1  # pylint: disable=protected-access
+  assert video.shape == (2, 2 + num, IMAGE, IMAGE, 3) and other.shape == video.shape
+  np.testing.assert_allclose(video[:, :2], prompt / 255.0, atol=1e-6)
+  assert float(video.min()) >= 0.0 and float(video.max()) <= 1.0
+
+  uncached = genie.rollout(prompt, actions, rng=jax.random.key(0), num_steps=3,
+                           temperature=0.0, cached=False)
+  np.testing.assert_allclose(uncached, video, atol=1e-4)
+
+  # Frame-by-frame play (argmax, so no randomness) generates the same frames, with one
+  # compiled step although its buffer fills and starts to roll after frame 4.
+  session = genie.start(prompt, num_steps=3, temperature=0.0)
+  for i in range(num):
+    frame = session.step(actions[:, i])
+    assert frame.shape == (IMAGE, IMAGE, 3) and frame.dtype == np.uint8
+  assert genie._play_step._cache_size() == 1  # pylint: disable=protected-access
+  assert session.frames.shape == (2, 2 + num, IMAGE, IMAGE, 3)
+  np.testing.assert_allclose(session.frames.astype(int),
+                             visualize.to_uint8(np.asarray(video)).astype(int), atol=1)
+
+
+def test_genie_rejects_bad_actions_and_prompts():
+  from genie_jax import genie as genie_lib  # pylint: disable=g-import-not-at-top
+  genie = genie_lib.Genie(_world())
+  prompt = _video(1, 1)
+  with pytest.raises(ValueError, match=r"action 3 is out of range.*\[0, 3\)"):
+    genie.rollout(prompt, np.array([[0, 3]]), rng=jax.random.key(0))
+  with pytest.raises(ValueError, match=r"action -1 is out of range"):
+    genie.start(prompt).step(-1)
+  with pytest.raises(ValueError, match="prompt has 4 frames; expected 1 to 3"):
+    genie.rollout(_video(1, 4), np.array([[0]]), rng=jax.random.key(0))
+  with pytest.raises(ValueError, match="prompt must be uint8"):
+    genie.rollout(prompt / 255.0, np.array([[0]]), rng=jax.random.key(0))
