@@ -11,6 +11,7 @@ from genie_jax.tasks.base import Task
 # stage name -> "module:Class"; imported lazily so a stage's dependencies load only when used.
 _TASKS = {
     "tokenizer": "genie_jax.tasks.tokenizer:TokenizerTask",
+    "lam": "genie_jax.tasks.lam:LatentActionTask",
     "dynamics": "genie_jax.tasks.dynamics:DynamicsTask",
 }
 

@@ -1,0 +1,81 @@
+r"""Stage 2: latent action model (LAM).
+
+Genie App. F (CoinRun case study) shapes by default: 64x64 frames, 16-frame clips, patch 16,
+d_model 512, 8 encoder + 8 decoder blocks, 8 heads, 6 latent actions x 32, batch 36, 200k
+steps, AdamW b1=b2=0.9, lr 3e-5 -> 3e-6 cosine, warmup 5k.
+
+The decoder sees only frame t when predicting frame t+1 (config.model.decoder_context_frames
+=1, not Genie's full past; see genie_jax/models/lam.py for why); set it to 0 for Genie's.
+
+Arguments (after the colon, comma separated):
+  data=builtin_world|coinrun|video_folder   dataset (default builtin_world, generated locally)
+  size=appf|cpu|tiny                        model size (appf = the paper's App. F shapes)
+  runlocal                                  a CPU-sized run: size=cpu unless given, small
+                                            batch, short schedule, frequent logs and evals,
+                                            and (coinrun) 300 + 20 episodes
+
+Examples:
+  # Default data, CPU-sized (a few minutes on 2 cores):
+  python -m genie_jax.main --config=configs/lam.py:runlocal --workdir=workdirs/lam
+  # CoinRun at App. F shapes on an accelerator:
+  python -m genie_jax.main --config=configs/lam.py:data=coinrun --workdir=workdirs/lam_cr
+"""
+
+import ml_collections
+
+import data_pipelines
+from genie_jax import config_lib
+from genie_jax.models import lam as lam_lib
+
+# Model sizes. `cpu` learns actions well above chance within minutes on 2 CPU cores;
+# `tiny` is for tests.
+SIZES = {
+    "appf": dict(),
+    "cpu": dict(d_model=128, num_heads=4, enc_layers=2, dec_layers=2),
+    "tiny": dict(patch_size=8, d_model=32, num_heads=2, enc_layers=1, dec_layers=1,
+                 latent_dim=8),
+}
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """The LAM config for `arg` (see the module docstring)."""
+  args = config_lib.parse_arg(arg, data="builtin_world", size="", runlocal=False)
+  size = args.size or ("cpu" if args.runlocal else "appf")
+  if size not in SIZES:
+    raise ValueError(f"config argument size={size!r}; choose one of {sorted(SIZES)}")
+
+  config = config_lib.base_config()
+  config.stage = "lam"
+  config.batch_size = 36
+  config.total_steps = 200_000
+  config.optimizer.lr = 3e-5
+  config.optimizer.end_lr = 3e-6
+  config.optimizer.warmup_steps = 5_000
+
+  config.data = data_pipelines.default_data_config(args.data)
+
+  config.model = lam_lib.default_config()
+  config.model.update(SIZES[size])
+  config.model.image_size = config.data.image_size
+  config.model.max_frames = config.data.clip_len
+
+  config.evals.latent_actions = ml_collections.ConfigDict(dict(
+      type="latent_actions", split="validation", batch_size=0, num_batches=8, num_images=4))
+
+  if args.runlocal:
+    config.batch_size = 8
+    config.total_steps = 400
+    config.optimizer.lr = 1e-3
+    config.optimizer.end_lr = 1e-4
+    config.optimizer.warmup_steps = 50
+    # With 6 codes a collapse onto one is quick; a fast usage EMA restarts it within tens of
+    # steps.
+    config.model.code_usage_decay = 0.9
+    config.log_every_steps = 10
+    config.images_every_steps = 200
+    config.eval_every_steps = 100
+    config.checkpoint.every_steps = 200
+    if args.data == "coinrun":
+      config.data.num_train_episodes = 300
+      config.data.num_val_episodes = 20
+  return config

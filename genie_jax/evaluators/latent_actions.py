@@ -1,0 +1,123 @@
+"""Latent actions on held-out clips: next-frame prediction PSNR, action codebook use and,
+where the data has true actions, how much the latent actions tell about them.
+
+Works for any task with a `predict_next(model, batch)` method returning a dict with 'pred'
+and 'target' ((B, T-1, H, W, C) floats in [0, 1]), 'actions' and 'true_actions'
+((B, T-1) int32; true -1 where unknown) and the static 'num_actions' (see
+genie_jax.tasks.lam.LatentActionTask).
+
+Scalars: psnr (mean over predicted frames), mse, codebook_usage (fraction of the A codes
+used on the split), codebook_perplexity, and with true actions nmi (arithmetic-mean
+normalised mutual information), accuracy (under the best one-to-one assignment of latent to
+true actions) and num_transitions. Images: predictions, and with true actions the confusion
+matrix (rows latent, columns true actions).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+import data_pipelines
+from genie_jax import action_metrics
+from genie_jax import sharding
+from genie_jax import train_state
+from genie_jax import visualize
+from genie_jax.data import input_pipeline
+
+
+class LatentActionEvaluator:
+  """Streams the evaluation split (or `num_batches` of it) once per run."""
+
+  def __init__(self, name: str, eval_cfg: ml_collections.ConfigDict,
+               config: ml_collections.ConfigDict, task, spec: train_state.StateSpec):
+    self.name = name
+    self.cfg = eval_cfg
+    self.config = config
+    self.task = task
+    self.spec = spec
+    self.batch_size = eval_cfg.batch_size or config.batch_size
+    dp = spec.mesh.shape["data"] * spec.mesh.shape["fsdp"]
+    if self.batch_size % dp or self.batch_size % jax.process_count():
+      raise ValueError(
+          f"config.evals.{name}.batch_size={self.batch_size} must be divisible by the "
+          f"data-parallel size {dp} and the {jax.process_count()} processes")
+    builder = data_pipelines.make_builder(config.data)
+    # 0 for datasets without actions (video_folder): then no NMI or confusion matrix.
+    self.num_true_actions = int(getattr(builder, "NUM_ACTIONS", 0))
+    self.true_action_names = list(getattr(builder, "ACTION_NAMES", ()))
+    replicated = sharding.replicated(spec.mesh)
+    self._stats = jax.jit(self._batch_stats, out_shardings=replicated)
+    self._predict = jax.jit(self._predict_next, out_shardings=replicated)
+
+  def _dataset(self):
+    # Padding rows (episode_id -1) fill the last batch so that no clip is dropped.
+    return input_pipeline.make_eval_dataset(
+        self.config.data, self.cfg.split, global_batch_size=self.batch_size,
+        num_batches=self.cfg.num_batches or None, drop_remainder=False)
+
+  def _model(self, params, model_state):
+    return nnx.merge(self.spec.graphdef, params, model_state, copy=True)
+
+  def _predict_next(self, params, model_state, batch):
+    with sharding.activation_rules(self.spec.mesh, self.spec.rules):
+      return self.task.predict_next(self._model(params, model_state), batch)
+
+  def _batch_stats(self, params, model_state, batch):
+    out = self._predict_next(params, model_state, batch)
+    valid_B = (batch["episode_id"] >= 0).astype(jnp.float32)
+    mse_BT = jnp.mean(jnp.square(out["target"] - out["pred"]), axis=(-3, -2, -1))
+    # A perfect frame would give an infinite PSNR; 100 dB caps it (MSE 1e-10).
+    psnr_BT = -10.0 * jnp.log10(jnp.maximum(mse_BT, 1e-10))
+    t = mse_BT.shape[1]
+    # Padding rows get the latent action -1, which the host-side counting skips.
+    actions_BT = jnp.where(valid_B[:, None] > 0, out["actions"], -1)
+    true_BT = jnp.where(valid_B[:, None] > 0, out["true_actions"], -1)
+    return dict(psnr=jnp.sum(psnr_BT * valid_B[:, None]),
+                mse=jnp.sum(mse_BT * valid_B[:, None]),
+                frames=jnp.sum(valid_B) * t, actions=actions_BT, true_actions=true_BT)
+
+  def run(self, state) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """Returns ({metric: value}, {image name: uint8 HWC picture})."""
+    sums = dict(psnr=0.0, mse=0.0, frames=0.0)
+    latent, true = [], []
+    first_batch = None
+    num_actions = self.config.model.num_actions
+    for local_batch in self._dataset():
+      batch = input_pipeline.to_global_batch(local_batch, self.spec.batch_sharding)
+      if first_batch is None:
+        first_batch = batch
+      stats = jax.device_get(self._stats(state["params"], state["model_state"], batch))
+      for key in sums:
+        sums[key] += float(stats[key])
+      latent.append(np.asarray(stats["actions"]).reshape(-1))
+      true.append(np.asarray(stats["true_actions"]).reshape(-1))
+    if first_batch is None or sums["frames"] == 0:
+      raise ValueError(
+          f"config.evals.{self.name}: split {self.cfg.split!r} of dataset "
+          f"{self.config.data.name!r} gave no clip; generate more validation episodes")
+    latent, true = np.concatenate(latent), np.concatenate(true)
+    counts = np.bincount(latent[latent >= 0], minlength=num_actions).astype(np.float64)
+    probs = counts / max(counts.sum(), 1.0)
+    entropy = -np.sum(probs[probs > 0] * np.log(probs[probs > 0]))
+    scalars = dict(psnr=sums["psnr"] / sums["frames"], mse=sums["mse"] / sums["frames"],
+                   codebook_usage=float(np.mean(counts > 0)),
+                   codebook_perplexity=float(np.exp(entropy)), num_frames=sums["frames"])
+
+    shown = jax.device_get(self._predict(state["params"], state["model_state"], first_batch))
+    n = min(self.cfg.num_images, shown["pred"].shape[0])
+    images = {"predictions": visualize.video_grid([shown["target"][:n], shown["pred"][:n]])}
+
+    known = (latent >= 0) & (true >= 0)
+    if self.num_true_actions and np.any(known):
+      confusion = action_metrics.confusion_matrix(latent[known], true[known], num_actions,
+                                                  self.num_true_actions)
+      scalars.update(nmi=action_metrics.normalized_mutual_information(confusion),
+                     accuracy=action_metrics.assignment_accuracy(confusion),
+                     num_transitions=float(confusion.sum()))
+      images["confusion"] = action_metrics.confusion_image(
+          confusion, true_names=self.true_action_names or None)
+    return scalars, images

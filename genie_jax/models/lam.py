@@ -1,0 +1,253 @@
+"""Latent action model, LAM (Genie stage 2, section 2.1).
+
+Encoder: video_BTHWC -> patches -> Linear P->D, plus one learned action token per frame
+(N + 1 tokens) -> causal ST-transformer -> the action tokens of frames 2..T -> Linear D->L
+-> z_BTL, one continuous latent per transition t -> t+1 -> VQ with A codes -> actions_BT.
+The action token of frame t+1 sees frames 1..t+1 (temporal attention is causal): it can
+see what changed, which is its job.
+
+Decoder: the patch embeddings of frames 1..T-1, the quantised action of transition t (Linear
+L->D) added to every token of frame t -> causal ST-transformer -> Linear D->P -> frame t+1.
+The prediction of frame t+1 depends on frames 1..t and actions 1..t only.
+
+Why the decoder sees only the last `decoder_context_frames` frames (default 1). Genie's
+decoder sees all of x_1..x_t. With a policy that repeats actions (Genie's random agents and
+the built-in world's sticky policy) the past frames already tell the decoder which action is
+being taken, so it learns to predict the next frame from them and the latent action carries
+nothing: the known failure of this model. Given frame t alone, the only source of what
+happens next is the latent action, so the encoder has to put the transition into it. The
+cost: things that move on their own (balls) cannot be extrapolated from one frame, so their
+motion competes for the A codes; with few codes the agent's action, which moves most of the
+pixels the decoder cannot otherwise predict, wins. 0 restores Genie's full causal context.
+
+Why the decoder predicts a residual (`predict_residual`, default True): frame t+1 is mostly
+frame t; predicting x_{t+1} - x_t spares the decoder copying the frame through a bottleneck
+of patch-16 tokens, and leaves it the change, which is what the action explains.
+
+Training loss: mean((pred - frames 2..T)**2) + out['vq_loss'].
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from genie_jax.models import layers
+from genie_jax.models import tokenizer as tokenizer_lib
+from genie_jax.models import vq
+
+
+def default_config() -> ml_collections.ConfigDict:
+  """config.model for the LAM; defaults are Genie App. F (CoinRun) shapes.
+
+  Keys:
+    image_size, patch_size, channels, max_frames, d_model, num_heads, mlp_ratio,
+    enc_layers, dec_layers, latent_dim, commitment_beta, vq_normalize, code_usage_decay,
+    dead_code_threshold, qk_norm, qk_norm_kind, dtype, param_dtype, remat, remat_policy,
+    attention_impl: as in `genie_jax.models.tokenizer.default_config`.
+    num_actions: A, the latent-action codebook size.
+    decoder_context_frames: how many of the latest frames (t, t-1, ...) the decoder sees
+      when predicting frame t+1; 0 means all of frames 1..t, as in Genie. See the module
+      docstring for why the default is 1.
+    predict_residual: the decoder predicts frame t+1 - frame t (see the module docstring).
+  """
+  cfg = ml_collections.ConfigDict(dict(
+      image_size=64,
+      patch_size=16,
+      channels=3,
+      max_frames=16,
+      d_model=512,
+      num_heads=8,
+      mlp_ratio=4,
+      enc_layers=8,
+      dec_layers=8,
+      latent_dim=32,
+      num_actions=6,
+      commitment_beta=0.25,
+      vq_loss_weight=1.0,
+      vq_normalize=False,
+      code_usage_decay=0.99,
+      dead_code_threshold=0.1,
+      decoder_context_frames=1,
+      predict_residual=True,
+      qk_norm=False,
+      qk_norm_kind="layernorm",
+      dtype="float32",
+      param_dtype="float32",
+      remat=False,
+      remat_policy="full",
+      attention_impl="xla",
+  ))
+  cfg.lock()
+  return cfg
+
+
+def validate_config(cfg: ml_collections.ConfigDict) -> None:
+  """Raises ValueError, naming the config.model key, for a config the model cannot use."""
+  # The shared keys mean what they mean for the tokenizer; num_codes is num_actions here.
+  shared = {k: v for k, v in cfg.items()
+            if k not in ("num_actions", "decoder_context_frames", "predict_residual",
+                         "vq_loss_weight")}
+  tokenizer_lib.validate_config(ml_collections.ConfigDict(dict(shared, num_codes=1)))
+  if cfg.num_actions < 2:
+    raise ValueError(f"config.model.num_actions={cfg.num_actions} must be at least 2: one "
+                     f"code carries no information")
+  if not 0 <= cfg.decoder_context_frames <= cfg.max_frames:
+    raise ValueError(f"config.model.decoder_context_frames={cfg.decoder_context_frames} "
+                     f"must be in [0, config.model.max_frames={cfg.max_frames}]")
+  if cfg.max_frames < 2:
+    raise ValueError(f"config.model.max_frames={cfg.max_frames} must be at least 2: a "
+                     f"latent action needs a transition")
+
+
+def _last_frames(x_BTND: jax.Array, k: int) -> jax.Array:
+  """Windows of the k latest frames ending at each frame: x_BTND -> x_ISND, I = B*T, S = k.
+
+  Windows that would start before the clip are left-padded with zeros (no frame), so every
+  window is causal and as long as every other.
+  """
+  b, t, n, d = x_BTND.shape
+  padded_BTND = jnp.pad(x_BTND, ((0, 0), (k - 1, 0), (0, 0), (0, 0)))
+  x_BTSND = jnp.stack([padded_BTND[:, j:j + t] for j in range(k)], axis=2)
+  return x_BTSND.reshape(b * t, k, n, d)
+
+
+class LatentActionModel(nnx.Module):
+  """Encoder + action VQ + decoder; config keys: see `default_config`."""
+
+  def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
+    validate_config(cfg)
+    qk_norm = cfg.qk_norm_kind if cfg.qk_norm else None
+    remat = cfg.remat_policy if cfg.remat else None
+    dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    self.image_size = cfg.image_size
+    self.patch_size = cfg.patch_size
+    self.channels = cfg.channels
+    self.decoder_context_frames = cfg.decoder_context_frames
+    self.predict_residual = cfg.predict_residual
+    patch_dim = cfg.patch_size ** 2 * cfg.channels
+    n = (cfg.image_size // cfg.patch_size) ** 2
+    d = cfg.d_model
+    transformer = lambda num_layers, num_tokens: layers.STTransformer(
+        num_layers, d, cfg.num_heads, num_tokens=num_tokens, max_frames=cfg.max_frames,
+        mlp_ratio=cfg.mlp_ratio, qk_norm=qk_norm, dtype=dtype, param_dtype=param_dtype,
+        attention_impl=cfg.attention_impl, remat=remat, rngs=rngs)
+    linear = lambda n_in, n_out, names: layers.Linear(
+        n_in, n_out, names=names, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.enc_patch_embed = linear(patch_dim, d, ("patch", "embed"))
+    self.action_token = layers.param(rngs, jax.nn.initializers.normal(0.02), (d,),
+                                     ("embed",), param_dtype)
+    self.encoder = transformer(cfg.enc_layers, n + 1)
+    self.to_latent = linear(d, cfg.latent_dim, ("embed", "latent"))
+    self.vq = vq.VectorQuantizer(
+        cfg.num_actions, cfg.latent_dim, commitment_beta=cfg.commitment_beta,
+        normalize=cfg.vq_normalize, usage_decay=cfg.code_usage_decay,
+        dead_code_threshold=cfg.dead_code_threshold, param_dtype=param_dtype, rngs=rngs)
+    self.dec_patch_embed = linear(patch_dim, d, ("patch", "embed"))
+    self.action_embed = linear(cfg.latent_dim, d, ("latent", "embed"))
+    self.decoder = transformer(cfg.dec_layers, n)
+    self.to_pixels = linear(d, patch_dim, ("embed", "patch"))
+    if self.predict_residual:
+      # The residual starts at zero, so training starts from "copy frame t" (the best
+      # action-free guess for most pixels) instead of frame t plus unit-variance noise,
+      # which the decoder would first have to unlearn.
+      self.to_pixels.kernel[...] = jnp.zeros_like(self.to_pixels.kernel[...])
+
+  @property
+  def num_actions(self) -> int:
+    """A, the number of latent actions."""
+    return self.vq.num_codes
+
+  @property
+  def action_codebook(self) -> jax.Array:
+    """The latent-action codes as matched and decoded: (A, L) float32."""
+    return self.vq.codes()
+
+  def _patches(self, video_BTHWC: jax.Array) -> jax.Array:
+    expected = (self.image_size, self.image_size, self.channels)
+    if video_BTHWC.ndim != 5 or tuple(video_BTHWC.shape[2:]) != expected:
+      raise ValueError(f"video must be (B, T, {', '.join(map(str, expected))}) for "
+                       f"config.model image_size={self.image_size}, "
+                       f"channels={self.channels}; got {video_BTHWC.shape}")
+    # Centred pixels give the patch embeddings zero-mean inputs.
+    x_BTHWC = tokenizer_lib.to_unit_interval(video_BTHWC) * 2.0 - 1.0
+    return layers.patchify(x_BTHWC, self.patch_size)
+
+  def encode_latents(self, video_BTHWC: jax.Array) -> jax.Array:
+    """Continuous latent actions z_BTL (float32) of the T-1 transitions of a clip."""
+    if video_BTHWC.shape[1] < 2:
+      raise ValueError(f"a clip needs at least 2 frames for a latent action; got "
+                       f"{video_BTHWC.shape}")
+    x_BTND = self.enc_patch_embed(self._patches(video_BTHWC))
+    b, t, _, d = x_BTND.shape
+    token_BT1D = jnp.broadcast_to(self.action_token[...].astype(x_BTND.dtype), (b, t, 1, d))
+    x_BTND = self.encoder(jnp.concatenate([x_BTND, token_BT1D], axis=2))
+    # The action token of frame t+1 (index t+1 - 1) names transition t -> t+1.
+    return self.to_latent(x_BTND[:, 1:, -1, :]).astype(jnp.float32)
+
+  def decode(self, frames_BTHWC: jax.Array, zq_BTL: jax.Array) -> jax.Array:
+    """Predicts frames 2..T+1 from frames 1..T and the quantised actions of transitions
+    1..T (zq_BTL[:, t] = action taken at frame t): float32 in [0, 1] scale, unclipped."""
+    patches_BTNP = self._patches(frames_BTHWC)
+    b, t, n, _ = patches_BTNP.shape
+    x_BTND = self.dec_patch_embed(patches_BTNP)
+    a_BT1D = self.action_embed(zq_BTL)[:, :, None, :]
+    k = self.decoder_context_frames
+    if k == 0:
+      x_BTND = self.decoder(x_BTND + a_BT1D.astype(x_BTND.dtype))
+    else:
+      # The action joins the last frame of each window, i.e. frame t for target t+1.
+      a_I1ND = a_BT1D.reshape(b * t, 1, 1, -1).astype(x_BTND.dtype)
+      x_ISND = _last_frames(x_BTND, k)
+      x_ISND = x_ISND.at[:, -1:].add(a_I1ND)
+      x_BTND = self.decoder(x_ISND)[:, -1].reshape(b, t, n, -1)
+    delta_BTNP = self.to_pixels(x_BTND).astype(jnp.float32)
+    out_BTHWC = layers.unpatchify(delta_BTNP, self.patch_size, self.image_size,
+                                  self.image_size)
+    if self.predict_residual:
+      # Residual in the centred [-1, 1] scale: half of it in [0, 1] scale.
+      return tokenizer_lib.to_unit_interval(frames_BTHWC) + 0.5 * out_BTHWC
+    return (out_BTHWC + 1.0) * 0.5
+
+  def predict(self, frames_BTHWC: jax.Array, actions_BT: jax.Array) -> jax.Array:
+    """Predicts frames 2..T+1 from frames 1..T and latent action indices actions_BT (int,
+    in [0, A)): float32 in [0, 1] scale, unclipped."""
+    return self.decode(frames_BTHWC, self.vq.lookup(actions_BT))
+
+  def infer_actions(self, video_BTHWC: jax.Array) -> jax.Array:
+    """Latent actions of a clip: (B, T-1) int32 in [0, A); [:, t] is the action of the
+    transition frame t -> frame t+1. uint8 or [0, 1] float video. Leaves the usage EMA
+    alone."""
+    _, actions_BT, _ = self.vq(self.encode_latents(video_BTHWC), train=False)
+    return actions_BT
+
+  def __call__(self, video_BTHWC: jax.Array, *, train: bool) -> dict[str, jax.Array]:
+    """Infers the latent actions of a clip and predicts its frames 2..T from them.
+
+    Args:
+      video_BTHWC: uint8 in [0, 255] or float in [0, 1], T >= 2.
+      train: update the codebook usage EMA.
+
+    Returns:
+      'pred': float32 (B, T-1, H, W, C) in [0, 1] scale (unclipped) predicting frames 2..T;
+      'actions': int32 (B, T-1), action of transition t -> t+1; 'z': z_BTL float32 latents
+      before quantisation (candidates for `restart_dead_codes`); 'vq_loss' (codebook +
+      beta * commitment), 'codebook_loss', 'commitment_loss', 'perplexity', 'usage': see
+      `VectorQuantizer`.
+    """
+    z_BTL = self.encode_latents(video_BTHWC)
+    zq_BTL, actions_BT, aux = self.vq(z_BTL, train=train)
+    out = {
+        "pred": self.decode(video_BTHWC[:, :-1], zq_BTL),
+        "actions": actions_BT,
+        "z": z_BTL,
+        "vq_loss": aux.pop("loss"),
+    }
+    out.update(aux)
+    return out
+
+  def restart_dead_codes(self, z_BTL: jax.Array, key: jax.Array) -> jax.Array:
+    """Restarts dead action codes from this batch's latents `z`; returns how many."""
+    return self.vq.restart_dead_codes(z_BTL, key)
