@@ -55,3 +55,82 @@ def save_png(path: str, image_HWC: np.ndarray) -> None:
 def save_gif(path: str, video_THWC: np.ndarray, fps: int = 8) -> None:
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   iio.imwrite(path, to_uint8(video_THWC), extension=".gif", duration=1000 / fps, loop=0)
+
+
+def label_frames(video_THWC: np.ndarray, labels: list[str | None], *, scale: int = 1
+                 ) -> np.ndarray:
+  """Frames enlarged `scale` times (nearest neighbour) with a label drawn top-left on each.
+
+  A label of None leaves its frame unmarked (e.g. prompt frames, caused by no action).
+  """
+  from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top
+  video = to_uint8(video_THWC)
+  if len(labels) != video.shape[0]:
+    raise ValueError(f"{len(labels)} labels for {video.shape[0]} frames")
+  video = np.repeat(np.repeat(video, scale, axis=1), scale, axis=2)
+  out = []
+  for frame, label in zip(video, labels):
+    image = Image.fromarray(frame)
+    if label:
+      draw = ImageDraw.Draw(image)
+      # A dark box behind white text keeps it readable on any background.
+      left, top, right, bottom = draw.textbbox((2, 1), label)
+      draw.rectangle((0, 0, right + 2, bottom + 1), fill=(0, 0, 0))
+      draw.text((2, 1), label, fill=(255, 255, 255))
+    out.append(np.asarray(image))
+  return np.stack(out)
+
+
+def save_mp4(path: str, video_THWC: np.ndarray, fps: int = 8) -> bool:
+  """Writes an MP4 if imageio-ffmpeg is installed; returns whether it did."""
+  try:
+    import imageio_ffmpeg  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    return False
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  video = to_uint8(video_THWC)
+  # H.264 wants even frame sides.
+  video = video[:, :video.shape[1] // 2 * 2, :video.shape[2] // 2 * 2]
+  iio.imwrite(path, video, extension=".mp4", fps=fps, codec="libx264", macro_block_size=1)
+  return True
+
+
+_PLOT_COLOURS = ((31, 119, 180), (214, 39, 40), (44, 160, 44), (148, 103, 189), (255, 127, 14))
+
+
+def line_plot(curves: dict[str, np.ndarray], *, title: str = "", x_start: int = 0,
+              width: int = 480, height: int = 320) -> np.ndarray:
+  """A small line chart (uint8 HWC) of named curves over x = x_start, x_start + 1, ...
+
+  Drawn with PIL so that pictures need no plotting library; axes carry the y range, a zero
+  line is drawn when the range spans zero.
+  """
+  from PIL import Image, ImageDraw  # pylint: disable=g-import-not-at-top
+  ys = [np.asarray(v, np.float64) for v in curves.values()]
+  finite = np.concatenate([y[np.isfinite(y)] for y in ys] + [np.zeros(1)])
+  lo, hi = float(finite.min()), float(finite.max())
+  if hi - lo < 1e-9:
+    lo, hi = lo - 1.0, hi + 1.0
+  pad_l, pad_r, pad_t, pad_b = 56, 16, 28, 28
+  img = Image.new("RGB", (width, height), (255, 255, 255))
+  draw = ImageDraw.Draw(img)
+  n = max(len(y) for y in ys)
+  to_x = lambda i: pad_l + (width - pad_l - pad_r) * (i / max(n - 1, 1))
+  to_y = lambda v: pad_t + (height - pad_t - pad_b) * (hi - v) / (hi - lo)
+  draw.rectangle([pad_l, pad_t, width - pad_r, height - pad_b], outline=(0, 0, 0))
+  if lo < 0 < hi:
+    draw.line([pad_l, to_y(0.0), width - pad_r, to_y(0.0)], fill=(160, 160, 160))
+  for v in (lo, hi):
+    draw.text((4, to_y(v) - 6), f"{v:.3g}", fill=(0, 0, 0))
+  for i in range(n):
+    draw.text((to_x(i) - 4, height - pad_b + 6), str(x_start + i), fill=(0, 0, 0))
+  draw.text((pad_l, 6), title, fill=(0, 0, 0))
+  for c, (name, y) in enumerate(zip(curves, ys)):
+    colour = _PLOT_COLOURS[c % len(_PLOT_COLOURS)]
+    points = [(to_x(i), to_y(v)) for i, v in enumerate(y) if np.isfinite(v)]
+    if len(points) > 1:
+      draw.line(points, fill=colour, width=2)
+    for x, y_ in points:
+      draw.ellipse([x - 2, y_ - 2, x + 2, y_ + 2], fill=colour)
+    draw.text((width - pad_r - 150, pad_t + 6 + 14 * c), name, fill=colour)
+  return np.asarray(img)

@@ -2,6 +2,7 @@
 
 import functools
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -274,3 +275,72 @@ def test_genie_rejects_bad_actions_and_prompts():
     genie.rollout(_video(1, 4), np.array([[0]]), rng=jax.random.key(0))
   with pytest.raises(ValueError, match="prompt must be uint8"):
     genie.rollout(prompt / 255.0, np.array([[0]]), rng=jax.random.key(0))
+
+
+# --- End to end: a world model restored from stage workdirs, and the generate CLI ------------
+
+
+def _save_stage(workdir, config, seed):
+  """A stage workdir as the trainer leaves it (config.json + a checkpoint), with random
+  weights instead of training (fast)."""
+  from genie_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from genie_jax import sharding  # pylint: disable=g-import-not-at-top
+  from genie_jax import tasks  # pylint: disable=g-import-not-at-top
+  from genie_jax import train_state  # pylint: disable=g-import-not-at-top
+  task = tasks.get_task(config)
+  spec = train_state.make_state_spec(
+      task, config, sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1]))
+  checkpointing.save_config(workdir, config)
+  ckpt = checkpointing.Checkpointer(workdir, config.checkpoint, config)
+  ckpt.save(2, spec.init(jax.random.key(seed)), force=True)
+  ckpt.close()
+
+
+@pytest.fixture(scope="module")
+def dynamics_workdir(tmp_path_factory, tiny_data_dir):
+  import data_pipelines  # pylint: disable=g-import-not-at-top
+  from configs import dynamics as dynamics_config  # pylint: disable=g-import-not-at-top
+  from configs import lam as lam_config  # pylint: disable=g-import-not-at-top
+  from configs import tokenizer as tokenizer_config  # pylint: disable=g-import-not-at-top
+
+  def tiny(config):
+    config.data.update(dict(data_dir=tiny_data_dir, image_size=32, clip_len=8,
+                            num_train_episodes=8, num_val_episodes=4, episode_len=40))
+    config.model.max_frames = 8
+    config.checkpoint.async_save = False
+    return config
+
+  root = tmp_path_factory.mktemp("genie")
+  dirs = {name: str(root / name) for name in ("tok", "lam", "dyn")}
+  for name, module, seed in (("tok", tokenizer_config, 1), ("lam", lam_config, 2)):
+    config = tiny(module.get_config("size=tiny,runlocal"))
+    config.model.image_size = 32
+    _save_stage(dirs[name], config, seed)
+  config = tiny(dynamics_config.get_config(
+      f"size=tiny,runlocal,tokenizer_workdir={dirs['tok']},lam_workdir={dirs['lam']}"))
+  data_pipelines.get_builder(config.data, prepare=True)
+  _save_stage(dirs["dyn"], config, 3)
+  return dirs["dyn"]
+
+
+def test_genie_from_workdir_rollout_and_generate_cli(dynamics_workdir, tmp_path):
+  from genie_jax import generate  # pylint: disable=g-import-not-at-top
+  from genie_jax import genie as genie_lib  # pylint: disable=g-import-not-at-top
+  genie = genie_lib.Genie.from_workdir(dynamics_workdir)
+  assert genie.step == 2 and genie.max_frames == 8
+  video = np.asarray(np.random.default_rng(0).integers(0, 256, (1, 3, 32, 32, 3)), np.uint8)
+  tokens = genie.tokenize(video)
+  assert tokens.shape == (1, 3, 16)
+  assert genie.detokenize(tokens).shape == (1, 3, 32, 32, 3)
+  assert genie.infer_actions(video).shape == (1, 2)
+
+  out = str(tmp_path / "gen")
+  result = generate.generate(dynamics_workdir, num_frames=3, actions="inferred", num_steps=2,
+                             num_videos=2, out_dir=out, scale=1)
+  assert result["video"].shape == (2, 4, 32, 32, 3)
+  assert result["actions"].shape == (2, 3)
+  assert os.path.exists(os.path.join(out, "video_1.gif"))
+  with pytest.raises(ValueError, match=r"out of range.*\[0, 6\)"):
+    generate.generate(dynamics_workdir, actions="0,6", num_steps=1, num_videos=1, out_dir=out)
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    generate.generate(str(tmp_path / "nowhere"))
