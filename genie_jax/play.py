@@ -1,7 +1,7 @@
 r"""Play a trained Genie world model in a web browser.
 
   python -m genie_jax.play --workdir=workdirs/dyn [--port=8000] [--host=127.0.0.1] \
-      [--step=N] [--num_steps=25] [--temperature=1.0] [--seed=0]
+      [--step=N] [--num_steps=25] [--temperature=1.0] [--seed=0] [--arrow_actions=0,1,2,3]
 
 then open http://127.0.0.1:8000/. Pick a prompt frame (the first frames of a few validation
 clips, or "random"), then press number keys 1..9, 0 (latent actions 0..9) or the arrow keys
@@ -41,16 +41,16 @@ from absl import app
 from absl import flags
 from absl import logging
 import imageio.v3 as iio
+import jax
 import numpy as np
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A dynamics workdir written by genie_jax.main.")
 _PORT = flags.DEFINE_integer("port", 8000, "Port to serve the page on.")
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to serve on (0.0.0.0: all).")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default: the latest.")
-_NUM_STEPS = flags.DEFINE_integer("num_steps", None,
-                                  "MaskGIT decoding steps per frame; default: the model's.")
-_TEMPERATURE = flags.DEFINE_float("temperature", None,
-                                  "Sampling temperature; default: the model's.")
+_NUM_STEPS = flags.DEFINE_integer("num_steps", 25, "MaskGIT decoding steps per frame (Genie: 25).")
+_TEMPERATURE = flags.DEFINE_float("temperature", 1.0,
+                                  "Sampling temperature (Genie: 1.0 on CoinRun; 0: argmax).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the sampler and of the random prompt.")
 _NUM_PROMPTS = flags.DEFINE_integer("num_prompts", 32,
                                     "Validation clips whose frames can be prompts.")
@@ -296,32 +296,52 @@ def load_prompts(workdir: str, num_clips: int) -> np.ndarray:
   return np.asarray(batch["video"])[np.asarray(batch["episode_id"]) >= 0]
 
 
-def load_world(workdir: str, step: int | None, num_steps: int | None,
-               temperature: float | None, seed: int) -> World:
-  """The trained Genie of a dynamics workdir, with the sampling options given."""
-  from genie_jax import genie  # pylint: disable=g-import-not-at-top
-  sampling = dict(num_steps=num_steps, temperature=temperature)
-  sampling = {k: v for k, v in sampling.items() if v is not None}
-  return genie.Genie.from_workdir(workdir, step=step, seed=seed, **sampling)
+class SampledGenie:
+  """A `World` playing a trained genie.Genie with fixed sampling options.
+
+  Every episode gets its own sampling key (folded from `seed`), so a reset does not replay
+  the same samples, while the whole sequence of episodes is reproducible.
+  """
+
+  def __init__(self, genie: Any, *, num_steps: int, temperature: float, seed: int):
+    self.genie = genie
+    self.num_actions = int(genie.num_actions)
+    self._sampling = dict(num_steps=num_steps, temperature=temperature)
+    self._seed = seed
+    self._episodes = 0
+
+  def start(self, prompt_BTHWC: np.ndarray) -> PlaySession:
+    rng = jax.random.fold_in(jax.random.key(self._seed), self._episodes)
+    self._episodes += 1
+    return self.genie.start(prompt_BTHWC, rng=rng, **self._sampling)
+
+
+def load_world(workdir: str, *, step: int | None = None, num_steps: int = 25,
+               temperature: float = 1.0, seed: int = 0) -> SampledGenie:
+  """The trained Genie of a dynamics workdir (its tokenizer and LAM come with it)."""
+  # Imported here: serving itself needs no model code (tests serve stand-in worlds).
+  from genie_jax import genie as genie_lib  # pylint: disable=g-import-not-at-top
+  return SampledGenie(genie_lib.Genie.from_workdir(workdir, step=step), num_steps=num_steps,
+                      temperature=temperature, seed=seed)
 
 
 def main(argv):
   del argv
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required.")
-  if _NUM_STEPS.value is not None and _NUM_STEPS.value < 1:
+  if _NUM_STEPS.value < 1:
     raise app.UsageError(f"--num_steps={_NUM_STEPS.value} must be at least 1.")
-  if _TEMPERATURE.value is not None and _TEMPERATURE.value < 0:
+  if _TEMPERATURE.value < 0:
     raise app.UsageError(f"--temperature={_TEMPERATURE.value} must be >= 0.")
   try:
     arrow_actions = tuple(int(a) for a in _ARROW_ACTIONS.value)
   except ValueError as e:
     raise app.UsageError(f"--arrow_actions={_ARROW_ACTIONS.value}: {e}") from e
-  world = load_world(_WORKDIR.value, _STEP.value, _NUM_STEPS.value, _TEMPERATURE.value,
-                     _SEED.value)
+  world = load_world(_WORKDIR.value, step=_STEP.value, num_steps=_NUM_STEPS.value,
+                     temperature=_TEMPERATURE.value, seed=_SEED.value)
   prompts_BTHWC = load_prompts(_WORKDIR.value, _NUM_PROMPTS.value)
   game = Game(world, prompts_BTHWC, arrow_actions=arrow_actions, seed=_SEED.value,
-              title=f"{_WORKDIR.value} (step {_STEP.value or 'latest'})")
+              title=f"{_WORKDIR.value} (step {world.genie.step})")
   server = PlayServer(game, _HOST.value, _PORT.value)
   logging.info("Serving Genie on %s (Ctrl-C stops).", server.url)
   try:

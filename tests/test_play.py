@@ -14,11 +14,13 @@ import urllib.request
 import imageio.v3 as iio
 import numpy as np
 import pytest
+from flax import nnx
 
 import data_pipelines
 from configs import tokenizer as tokenizer_config
 from genie_jax import checkpointing
 from genie_jax import play
+from genie_jax import tasks
 
 NUM_ACTIONS = 6
 ARROW_ACTIONS = (5, 4, 3, 0)  # Left, Right, Up, Down: not the identity, so the mapping shows.
@@ -90,12 +92,12 @@ def served_fixture():
   thread.join()
 
 
-def request(server, path, body=None):
+def request(server, path, body=None, timeout=30):
   """(HTTP status, parsed JSON or raw bytes) of GET path, or POST path with a JSON body."""
   data = None if body is None else (body if isinstance(body, bytes) else json.dumps(body).encode())
   req = urllib.request.Request(server.url.rstrip("/") + path, data=data)
   try:
-    with urllib.request.urlopen(req, timeout=10) as r:
+    with urllib.request.urlopen(req, timeout=timeout) as r:
       status, content, kind = r.status, r.read(), r.headers["Content-Type"]
   except urllib.error.HTTPError as e:
     status, content, kind = e.code, e.read(), e.headers["Content-Type"]
@@ -169,10 +171,20 @@ def test_one_generation_at_a_time(served):
   assert sorted(answer["t"] for status, answer in answers if status == 200) == list(range(1, 9))
 
 
-def test_load_prompts_reads_validation_clips(tmp_path, tiny_data_dir):
-  config = tokenizer_config.get_config("size=tiny,runlocal")
-  config.data.update(data_dir=tiny_data_dir, image_size=32, clip_len=8, num_train_episodes=2,
+def tiny_stage_config(module, data_dir, arg=""):
+  """A tiny stage on a tiny builtin-world dataset (32x32 frames, 8-frame clips)."""
+  config = module.get_config("size=tiny,runlocal" + arg)
+  config.data.update(data_dir=data_dir, image_size=32, clip_len=8, num_train_episodes=2,
                      num_val_episodes=3, episode_len=24)
+  if "image_size" in config.model:  # The dynamics model works on tokens.
+    config.model.image_size = 32
+  config.model.max_frames = 8
+  config.checkpoint.async_save = False
+  return config
+
+
+def test_load_prompts_reads_validation_clips(tmp_path, tiny_data_dir):
+  config = tiny_stage_config(tokenizer_config, tiny_data_dir)
   data_pipelines.get_builder(config.data, prepare=True)
   checkpointing.save_config(str(tmp_path), config)
   prompts = play.load_prompts(str(tmp_path), num_clips=16)
@@ -180,6 +192,44 @@ def test_load_prompts_reads_validation_clips(tmp_path, tiny_data_dir):
   assert prompts.shape == (9, 8, 32, 32, 3) and prompts.dtype == np.uint8
   assert len({p.tobytes() for p in prompts[:, 0]}) == 9
   assert prompts.std() > 0
+
+
+def test_serves_a_real_tiny_genie(tmp_path, tiny_data_dir):
+  genie_lib = pytest.importorskip("genie_jax.genie", reason="genie_jax.genie is missing")
+  dynamics_config = pytest.importorskip("configs.dynamics")
+  lam_config = pytest.importorskip("configs.lam")
+  # An untrained world model: the stages' configs are all its task reads, no checkpoints.
+  tok, lam = str(tmp_path / "tok"), str(tmp_path / "lam")
+  checkpointing.save_config(tok, tiny_stage_config(tokenizer_config, tiny_data_dir))
+  checkpointing.save_config(lam, tiny_stage_config(lam_config, tiny_data_dir))
+  config = tiny_stage_config(dynamics_config, tiny_data_dir,
+                             f",tokenizer_workdir={tok},lam_workdir={lam}")
+  genie = genie_lib.Genie(tasks.get_task(config).make_model(nnx.Rngs(0)))
+  world = play.SampledGenie(genie, num_steps=2, temperature=1.0, seed=0)
+  rng = np.random.default_rng(0)
+  prompts = rng.integers(0, 256, (2, 1, 32, 32, 3), dtype=np.uint8)
+  # Compiled here, outside any request: on 2 busy CPU cores that can take tens of seconds.
+  assert world.start(prompts[:1]).step(0).shape == (32, 32, 3)
+  server = play.PlayServer(play.Game(world, prompts))
+  thread = threading.Thread(target=server.serve_forever, daemon=True)
+  thread.start()
+  try:
+    status, info = request(server, "/api/info")
+    num_actions = info["num_actions"]
+    assert status == 200 and num_actions == genie.num_actions >= 2
+    assert request(server, "/api/start", {"prompt": 1})[0] == 200
+    for t, action in enumerate([0, num_actions - 1], start=1):
+      status, answer = request(server, "/api/step", {"action": action})
+      assert status == 200 and answer["t"] == t and answer["latency_ms"] > 0, answer
+      assert decode(answer["frame"]).shape == (32, 32, 3)
+    status, err = request(server, "/api/step", {"action": num_actions})
+    assert status == 400 and f"[0, {num_actions})" in err["error"]
+    status, gif = request(server, "/api/episode.gif")
+    assert status == 200 and iio.imread(gif, index=None).shape[:3] == (3, 32, 32)
+  finally:
+    server.shutdown()
+    server.server_close()
+    thread.join()
 
 
 def test_bad_arrow_actions():
