@@ -340,6 +340,9 @@ def main(argv):
   world = load_world(_WORKDIR.value, step=_STEP.value, num_steps=_NUM_STEPS.value,
                      temperature=_TEMPERATURE.value, seed=_SEED.value)
   prompts_BTHWC = load_prompts(_WORKDIR.value, _NUM_PROMPTS.value)
+  # Compiles the step now, so the first key press is not kept waiting (seconds to minutes).
+  logging.info("Compiling the generation step...")
+  world.start(prompts_BTHWC[:1, :1]).step(0)
   game = Game(world, prompts_BTHWC, arrow_actions=arrow_actions, seed=_SEED.value,
               title=f"{_WORKDIR.value} (step {world.genie.step})")
   server = PlayServer(game, _HOST.value, _PORT.value)
