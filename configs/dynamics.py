@@ -68,7 +68,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.max_frames = config.data.clip_len
   config.model.action_conditioning = args.conditioning
 
+  # Teacher-forced accuracy, rollouts against the truth, Genie's Delta_t PSNR, LAM vs true
+  # actions (genie_jax/evaluators/controllability.py). Genie samples with 25 MaskGIT steps at
+  # temperature 1 on CoinRun.
+  config.evals.controllability = ml_collections.ConfigDict(dict(
+      type="controllability", split="validation", batch_size=0, num_batches=8, horizon=0,
+      dt=4, maskgit_steps=25, temperature=1.0, seed=0, num_videos=4))
+
   if args.runlocal:
+    config.evals.controllability.update(num_batches=4, maskgit_steps=8)
     config.batch_size = 8
     config.total_steps = 1000
     config.optimizer.lr = 1e-3

@@ -23,11 +23,17 @@ from genie_jax import tasks
 from genie_jax import train_state
 from genie_jax import visualize
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A workdir written by genie_jax.main.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default: the latest.")
-_NUM_BATCHES = flags.DEFINE_integer("num_batches", None,
-                                    "Evaluate this many batches per evaluator (default: config).")
-_OUT = flags.DEFINE_string("out", None, "Output folder; default: <workdir>/eval.")
+
+
+def define_flags() -> None:
+  """The command-line flags; defined only when this module is the program, so that other
+  entry points (genie_jax.pipeline) can import `evaluate` next to their own flags."""
+  flags.DEFINE_string("workdir", None, "A workdir written by genie_jax.main.")
+  flags.DEFINE_integer("step", None, "Checkpoint step; default: the latest.")
+  flags.DEFINE_integer("num_batches", None,
+                       "Evaluate this many batches per evaluator (default: config).")
+  flags.DEFINE_string("out", None, "Output folder; default: <workdir>/eval.")
+  flags.mark_flags_as_required(["workdir"])
 
 
 def evaluate(workdir: str, *, step: int | None = None, num_batches: int | None = None,
@@ -66,11 +72,11 @@ def evaluate(workdir: str, *, step: int | None = None, num_batches: int | None =
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  results = evaluate(_WORKDIR.value, step=_STEP.value, num_batches=_NUM_BATCHES.value,
-                     out_dir=_OUT.value)
+  f = flags.FLAGS
+  results = evaluate(f.workdir, step=f.step, num_batches=f.num_batches, out_dir=f.out)
   print(json.dumps(results, indent=2, sort_keys=True))
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["workdir"])
+  define_flags()
   app.run(main)

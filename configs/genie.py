@@ -1,0 +1,56 @@
+r"""The whole Genie pipeline: tokenizer -> LAM -> dynamics -> evaluation -> report.
+
+One config holding the three stage configs (each exactly what configs/<stage>.py gives) and
+the report settings. `python -m genie_jax.pipeline` trains the stages in WORKDIR/tokenizer,
+WORKDIR/lam and WORKDIR/dynamics (the dynamics config is pointed at the first two), then
+evaluates them and writes WORKDIR/report/.
+
+Arguments (after the colon, comma separated):
+  data=builtin_world|coinrun|video_folder   dataset for all three stages (default builtin_world)
+  runlocal                                  CPU-sized stages (about 30 minutes on 2 cores)
+  conditioning=additive|prepend             how the dynamics model takes actions
+  size=appf|cpu|tiny                        model size of every stage (tiny is for tests)
+
+Examples:
+  # The README's main job: the whole pipeline on the built-in world, generated locally.
+  python -m genie_jax.pipeline --config=configs/genie.py:runlocal --workdir=workdirs/genie
+  # The same on CoinRun (procgen, see data_pipelines/coinrun):
+  python -m genie_jax.pipeline --config=configs/genie.py:runlocal,data=coinrun \
+      --workdir=workdirs/genie_coinrun
+  # Override any stage's key:
+  ... --config.dynamics.total_steps=2000 --config.lam.model.num_actions=8
+"""
+
+import ml_collections
+
+from configs import dynamics as dynamics_config
+from configs import lam as lam_config
+from configs import tokenizer as tokenizer_config
+from genie_jax import config_lib
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """The pipeline config for `arg` (see the module docstring)."""
+  args = config_lib.parse_arg(arg, data="builtin_world", runlocal=False,
+                              conditioning="additive", size="")
+  stage_arg = f"data={args.data}" + (",runlocal" if args.runlocal else "")
+  if args.size:
+    stage_arg += f",size={args.size}"
+
+  config = ml_collections.ConfigDict()
+  config.tokenizer = tokenizer_config.get_config(stage_arg)
+  config.lam = lam_config.get_config(stage_arg)
+  # The workdirs are filled in by the pipeline (WORKDIR/tokenizer, WORKDIR/lam).
+  config.dynamics = dynamics_config.get_config(f"{stage_arg},conditioning={args.conditioning}")
+
+  config.report = ml_collections.ConfigDict(dict(
+      # Evaluation batches per stage (0 = the whole validation split).
+      num_batches=0,
+      # Rollout GIFs written by genie_jax.generate: how many clips, and with which actions.
+      num_videos=4,
+      # Genie's controllability check passes when Delta_t PSNR exceeds this (dB).
+      min_dtpsnr=0.0,
+  ))
+  if args.runlocal:
+    config.report.num_batches = 4
+  return config
