@@ -29,19 +29,23 @@ from genie_jax import genie as genie_lib
 from genie_jax import visualize
 from genie_jax.data import input_pipeline
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A dynamics-stage workdir.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default: the latest.")
-_NUM_FRAMES = flags.DEFINE_integer(
-    "num_frames", None, "Frames to generate; default: the clip length minus the prompt.")
-_ACTIONS = flags.DEFINE_string("actions", "random",
-                               "Comma-separated action indices, 'random' or 'inferred'.")
-_NUM_STEPS = flags.DEFINE_integer("num_steps", 25, "MaskGIT steps per frame.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Sampling temperature (0 = argmax).")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the sampling and of random actions.")
-_NUM_VIDEOS = flags.DEFINE_integer("num_videos", 4, "Videos to generate (one batch).")
-_PROMPT_FRAMES = flags.DEFINE_integer("prompt_frames", 1, "Ground-truth frames to start from.")
-_OUT = flags.DEFINE_string("out", None, "Output folder; default: <workdir>/generate.")
-_SCALE = flags.DEFINE_integer("scale", 4, "Enlarge frames this many times in the outputs.")
+
+def define_flags() -> None:
+  """The command-line flags; defined only when this module is the program, so that
+  other entry points and tests can import it next to their own flags."""
+  flags.DEFINE_string("workdir", None, "A dynamics-stage workdir.")
+  flags.DEFINE_integer("step", None, "Checkpoint step; default: the latest.")
+  flags.DEFINE_integer(
+      "num_frames", None, "Frames to generate; default: the clip length minus the prompt.")
+  flags.DEFINE_string("actions", "random",
+      "Comma-separated action indices, 'random' or 'inferred'.")
+  flags.DEFINE_integer("num_steps", 25, "MaskGIT steps per frame.")
+  flags.DEFINE_float("temperature", 1.0, "Sampling temperature (0 = argmax).")
+  flags.DEFINE_integer("seed", 0, "Seed of the sampling and of random actions.")
+  flags.DEFINE_integer("num_videos", 4, "Videos to generate (one batch).")
+  flags.DEFINE_integer("prompt_frames", 1, "Ground-truth frames to start from.")
+  flags.DEFINE_string("out", None, "Output folder; default: <workdir>/generate.")
+  flags.DEFINE_integer("scale", 4, "Enlarge frames this many times in the outputs.")
 
 
 def parse_actions(spec: str) -> list[int] | str:
@@ -136,16 +140,17 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   try:
-    result = generate(_WORKDIR.value, step=_STEP.value, num_frames=_NUM_FRAMES.value,
-                      actions=_ACTIONS.value, num_steps=_NUM_STEPS.value,
-                      temperature=_TEMPERATURE.value, seed=_SEED.value,
-                      num_videos=_NUM_VIDEOS.value, prompt_frames=_PROMPT_FRAMES.value,
-                      out_dir=_OUT.value, scale=_SCALE.value)
+    result = generate(flags.FLAGS.workdir, step=flags.FLAGS.step, num_frames=_NUM_FRAMES.value,
+                      actions=flags.FLAGS.actions, num_steps=flags.FLAGS.num_steps,
+                      temperature=flags.FLAGS.temperature, seed=flags.FLAGS.seed,
+                      num_videos=flags.FLAGS.num_videos, prompt_frames=flags.FLAGS.prompt_frames,
+                      out_dir=flags.FLAGS.out, scale=flags.FLAGS.scale)
   except (FileNotFoundError, ValueError) as e:
     raise app.UsageError(str(e)) from e
   print("\n".join(result["files"]))
 
 
 if __name__ == "__main__":
+  define_flags()
   flags.mark_flags_as_required(["workdir"])
   app.run(main)

@@ -44,18 +44,23 @@ import imageio.v3 as iio
 import jax
 import numpy as np
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A dynamics workdir written by genie_jax.main.")
-_PORT = flags.DEFINE_integer("port", 8000, "Port to serve the page on.")
-_HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to serve on (0.0.0.0: all).")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step; default: the latest.")
-_NUM_STEPS = flags.DEFINE_integer("num_steps", 25, "MaskGIT decoding steps per frame (Genie: 25).")
-_TEMPERATURE = flags.DEFINE_float("temperature", 1.0,
-                                  "Sampling temperature (Genie: 1.0 on CoinRun; 0: argmax).")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the sampler and of the random prompt.")
-_NUM_PROMPTS = flags.DEFINE_integer("num_prompts", 32,
-                                    "Validation clips whose frames can be prompts.")
-_ARROW_ACTIONS = flags.DEFINE_list("arrow_actions", ["0", "1", "2", "3"],
-                                   "Latent actions of the Left, Right, Up, Down arrow keys.")
+
+def define_flags() -> None:
+  """The command-line flags; defined only when this module is the program, so that
+  other entry points and tests can import it next to their own flags."""
+  flags.DEFINE_string("workdir", None, "A dynamics workdir written by genie_jax.main.")
+  flags.DEFINE_integer("port", 8000, "Port to serve the page on.")
+  flags.DEFINE_string("host", "127.0.0.1", "Address to serve on (0.0.0.0: all).")
+  flags.DEFINE_integer("step", None, "Checkpoint step; default: the latest.")
+  flags.DEFINE_integer("num_steps", 25, "MaskGIT decoding steps per frame (Genie: 25).")
+  flags.DEFINE_float("temperature", 1.0,
+      "Sampling temperature (Genie: 1.0 on CoinRun; 0: argmax).")
+  flags.DEFINE_integer("seed", 0, "Seed of the sampler and of the random prompt.")
+  flags.DEFINE_integer("num_prompts", 32,
+      "Validation clips whose frames can be prompts.")
+  flags.DEFINE_list("arrow_actions", ["0", "1", "2", "3"],
+      "Latent actions of the Left, Right, Up, Down arrow keys.")
+
 
 # Keys the page maps to actions through /api/info; number keys are fixed (1..9, 0).
 ARROW_KEYS = ("ArrowLeft", "ArrowRight", "ArrowUp", "ArrowDown")
@@ -327,25 +332,25 @@ def load_world(workdir: str, *, step: int | None = None, num_steps: int = 25,
 
 def main(argv):
   del argv
-  if not _WORKDIR.value:
+  if not flags.FLAGS.workdir:
     raise app.UsageError("--workdir is required.")
-  if _NUM_STEPS.value < 1:
-    raise app.UsageError(f"--num_steps={_NUM_STEPS.value} must be at least 1.")
-  if _TEMPERATURE.value < 0:
-    raise app.UsageError(f"--temperature={_TEMPERATURE.value} must be >= 0.")
+  if flags.FLAGS.num_steps < 1:
+    raise app.UsageError(f"--num_steps={flags.FLAGS.num_steps} must be at least 1.")
+  if flags.FLAGS.temperature < 0:
+    raise app.UsageError(f"--temperature={flags.FLAGS.temperature} must be >= 0.")
   try:
-    arrow_actions = tuple(int(a) for a in _ARROW_ACTIONS.value)
+    arrow_actions = tuple(int(a) for a in flags.FLAGS.arrow_actions)
   except ValueError as e:
-    raise app.UsageError(f"--arrow_actions={_ARROW_ACTIONS.value}: {e}") from e
-  world = load_world(_WORKDIR.value, step=_STEP.value, num_steps=_NUM_STEPS.value,
-                     temperature=_TEMPERATURE.value, seed=_SEED.value)
-  prompts_BTHWC = load_prompts(_WORKDIR.value, _NUM_PROMPTS.value)
+    raise app.UsageError(f"--arrow_actions={flags.FLAGS.arrow_actions}: {e}") from e
+  world = load_world(flags.FLAGS.workdir, step=flags.FLAGS.step, num_steps=flags.FLAGS.num_steps,
+                     temperature=flags.FLAGS.temperature, seed=flags.FLAGS.seed)
+  prompts_BTHWC = load_prompts(flags.FLAGS.workdir, flags.FLAGS.num_prompts)
   # Compiles the step now, so the first key press is not kept waiting (seconds to minutes).
   logging.info("Compiling the generation step...")
   world.start(prompts_BTHWC[:1, :1]).step(0)
-  game = Game(world, prompts_BTHWC, arrow_actions=arrow_actions, seed=_SEED.value,
-              title=f"{_WORKDIR.value} (step {world.genie.step})")
-  server = PlayServer(game, _HOST.value, _PORT.value)
+  game = Game(world, prompts_BTHWC, arrow_actions=arrow_actions, seed=flags.FLAGS.seed,
+              title=f"{flags.FLAGS.workdir} (step {world.genie.step})")
+  server = PlayServer(game, flags.FLAGS.host, flags.FLAGS.port)
   logging.info("Serving Genie on %s (Ctrl-C stops).", server.url)
   try:
     server.serve_forever()
@@ -356,4 +361,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
