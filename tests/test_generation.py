@@ -86,6 +86,8 @@ def test_sample_frame_masks_follow_schedule_and_fixed_tokens_never_change(temper
     np.testing.assert_array_equal(np.asarray(tokens)[~cur_mask], cur_tokens[~cur_mask])
   assert tokens.shape == (B, N) and tokens.dtype == jnp.int32
   assert np.all((np.asarray(tokens) >= 0) & (np.asarray(tokens) < V))
+  if temperature == 0.0:
+    np.testing.assert_array_equal(tokens, jnp.argmax(logits, -1))
 
 
 def test_low_temperature_is_argmax_and_last_step_samples():
@@ -99,7 +101,6 @@ def test_low_temperature_is_argmax_and_last_step_samples():
         temperature=temperature)
     return jax.vmap(sample)(keys)
   keys = jax.random.split(jax.random.key(1), 20)
-  np.testing.assert_array_equal(draws(keys, 0.0, 4), np.broadcast_to(argmax, (20, B, N)))
   np.testing.assert_array_equal(draws(keys, 1e-4, 4), np.broadcast_to(argmax, (20, B, N)))
   # At temperature 1 the draws differ from the argmax somewhere; with a single step, this
   # is the last step, which must sample rather than take the argmax.
@@ -142,9 +143,8 @@ _prefill = nnx.jit(lambda model, x: model.prefill(x))
 _decode = nnx.jit(lambda model, x, cache, position: model.decode_frame(x, cache, position))
 
 
-@pytest.mark.parametrize("qk_norm", [None, "rmsnorm"])
-def test_cached_frame_equals_full_forward(qk_norm):
-  model = _transformer(qk_norm)
+def test_cached_frame_equals_full_forward():
+  model = _transformer(qk_norm="rmsnorm")  # QK-norm on: the cached path must norm k too.
   x = jax.random.normal(jax.random.key(0), (2, 5, 4, 16))
   full = _full(model, x)
   _, exact_cache = _prefill(model, x[:, :4])
@@ -160,8 +160,9 @@ def test_cached_frame_equals_full_forward(qk_norm):
 
 
 def test_cache_built_frame_by_frame_equals_prefill():
-  model = _transformer()
-  x = jax.random.normal(jax.random.key(1), (1, 4, 4, 16))
+  model = _transformer(qk_norm="rmsnorm")
+  # The shapes of the test above, so that its compiled programs are reused.
+  x = jax.random.normal(jax.random.key(1), (2, 5, 4, 16))[:, :4]
   _, cache = _prefill(model, jnp.zeros_like(x))
   outs = []
   write = jax.jit(layers.write_cache_slot)
@@ -231,7 +232,7 @@ def test_cached_logits_equal_full_window_logits(conditioning):
     assert not np.allclose(moved, cached, atol=1e-5)
 
 
-def test_rollout_compiles_once_and_matches_uncached_and_play():
+def test_rollout_compiles_once_and_matches_play():
   from genie_jax import genie as genie_lib  # pylint: disable=g-import-not-at-top
   from genie_jax import visualize  # pylint: disable=g-import-not-at-top
   genie = genie_lib.Genie(_world())
@@ -246,10 +247,6 @@ def test_rollout_compiles_once_and_matches_uncached_and_play():
   assert video.shape == (2, 2 + num, IMAGE, IMAGE, 3) and other.shape == video.shape
   np.testing.assert_allclose(video[:, :2], prompt / 255.0, atol=1e-6)
   assert float(video.min()) >= 0.0 and float(video.max()) <= 1.0
-
-  uncached = genie.rollout(prompt, actions, rng=jax.random.key(0), num_steps=3,
-                           temperature=0.0, cached=False)
-  np.testing.assert_allclose(uncached, video, atol=1e-4)
 
   # Frame-by-frame play (argmax, so no randomness) generates the same frames, with one
   # compiled step although its buffer fills and starts to roll after frame 4.
@@ -302,20 +299,23 @@ def dynamics_workdir(tmp_path_factory, tiny_data_dir):
   from configs import dynamics as dynamics_config  # pylint: disable=g-import-not-at-top
   from configs import lam as lam_config  # pylint: disable=g-import-not-at-top
   from configs import tokenizer as tokenizer_config  # pylint: disable=g-import-not-at-top
+  from genie_jax import checkpointing  # pylint: disable=g-import-not-at-top
 
   def tiny(config):
     config.data.update(dict(data_dir=tiny_data_dir, image_size=32, clip_len=8,
-                            num_train_episodes=8, num_val_episodes=4, episode_len=40))
+                            num_train_episodes=1, num_val_episodes=2, episode_len=16))
     config.model.max_frames = 8
     config.checkpoint.async_save = False
     return config
 
   root = tmp_path_factory.mktemp("genie")
   dirs = {name: str(root / name) for name in ("tok", "lam", "dyn")}
-  for name, module, seed in (("tok", tokenizer_config, 1), ("lam", lam_config, 2)):
+  # The world model's checkpoint holds the tokenizer and the LAM too; of their own workdirs,
+  # only config.json is read.
+  for name, module in (("tok", tokenizer_config), ("lam", lam_config)):
     config = tiny(module.get_config("size=tiny,runlocal"))
     config.model.image_size = 32
-    _save_stage(dirs[name], config, seed)
+    checkpointing.save_config(dirs[name], config)
   config = tiny(dynamics_config.get_config(
       f"size=tiny,runlocal,tokenizer_workdir={dirs['tok']},lam_workdir={dirs['lam']}"))
   data_pipelines.get_builder(config.data, prepare=True)
