@@ -1,10 +1,13 @@
 """Latent action model, LAM (Genie stage 2, section 2.1).
 
-Encoder: video_BTHWC -> patches -> Linear P->D, plus one learned action token per frame
-(N + 1 tokens) -> causal ST-transformer -> the action tokens of frames 2..T -> Linear D->L
--> z_BTL, one continuous latent per transition t -> t+1 -> VQ with A codes -> actions_BT.
-The action token of frame t+1 sees frames 1..t+1 (temporal attention is causal): it can
-see what changed, which is its job.
+Encoder: video_BTHWC -> patches -> Linear P->D -> causal ST-transformer -> the N tokens of
+frame t+1, flattened -> Linear N*D->L -> z_BTL, one continuous latent per transition
+t -> t+1 -> VQ with A codes -> actions_BT. The tokens of frame t+1 see frames 1..t+1
+(temporal attention is causal): they can see what changed, which is their job. All N tokens
+feed the latent, each through its own weights, because an action shows in a few patches
+(where the agent is) and is lost in a mean over patches; a learned per-frame action token
+was tried first and, on CPU-sized runs, emitted a code that depended on the frame's time
+position only.
 
 Decoder: the patch embeddings of frames 1..T-1, the quantised action of transition t (Linear
 L->D) added to every token of frame t -> causal ST-transformer -> Linear D->P -> frame t+1.
@@ -66,7 +69,6 @@ def default_config() -> ml_collections.ConfigDict:
       latent_dim=32,
       num_actions=6,
       commitment_beta=0.25,
-      vq_loss_weight=1.0,
       vq_normalize=False,
       code_usage_decay=0.99,
       dead_code_threshold=0.1,
@@ -88,8 +90,7 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   """Raises ValueError, naming the config.model key, for a config the model cannot use."""
   # The shared keys mean what they mean for the tokenizer; num_codes is num_actions here.
   shared = {k: v for k, v in cfg.items()
-            if k not in ("num_actions", "decoder_context_frames", "predict_residual",
-                         "vq_loss_weight")}
+            if k not in ("num_actions", "decoder_context_frames", "predict_residual")}
   tokenizer_lib.validate_config(ml_collections.ConfigDict(dict(shared, num_codes=1)))
   if cfg.num_actions < 2:
     raise ValueError(f"config.model.num_actions={cfg.num_actions} must be at least 2: one "
@@ -137,10 +138,8 @@ class LatentActionModel(nnx.Module):
     linear = lambda n_in, n_out, names: layers.Linear(
         n_in, n_out, names=names, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.enc_patch_embed = linear(patch_dim, d, ("patch", "embed"))
-    self.action_token = layers.param(rngs, jax.nn.initializers.normal(0.02), (d,),
-                                     ("embed",), param_dtype)
-    self.encoder = transformer(cfg.enc_layers, n + 1)
-    self.to_latent = linear(d, cfg.latent_dim, ("embed", "latent"))
+    self.encoder = transformer(cfg.enc_layers, n)
+    self.to_latent = linear(n * d, cfg.latent_dim, ("embed", "latent"))
     self.vq = vq.VectorQuantizer(
         cfg.num_actions, cfg.latent_dim, commitment_beta=cfg.commitment_beta,
         normalize=cfg.vq_normalize, usage_decay=cfg.code_usage_decay,
@@ -180,12 +179,10 @@ class LatentActionModel(nnx.Module):
     if video_BTHWC.shape[1] < 2:
       raise ValueError(f"a clip needs at least 2 frames for a latent action; got "
                        f"{video_BTHWC.shape}")
-    x_BTND = self.enc_patch_embed(self._patches(video_BTHWC))
-    b, t, _, d = x_BTND.shape
-    token_BT1D = jnp.broadcast_to(self.action_token[...].astype(x_BTND.dtype), (b, t, 1, d))
-    x_BTND = self.encoder(jnp.concatenate([x_BTND, token_BT1D], axis=2))
-    # The action token of frame t+1 (index t+1 - 1) names transition t -> t+1.
-    return self.to_latent(x_BTND[:, 1:, -1, :]).astype(jnp.float32)
+    x_BTND = self.encoder(self.enc_patch_embed(self._patches(video_BTHWC)))
+    b, t, n, d = x_BTND.shape
+    # Frame t+1 (index t+1 - 1) names transition t -> t+1.
+    return self.to_latent(x_BTND[:, 1:].reshape(b, t - 1, n * d)).astype(jnp.float32)
 
   def decode(self, frames_BTHWC: jax.Array, zq_BTL: jax.Array) -> jax.Array:
     """Predicts frames 2..T+1 from frames 1..T and the quantised actions of transitions

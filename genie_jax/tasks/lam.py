@@ -37,7 +37,7 @@ class LatentActionTask(base.Task):
     out = model(batch["video"], train=True)
     mse_BT = jnp.mean(jnp.square(out["pred"] - target_BTHWC), axis=(2, 3, 4))
     mse = jnp.mean(mse_BT)
-    loss = mse + self.config.model.vq_loss_weight * out["vq_loss"]
+    loss = mse + out["vq_loss"]
     # Mean of per-frame PSNRs, as the latent_actions evaluator reports it.
     psnr = jnp.mean(-10.0 * jnp.log10(jnp.maximum(mse_BT, 1e-10)))
     metrics = dict(mse=mse, psnr=psnr, vq_loss=out["vq_loss"],
