@@ -126,6 +126,23 @@ def test_mask_rate_is_drawn_per_example_and_frame_0_is_never_masked():
   assert np.corrcoef(frac_B, rate_B)[0, 1] > 0.95
 
 
+class _FrameIndexLAM:
+  """Stands in for the LAM: the 'action' of transition t -> t+1 is the index of frame t+1,
+  read from the pixels (a window only knows its own frames)."""
+
+  def infer_actions(self, video_BTHWC):
+    assert video_BTHWC.shape[1] <= 4  # The window.
+    return video_BTHWC[:, 1:, 0, 0, 0].astype(jnp.int32)
+
+
+@pytest.mark.parametrize("t", [2, 4, 7, 8, 10])
+def test_lam_actions_of_long_clips_come_from_windows(t):
+  video = jnp.broadcast_to(jnp.arange(t, dtype=jnp.uint8)[None, :, None, None, None],
+                           (2, t, 1, 1, 1))
+  actions = np.asarray(dynamics_task.infer_actions_in_windows(_FrameIndexLAM(), video, 4))
+  np.testing.assert_array_equal(actions, np.broadcast_to(np.arange(1, t), (2, t - 1)))
+
+
 # --- The dynamics model: action alignment and causality ------------------------------------
 
 

@@ -57,6 +57,26 @@ def masked_token_metrics(logits_BTNV: jax.Array, tokens_BTN: jax.Array, mask_BTN
               mask_fraction=jnp.mean(weight_BTN[:, 1:]))
 
 
+def infer_actions_in_windows(lam: lam_lib.LatentActionModel, video_BTHWC: jax.Array,
+                             window: int) -> jax.Array:
+  """The LAM's actions (B, T-1) of a clip longer than the clips it was trained on.
+
+  The LAM's temporal positions cover `window` frames (its config.model.max_frames), so a
+  longer clip is cut into windows of that many frames overlapping by one frame (the last
+  window is moved back to end at the clip's end); each transition's action is taken from the
+  first window that holds both of its frames.
+  """
+  t = video_BTHWC.shape[1]
+  if t <= window:
+    return lam.infer_actions(video_BTHWC)
+  pieces = []
+  for first in range(0, t - 1, window - 1):
+    start = min(first, t - window)
+    # Transitions start .. start + window - 2; the earlier ones came from the last window.
+    pieces.append(lam.infer_actions(video_BTHWC[:, start:start + window])[:, first - start:])
+  return jnp.concatenate(pieces, axis=1)
+
+
 class DynamicsTask(base.Task):
   """Loss = cross-entropy of the masked tokens (+ lam_loss_weight * the LAM's own loss when
   co-trained).
@@ -97,7 +117,9 @@ class DynamicsTask(base.Task):
           f"config.{key}={workdir!r}: its {stage} has model.image_size="
           f"{stage_config.model.image_size} but config.data.image_size={data.image_size}; "
           f"use a {stage} trained on frames of this size")
-    if stage_config.model.max_frames < data.clip_len:
+    # The LAM, whose actions depend on a transition's frames only, may see the clip in
+    # windows (`infer_actions_in_windows`); the tokenizer's tokens depend on the whole past.
+    if stage == "tokenizer" and stage_config.model.max_frames < data.clip_len:
       raise ValueError(
           f"config.{key}={workdir!r}: its {stage} has model.max_frames="
           f"{stage_config.model.max_frames} < config.data.clip_len={data.clip_len}; use "
@@ -136,6 +158,11 @@ class DynamicsTask(base.Task):
     if config.data.clip_len < 2:
       raise ValueError(f"config.data.clip_len={config.data.clip_len}: the dynamics model "
                        f"needs clips of at least 2 frames")
+    if config.cotrain_lam and self.lam_config.model.max_frames < config.data.clip_len:
+      raise ValueError(
+          f"config.cotrain_lam=True needs a LAM for clips of config.data.clip_len="
+          f"{config.data.clip_len} frames, but config.lam_workdir={config.lam_workdir!r} has "
+          f"model.max_frames={self.lam_config.model.max_frames}")
     if config.lam_loss_weight < 0:
       raise ValueError(f"config.lam_loss_weight={config.lam_loss_weight} must not be negative")
     dynamics_lib.validate_config(config.model)
@@ -162,7 +189,8 @@ class DynamicsTask(base.Task):
     """Tokenizer codes tokens_BTN and LAM actions_BT (dataset convention: [:, t] caused
     frame t+1; the last column is 0 and unused) of a clip; no gradient flows into either."""
     tokens_BTN, _ = model.tokenizer.encode(video_BTHWC)
-    actions_BT = model.lam.infer_actions(video_BTHWC)
+    actions_BT = infer_actions_in_windows(model.lam, video_BTHWC,
+                                          self.lam_config.model.max_frames)
     actions_BT = jnp.pad(actions_BT, ((0, 0), (0, 1)))
     return jax.lax.stop_gradient(tokens_BTN), jax.lax.stop_gradient(actions_BT)
 
