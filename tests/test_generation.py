@@ -182,6 +182,7 @@ def test_cache_built_frame_by_frame_equals_prefill():
 IMAGE, FRAMES, CODES, ACTIONS = 16, 4, 8, 3  # N = (16 / 8)^2 = 4 tokens per frame.
 
 
+@functools.lru_cache  # Building modules runs op by op: slow on CPU, so build each once.
 def _world(conditioning="additive"):
   from genie_jax.models import dynamics as dynamics_lib  # pylint: disable=g-import-not-at-top
   from genie_jax.models import lam as lam_lib  # pylint: disable=g-import-not-at-top
