@@ -38,7 +38,7 @@ def define_flags() -> None:
   flags.DEFINE_integer(
       "num_frames", None, "Frames to generate; default: the clip length minus the prompt.")
   flags.DEFINE_string("actions", "random",
-      "Comma-separated action indices, 'random' or 'inferred'.")
+                      "Comma-separated action indices, 'random' or 'inferred'.")
   flags.DEFINE_integer("num_steps", 25, "MaskGIT steps per frame.")
   flags.DEFINE_float("temperature", 1.0, "Sampling temperature (0 = argmax).")
   flags.DEFINE_integer("seed", 0, "Seed of the sampling and of random actions.")
@@ -140,11 +140,11 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   try:
-    result = generate(flags.FLAGS.workdir, step=flags.FLAGS.step, num_frames=_NUM_FRAMES.value,
-                      actions=flags.FLAGS.actions, num_steps=flags.FLAGS.num_steps,
-                      temperature=flags.FLAGS.temperature, seed=flags.FLAGS.seed,
-                      num_videos=flags.FLAGS.num_videos, prompt_frames=flags.FLAGS.prompt_frames,
-                      out_dir=flags.FLAGS.out, scale=flags.FLAGS.scale)
+    f = flags.FLAGS
+    result = generate(f.workdir, step=f.step, num_frames=f.num_frames, actions=f.actions,
+                      num_steps=f.num_steps, temperature=f.temperature, seed=f.seed,
+                      num_videos=f.num_videos, prompt_frames=f.prompt_frames, out_dir=f.out,
+                      scale=f.scale)
   except (FileNotFoundError, ValueError) as e:
     raise app.UsageError(str(e)) from e
   print("\n".join(result["files"]))
