@@ -339,7 +339,8 @@ def test_cotrained_lam_keeps_learning_its_codebook(stage_workdirs):
   codebook = lambda s: np.asarray(spec.model(s).lam.vq.codebook[...])
   assert np.abs(codebook(final) - codebook(initial)).max() > 0
   _assert_equal(_leaves(spec, final, "tokenizer"), _leaves(spec, initial, "tokenizer"))
-  assert "lam_mse" in metrics and "lam_restarted_codes" in metrics
+  # Moved by the LAM's own loss, not by a dead-code restart.
+  assert "lam_mse" in metrics and metrics["lam_restarted_codes"] == 0
   np.testing.assert_allclose(metrics["loss"], metrics["dynamics_loss"] + metrics["lam_loss"],
                              rtol=1e-5)
 
