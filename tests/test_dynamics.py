@@ -273,6 +273,19 @@ def test_refuses_a_tokenizer_whose_config_does_not_match_the_data(stage_workdirs
                                        r"config.data.clip_len=12"):
     tasks.get_task(config)
 
+  # Co-training trains the LAM on full clips, which it must cover.
+  short_lam = str(tmp_path / "short_lam")
+  lam = checkpointing.load_config(stage_workdirs["lam"])
+  with lam.unlocked():
+    lam.model.max_frames = 4
+  checkpointing.save_config(short_lam, lam)
+  config = _dynamics_config(stage_workdirs, "cotrain")
+  config.lam_workdir = short_lam
+  with pytest.raises(ValueError, match="config.cotrain_lam=True.*max_frames=4"):
+    tasks.get_task(config)
+  config.cotrain_lam = False
+  tasks.get_task(config)  # Without co-training, the LAM sees long clips in windows.
+
   # A workdir of the wrong stage, and one that does not exist.
   config = _dynamics_config(stage_workdirs)
   config.tokenizer_workdir = stage_workdirs["lam"]

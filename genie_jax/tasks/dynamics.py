@@ -146,7 +146,7 @@ class DynamicsTask(base.Task):
     self.lam_config = self._stage_config("lam_workdir", "lam")
     tok_model = self.tokenizer_config.model
     self._take("num_codes", tok_model.num_codes,
-               f"config.tokenizer_workdir's model.num_codes")
+               "config.tokenizer_workdir's model.num_codes")
     self._take("tokens_per_frame", (tok_model.image_size // tok_model.patch_size) ** 2,
                "config.tokenizer_workdir's tokens per frame")
     self._take("num_actions", self.lam_config.model.num_actions,
