@@ -179,7 +179,6 @@ def test_short_training_run_learns_and_reports_latent_actions(tmp_path, tiny_dat
   config = lam_config.get_config("size=tiny,runlocal")
   config.data.data_dir = tiny_data_dir
   config.data.image_size = config.model.image_size = 32
-  config.data.clip_len = config.model.max_frames = 8
   config.data.num_train_episodes, config.data.num_val_episodes = 8, 4
   config.data.episode_len = 40
   config.batch_size = 8
@@ -189,7 +188,7 @@ def test_short_training_run_learns_and_reports_latent_actions(tmp_path, tiny_dat
   config.eval_every_steps = 20
   config.images_every_steps = 40
   config.checkpoint.every_steps = 40
-  config.evals.latent_actions.num_batches = 2
+  config.evals.latent_actions.num_batches = 1
   config.mesh = dict(data=1, fsdp=1, tensor=1)
   workdir = str(tmp_path / "lam")
   train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
@@ -206,5 +205,4 @@ def test_short_training_run_learns_and_reports_latent_actions(tmp_path, tiny_dat
   assert 0.0 < last["latent_actions/accuracy"] <= 1.0
   assert last["latent_actions/num_transitions"] > 0
   assert last["latent_actions/psnr"] > 15.0
-  assert sum(r.get("train/restarted_codes", 0) for r in rows) >= 0
   assert os.listdir(os.path.join(workdir, "images"))
