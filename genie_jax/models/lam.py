@@ -20,8 +20,8 @@ being taken, so it learns to predict the next frame from them and the latent act
 nothing: the known failure of this model. Given frame t alone, the only source of what
 happens next is the latent action, so the encoder has to put the transition into it. The
 cost: things that move on their own (balls) cannot be extrapolated from one frame, so their
-motion competes for the A codes; with few codes the agent's action, which moves most of the
-pixels the decoder cannot otherwise predict, wins. 0 restores Genie's full causal context.
+motion competes for the A codes with the agent's action. 0 restores Genie's full causal
+context.
 
 Why the decoder predicts a residual (`predict_residual`, default True): frame t+1 is mostly
 frame t; predicting x_{t+1} - x_t spares the decoder copying the frame through a bottleneck
