@@ -137,11 +137,45 @@ class Checkpointer:
     if step is None:
       raise FileNotFoundError(f"no checkpoint in {self.directory}")
     items = {"state": ocp.args.StandardRestore(abstract_state)}
+    other_count_state = None
     if data_iterator is not None:
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+      other_count_state = self._iterator_state_of_other_process_count(step)
+      if other_count_state is None:
+        items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    if other_count_state is not None:
+      data_iterator.set_state(other_count_state)
     logging.info("Restored checkpoint of step %d from %s", step, self.directory)
     return step, restored["state"]
+
+  def _iterator_state_of_other_process_count(self, step: int) -> dict[str, Any] | None:
+    """The iterator state saved by another number of processes, or None if this number's
+    files are there (Grain then restores them).
+
+    Grain saves one file per process, named after the process count. The training pipeline's
+    state does not depend on the process count (input_pipeline), so when every process saved
+    the same state it is this process's state too.
+
+    Raises:
+      ValueError: the saved states differ, so none of them is this process's state.
+    """
+    data_dir = os.path.join(self.directory, str(step), "data")
+    own = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+    if not os.path.isdir(data_dir) or os.path.exists(os.path.join(data_dir, own)):
+      return None
+    states = {}
+    for name in sorted(os.listdir(data_dir)):
+      if name.startswith("process_") and name.endswith(".json"):
+        with open(os.path.join(data_dir, name), encoding="utf-8") as f:
+          states[name] = json.load(f)
+    if not states or any(s != next(iter(states.values())) for s in states.values()):
+      raise ValueError(
+          f"{data_dir} holds the data iterator states {sorted(states)}, not {own}, and they "
+          "differ, so the input stream cannot continue with "
+          f"{jax.process_count()} process(es); resume with the process count that wrote it")
+    logging.info("Data iterator state of step %d written by another process count (%s); all "
+                 "processes saved the same state, so it is used here.", step, sorted(states))
+    return next(iter(states.values()))
 
   def restore_model(self, step: int | None, abstract_model: Any) -> tuple[int, Any]:
     """Restores only the model part of a train state: `abstract_model` is a sub-tree of

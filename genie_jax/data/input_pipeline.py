@@ -13,9 +13,11 @@ content does not depend on the number of reader threads or worker processes, and
 iterator state (`get_state`/`set_state`, or `grain.checkpoint.CheckpointSave`/`Restore`
 inside an Orbax CheckpointManager) restores the exact stream.
 
-Each JAX process reads a contiguous, disjoint range of the clip index (and so mostly
-disjoint records), of equal length on every process so that every process yields the same
-number of batches.
+Training: every JAX process computes the same sequence of global batches of clip indices and
+reads only its rows of each (process p: rows [p*b, (p+1)*b)), so the global batches, and the
+iterator state (the number of batches drawn), are the same for any number of processes: a
+checkpoint written by N processes continues exactly in M. Evaluation: each process reads a
+contiguous, disjoint range of the clips, of equal length on every process.
 
 With config.data.worker_count > 0, Grain reads in spawned processes: the main script needs an
 `if __name__ == "__main__":` guard, and a saved iterator state only restores into a pipeline
@@ -279,18 +281,24 @@ def make_dataset(
     raise ValueError(f"seed must be in [0, 2**32), got {seed}.")
   records, lengths = _open_split(data_config, split, builder)
   clips = _ClipSource(records, lengths, int(data_config.clip_len), stride=1)
-  per_process = clips.num_clips // process_count
-  if per_process < local_batch:
+  if clips.num_clips < global_batch_size:
     raise ValueError(f"Split {split!r} has {clips.num_clips} clips, not enough for "
-                     f"{process_count} process(es) x batch {local_batch}.")
-  ds = grain.MapDataset.source(clips)
-  ds = ds[process_index * per_process:(process_index + 1) * per_process]
+                     f"config.batch_size={global_batch_size}.")
+  # Every process orders the clip *indices* of the global batches alike, then reads only its
+  # rows: the global stream, and the iterator state, do not depend on the process count.
+  ds = grain.MapDataset.range(clips.num_clips)
   if shuffle:
     ds = ds.shuffle(seed=seed)
   if repeat:
     ds = ds.repeat()
-  ds = ds.batch(local_batch, drop_remainder=True)
+  ds = ds.batch(global_batch_size, drop_remainder=True)
+  rows = slice(process_index * local_batch, (process_index + 1) * local_batch)
+  ds = ds.map(lambda indices: _stack([clips[i] for i in indices[rows]]))
   return _to_iter_dataset(ds, data_config)
+
+
+def _stack(examples: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+  return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
 
 
 def make_eval_dataset(
