@@ -14,7 +14,8 @@ XLA_FLAGS=--xla_force_host_platform_device_count=<--devices_per_process> (CPU co
 gloo, chosen by genie_jax.distributed). PYTHON (default: this interpreter) runs the processes.
 Process I's output goes to LOG_DIR/process_I.log (default: a temporary folder); the last lines of
 every log are printed when a process fails. If one process fails or --timeout seconds pass, the
-others are killed, so the job never hangs. Exit status: 0 if every process succeeded.
+others are killed, so the job never hangs; so are they when this launcher gets SIGTERM. Exit
+status: 0 if every process succeeded.
 --dry_run prints the commands (with their environment) and starts nothing.
 """
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import signal
 import socket
 import subprocess
 import sys
@@ -112,6 +114,8 @@ def main() -> int:
     parser.error("pass at least --config=... and --workdir=... for genie_jax.main after --")
   if not args.port:
     args.port = free_port()
+  # SIGTERM (e.g. a test's timeout) unwinds through run()'s `finally`, which kills the processes.
+  signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
   if args.dry_run:
     for env, argv in commands(args, args.main_flags):
       print(" ".join([f"{k}={shlex.quote(v)}" for k, v in env.items()] +

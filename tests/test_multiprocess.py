@@ -4,82 +4,161 @@ uninterrupted 1-process run.
 
 The 2-process job runs through launch/multiprocess_local.py and genie_jax.main (coordinator on
 127.0.0.1, gloo collectives), with images and an evaluation at its last step, so the
-process-0-only writing is exercised too.
+process-0-only writing is exercised too. Subprocesses run while this process trains the
+reference (and one continuation), to use both cores; every one has a timeout and is killed on
+any failure.
 """
 
+import contextlib
+import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
 import jax
 import numpy as np
+import pytest
 
 import data_pipelines
+from genie_jax import checkpointing
+from genie_jax import distributed
 from genie_jax import train
 from test_train import REPO, read_metrics, tiny_config
 
 FIRST_STEPS = 2  # Trained by 2 processes, checkpointed at the end.
 TOTAL_STEPS = 4  # Continued in 1 process.
+TIMEOUT_S = 240
 
 
-def _main_flags(config, workdir):
-  """genie_jax.main flags giving `config` (a tiny_config) in `workdir`."""
-  overrides = {
-      "data.data_dir": config.data.data_dir, "data.image_size": 32, "data.clip_len": 8,
+def _main_flags(data_dir, workdir, **overrides):
+  """genie_jax.main flags giving tiny_config(data_dir, **overrides) in `workdir`."""
+  values = {
+      "data.data_dir": data_dir, "data.image_size": 32, "data.clip_len": 8,
       "data.num_train_episodes": 8, "data.num_val_episodes": 4, "data.episode_len": 40,
-      "model.image_size": 32, "model.max_frames": 8, "batch_size": 8,
-      "total_steps": FIRST_STEPS, "log_every_steps": 1, "images_every_steps": FIRST_STEPS,
-      "eval_every_steps": FIRST_STEPS, "evals.reconstruction.num_batches": 1,
-      "checkpoint.every_steps": FIRST_STEPS, "checkpoint.max_to_keep": 5,
-      "optimizer.warmup_steps": 2,
-  }
+      "model.image_size": 32, "model.max_frames": 8, "batch_size": 8, "log_every_steps": 1,
+      "evals.reconstruction.num_batches": 1, "checkpoint.max_to_keep": 5,
+      "optimizer.warmup_steps": 2, **overrides}
   return (["--config=configs/tokenizer.py:size=tiny,runlocal", f"--workdir={workdir}"] +
-          [f"--config.{k}={v}" for k, v in overrides.items()])
+          [f"--config.{k}={v}" for k, v in values.items()])
 
 
-def _continuation_config(data_dir):
-  # Images and evaluations were checked in the 2-process run; they are skipped here for time.
-  return tiny_config(data_dir, total_steps=TOTAL_STEPS, images_every_steps=0,
-                     eval_every_steps=0, **{"checkpoint.every_steps": FIRST_STEPS})
+# Images and evaluations are checked in the 2-process run; the other runs skip them for time.
+CONTINUATION = {"total_steps": TOTAL_STEPS, "images_every_steps": 0, "eval_every_steps": 0,
+                "checkpoint.every_steps": FIRST_STEPS}
+
+
+@contextlib.contextmanager
+def _started(argv, **env):
+  """Runs argv in the background; yields a function waiting for it (returns its output)."""
+  proc = subprocess.Popen(argv, cwd=REPO, env={**os.environ, **env}, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, text=True,
+                          start_new_session=True)
+
+  def wait():
+    out, _ = proc.communicate(timeout=TIMEOUT_S)
+    assert proc.returncode == 0, out[-6000:]
+    return out
+
+  try:
+    yield wait
+  finally:
+    if proc.poll() is None:
+      # SIGTERM first: the launcher then kills its own processes.
+      os.killpg(proc.pid, signal.SIGTERM)
+      try:
+        proc.wait(timeout=10)
+      except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def test_two_processes_checkpoint_continues_in_one(tmp_path, tiny_data_dir):
-  data_config = _continuation_config(tiny_data_dir)
   # Generated here, so that the 2-process run spends its time training.
-  data_pipelines.get_builder(data_config.data, prepare=True, process_index=0)
+  data_pipelines.get_builder(tiny_config(tiny_data_dir).data, prepare=True, process_index=0)
   two = str(tmp_path / "two_processes")
-  proc = subprocess.run(
-      [sys.executable, "launch/multiprocess_local.py", "--num_processes=2",
-       "--devices_per_process=4", "--timeout=240", f"--log_dir={tmp_path / 'logs'}", "--",
-       *_main_flags(data_config, two)],
-      cwd=REPO, capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 0, proc.stderr[-6000:]
+  reference = str(tmp_path / "reference")
+  with _started([sys.executable, "launch/multiprocess_local.py", "--num_processes=2",
+                 "--devices_per_process=4", f"--timeout={TIMEOUT_S - 20}",
+                 f"--log_dir={tmp_path / 'logs'}", "--",
+                 *_main_flags(tiny_data_dir, two, total_steps=FIRST_STEPS,
+                              images_every_steps=FIRST_STEPS, eval_every_steps=FIRST_STEPS,
+                              **{"checkpoint.every_steps": FIRST_STEPS})]) as wait:
+    # Meanwhile, the uninterrupted run: 1 process, 8 devices.
+    train.train_and_evaluate(tiny_config(tiny_data_dir, **CONTINUATION), reference)
+    wait()
+  expected = read_metrics(reference)
+  assert sorted(expected) == list(range(1, TOTAL_STEPS + 1))
   saved = sorted(os.listdir(os.path.join(two, "checkpoints", str(FIRST_STEPS), "data")))
   assert saved == ["commit_success.txt", "process_0-of-2.json", "process_1-of-2.json"]
   images = os.listdir(os.path.join(two, "images"))
   assert any(name.startswith("train_") for name in images)
   assert any(name.startswith("reconstruction_") for name in images)
-
-  # The uninterrupted run: 1 process, 8 devices.
-  reference = str(tmp_path / "reference")
-  train.train_and_evaluate(_continuation_config(tiny_data_dir), reference)
-  expected = read_metrics(reference)
-  assert sorted(expected) == list(range(1, TOTAL_STEPS + 1))
-
   # The 2-process steps already match: the global batches do not depend on the process count.
   first = read_metrics(two)
   assert sorted(first) == list(range(1, FIRST_STEPS + 1))
   np.testing.assert_allclose([first[s] for s in sorted(first)],
                              [expected[s] for s in sorted(first)], rtol=2e-5)
 
-  for name, devices in (("one_process_8_devices", jax.devices()),
-                        ("one_process_1_device", jax.devices()[:1])):
-    workdir = str(tmp_path / name)
-    shutil.copytree(two, workdir)
-    train.train_and_evaluate(_continuation_config(tiny_data_dir), workdir, devices=devices)
+  # Continued by genie_jax.main in 1 process x 1 device, and here in 1 process x 8 devices.
+  one_device, eight_devices = str(tmp_path / "one_device"), str(tmp_path / "eight_devices")
+  shutil.copytree(two, one_device)
+  shutil.copytree(two, eight_devices)
+  with _started([sys.executable, "-m", "genie_jax.main",
+                 *_main_flags(tiny_data_dir, one_device, **CONTINUATION)],
+                JAX_PLATFORMS="cpu",
+                XLA_FLAGS="--xla_force_host_platform_device_count=1") as wait:
+    train.train_and_evaluate(tiny_config(tiny_data_dir, **CONTINUATION), eight_devices,
+                             devices=jax.devices())
+    out = wait()
+  assert "over 1 devices in 1 processes" in out
+  for workdir in (one_device, eight_devices):
     losses = read_metrics(workdir)
-    assert sorted(losses) == list(range(1, TOTAL_STEPS + 1)), name
+    assert sorted(losses) == list(range(1, TOTAL_STEPS + 1)), workdir
     continued = range(FIRST_STEPS + 1, TOTAL_STEPS + 1)
     np.testing.assert_allclose([losses[s] for s in continued], [expected[s] for s in continued],
-                               rtol=2e-5, err_msg=name)
+                               rtol=2e-5, err_msg=workdir)
+
+
+# --- Small pieces ---------------------------------------------------------------------------
+
+
+def test_iterator_state_of_another_process_count(tmp_path):
+  ckpt = checkpointing.Checkpointer(str(tmp_path), tiny_config("").checkpoint)
+  data_dir = tmp_path / "checkpoints" / "5" / "data"
+  data_dir.mkdir(parents=True)
+  for p in range(2):
+    (data_dir / f"process_{p}-of-2.json").write_text(json.dumps({"next_index": 7}))
+  assert ckpt._iterator_state_of_other_process_count(5) == {"next_index": 7}
+  (data_dir / "process_1-of-2.json").write_text(json.dumps({"next_index": 8}))
+  with pytest.raises(ValueError, match=r"process_0-of-1.json.*differ.*process count"):
+    ckpt._iterator_state_of_other_process_count(5)
+  (data_dir / "process_0-of-1.json").write_text(json.dumps({"next_index": 3}))
+  assert ckpt._iterator_state_of_other_process_count(5) is None  # Grain reads its own file.
+  ckpt.close()
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(coordinator_address="127.0.0.1:1234", process_id=0), "needs --num_processes"),
+    (dict(coordinator_address="127.0.0.1:1234", num_processes=2, process_id=2),
+     "--process_id=2 must be in"),
+    (dict(num_processes=2, process_id=0), "need --coordinator_address"),
+])
+def test_bad_coordinator_settings_fail_before_jax(kwargs, message):
+  with pytest.raises(ValueError, match=message):
+    distributed.initialize(**kwargs)
+
+
+def test_cluster_detection_from_environment(monkeypatch):
+  for name in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES",
+               "MEGASCALE_COORDINATOR_ADDRESS"):
+    monkeypatch.delenv(name, raising=False)
+  assert not distributed.cluster_detected()
+  monkeypatch.setenv("SLURM_NTASKS", "1")  # One task: nothing to join.
+  assert not distributed.cluster_detected()
+  monkeypatch.setenv("SLURM_NTASKS", "16")
+  assert distributed.cluster_detected()
+  monkeypatch.delenv("SLURM_NTASKS")
+  monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "10.0.0.1,10.0.0.2")
+  assert distributed.cluster_detected()
