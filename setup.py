@@ -19,6 +19,7 @@ INSTALL_REQUIRES = [
     "tensorboardX==2.6.5",
     "imageio==2.38.1",
     "pillow==13.0.0",
+    "scipy==1.17.1",  # Hungarian assignment of latent to true actions.
     "numpy>=2.0,<3",
 ]
 
