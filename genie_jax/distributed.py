@@ -31,21 +31,25 @@ PROCESS_ID_ENV = "GENIE_PROCESS_ID"
 _CLUSTER_SIZE_ENVS = ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE")
 
 
-def define_flags() -> None:
+def define_flags(flag_values: flags.FlagValues = flags.FLAGS) -> None:
   """Defines --distributed, --coordinator_address, --num_processes and --process_id."""
   flags.DEFINE_enum(
       "distributed", "auto", ["auto", "yes", "no"],
       "Join a multi-process JAX job. auto: if a coordinator is given (flag or "
       f"{COORDINATOR_ENV}) or a SLURM/Open MPI/multi-host TPU job is detected; yes: always "
-      "(JAX auto-detects TPU pods, SLURM and Open MPI when no coordinator is given); no: never.")
+      "(JAX auto-detects TPU pods, SLURM and Open MPI when no coordinator is given); no: never.",
+      flag_values=flag_values)
   flags.DEFINE_string(
       "coordinator_address", None,
       f"host:port of process 0's coordinator (default: ${COORDINATOR_ENV}); only for clusters "
-      "JAX does not detect, e.g. local multi-process runs on 127.0.0.1.")
+      "JAX does not detect, e.g. local multi-process runs on 127.0.0.1.",
+      flag_values=flag_values)
   flags.DEFINE_integer("num_processes", None,
-                       f"Number of processes (default: ${NUM_PROCESSES_ENV}).")
+                       f"Number of processes (default: ${NUM_PROCESSES_ENV}).",
+                       flag_values=flag_values)
   flags.DEFINE_integer("process_id", None,
-                       f"This process's id in [0, num_processes) (default: ${PROCESS_ID_ENV}).")
+                       f"This process's id in [0, num_processes) (default: ${PROCESS_ID_ENV}).",
+                       flag_values=flag_values)
 
 
 def _env_int(name: str) -> int | None:
@@ -102,13 +106,14 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
-def initialize_from_flags() -> bool:
-  """Initializes as --distributed and the coordinator flags/environment say (see module doc).
+def initialize_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> bool:
+  """Initializes as --distributed and the coordinator flags/environment say (see module doc);
+  the flags are those of `define_flags`, parsed.
 
   Returns:
     Whether jax.distributed was initialized.
   """
-  values = flags.FLAGS
+  values = flag_values
   coordinator = values.coordinator_address or os.environ.get(COORDINATOR_ENV) or None
   num_processes = (values.num_processes if values.num_processes is not None
                    else _env_int(NUM_PROCESSES_ENV))

@@ -20,6 +20,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from absl import flags
 
 import data_pipelines
 from genie_jax import checkpointing
@@ -162,3 +163,30 @@ def test_cluster_detection_from_environment(monkeypatch):
   monkeypatch.delenv("SLURM_NTASKS")
   monkeypatch.setenv("TPU_WORKER_HOSTNAMES", "10.0.0.1,10.0.0.2")
   assert distributed.cluster_detected()
+
+
+@pytest.mark.parametrize("argv,env,expected", [
+    ([], {}, None),  # A plain single-process run joins nothing.
+    (["--coordinator_address=127.0.0.1:5", "--num_processes=2", "--process_id=1"], {},
+     ("127.0.0.1:5", 2, 1)),
+    ([], {"GENIE_COORDINATOR": "h:6", "GENIE_NUM_PROCESSES": "4", "GENIE_PROCESS_ID": "3"},
+     ("h:6", 4, 3)),
+    (["--process_id=0"], {"GENIE_COORDINATOR": "h:6", "GENIE_NUM_PROCESSES": "4",
+                          "GENIE_PROCESS_ID": "3"}, ("h:6", 4, 0)),  # Flags win.
+    (["--distributed=no"], {"GENIE_COORDINATOR": "h:6"}, None),
+    (["--distributed=yes"], {}, (None, None, None)),  # JAX auto-detects TPU pods, SLURM.
+    ([], {"SLURM_NTASKS": "8"}, (None, None, None)),
+])
+def test_initialize_from_flags_and_environment(monkeypatch, argv, env, expected):
+  for name in ("GENIE_COORDINATOR", "GENIE_NUM_PROCESSES", "GENIE_PROCESS_ID", "SLURM_NTASKS",
+               "OMPI_COMM_WORLD_SIZE", "TPU_WORKER_HOSTNAMES", "MEGASCALE_COORDINATOR_ADDRESS"):
+    monkeypatch.delenv(name, raising=False)
+  for name, value in env.items():
+    monkeypatch.setenv(name, value)
+  calls = []
+  monkeypatch.setattr(distributed, "initialize", lambda *args: calls.append(args))
+  flag_values = flags.FlagValues()
+  distributed.define_flags(flag_values)
+  flag_values(["main"] + argv)
+  assert distributed.initialize_from_flags(flag_values) == (expected is not None)
+  assert calls == ([expected] if expected else [])
