@@ -34,15 +34,14 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import nnx
 
-import data_pipelines
 from genie_jax import action_metrics
 from genie_jax import genie as genie_lib
 from genie_jax import sharding
 from genie_jax import train_state
 from genie_jax import visualize
 from genie_jax.data import input_pipeline
+from genie_jax.evaluators import base
 from genie_jax.models import tokenizer as tokenizer_lib
 from genie_jax.tasks import dynamics as dynamics_task
 
@@ -54,31 +53,19 @@ def _psnr(a, b, axes):
   return -10.0 * jnp.log10(jnp.maximum(jnp.mean(jnp.square(a - b), axis=axes), 1e-10))
 
 
-class ControllabilityEvaluator:
+class ControllabilityEvaluator(base.Evaluator):
   """Streams `num_batches` of the evaluation split; see the module docstring."""
+
+  drop_remainder = False
 
   def __init__(self, name: str, eval_cfg: ml_collections.ConfigDict,
                config: ml_collections.ConfigDict, task, spec: train_state.StateSpec):
-    self.name = name
-    self.cfg = eval_cfg
-    self.config = config
-    self.task = task
-    self.spec = spec
-    self.batch_size = eval_cfg.batch_size or config.batch_size
-    dp = spec.mesh.shape["data"] * spec.mesh.shape["fsdp"]
-    if self.batch_size % dp or self.batch_size % jax.process_count():
-      raise ValueError(
-          f"config.evals.{name}.batch_size={self.batch_size} must be divisible by the "
-          f"data-parallel size {dp} and the {jax.process_count()} processes")
+    super().__init__(name, eval_cfg, config, task, spec)
     self.horizon = self.check_config(name, eval_cfg, config)
-    builder = data_pipelines.make_builder(config.data)
-    # 0 for datasets without actions (video_folder): no NMI, no true-action rollouts.
-    self.num_true_actions = int(getattr(builder, "NUM_ACTIONS", 0))
-    self.true_action_names = list(getattr(builder, "ACTION_NAMES", ()))
+    self.num_true_actions, self.true_action_names = base.true_actions_of(config.data)
     self.num_actions = config.model.num_actions
-    replicated = sharding.replicated(spec.mesh)
-    self._infer = jax.jit(self._infer_actions, out_shardings=replicated)
-    self._rollouts = jax.jit(self._batch_rollouts, out_shardings=replicated)
+    self._infer = jax.jit(self._infer_actions, out_shardings=self.replicated)
+    self._rollouts = jax.jit(self._batch_rollouts, out_shardings=self.replicated)
 
   @staticmethod
   def check_config(name: str, eval_cfg: ml_collections.ConfigDict,
@@ -99,14 +86,6 @@ class ControllabilityEvaluator:
       raise ValueError(f"config.evals.{name}: maskgit_steps={eval_cfg.maskgit_steps} must be "
                        f">= 1 and temperature={eval_cfg.temperature} >= 0")
     return horizon
-
-  def _dataset(self):
-    return input_pipeline.make_eval_dataset(
-        self.config.data, self.cfg.split, global_batch_size=self.batch_size,
-        num_batches=self.cfg.num_batches or None, drop_remainder=False)
-
-  def _model(self, params, model_state):
-    return nnx.merge(self.spec.graphdef, params, model_state, copy=True)
 
   def _infer_actions(self, params, model_state, batch):
     with sharding.activation_rules(self.spec.mesh, self.spec.rules):

@@ -19,48 +19,26 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from flax import nnx
 
-import data_pipelines
 from genie_jax import action_metrics
 from genie_jax import sharding
 from genie_jax import train_state
 from genie_jax import visualize
 from genie_jax.data import input_pipeline
+from genie_jax.evaluators import base
 
 
-class LatentActionEvaluator:
+class LatentActionEvaluator(base.Evaluator):
   """Streams the evaluation split (or `num_batches` of it) once per run."""
+
+  drop_remainder = False
 
   def __init__(self, name: str, eval_cfg: ml_collections.ConfigDict,
                config: ml_collections.ConfigDict, task, spec: train_state.StateSpec):
-    self.name = name
-    self.cfg = eval_cfg
-    self.config = config
-    self.task = task
-    self.spec = spec
-    self.batch_size = eval_cfg.batch_size or config.batch_size
-    dp = spec.mesh.shape["data"] * spec.mesh.shape["fsdp"]
-    if self.batch_size % dp or self.batch_size % jax.process_count():
-      raise ValueError(
-          f"config.evals.{name}.batch_size={self.batch_size} must be divisible by the "
-          f"data-parallel size {dp} and the {jax.process_count()} processes")
-    builder = data_pipelines.make_builder(config.data)
-    # 0 for datasets without actions (video_folder): then no NMI or confusion matrix.
-    self.num_true_actions = int(getattr(builder, "NUM_ACTIONS", 0))
-    self.true_action_names = list(getattr(builder, "ACTION_NAMES", ()))
-    replicated = sharding.replicated(spec.mesh)
-    self._stats = jax.jit(self._batch_stats, out_shardings=replicated)
-    self._predict = jax.jit(self._predict_next, out_shardings=replicated)
-
-  def _dataset(self):
-    # Padding rows (episode_id -1) fill the last batch so that no clip is dropped.
-    return input_pipeline.make_eval_dataset(
-        self.config.data, self.cfg.split, global_batch_size=self.batch_size,
-        num_batches=self.cfg.num_batches or None, drop_remainder=False)
-
-  def _model(self, params, model_state):
-    return nnx.merge(self.spec.graphdef, params, model_state, copy=True)
+    super().__init__(name, eval_cfg, config, task, spec)
+    self.num_true_actions, self.true_action_names = base.true_actions_of(config.data)
+    self._stats = jax.jit(self._batch_stats, out_shardings=self.replicated)
+    self._predict = jax.jit(self._predict_next, out_shardings=self.replicated)
 
   def _predict_next(self, params, model_state, batch):
     with sharding.activation_rules(self.spec.mesh, self.spec.rules):

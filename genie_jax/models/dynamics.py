@@ -59,13 +59,7 @@ def default_config() -> ml_collections.ConfigDict:
       num_actions=0,
       max_frames=16,
       action_conditioning="additive",
-      qk_norm=False,
-      qk_norm_kind="layernorm",
-      dtype="float32",
-      param_dtype="float32",
-      remat=False,
-      remat_policy="full",
-      attention_impl="xla",
+      **layers.TRANSFORMER_DEFAULTS,
   ))
   cfg.lock()
   return cfg
@@ -73,28 +67,15 @@ def default_config() -> ml_collections.ConfigDict:
 
 def validate_config(cfg: ml_collections.ConfigDict) -> None:
   """Raises ValueError, naming the config.model key, for a config the model cannot use."""
-  for key in ("d_model", "num_heads", "mlp_ratio", "num_codes", "tokens_per_frame",
-              "num_actions", "max_frames"):
+  layers.validate_transformer_config(cfg)
+  for key in ("num_codes", "tokens_per_frame", "num_actions", "max_frames"):
     if cfg[key] < 1:
       raise ValueError(f"config.model.{key}={cfg[key]} must be positive")
   if cfg.num_layers < 0:
     raise ValueError(f"config.model.num_layers={cfg.num_layers} must not be negative")
-  if cfg.d_model % cfg.num_heads:
-    raise ValueError(f"config.model.num_heads={cfg.num_heads} does not divide "
-                     f"config.model.d_model={cfg.d_model}")
   if cfg.action_conditioning not in CONDITIONINGS:
     raise ValueError(f"config.model.action_conditioning={cfg.action_conditioning!r}; "
                      f"expected one of {list(CONDITIONINGS)}")
-  for key, options in (("qk_norm_kind", layers.NORMS),
-                       ("remat_policy", tuple(layers.REMAT_POLICIES)),
-                       ("attention_impl", layers.ATTENTION_IMPLS)):
-    if cfg[key] not in options:
-      raise ValueError(f"config.model.{key}={cfg[key]!r}; expected one of {list(options)}")
-  for key in ("dtype", "param_dtype"):
-    try:
-      jnp.dtype(cfg[key])
-    except TypeError as e:
-      raise ValueError(f"config.model.{key}={cfg[key]!r} is not a dtype name") from e
 
 
 class DynamicsModel(nnx.Module):

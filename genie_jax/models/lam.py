@@ -74,13 +74,7 @@ def default_config() -> ml_collections.ConfigDict:
       dead_code_threshold=0.1,
       decoder_context_frames=1,
       predict_residual=True,
-      qk_norm=False,
-      qk_norm_kind="layernorm",
-      dtype="float32",
-      param_dtype="float32",
-      remat=False,
-      remat_policy="full",
-      attention_impl="xla",
+      **layers.TRANSFORMER_DEFAULTS,
   ))
   cfg.lock()
   return cfg

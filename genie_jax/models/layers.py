@@ -389,6 +389,39 @@ class FeedForward(nnx.Module):
                  self.down_bias[...].astype(self.dtype))
 
 
+# Config keys every ST-transformer model shares (config.model.*), with their defaults; see
+# `genie_jax.models.tokenizer.default_config` for their meaning.
+TRANSFORMER_DEFAULTS = dict(
+    qk_norm=False,
+    qk_norm_kind="layernorm",
+    dtype="float32",
+    param_dtype="float32",
+    remat=False,
+    remat_policy="full",
+    attention_impl="xla",
+)
+
+
+def validate_transformer_config(cfg) -> None:
+  """Raises ValueError naming the config.model key when a shared ST-transformer setting
+  (width, heads, `TRANSFORMER_DEFAULTS` keys) cannot work."""
+  for key in ("d_model", "num_heads", "mlp_ratio"):
+    if cfg[key] < 1:
+      raise ValueError(f"config.model.{key}={cfg[key]} must be positive")
+  if cfg.d_model % cfg.num_heads:
+    raise ValueError(f"config.model.num_heads={cfg.num_heads} does not divide "
+                     f"config.model.d_model={cfg.d_model}")
+  for key, options in (("qk_norm_kind", NORMS), ("remat_policy", tuple(REMAT_POLICIES)),
+                       ("attention_impl", ATTENTION_IMPLS)):
+    if cfg[key] not in options:
+      raise ValueError(f"config.model.{key}={cfg[key]!r}; expected one of {list(options)}")
+  for key in ("dtype", "param_dtype"):
+    try:
+      jnp.dtype(cfg[key])
+    except TypeError as e:
+      raise ValueError(f"config.model.{key}={cfg[key]!r} is not a dtype name") from e
+
+
 class STBlock(nnx.Module):
   """Pre-norm ST block: spatial attention, causal temporal attention, one feed-forward.
 

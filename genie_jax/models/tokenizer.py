@@ -66,13 +66,7 @@ def default_config() -> ml_collections.ConfigDict:
       vq_normalize=False,
       code_usage_decay=0.99,
       dead_code_threshold=0.1,
-      qk_norm=False,
-      qk_norm_kind="layernorm",
-      dtype="float32",
-      param_dtype="float32",
-      remat=False,
-      remat_policy="full",
-      attention_impl="xla",
+      **layers.TRANSFORMER_DEFAULTS,
   ))
   cfg.lock()
   return cfg
@@ -85,23 +79,10 @@ def to_unit_interval(video: jax.Array) -> jax.Array:
   return video.astype(jnp.float32)
 
 
-def _choice(cfg, key: str, options: tuple[str, ...]) -> str:
-  if cfg[key] not in options:
-    raise ValueError(f"config.model.{key}={cfg[key]!r}; expected one of {list(options)}")
-  return cfg[key]
-
-
-def _dtype(cfg, key: str):
-  try:
-    return jnp.dtype(cfg[key])
-  except TypeError as e:
-    raise ValueError(f"config.model.{key}={cfg[key]!r} is not a dtype name") from e
-
-
 def validate_config(cfg: ml_collections.ConfigDict) -> None:
   """Raises ValueError, naming the config.model key, for a config the model cannot use."""
-  for key in ("image_size", "patch_size", "channels", "max_frames", "d_model", "num_heads",
-              "mlp_ratio", "latent_dim", "num_codes"):
+  layers.validate_transformer_config(cfg)
+  for key in ("image_size", "patch_size", "channels", "max_frames", "latent_dim", "num_codes"):
     if cfg[key] < 1:
       raise ValueError(f"config.model.{key}={cfg[key]} must be positive")
   for key in ("enc_layers", "dec_layers"):
@@ -110,16 +91,8 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   if cfg.image_size % cfg.patch_size:
     raise ValueError(f"config.model.patch_size={cfg.patch_size} does not divide "
                      f"config.model.image_size={cfg.image_size}")
-  if cfg.d_model % cfg.num_heads:
-    raise ValueError(f"config.model.num_heads={cfg.num_heads} does not divide "
-                     f"config.model.d_model={cfg.d_model}")
   if not 0.0 <= cfg.code_usage_decay < 1.0:
     raise ValueError(f"config.model.code_usage_decay={cfg.code_usage_decay} must be in [0, 1)")
-  _choice(cfg, "qk_norm_kind", layers.NORMS)
-  _choice(cfg, "remat_policy", tuple(layers.REMAT_POLICIES))
-  _choice(cfg, "attention_impl", layers.ATTENTION_IMPLS)
-  _dtype(cfg, "dtype")
-  _dtype(cfg, "param_dtype")
 
 
 class Tokenizer(nnx.Module):
@@ -127,12 +100,10 @@ class Tokenizer(nnx.Module):
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     validate_config(cfg)
-    qk_norm_kind = _choice(cfg, "qk_norm_kind", layers.NORMS)
-    qk_norm = qk_norm_kind if cfg.qk_norm else None
-    remat_policy = _choice(cfg, "remat_policy", tuple(layers.REMAT_POLICIES))
-    remat = remat_policy if cfg.remat else None
-    attention_impl = _choice(cfg, "attention_impl", layers.ATTENTION_IMPLS)
-    dtype, param_dtype = _dtype(cfg, "dtype"), _dtype(cfg, "param_dtype")
+    qk_norm = cfg.qk_norm_kind if cfg.qk_norm else None
+    remat = cfg.remat_policy if cfg.remat else None
+    attention_impl = cfg.attention_impl
+    dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
     self.image_size = cfg.image_size
     self.patch_size = cfg.patch_size
     self.channels = cfg.channels

@@ -1,0 +1,55 @@
+"""What every evaluator shares: its settings, the evaluation batch, the split, the model."""
+
+from __future__ import annotations
+
+import jax
+import ml_collections
+from flax import nnx
+
+import data_pipelines
+from genie_jax import sharding
+from genie_jax import train_state
+from genie_jax.data import input_pipeline
+
+
+class Evaluator:
+  """Base of the evaluators: checks the batch size against the mesh and processes, streams
+  `num_batches` of the split (all of it when 0) and merges the model from a state.
+
+  Subclasses jit their per-batch functions in __init__ (outputs `self.replicated`) and
+  implement `run(state) -> (scalars, images)`, called on every process.
+  """
+
+  # False: the last batch is filled with padding rows (episode_id -1) so that no clip is
+  # dropped; the subclass must then skip those rows.
+  drop_remainder = True
+
+  def __init__(self, name: str, eval_cfg: ml_collections.ConfigDict,
+               config: ml_collections.ConfigDict, task, spec: train_state.StateSpec):
+    self.name = name
+    self.cfg = eval_cfg
+    self.config = config
+    self.task = task
+    self.spec = spec
+    self.batch_size = eval_cfg.batch_size or config.batch_size
+    dp = spec.mesh.shape["data"] * spec.mesh.shape["fsdp"]
+    if self.batch_size % dp or self.batch_size % jax.process_count():
+      raise ValueError(
+          f"config.evals.{name}.batch_size={self.batch_size} must be divisible by the "
+          f"data-parallel size {dp} and the {jax.process_count()} processes")
+    self.replicated = sharding.replicated(spec.mesh)
+
+  def _dataset(self):
+    return input_pipeline.make_eval_dataset(
+        self.config.data, self.cfg.split, global_batch_size=self.batch_size,
+        num_batches=self.cfg.num_batches or None, drop_remainder=self.drop_remainder)
+
+  def _model(self, params, model_state) -> nnx.Module:
+    return nnx.merge(self.spec.graphdef, params, model_state, copy=True)
+
+
+def true_actions_of(data_config: ml_collections.ConfigDict) -> tuple[int, list[str]]:
+  """(number of true actions, their names) of a dataset; (0, []) when it records none
+  (video_folder), which turns off the metrics against true actions."""
+  builder = data_pipelines.make_builder(data_config)
+  return int(getattr(builder, "NUM_ACTIONS", 0)), list(getattr(builder, "ACTION_NAMES", ()))
