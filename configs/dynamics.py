@@ -41,9 +41,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The dynamics config for `arg` (see the module docstring)."""
   args = config_lib.parse_arg(arg, tokenizer_workdir="", lam_workdir="", data="builtin_world",
                               size="", runlocal=False, conditioning="additive", cotrain=False)
-  size = args.size or ("cpu" if args.runlocal else "appf")
-  if size not in SIZES:
-    raise ValueError(f"config argument size={size!r}; choose one of {sorted(SIZES)}")
+  size = config_lib.model_size(args, SIZES)
 
   config = config_lib.base_config()
   config.stage = "dynamics"
@@ -77,17 +75,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   if args.runlocal:
     config.evals.controllability.update(num_batches=4, maskgit_steps=8)
-    config.batch_size = 8
     # About 1 step/s on 2 CPU cores alone (0.5 on a shared machine): ~8 minutes.
-    config.total_steps = 500
-    config.optimizer.lr = 1e-3
-    config.optimizer.end_lr = 1e-4
-    config.optimizer.warmup_steps = 50
-    config.log_every_steps = 10
-    config.images_every_steps = 250
-    config.eval_every_steps = 250
-    config.checkpoint.every_steps = 250
-    if args.data == "coinrun":
-      config.data.num_train_episodes = 300
-      config.data.num_val_episodes = 20
+    config_lib.apply_runlocal(config, args.data, total_steps=500, lr=1e-3, end_lr=1e-4,
+                              warmup_steps=50)
   return config

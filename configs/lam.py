@@ -40,9 +40,7 @@ SIZES = {
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The LAM config for `arg` (see the module docstring)."""
   args = config_lib.parse_arg(arg, data="builtin_world", size="", runlocal=False)
-  size = args.size or ("cpu" if args.runlocal else "appf")
-  if size not in SIZES:
-    raise ValueError(f"config argument size={size!r}; choose one of {sorted(SIZES)}")
+  size = config_lib.model_size(args, SIZES)
 
   config = config_lib.base_config()
   config.stage = "lam"
@@ -72,19 +70,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Cosine matching spreads the latents over the 6 codes (squared L2 sent every latent to
     # the code of smallest norm at initialisation).
     config.model.vq_normalize = True
-    config.batch_size = 8
-    config.total_steps = 400
-    config.optimizer.lr = 1e-3
-    config.optimizer.end_lr = 1e-4
-    config.optimizer.warmup_steps = 50
+    config_lib.apply_runlocal(config, args.data, total_steps=400, lr=1e-3, end_lr=1e-4,
+                              warmup_steps=50)
     # With 6 codes a collapse onto one is quick; a fast usage EMA restarts it within tens of
     # steps.
     config.model.code_usage_decay = 0.9
-    config.log_every_steps = 10
-    config.images_every_steps = 200
-    config.eval_every_steps = 100
-    config.checkpoint.every_steps = 200
-    if args.data == "coinrun":
-      config.data.num_train_episodes = 300
-      config.data.num_val_episodes = 20
   return config

@@ -39,9 +39,7 @@ SIZES = {
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The tokenizer config for `arg` (see the module docstring)."""
   args = config_lib.parse_arg(arg, data="builtin_world", size="", runlocal=False)
-  size = args.size or ("cpu" if args.runlocal else "appf")
-  if size not in SIZES:
-    raise ValueError(f"config argument size={size!r}; choose one of {sorted(SIZES)}")
+  size = config_lib.model_size(args, SIZES)
 
   config = config_lib.base_config()
   config.stage = "tokenizer"
@@ -57,18 +55,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       type="reconstruction", split="validation", batch_size=0, num_batches=8, num_images=4))
 
   if args.runlocal:
-    config.batch_size = 8
-    config.total_steps = 600
-    config.optimizer.lr = 1e-3
-    config.optimizer.warmup_steps = 100
+    config_lib.apply_runlocal(config, args.data, total_steps=600, lr=1e-3, warmup_steps=100)
     # Short runs collapse onto a few codes early; a fast usage EMA restarts dead codes within
     # tens of steps instead of hundreds.
     config.model.code_usage_decay = 0.9
-    config.log_every_steps = 10
-    config.images_every_steps = 250
-    config.eval_every_steps = 250
-    config.checkpoint.every_steps = 250
-    if args.data == "coinrun":
-      config.data.num_train_episodes = 300  # About 170k frames, generated in ~1 minute.
-      config.data.num_val_episodes = 20
   return config

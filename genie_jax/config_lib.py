@@ -32,6 +32,35 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
   return parsed
 
 
+def model_size(args: ml_collections.ConfigDict, sizes: dict[str, dict]) -> str:
+  """The `size=` config argument, by default 'cpu' with `runlocal` and 'appf' without."""
+  size = args.size or ("cpu" if args.runlocal else "appf")
+  if size not in sizes:
+    raise ValueError(f"config argument size={size!r}; choose one of {sorted(sizes)}")
+  return size
+
+
+def apply_runlocal(config: ml_collections.ConfigDict, data_name: str, *, total_steps: int,
+                   lr: float, warmup_steps: int, end_lr: float | None = None) -> None:
+  """What `runlocal` means for every stage: a CPU-sized batch and schedule, frequent logs,
+  pictures, evaluations and checkpoints, and (coinrun) 300 + 20 episodes instead of ~10M
+  frames (about 170k frames, generated in about a minute)."""
+  config.batch_size = 8
+  config.total_steps = total_steps
+  config.optimizer.lr = lr
+  if end_lr is not None:
+    config.optimizer.end_lr = end_lr
+  config.optimizer.warmup_steps = warmup_steps
+  config.log_every_steps = 10
+  every = max(total_steps // 2, 1)
+  config.images_every_steps = every
+  config.eval_every_steps = every
+  config.checkpoint.every_steps = every
+  if data_name == "coinrun":
+    config.data.num_train_episodes = 300
+    config.data.num_val_episodes = 20
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Everything the shared trainer reads, with production defaults."""
   config = ml_collections.ConfigDict()

@@ -11,6 +11,7 @@ import abc
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
@@ -74,3 +75,20 @@ class Task(abc.ABC):
     (B, T, H, W, C) floats in [0, 1]. Shown as one grid and one side-by-side GIF."""
     del model, batch
     return []
+
+
+def pixel_vq_loss(pred_BTHWC: jax.Array, target_BTHWC: jax.Array, vq_out: dict[str, jax.Array]
+                  ) -> tuple[jax.Array, Metrics]:
+  """MSE(pixels) + VQ loss, the loss of the VQ-VAE stages (tokenizer, LAM), and its metrics.
+
+  `vq_out` holds the quantiser's 'vq_loss', 'codebook_loss', 'commitment_loss', 'usage' and
+  'perplexity'. PSNR is the mean of per-frame PSNRs, as the evaluators report it.
+  """
+  mse_BT = jnp.mean(jnp.square(pred_BTHWC.astype(jnp.float32) - target_BTHWC), axis=(2, 3, 4))
+  mse = jnp.mean(mse_BT)
+  psnr = jnp.mean(-10.0 * jnp.log10(jnp.maximum(mse_BT, 1e-10)))
+  metrics = dict(mse=mse, psnr=psnr, vq_loss=vq_out["vq_loss"],
+                 codebook_loss=vq_out["codebook_loss"],
+                 commitment_loss=vq_out["commitment_loss"], codebook_usage=vq_out["usage"],
+                 codebook_perplexity=vq_out["perplexity"])
+  return mse + vq_out["vq_loss"], metrics

@@ -35,14 +35,7 @@ class LatentActionTask(base.Task):
     del rng
     target_BTHWC = tokenizer_lib.to_unit_interval(batch["video"])[:, 1:]
     out = model(batch["video"], train=True)
-    mse_BT = jnp.mean(jnp.square(out["pred"] - target_BTHWC), axis=(2, 3, 4))
-    mse = jnp.mean(mse_BT)
-    loss = mse + out["vq_loss"]
-    # Mean of per-frame PSNRs, as the latent_actions evaluator reports it.
-    psnr = jnp.mean(-10.0 * jnp.log10(jnp.maximum(mse_BT, 1e-10)))
-    metrics = dict(mse=mse, psnr=psnr, vq_loss=out["vq_loss"],
-                   codebook_loss=out["codebook_loss"], commitment_loss=out["commitment_loss"],
-                   codebook_usage=out["usage"], codebook_perplexity=out["perplexity"])
+    loss, metrics = base.pixel_vq_loss(out["pred"], target_BTHWC, out)
     return loss, metrics, out["z"]
 
   def after_update(self, model, aux, rng):

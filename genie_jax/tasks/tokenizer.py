@@ -32,15 +32,7 @@ class TokenizerTask(base.Task):
     del rng
     target_BTHWC = tokenizer_lib.to_unit_interval(batch["video"])
     out = model(target_BTHWC, train=True)
-    mse_BT = jnp.mean(jnp.square(out["recon"].astype(jnp.float32) - target_BTHWC),
-                      axis=(2, 3, 4))
-    mse = jnp.mean(mse_BT)
-    loss = mse + out["vq_loss"]
-    # Mean of per-frame PSNRs, as the reconstruction evaluator reports it.
-    psnr = jnp.mean(-10.0 * jnp.log10(jnp.maximum(mse_BT, 1e-10)))
-    metrics = dict(mse=mse, psnr=psnr, vq_loss=out["vq_loss"],
-                   codebook_loss=out["codebook_loss"], commitment_loss=out["commitment_loss"],
-                   codebook_usage=out["usage"], codebook_perplexity=out["perplexity"])
+    loss, metrics = base.pixel_vq_loss(out["recon"], target_BTHWC, out)
     return loss, metrics, out["z"]
 
   def after_update(self, model, aux, rng):
