@@ -32,6 +32,8 @@ Training loss: mean((pred - frames 2..T)**2) + out['vq_loss'].
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -107,6 +109,26 @@ def _last_frames(x_BTND: jax.Array, k: int) -> jax.Array:
   padded_BTND = jnp.pad(x_BTND, ((0, 0), (k - 1, 0), (0, 0), (0, 0)))
   x_BTSND = jnp.stack([padded_BTND[:, j:j + t] for j in range(k)], axis=2)
   return x_BTSND.reshape(b * t, k, n, d)
+
+
+def in_windows(infer: Callable[[jax.Array], jax.Array], video_BTHWC: jax.Array,
+               window: int) -> jax.Array:
+  """Actions (B, T-1) of a clip longer than the `window` frames a LAM's positions cover.
+
+  The clip is cut into windows of `window` frames overlapping by one frame (the last window
+  is moved back to end at the clip's end); each transition's action is taken from the first
+  window that holds both of its frames. `infer` maps a clip of <= window frames to its
+  (B, frames - 1) actions.
+  """
+  t = video_BTHWC.shape[1]
+  if t <= window:
+    return infer(video_BTHWC)
+  pieces = []
+  for first in range(0, t - 1, window - 1):
+    start = min(first, t - window)
+    # Transitions start .. start + window - 2; the earlier ones came from the last window.
+    pieces.append(infer(video_BTHWC[:, start:start + window])[:, first - start:])
+  return jnp.concatenate(pieces, axis=1)
 
 
 class LatentActionModel(nnx.Module):
@@ -215,8 +237,12 @@ class LatentActionModel(nnx.Module):
 
   def infer_actions(self, video_BTHWC: jax.Array) -> jax.Array:
     """Latent actions of a clip: (B, T-1) int32 in [0, A); [:, t] is the action of the
-    transition frame t -> frame t+1. uint8 or [0, 1] float video. Leaves the usage EMA
-    alone."""
+    transition frame t -> frame t+1. uint8 or [0, 1] float video, of any length (clips longer
+    than max_frames are read in windows, see `in_windows`). Leaves the usage EMA alone."""
+    window = self.encoder.temporal_pos.shape[0]
+    return in_windows(self._infer_window, video_BTHWC, window)
+
+  def _infer_window(self, video_BTHWC: jax.Array) -> jax.Array:
     _, actions_BT, _ = self.vq(self.encode_latents(video_BTHWC), train=False)
     return actions_BT
 

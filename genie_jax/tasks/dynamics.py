@@ -59,22 +59,9 @@ def masked_token_metrics(logits_BTNV: jax.Array, tokens_BTN: jax.Array, mask_BTN
 
 def infer_actions_in_windows(lam: lam_lib.LatentActionModel, video_BTHWC: jax.Array,
                              window: int) -> jax.Array:
-  """The LAM's actions (B, T-1) of a clip longer than the clips it was trained on.
-
-  The LAM's temporal positions cover `window` frames (its config.model.max_frames), so a
-  longer clip is cut into windows of that many frames overlapping by one frame (the last
-  window is moved back to end at the clip's end); each transition's action is taken from the
-  first window that holds both of its frames.
-  """
-  t = video_BTHWC.shape[1]
-  if t <= window:
-    return lam.infer_actions(video_BTHWC)
-  pieces = []
-  for first in range(0, t - 1, window - 1):
-    start = min(first, t - window)
-    # Transitions start .. start + window - 2; the earlier ones came from the last window.
-    pieces.append(lam.infer_actions(video_BTHWC[:, start:start + window])[:, first - start:])
-  return jnp.concatenate(pieces, axis=1)
+  """The LAM's actions (B, T-1) of a clip read in windows of `window` frames (its
+  config.model.max_frames); see `genie_jax.models.lam.in_windows`."""
+  return lam_lib.in_windows(lam.infer_actions, video_BTHWC, window)
 
 
 class DynamicsTask(base.Task):
