@@ -2,7 +2,7 @@ r"""Benchmarks the tokenizer's train step (forward, backward, AdamW) on this mac
 
   python benchmarks/tokenizer_step.py                       # all shapes
   python benchmarks/tokenizer_step.py --shapes=jasmine_ref --steps=5
-  python benchmarks/tokenizer_step.py --shapes=jasmine_ref --malloc=tcmalloc
+  python benchmarks/tokenizer_step.py --shapes=jasmine_ref --malloc=system
 
 For each shape it prints compile time, median step time, steps/s, images/s (frames/s), XLA's
 FLOPs per step, model FLOPs utilisation against the best float32 matmul throughput measured
@@ -48,18 +48,22 @@ _BATCH = flags.DEFINE_integer("batch_size", 0, "Override every shape's batch siz
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 _REMAT = flags.DEFINE_bool("remat", False, "Rematerialise each block.")
 _MALLOC = flags.DEFINE_enum(
-    "malloc", "system", ["system", "tcmalloc"],
+    "malloc", "auto", ["auto", "system", "tcmalloc"],
     "Host allocator. XLA:CPU allocates and frees several GB of temporaries per step; glibc "
     "returns buffers over 32 MB to the OS and faults them in again, tcmalloc keeps them "
-    "(Debian: apt-get install libtcmalloc-minimal4).")
+    "(Debian: apt-get install libtcmalloc-minimal4; .ci/run installs it). auto: tcmalloc "
+    "when installed, else the system's.")
 
 _TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
 
 
-def _use_allocator(name: str) -> None:
-  """Re-executes this process with `name` preloaded, unless it already is."""
+def _use_allocator(name: str) -> str:
+  """Re-executes this process with `name` preloaded, unless it already is; returns the
+  allocator in use."""
+  if name == "auto":
+    name = "tcmalloc" if os.path.exists(_TCMALLOC) else "system"
   if name == "system" or _TCMALLOC in os.environ.get("LD_PRELOAD", ""):
-    return
+    return name
   if not os.path.exists(_TCMALLOC):
     raise app.UsageError(f"--malloc=tcmalloc needs {_TCMALLOC}: "
                          "apt-get install libtcmalloc-minimal4")
@@ -134,11 +138,11 @@ def main(argv):
   unknown = set(_SHAPES.value) - set(SHAPES)
   if unknown:
     raise app.UsageError(f"--shapes: unknown {sorted(unknown)}; known: {list(SHAPES)}")
-  _use_allocator(_MALLOC.value)
+  malloc = _use_allocator(_MALLOC.value)
   peak = matmul_peak_flops()
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()} "
         f"({jax.default_backend()}), jax {jax.__version__}, dtype {_DTYPE.value}, "
-        f"remat {_REMAT.value}, malloc {_MALLOC.value}")
+        f"remat {_REMAT.value}, malloc {malloc}")
   print(f"float32 matmul peak measured: {peak / 1e9:.1f} GFLOP/s")
   columns = ("shape", "batch", "params_m", "compile_s", "step_s", "steps_per_s", "images_per_s",
              "gflop_per_step", "mfu", "xla_peak_mib", "rss_peak_mib", "first_loss", "last_loss")
