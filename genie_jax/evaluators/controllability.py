@@ -166,7 +166,7 @@ class ControllabilityEvaluator(base.Evaluator):
 
     # Pass 2: teacher-forced accuracy and the rollouts; the same noise for every evaluation.
     rng = jax.random.key(self.cfg.seed)
-    sums, count, shown = {}, 0, None
+    sums, count, shown, dt_clips = {}, 0, None, []
     for i, batch in enumerate(batches):
       out = jax.device_get(self._rollouts(params, model_state, batch, jnp.asarray(mapping),
                                           jax.random.fold_in(rng, i)))
@@ -176,6 +176,8 @@ class ControllabilityEvaluator(base.Evaluator):
         sums[key] = sums.get(key, 0.0) + out[key][:, valid].sum(axis=1)
       sums["recon_A"] = sums.get("recon_A", 0.0) + out["recon_BA"][valid].sum(axis=0)
       sums["accuracy"] = sums.get("accuracy", 0.0) + float(out["accuracy_B"][valid].sum())
+      psnr_at_dt = out["psnr_VBA"][:, valid, self.cfg.dt - 1]
+      dt_clips.append(psnr_at_dt[0] - psnr_at_dt[1])
       if shown is None:
         shown = out
     psnr_VA, ssim_VA = sums["psnr_VBA"] / count, sums["ssim_VBA"] / count
@@ -191,6 +193,11 @@ class ControllabilityEvaluator(base.Evaluator):
         scalars[f"dtpsnr_true_t{k + 1}"] = float(psnr_VA[2, k] - psnr_VA[1, k])
     dt = self.cfg.dt
     scalars["dtpsnr"] = scalars[f"dtpsnr_t{dt}"]
+    # Sampling noise alone moves Delta_t PSNR; its standard error over clips says how far
+    # from 0 it must be to mean anything.
+    dt_clips = np.concatenate(dt_clips)
+    scalars["dtpsnr_stderr"] = float(np.std(dt_clips, ddof=1) / np.sqrt(len(dt_clips))
+                                     if len(dt_clips) > 1 else np.inf)
     if has_true:
       scalars["dtpsnr_true"] = scalars[f"dtpsnr_true_t{dt}"]
 
