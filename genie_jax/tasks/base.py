@@ -92,3 +92,17 @@ def pixel_vq_loss(pred_BTHWC: jax.Array, target_BTHWC: jax.Array, vq_out: dict[s
                  commitment_loss=vq_out["commitment_loss"], codebook_usage=vq_out["usage"],
                  codebook_perplexity=vq_out["perplexity"])
   return mse + vq_out["vq_loss"], metrics
+
+
+def check_clip_model(config: ml_collections.ConfigDict) -> None:
+  """The checks every pixel model's task makes: config.model's frame size equals the data's,
+  and its temporal positions cover the clips."""
+  model, data = config.model, config.data
+  if model.image_size != data.image_size:
+    raise ValueError(
+        f"config.model.image_size={model.image_size} differs from "
+        f"config.data.image_size={data.image_size}; set both to the dataset's frame size")
+  if data.clip_len > model.max_frames:
+    raise ValueError(
+        f"config.data.clip_len={data.clip_len} exceeds config.model.max_frames="
+        f"{model.max_frames} (the temporal position table); raise max_frames")

@@ -14,15 +14,8 @@ class LatentActionTask(base.Task):
   action codes restarted."""
 
   def validate(self) -> None:
+    base.check_clip_model(self.config)
     model, data = self.config.model, self.config.data
-    if model.image_size != data.image_size:
-      raise ValueError(
-          f"config.model.image_size={model.image_size} differs from "
-          f"config.data.image_size={data.image_size}; set both to the dataset's frame size")
-    if data.clip_len > model.max_frames:
-      raise ValueError(
-          f"config.data.clip_len={data.clip_len} exceeds config.model.max_frames="
-          f"{model.max_frames} (the temporal position table); raise max_frames")
     if data.clip_len < 2:
       raise ValueError(f"config.data.clip_len={data.clip_len}: a latent action needs clips "
                        f"of at least 2 frames")

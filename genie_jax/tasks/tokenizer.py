@@ -13,16 +13,8 @@ class TokenizerTask(base.Task):
   """Loss = MSE(pixels) + VQ codebook loss + beta * commitment loss; dead codes restarted."""
 
   def validate(self) -> None:
-    model, data = self.config.model, self.config.data
-    if model.image_size != data.image_size:
-      raise ValueError(
-          f"config.model.image_size={model.image_size} differs from "
-          f"config.data.image_size={data.image_size}; set both to the dataset's frame size")
-    if data.clip_len > model.max_frames:
-      raise ValueError(
-          f"config.data.clip_len={data.clip_len} exceeds config.model.max_frames="
-          f"{model.max_frames} (the temporal position table); raise max_frames")
-    tokenizer_lib.validate_config(model)
+    base.check_clip_model(self.config)
+    tokenizer_lib.validate_config(self.config.model)
 
   def make_model(self, rngs: nnx.Rngs) -> tokenizer_lib.Tokenizer:
     return tokenizer_lib.Tokenizer(self.config.model, rngs=rngs)
