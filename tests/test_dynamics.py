@@ -20,6 +20,7 @@ from genie_jax import tasks
 from genie_jax import train
 from genie_jax import train_state
 from genie_jax.models import dynamics as dynamics_lib
+from genie_jax.models import lam as lam_lib
 from genie_jax.tasks import dynamics as dynamics_task
 
 IMAGE_SIZE, CLIP_LEN = 32, 8
@@ -139,7 +140,7 @@ class _FrameIndexLAM:
 def test_lam_actions_of_long_clips_come_from_windows(t):
   video = jnp.broadcast_to(jnp.arange(t, dtype=jnp.uint8)[None, :, None, None, None],
                            (2, t, 1, 1, 1))
-  actions = np.asarray(dynamics_task.infer_actions_in_windows(_FrameIndexLAM(), video, 4))
+  actions = np.asarray(lam_lib.in_windows(_FrameIndexLAM().infer_actions, video, 4))
   np.testing.assert_array_equal(actions, np.broadcast_to(np.arange(1, t), (2, t - 1)))
 
 

@@ -14,11 +14,15 @@ import urllib.request
 import imageio.v3 as iio
 import numpy as np
 import pytest
+import websocket
 from flax import nnx
 
 import data_pipelines
+from configs import dynamics as dynamics_config
+from configs import lam as lam_config
 from configs import tokenizer as tokenizer_config
 from genie_jax import checkpointing
+from genie_jax import genie as genie_lib
 from genie_jax import play
 from genie_jax import tasks
 
@@ -195,9 +199,6 @@ def test_load_prompts_reads_validation_clips(tmp_path, tiny_data_dir):
 
 
 def test_serves_a_real_tiny_genie(tmp_path, tiny_data_dir):
-  genie_lib = pytest.importorskip("genie_jax.genie", reason="genie_jax.genie is missing")
-  dynamics_config = pytest.importorskip("configs.dynamics")
-  lam_config = pytest.importorskip("configs.lam")
   # An untrained world model: the stages' configs are all its task reads, no checkpoints.
   tok, lam = str(tmp_path / "tok"), str(tmp_path / "lam")
   checkpointing.save_config(tok, tiny_stage_config(tokenizer_config, tiny_data_dir))
@@ -246,7 +247,6 @@ class DevTools:
   """A headless Chromium page driven over the Chrome DevTools Protocol."""
 
   def __init__(self, tmp_path, url):
-    websocket = pytest.importorskip("websocket", reason="websocket-client (the test extra)")
     profile = tmp_path / "chromium"
     self.proc = subprocess.Popen(
         [CHROMIUM, "--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",

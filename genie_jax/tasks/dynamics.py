@@ -57,13 +57,6 @@ def masked_token_metrics(logits_BTNV: jax.Array, tokens_BTN: jax.Array, mask_BTN
               mask_fraction=jnp.mean(weight_BTN[:, 1:]))
 
 
-def infer_actions_in_windows(lam: lam_lib.LatentActionModel, video_BTHWC: jax.Array,
-                             window: int) -> jax.Array:
-  """The LAM's actions (B, T-1) of a clip read in windows of `window` frames (its
-  config.model.max_frames); see `genie_jax.models.lam.in_windows`."""
-  return lam_lib.in_windows(lam.infer_actions, video_BTHWC, window)
-
-
 class DynamicsTask(base.Task):
   """Loss = cross-entropy of the masked tokens (+ lam_loss_weight * the LAM's own loss when
   co-trained).
@@ -105,7 +98,8 @@ class DynamicsTask(base.Task):
           f"{stage_config.model.image_size} but config.data.image_size={data.image_size}; "
           f"use a {stage} trained on frames of this size")
     # The LAM, whose actions depend on a transition's frames only, may see the clip in
-    # windows (`infer_actions_in_windows`); the tokenizer's tokens depend on the whole past.
+    # windows (`LatentActionModel.infer_actions`); the tokenizer's tokens depend on the whole
+    # past.
     if stage == "tokenizer" and stage_config.model.max_frames < data.clip_len:
       raise ValueError(
           f"config.{key}={workdir!r}: its {stage} has model.max_frames="
@@ -176,8 +170,8 @@ class DynamicsTask(base.Task):
     """Tokenizer codes tokens_BTN and LAM actions_BT (dataset convention: [:, t] caused
     frame t+1; the last column is 0 and unused) of a clip; no gradient flows into either."""
     tokens_BTN, _ = model.tokenizer.encode(video_BTHWC)
-    actions_BT = infer_actions_in_windows(model.lam, video_BTHWC,
-                                          self.lam_config.model.max_frames)
+    # A LAM trained on shorter clips reads this one in windows of its own length.
+    actions_BT = model.lam.infer_actions(video_BTHWC)
     actions_BT = jnp.pad(actions_BT, ((0, 0), (0, 1)))
     return jax.lax.stop_gradient(tokens_BTN), jax.lax.stop_gradient(actions_BT)
 
