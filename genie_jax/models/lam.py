@@ -58,26 +58,12 @@ def default_config() -> ml_collections.ConfigDict:
       docstring for why the default is 1.
     predict_residual: the decoder predicts frame t+1 - frame t (see the module docstring).
   """
+  # App. F gives the LAM the tokenizer's shapes except patch 16 and 6 codes: start from
+  # the tokenizer's keys, its codebook size replaced by the action vocabulary.
+  shared = tokenizer_lib.default_config().to_dict()
+  del shared["num_codes"]
   cfg = ml_collections.ConfigDict(dict(
-      image_size=64,
-      patch_size=16,
-      channels=3,
-      max_frames=16,
-      d_model=512,
-      num_heads=8,
-      mlp_ratio=4,
-      enc_layers=8,
-      dec_layers=8,
-      latent_dim=32,
-      num_actions=6,
-      commitment_beta=0.25,
-      vq_normalize=False,
-      code_usage_decay=0.99,
-      dead_code_threshold=0.1,
-      decoder_context_frames=1,
-      predict_residual=True,
-      **layers.TRANSFORMER_DEFAULTS,
-  ))
+      shared, patch_size=16, num_actions=6, decoder_context_frames=1, predict_residual=True))
   cfg.lock()
   return cfg
 
