@@ -9,15 +9,26 @@ from __future__ import annotations
 
 import json
 import os
+import time
+from collections.abc import Callable
 from typing import Any
 
 import grain
 import jax
 import ml_collections
+import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
+from jax.experimental import multihost_utils
 
 CONFIG_FILE = "config.json"
+# Checkpoints that could not be restored are renamed to this prefix + "<step>_<UTC time>" in
+# the checkpoints directory; Orbax does not list such names as steps.
+SET_ASIDE_PREFIX = "unreadable_step_"
+
+
+class IncompatibleCheckpointError(ValueError):
+  """The checkpoint is readable but cannot continue this run (not a damaged checkpoint)."""
 
 
 def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -49,10 +60,11 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 
 
 # Keys that may differ between a run and its continuation: how often things happen, how long to
-# train, where data is read from and how fast, and the mesh (checkpoints restore onto any mesh).
+# train, where data is read from and how fast, the mesh (checkpoints restore onto any mesh), and
+# what to do with non-finite updates (e.g. "skip" to get past a run stopped by one).
 RESUMABLE_KEYS = ("total_steps", "log_every_steps", "images_every_steps", "num_images",
                   "eval_every_steps", "evals", "checkpoint", "mesh", "data.data_dir",
-                  "data.worker_count", "data.read_threads", "data.prefetch")
+                  "data.worker_count", "data.read_threads", "data.prefetch", "nonfinite")
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -95,6 +107,7 @@ class Checkpointer:
   def __init__(self, workdir: str, cfg: ml_collections.ConfigDict,
                config: ml_collections.ConfigDict | None = None, *, read_only: bool = False):
     self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self._read_only = read_only
     self._config_dict = config_to_dict(config) if config is not None else None
     options = ocp.CheckpointManagerOptions(
         max_to_keep=cfg.max_to_keep,
@@ -127,26 +140,103 @@ class Checkpointer:
 
   def restore(self, step: int | None, abstract_state: Any,
               data_iterator: Any | None = None) -> tuple[int, Any]:
-    """Restores `step` (default latest) onto the shardings in `abstract_state`.
+    """Restores `step`, by default the latest readable one, onto the shardings in
+    `abstract_state`.
 
     `abstract_state` is a tree of jax.ShapeDtypeStruct with `.sharding` set for the current
     mesh, so a checkpoint written on one mesh restores onto another. The data iterator, if
-    given, is restored in place.
+    given, is restored in place. With step=None, damaged checkpoints are skipped
+    (`_restore_latest_readable`).
     """
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint in {self.directory}")
-    items = {"state": ocp.args.StandardRestore(abstract_state)}
-    other_count_state = None
-    if data_iterator is not None:
-      other_count_state = self._iterator_state_of_other_process_count(step)
-      if other_count_state is None:
-        items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-    if other_count_state is not None:
-      data_iterator.set_state(other_count_state)
+    def restore_step(step):
+      items = {"state": ocp.args.StandardRestore(abstract_state)}
+      other_count_state = None
+      if data_iterator is not None:
+        other_count_state = self._iterator_state_of_other_process_count(step)
+        if other_count_state is None:
+          items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+      restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+      if other_count_state is not None:
+        data_iterator.set_state(other_count_state)
+      return restored["state"]
+
+    step, state = self._restore_latest_readable(step, restore_step)
     logging.info("Restored checkpoint of step %d from %s", step, self.directory)
-    return step, restored["state"]
+    return step, state
+
+  def _restore_latest_readable(self, step: int | None,
+                               restore_step: Callable[[int], Any]) -> tuple[int, Any]:
+    """restore_step(step), or with step=None that of the latest step that restores.
+
+    Orbax writes a checkpoint into a temporary directory and renames it once complete, so a
+    save cut short (kill -9, a lost host) is never listed as a step. A listed checkpoint can
+    still be damaged afterwards (files deleted or truncated by hand or by a full disk): its
+    restore fails. Then a warning names its directory and the next older step is tried. Once
+    one restores, the newer damaged ones are renamed to SET_ASIDE_PREFIX<step>_<time> (unless
+    read-only), so that the run can save those steps again; nothing is deleted. If none
+    restores, nothing is renamed and the latest one's error is raised.
+
+    Several processes agree on every step's outcome (one small all-gather per try). A damage
+    only some processes read fails inside Orbax's restore barrier instead, after its timeout.
+
+    Raises:
+      FileNotFoundError: no checkpoint at all.
+      RuntimeError: no checkpoint restores (chained to the latest one's error).
+    """
+    if step is not None:
+      return step, restore_step(step)
+    steps = sorted(self.all_steps(), reverse=True)
+    if not steps:
+      raise FileNotFoundError(f"no checkpoint in {self.directory}")
+    damaged: list[tuple[int, Exception]] = []
+    for candidate in steps:
+      error = None
+      try:
+        result = restore_step(candidate)
+      except IncompatibleCheckpointError:
+        raise
+      except Exception as e:  # pylint: disable=broad-except
+        # Tensorstore, JSON and file errors all mean "this step cannot be read back".
+        error = e
+      if jax.process_count() > 1:
+        restored_everywhere = multihost_utils.process_allgather(np.int32(error is None))
+        if error is None and not np.all(restored_everywhere):
+          error = RuntimeError("another process could not restore it")
+      if error is None:
+        for bad_step, _ in damaged:
+          self._set_aside(bad_step)
+        return candidate, result
+      message = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
+      logging.warning("Checkpoint %s cannot be restored (%s: %s); trying the previous one",
+                      os.path.join(self.directory, str(candidate)), type(error).__name__,
+                      message)
+      damaged.append((candidate, error))
+    raise RuntimeError(
+        f"none of the checkpoints {steps} in {self.directory} can be restored; nothing was "
+        "renamed or deleted (the latest one's error is chained below)") from damaged[0][1]
+
+  def _set_aside(self, step: int) -> None:
+    """Renames a damaged step directory out of Orbax's sight (process 0; all wait)."""
+    step_dir = os.path.join(self.directory, str(step))
+    if self._read_only:
+      logging.warning("Read-only: %s left in place", step_dir)
+      return
+    now = int(time.time())
+    if jax.process_count() > 1:  # Every process names the same target.
+      # Two int32 halves: without jax_enable_x64 an int64 would be cut to 32 bits.
+      high, low = multihost_utils.broadcast_one_to_all(
+          np.array([now >> 16, now & 0xFFFF], np.int32))
+      now = (int(high) << 16) | int(low)
+    stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now))
+    target = os.path.join(self.directory, f"{SET_ASIDE_PREFIX}{step}_{stamp}")
+    if jax.process_index() == 0:
+      os.rename(step_dir, target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"genie_set_aside_{step}_{now}")
+    self.manager.reload()
+    logging.warning("Moved the unreadable checkpoint %s to %s (nothing deleted); this run "
+                    "continues from an earlier step and will save step %d again", step_dir,
+                    target, step)
 
   def _iterator_state_of_other_process_count(self, step: int) -> dict[str, Any] | None:
     """The iterator state saved by another number of processes, or None if this number's
@@ -157,7 +247,9 @@ class Checkpointer:
     the same state it is this process's state too.
 
     Raises:
-      ValueError: the saved states differ, so none of them is this process's state.
+      IncompatibleCheckpointError: the saved states differ, so none of them is this
+        process's state.
+      FileNotFoundError: the step has no iterator state at all (a damaged checkpoint).
     """
     data_dir = os.path.join(self.directory, str(step), "data")
     own = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
@@ -168,8 +260,10 @@ class Checkpointer:
       if name.startswith("process_") and name.endswith(".json"):
         with open(os.path.join(data_dir, name), encoding="utf-8") as f:
           states[name] = json.load(f)
-    if not states or any(s != next(iter(states.values())) for s in states.values()):
-      raise ValueError(
+    if not states:
+      raise FileNotFoundError(f"{data_dir} holds no data iterator state ({own} expected)")
+    if any(s != next(iter(states.values())) for s in states.values()):
+      raise IncompatibleCheckpointError(
           f"{data_dir} holds the data iterator states {sorted(states)}, not {own}, and they "
           "differ, so the input stream cannot continue with "
           f"{jax.process_count()} process(es); resume with the process count that wrote it")
@@ -181,14 +275,15 @@ class Checkpointer:
     """Restores only the model part of a train state: `abstract_model` is a sub-tree of
     it (e.g. its 'params' and 'model_state'), with shardings as in `restore`. The optimizer
     state and the data iterator are not read."""
-    step = self.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"no checkpoint in {self.directory}")
     restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_model)
-    restored = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
-        abstract_model, restore_args=restore_args, partial_restore=True)))
+
+    def restore_step(step):
+      return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+          abstract_model, restore_args=restore_args, partial_restore=True)))["state"]
+
+    step, model = self._restore_latest_readable(step, restore_step)
     logging.info("Restored the model of step %d from %s", step, self.directory)
-    return step, restored["state"]
+    return step, model
 
   def close(self) -> None:
     self.manager.wait_until_finished()

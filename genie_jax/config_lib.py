@@ -77,7 +77,14 @@ def base_config() -> ml_collections.ConfigDict:
   config.optimizer = optim.default_config()
 
   config.checkpoint = ml_collections.ConfigDict(dict(
-      every_steps=1000, max_to_keep=3, keep_period=0, async_save=True))
+      every_steps=1000, max_to_keep=3, keep_period=0, async_save=True,
+      # On SIGTERM the trainer checkpoints and exits with this status (0: a finished job to
+      # the scheduler; e.g. 143 to have it restart the job). Several processes without JAX's
+      # preemption service agree on the step every `preemption_check_every_steps`.
+      preemption_exit_code=0, preemption_check_every_steps=10))
+  # A non-finite loss or gradient norm: "stop" (raise, naming the step; the last checkpoint
+  # is finite) or "skip" (drop that update on device; counted in train/skipped_updates).
+  config.nonfinite = "stop"
 
   config.log_every_steps = 50
   config.images_every_steps = 2000

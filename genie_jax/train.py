@@ -2,16 +2,29 @@
 
 Sections: config checks, mesh, input, model and optimizer (shapes first, then sharded init),
 checkpoint restore, compiled update step, evaluators, loop (log, images, evals, checkpoints).
+
+Faults:
+* Preemption (SIGTERM): the state of the step reached is checkpointed, every process agreeing on
+  that step, and `Preempted` (a SystemExit, exit status config.checkpoint.preemption_exit_code)
+  ends the run; the same command continues it.
+* Non-finite loss or gradients: config.nonfinite="stop" raises FloatingPointError naming the
+  first bad step, before that state can be checkpointed; "skip" drops such updates on device and
+  logs how many were dropped (train/skipped_updates).
+* Kill -9 and broken checkpoints: see checkpointing.Checkpointer.restore.
 """
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
+from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 import data_pipelines
 from genie_jax import checkpointing
@@ -45,11 +58,109 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
   optim.learning_rate_schedule(config.optimizer, config.total_steps)
 
 
-def _check_finite(loss: float, step: int) -> None:
-  if not np.isfinite(loss):
-    raise FloatingPointError(
-        f"training loss is {loss} at step {step}; the state of this step was not saved "
-        "(the last checkpoint is the latest finite one)")
+def check_fault_config(config: ml_collections.ConfigDict) -> None:
+  """Fails fast, naming the key, on fault-handling settings that cannot work."""
+  if config.nonfinite not in train_state.NONFINITE_POLICIES:
+    raise ValueError(f"config.nonfinite={config.nonfinite!r}; choose one of "
+                     f"{train_state.NONFINITE_POLICIES}")
+  if config.checkpoint.preemption_check_every_steps <= 0:
+    raise ValueError("config.checkpoint.preemption_check_every_steps="
+                     f"{config.checkpoint.preemption_check_every_steps} must be positive")
+
+
+def _check_finite(steps: list[int], metrics: list[dict[str, Any]],
+                  last_checkpoint: int | None) -> None:
+  """Raises FloatingPointError naming the first step whose loss or gradient norm is not
+  finite (config.nonfinite="stop")."""
+  for step, m in zip(steps, metrics):
+    bad = {k: float(m[k]) for k in ("loss", "grad_norm") if not np.isfinite(m[k])}
+    if bad:
+      where = (f"the latest checkpoint is step {last_checkpoint}" if last_checkpoint is not None
+               else "there is no checkpoint yet")
+      raise FloatingPointError(
+          f"training {' and '.join(f'{k} is {v}' for k, v in bad.items())} at step {step} "
+          f"(config.nonfinite='stop'); no state from step {step} on was saved ({where}). "
+          "Rerunning continues from that checkpoint; --config.nonfinite=skip drops such updates")
+
+
+def _mean_metrics(fetched: list[dict[str, Any]]) -> dict[str, float]:
+  """Interval means; `skipped_updates` is summed, and the other metrics average over the
+  updates that were applied (all steps when every update was skipped)."""
+  kept = [m for m in fetched if not m.get("skipped_updates", 0)] or fetched
+  out = {k: float(np.mean([m[k] for m in kept])) for k in fetched[0]}
+  if "skipped_updates" in fetched[0]:
+    out["skipped_updates"] = float(sum(int(m["skipped_updates"]) for m in fetched))
+  return out
+
+
+class Preempted(SystemExit):
+  """Raised once the state of a preempted run is checkpointed; a SystemExit, so that main and
+  the pipeline stop without a traceback, with status config.checkpoint.preemption_exit_code."""
+
+  def __init__(self, step: int, directory: str, exit_code: int):
+    super().__init__(exit_code)
+    self.step = step
+    self.directory = directory
+
+
+def _jax_preemption_service_running() -> bool:
+  """Whether jax.distributed runs JAX's preemption sync manager (multi-process jobs, on by
+  default via jax_enable_preemption_service); it then owns SIGTERM."""
+  try:
+    # No public accessor in JAX 0.10; Orbax's reached_preemption reads the same state.
+    from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return False
+  state = jax_distributed.global_state
+  return (state.client is not None
+          and getattr(state, "preemption_sync_manager", None) is not None)
+
+
+class PreemptionNotice:
+  """Whether this job got a preemption notice (SIGTERM), agreed by all processes at a step.
+
+  * Under jax.distributed with JAX's preemption service (multi-process TPU/GPU jobs): the
+    service catches SIGTERM on any process and picks the step at which all processes save;
+    Orbax's CheckpointManager.reached_preemption(step) says when it is reached (called every
+    step, as the protocol requires).
+  * Otherwise a Python SIGTERM handler sets a flag. One process reads it every step; several
+    processes (service disabled) OR their flags with one small all-gather every
+    config.checkpoint.preemption_check_every_steps steps, so they all stop at the same step.
+  """
+
+  def __init__(self, manager: Any, check_every_steps: int):
+    self._manager = manager
+    self._every = check_every_steps
+    self._flag = False
+    self._previous_handler = None
+    self.uses_jax_service = _jax_preemption_service_running()
+    if not self.uses_jax_service:
+      if threading.current_thread() is threading.main_thread():
+        self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+      else:
+        logging.warning("Not in the main thread: SIGTERM is not handled, a preemption loses "
+                        "the steps since the last checkpoint")
+
+  def _on_sigterm(self, signum, frame):
+    del signum, frame
+    if not self._flag:
+      logging.warning("SIGTERM received: checkpointing at the next agreed step, then exiting")
+    self._flag = True
+
+  def reached(self, step: int) -> bool:
+    if self.uses_jax_service:
+      return bool(self._manager.reached_preemption(step))
+    if jax.process_count() == 1:
+      return self._flag
+    if step % self._every:
+      return False
+    flags = multihost_utils.process_allgather(np.int32(self._flag))
+    return bool(np.any(flags))
+
+  def close(self) -> None:
+    if self._previous_handler is not None:
+      signal.signal(signal.SIGTERM, self._previous_handler)
+      self._previous_handler = None
 
 
 def _due(step: int, every: int, last: int) -> bool:
@@ -72,6 +183,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   task = tasks.get_task(config)
   mesh = sharding.make_mesh(config.mesh, devices)
   check_config(config, mesh)
+  check_fault_config(config)
   checkpointing.check_resume_config(workdir, config)
   logging.info("Mesh %s over %d devices in %d processes", dict(mesh.shape), mesh.size,
                jax.process_count())
@@ -101,7 +213,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   # --- The update step, compiled once; its cost is printed before training starts.
   local_batch = next(train_iter)
   t0 = time.perf_counter()
-  compiled = train_state.jit_train_step(task, spec, config.seed).lower(
+  compiled = train_state.jit_train_step(task, spec, config.seed, config.nonfinite).lower(
       spec.abstract, train_state.abstract_batch(spec, local_batch)).compile()
   logging.info("Compiled train step in %.1fs: %s", time.perf_counter() - t0,
                profiling.format_stats(profiling.compiled_stats(compiled)))
@@ -123,32 +235,43 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                    " ".join(f"{k}={v:.4g}" for k, v in scalars.items()))
 
   # --- Loop. `local_batch` always holds the batch for step `step`.
-  pending: list[dict[str, jax.Array]] = []
+  pending: list[dict[str, jax.Array]] = []  # Metrics of the steps not logged yet...
+  pending_steps: list[int] = []  # ...and their step numbers.
   last_metrics: dict[str, float] = {}
   step = first_step
   last = config.total_steps
+  stop_on_nonfinite = config.nonfinite == "stop"
+  preempted = False
+  notice = PreemptionNotice(ckpt.manager, config.checkpoint.preemption_check_every_steps)
   try:
     while step < last:
       batch = input_pipeline.to_global_batch(local_batch, spec.batch_sharding)
       state, metrics = compiled(state, batch)
       pending.append(metrics)
       step += 1
-      if _due(step, config.checkpoint.every_steps, last):
-        # A non-finite state never becomes the latest checkpoint. Saved before the next
-        # batch is drawn, so the saved iterator state matches the saved train state.
-        _check_finite(float(jax.device_get(metrics["loss"])), step)
-        ckpt.save(step, state, train_iter, force=step == last)
+      pending_steps.append(step)
+      preempted = notice.reached(step) and step < last
+      if _due(step, config.checkpoint.every_steps, last) or preempted:
+        # A non-finite state never becomes a checkpoint. Saved before the next batch is
+        # drawn, so the saved iterator state matches the saved train state.
+        if stop_on_nonfinite:
+          _check_finite(pending_steps, jax.device_get(
+              [{k: m[k] for k in ("loss", "grad_norm")} for m in pending]), ckpt.latest_step())
+        ckpt.save(step, state, train_iter, force=step == last or preempted)
 
-      if _due(step, config.log_every_steps, last):
+      if _due(step, config.log_every_steps, last) or preempted:
         # One device->host transfer per interval; the mean smooths over the interval.
         fetched = jax.device_get(pending)
-        pending = []
-        last_metrics = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-        _check_finite(last_metrics["loss"], step)
+        if stop_on_nonfinite:
+          _check_finite(pending_steps, fetched, ckpt.latest_step())
+        pending, pending_steps = [], []
+        last_metrics = _mean_metrics(fetched)
         scalars = {f"train/{k}": v for k, v in last_metrics.items()}
         scalars.update(progress.update(step))
         writer.write_scalars(step, scalars)
         progress.log_line(step, scalars)
+      if preempted:
+        break
       if _due(step, config.images_every_steps, last):
         rows = jax.device_get(visualize_fn(state, batch))
         writer.write_images(step, {"train": visualize.video_grid(rows)})
@@ -158,7 +281,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       if step < last:
         local_batch = next(train_iter)
   finally:
-    # Lets an in-flight asynchronous save finish even when the loop fails.
+    notice.close()
+    # Lets an in-flight asynchronous save finish even when the loop fails (and the preemption
+    # checkpoint land before the process exits).
     ckpt.close()
     writer.close()
+  if preempted:
+    logging.warning("Preempted at step %d: its checkpoint is in %s; run the same command to "
+                    "continue. Exiting with status %d.", step, ckpt.directory,
+                    config.checkpoint.preemption_exit_code)
+    raise Preempted(step, ckpt.directory, config.checkpoint.preemption_exit_code)
   return last_metrics

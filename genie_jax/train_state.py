@@ -101,12 +101,27 @@ def make_state_spec(task: Task, config: ml_collections.ConfigDict, mesh: Mesh) -
                    trainable=task.trainable)
 
 
-def make_train_step(task: Task, spec: StateSpec, seed: int):
+NONFINITE_POLICIES = ("stop", "skip")
+
+
+def make_train_step(task: Task, spec: StateSpec, seed: int, nonfinite: str = "stop"):
   """The update for one global batch: loss, gradients, AdamW, then the task's post-update.
 
   Randomness is derived from (seed, step), so a resumed run draws the same numbers as an
   uninterrupted one.
+
+  Args:
+    task: the stage.
+    spec: shapes, shardings and optimizer of the state.
+    seed: config.seed.
+    nonfinite: config.nonfinite. "stop": the update is applied whatever it is (the trainer
+      stops on a non-finite loss or gradient norm). "skip": when the loss, the gradient norm
+      or the updated parameters are not finite, the state keeps its model, model state and
+      optimizer state (only `step` advances, so the batch is consumed), and the metric
+      `skipped_updates` is 1. The choice is made on device, so no step waits for the host.
   """
+  if nonfinite not in NONFINITE_POLICIES:
+    raise ValueError(f"config.nonfinite={nonfinite!r}; choose one of {NONFINITE_POLICIES}")
   base_key = jax.random.key(seed)
 
   def train_step(state, batch):
@@ -128,18 +143,28 @@ def make_train_step(task: Task, spec: StateSpec, seed: int):
     model = nnx.merge(spec.graphdef, params, model_state, copy=True)
     metrics = dict(metrics, **task.after_update(model, aux, update_key))
     params, model_state = spec.split(model)
-    metrics.update(loss=loss, grad_norm=optax.tree.norm(grads),
-                   param_norm=optax.tree.norm(params), learning_rate=spec.schedule(step))
+    grad_norm = optax.tree.norm(grads)
     new_state = dict(step=step + 1, params=params, model_state=model_state, opt_state=opt_state)
+    if nonfinite == "skip":
+      finite = (jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+                & jnp.isfinite(optax.tree.norm(params)))
+      kept = dict(state, step=step + 1)
+      # A select rather than lax.cond: both candidates exist already (the old state's buffers
+      # are donated), so the cost is one elementwise pass over the state and no host sync.
+      new_state = jax.tree.map(lambda new, old: jnp.where(finite, new, old), new_state, kept)
+      metrics["skipped_updates"] = 1 - finite.astype(jnp.int32)
+    metrics.update(loss=loss, grad_norm=grad_norm,
+                   param_norm=optax.tree.norm(new_state["params"]),
+                   learning_rate=spec.schedule(step))
     return new_state, metrics
 
   return train_step
 
 
-def jit_train_step(task: Task, spec: StateSpec, seed: int):
+def jit_train_step(task: Task, spec: StateSpec, seed: int, nonfinite: str = "stop"):
   """jit with explicit shardings; the old state's buffers are donated to the new one."""
   return jax.jit(
-      make_train_step(task, spec, seed),
+      make_train_step(task, spec, seed, nonfinite),
       in_shardings=(spec.shardings, spec.batch_sharding),
       out_shardings=(spec.shardings, sharding.replicated(spec.mesh)),
       donate_argnums=(0,),
