@@ -63,7 +63,8 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 # train, where data is read from and how fast, the mesh (checkpoints restore onto any mesh), and
 # what to do with non-finite updates (e.g. "skip" to get past a run stopped by one).
 RESUMABLE_KEYS = ("total_steps", "log_every_steps", "images_every_steps", "num_images",
-                  "eval_every_steps", "evals", "checkpoint", "mesh", "data.data_dir",
+                  "eval_every_steps", "evals", "checkpoint", "mesh", "mesh_dcn",
+                  "data.data_dir",
                   "data.worker_count", "data.read_threads", "data.prefetch", "nonfinite")
 
 

@@ -71,6 +71,9 @@ def base_config() -> ml_collections.ConfigDict:
 
   # Mesh axes (outer to inner) and the logical-axis rules: DP, FSDP or TP is the mesh shape.
   config.mesh = dict(data=-1, fsdp=1, tensor=1)
+  # Multi-slice jobs: config.mesh is one slice's mesh (ICI) and mesh_dcn the mesh of slices
+  # (DCN); each axis has size mesh * mesh_dcn. All ones: one slice.
+  config.mesh_dcn = dict(data=1, fsdp=1, tensor=1)
   config.sharding = ml_collections.ConfigDict()
   config.sharding.rules = [list(rule) for rule in sharding.DEFAULT_RULES]
 

@@ -51,36 +51,123 @@ DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("qkv", None),
 )
 
-def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None) -> Mesh:
-  """Builds a mesh with axes `MESH_AXES`; one size may be -1 (the remaining devices).
+def _resolve_sizes(shape: Mapping[str, int], num_devices: int, key: str) -> list[int]:
+  """Sizes of `MESH_AXES` for `num_devices`; one size may be -1 (the remaining devices)."""
+  unknown = set(shape) - set(MESH_AXES)
+  if unknown:
+    raise ValueError(f"{key} has unknown axes {sorted(unknown)}; known: {MESH_AXES}")
+  sizes = [int(shape.get(name, 1)) for name in MESH_AXES]
+  if sizes.count(-1) > 1:
+    raise ValueError(f"{key}: at most one axis may be -1, got {dict(shape)}")
+  known = math.prod(s for s in sizes if s != -1)
+  if known <= 0 or num_devices % known:
+    raise ValueError(
+        f"{key}={dict(shape)} needs a multiple of {known} devices, but there are "
+        f"{num_devices}; change {key} so that the product of its sizes divides "
+        f"{num_devices} (use -1 for one axis to take the rest).")
+  sizes = [num_devices // known if s == -1 else s for s in sizes]
+  if math.prod(sizes) != num_devices:
+    raise ValueError(
+        f"{key}={dict(shape)} uses {math.prod(sizes)} devices but there are "
+        f"{num_devices}; set one axis to -1 or make the sizes multiply to {num_devices}.")
+  return sizes
+
+
+def make_mesh(shape: Mapping[str, int], devices: Sequence[jax.Device] | None = None, *,
+              dcn_shape: Mapping[str, int] | None = None) -> Mesh:
+  """Builds a mesh with axes `MESH_AXES`; one size of `shape` may be -1 (the remaining devices).
+
+  With `dcn_shape` (config.mesh_dcn) the mesh is hybrid, for jobs spanning several TPU slices:
+  `shape` (config.mesh) is the mesh within one slice (fast ICI links) and `dcn_shape` the mesh
+  of slices (slow data-centre network). Each axis of the result has size
+  shape[axis] * dcn_shape[axis], slice-major: along `data`, say, the first shape['data']
+  indices are devices of one slice. Put only data parallelism across slices (e.g.
+  dcn_shape={'data': 2}): its gradient all-reduce is the one collective per step that
+  tolerates the slower links.
+
+  Slices are found from the devices' `slice_index` (TPU multi-slice), else from their
+  processes (one process per slice, e.g. GPU hosts), else (fake CPU devices in one process) as
+  consecutive blocks of `devices`, so that the layout is testable anywhere.
 
   Args:
-    shape: mesh axis name -> size, e.g. {"data": -1, "fsdp": 1, "tensor": 1}.
+    shape: mesh axis name -> size, e.g. {"data": -1, "fsdp": 1, "tensor": 1}; within one
+      slice when `dcn_shape` is given.
     devices: defaults to all devices of all processes.
+    dcn_shape: mesh axis name -> number of slices along it (no -1); None or all ones for a
+      single-slice mesh.
 
   Raises:
     ValueError: naming the config key when the sizes do not divide the device count.
   """
   devices = list(jax.devices() if devices is None else devices)
-  unknown = set(shape) - set(MESH_AXES)
-  if unknown:
-    raise ValueError(f"config.mesh has unknown axes {sorted(unknown)}; known: {MESH_AXES}")
-  sizes = [int(shape.get(name, 1)) for name in MESH_AXES]
-  if sizes.count(-1) > 1:
-    raise ValueError(f"config.mesh: at most one axis may be -1, got {dict(shape)}")
-  known = math.prod(s for s in sizes if s != -1)
-  if known <= 0 or len(devices) % known:
-    raise ValueError(
-        f"config.mesh={dict(shape)} needs a multiple of {known} devices, but there are "
-        f"{len(devices)}; change config.mesh so that the product of its sizes divides "
-        f"{len(devices)} (use -1 for one axis to take the rest).")
-  sizes = [len(devices) // known if s == -1 else s for s in sizes]
-  if math.prod(sizes) != len(devices):
-    raise ValueError(
-        f"config.mesh={dict(shape)} uses {math.prod(sizes)} devices but there are "
-        f"{len(devices)}; set one axis to -1 or make the sizes multiply to {len(devices)}.")
-  device_array = _device_array(devices, sizes)
+  dcn = _resolve_dcn(dcn_shape, len(devices))
+  if math.prod(dcn) == 1:
+    device_array = _device_array(devices, _resolve_sizes(shape, len(devices), "config.mesh"))
+  else:
+    per_slice = len(devices) // math.prod(dcn)
+    ici = _resolve_sizes(shape, per_slice, f"config.mesh (per slice, config.mesh_dcn="
+                                           f"{dict(dcn_shape)})")
+    device_array = _hybrid_device_array(devices, ici, dcn)
   return Mesh(device_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def mesh_from_config(config: Any, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """The mesh of config.mesh and (multi-slice) config.mesh_dcn, over `devices`."""
+  return make_mesh(config.mesh, devices, dcn_shape=config.get("mesh_dcn"))
+
+
+def _resolve_dcn(dcn_shape: Mapping[str, int] | None, num_devices: int) -> list[int]:
+  if not dcn_shape:
+    return [1] * len(MESH_AXES)
+  unknown = set(dcn_shape) - set(MESH_AXES)
+  if unknown:
+    raise ValueError(f"config.mesh_dcn has unknown axes {sorted(unknown)}; known: {MESH_AXES}")
+  dcn = [int(dcn_shape.get(name, 1)) for name in MESH_AXES]
+  if any(s < 1 for s in dcn):
+    raise ValueError(f"config.mesh_dcn={dict(dcn_shape)}: sizes must be positive (the number "
+                     f"of slices along each axis; -1 is not allowed here)")
+  if num_devices % math.prod(dcn):
+    raise ValueError(
+        f"config.mesh_dcn={dict(dcn_shape)} asks for {math.prod(dcn)} slices, which does not "
+        f"divide the {num_devices} devices; set config.mesh_dcn to the job's number of slices")
+  return dcn
+
+
+def _slices(devices: list[jax.Device], num_slices: int) -> list[list[jax.Device]] | None:
+  """`devices` grouped by slice (TPU slice_index, else process), if there are `num_slices`."""
+  for attr in ("slice_index", "process_index"):
+    if all(hasattr(d, attr) for d in devices):
+      groups: dict[int, list[jax.Device]] = {}
+      for d in devices:
+        groups.setdefault(getattr(d, attr), []).append(d)
+      if len(groups) == num_slices:
+        return [groups[k] for k in sorted(groups)]
+      if len(groups) > 1:
+        raise ValueError(
+            f"config.mesh_dcn asks for {num_slices} slices but the devices span {len(groups)} "
+            f"(by {attr}); set config.mesh_dcn to {len(groups)} slices")
+  return None
+
+
+def _hybrid_device_array(devices: list[jax.Device], ici: list[int], dcn: list[int]
+                         ) -> np.ndarray:
+  num_slices = math.prod(dcn)
+  slices = _slices(devices, num_slices)
+  if slices is not None and hasattr(devices[0], "slice_index"):
+    # TPU: mesh_utils also orders the devices within each slice by the physical torus.
+    from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
+    return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
+  if slices is None:
+    # One process with no slice information (fake CPU devices): consecutive blocks stand
+    # in for slices.
+    per_slice = len(devices) // num_slices
+    slices = [devices[i * per_slice:(i + 1) * per_slice] for i in range(num_slices)]
+  blocks = np.stack([_device_array(s, ici) for s in slices]).reshape(dcn + ici)
+  # (d0, d1, d2, i0, i1, i2) -> (d0, i0, d1, i1, d2, i2) -> (d0*i0, d1*i1, d2*i2): each axis
+  # slice-major, the layout create_hybrid_device_mesh gives.
+  n = len(MESH_AXES)
+  order = [k for axis in range(n) for k in (axis, n + axis)]
+  return blocks.transpose(order).reshape([d * i for d, i in zip(dcn, ici)])
 
 
 def _device_array(devices: list[jax.Device], sizes: list[int]) -> np.ndarray:
@@ -146,6 +233,37 @@ def fit_spec_to_shape(sharding: NamedSharding, shape: Sequence[int]) -> NamedSha
     if shape[i] % size:
       spec[i] = None
   return NamedSharding(sharding.mesh, P(*spec))
+
+
+def bytes_per_device(tree: Any) -> dict[jax.Device, int]:
+  """Bytes of the arrays of `tree` that each device holds (their addressable shards)."""
+  held: dict[jax.Device, int] = {}
+  for leaf in jax.tree.leaves(tree):
+    for shard in leaf.addressable_shards:
+      held[shard.device] = held.get(shard.device, 0) + shard.data.nbytes
+  return held
+
+
+def check_model_split(model_config: Mapping[str, Any], mesh: Mesh, rules: Rules) -> None:
+  """Raises ValueError, naming the keys, when a sharded mesh axis does not divide the model
+  dimension it is meant to split (attention heads, model width).
+
+  `fit_spec_to_shape` replicates such a dimension rather than failing, so FSDP or TP would
+  then cost devices and communication and save no memory.
+  """
+  table = dict(rules)
+  for logical, model_key in (("heads", "num_heads"), ("embed", "d_model")):
+    axes = table.get(logical)
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    size = math.prod(mesh.shape[a] for a in axes)
+    dim = model_config.get(model_key)
+    if size > 1 and dim is not None and dim % size:
+      divisors = [d for d in range(1, dim + 1) if dim % d == 0]
+      mesh_keys = " x ".join(f"config.mesh.{a}" for a in axes)
+      raise ValueError(
+          f"{mesh_keys} = {size} does not divide config.model.{model_key}={dim}, so the "
+          f"{logical!r} axis of the weights would not be split; choose {mesh_keys} among "
+          f"{divisors} (or put the other devices on config.mesh.data)")
 
 
 # Active (mesh, rules) for activation constraints inside model code.

@@ -56,6 +56,7 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
     if value <= 0:
       raise ValueError(f"config.{key}={value} must be positive")
   optim.learning_rate_schedule(config.optimizer, config.total_steps)
+  sharding.check_model_split(config.model, mesh, train_state.rules_of(config))
 
 
 def check_fault_config(config: ml_collections.ConfigDict) -> None:
@@ -181,7 +182,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """
   # --- Task and config checks: everything that can be wrong is found before work starts.
   task = tasks.get_task(config)
-  mesh = sharding.make_mesh(config.mesh, devices)
+  mesh = sharding.mesh_from_config(config, devices)
   check_config(config, mesh)
   check_fault_config(config)
   checkpointing.check_resume_config(workdir, config)

@@ -1,0 +1,144 @@
+"""Bad configs fail before any work: before data is generated, the workdir is written, the
+model's shapes are built or anything is compiled, with a message naming the config key and
+the fix."""
+
+import os
+
+import pytest
+
+from configs import dynamics as dynamics_config
+from configs import lam as lam_config
+from genie_jax import checkpointing
+from genie_jax import train
+from test_train import tiny_config
+
+
+@pytest.fixture(autouse=True)
+def no_model_or_compile(monkeypatch):
+  """Makes reaching the model's shapes (or a compile) a test failure, not a slow success."""
+  def reached(*args, **kwargs):
+    del args, kwargs
+    raise AssertionError("the config checks let the trainer reach the model and compiler")
+  monkeypatch.setattr(train.train_state, "make_state_spec", reached)
+  monkeypatch.setattr(train.train_state, "jit_train_step", reached)
+
+
+def _set(config, key, value):
+  *path, last = key.split(".")
+  target = config
+  for part in path:
+    target = target[part]
+  target[last] = value
+
+
+def _fails(config, tmp_path, *patterns):
+  """Runs the trainer on `config`; it must raise ValueError matching every pattern, having
+  written nothing."""
+  workdir = tmp_path / "work"
+  with pytest.raises(ValueError) as info:
+    train.train_and_evaluate(config, str(workdir))
+  for pattern in patterns:
+    assert pattern in str(info.value), (pattern, str(info.value))
+  assert not workdir.exists()
+  assert not (tmp_path / "data").exists()  # No dataset generated either.
+  return str(info.value)
+
+
+# (key, value, what the message must contain: the key with its value, and the fix). 8 devices.
+TRAINER_CASES = [
+    ("mesh", dict(data=3, fsdp=1, tensor=1),
+     ["config.mesh={'data': 3, 'fsdp': 1, 'tensor': 1}", "there are 8",
+      "change config.mesh"]),
+    ("mesh", dict(data=-1, fsdp=-1, tensor=1), ["config.mesh", "at most one axis may be -1"]),
+    ("mesh", dict(data=-1, pipeline=2), ["config.mesh", "unknown axes ['pipeline']"]),
+    ("mesh_dcn", dict(data=3, fsdp=1, tensor=1),
+     ["config.mesh_dcn=", "3 slices", "set config.mesh_dcn to the job's number of slices"]),
+    ("mesh_dcn", dict(data=-1, fsdp=1, tensor=1), ["config.mesh_dcn=", "-1 is not allowed"]),
+    ("batch_size", 12,
+     ["config.batch_size=12", "data-parallel size 8", "use a multiple of 8"]),
+    ("model.patch_size", 5,
+     ["config.model.patch_size=5 does not divide config.model.image_size=32"]),
+    ("model.image_size", 48,
+     ["config.model.image_size=48", "config.data.image_size=32",
+      "set both to the dataset's frame size"]),
+    ("stage", "tokeniser", ["config.stage='tokeniser'", "choose one of"]),
+    ("total_steps", 0, ["config.total_steps=0 must be positive"]),
+]
+
+
+@pytest.mark.parametrize("key,value,patterns", TRAINER_CASES,
+                         ids=[f"{c[0]}={c[1]}" for c in TRAINER_CASES])
+def test_bad_trainer_config(tmp_path, key, value, patterns):
+  config = tiny_config(str(tmp_path / "data"))
+  _set(config, key, value)
+  _fails(config, tmp_path, *patterns)
+
+
+def test_tensor_parallel_must_divide_heads(tmp_path):
+  # 4-way tensor parallelism of a 2-head model would replicate the heads.
+  config = tiny_config(str(tmp_path / "data"))
+  config.mesh = dict(data=2, fsdp=1, tensor=4)
+  _fails(config, tmp_path, "config.mesh.tensor = 4 does not divide config.model.num_heads=2",
+         "choose config.mesh.tensor among [1, 2]")
+
+
+def test_fsdp_must_divide_model_width(tmp_path):
+  config = tiny_config(str(tmp_path / "data"))
+  config.model.d_model = 36
+  config.mesh = dict(data=1, fsdp=8, tensor=1)
+  _fails(config, tmp_path, "config.mesh.fsdp = 8 does not divide config.model.d_model=36",
+         "choose config.mesh.fsdp among [1, 2, 3, 4, 6, 9, 12, 18, 36]")
+
+
+# --- The dynamics stage: its stage-1 and stage-2 workdirs ----------------------------------
+
+
+@pytest.fixture(name="lam_workdir")
+def fixture_lam_workdir(tmp_path):
+  """A LAM workdir holding only its config.json (enough for the config checks)."""
+  workdir = str(tmp_path / "lam")
+  config = lam_config.get_config("size=tiny,runlocal")
+  checkpointing.save_config(workdir, config)
+  return workdir
+
+
+def _dynamics(tmp_path, tokenizer_workdir, lam_workdir):
+  config = dynamics_config.get_config(
+      f"size=tiny,runlocal,tokenizer_workdir={tokenizer_workdir},lam_workdir={lam_workdir}")
+  config.data.data_dir = str(tmp_path / "data")
+  return config
+
+
+def test_dynamics_tokenizer_workdir_without_config_json(tmp_path, lam_workdir):
+  empty = tmp_path / "tok"
+  empty.mkdir()
+  message = _fails(_dynamics(tmp_path, str(empty), lam_workdir), tmp_path,
+                   f"config.tokenizer_workdir={str(empty)!r} holds no config.json")
+  assert "config.json" in message
+
+
+def test_dynamics_tokenizer_workdir_missing(tmp_path, lam_workdir):
+  missing = str(tmp_path / "nowhere")
+  _fails(_dynamics(tmp_path, missing, lam_workdir), tmp_path,
+         f"config.tokenizer_workdir={missing!r} does not exist",
+         "train the tokenizer stage there first")
+  config = _dynamics(tmp_path, missing, lam_workdir)
+  config.tokenizer_workdir = ""
+  _fails(config, tmp_path, "config.tokenizer_workdir is empty",
+         "set it to the workdir of a trained tokenizer")
+
+
+def test_dynamics_workdir_of_the_wrong_stage(tmp_path, lam_workdir):
+  _fails(_dynamics(tmp_path, lam_workdir, lam_workdir), tmp_path,
+         f"config.tokenizer_workdir={lam_workdir!r} holds a 'lam' stage, not a 'tokenizer'")
+
+
+def test_checks_run_before_the_workdir_is_touched(tmp_path):
+  """An existing workdir is left as it was (no config.json written over it)."""
+  config = tiny_config(str(tmp_path / "data"), batch_size=12)
+  workdir = tmp_path / "existing"
+  workdir.mkdir()
+  (workdir / "marker").write_text("x")
+  with pytest.raises(ValueError, match="config.batch_size=12"):
+    train.train_and_evaluate(config, str(workdir))
+  assert os.listdir(workdir) == ["marker"]
