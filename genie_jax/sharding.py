@@ -133,15 +133,17 @@ def _resolve_dcn(dcn_shape: Mapping[str, int] | None, num_devices: int) -> list[
   return dcn
 
 
-def _slices(devices: list[jax.Device], num_slices: int) -> list[list[jax.Device]] | None:
-  """`devices` grouped by slice (TPU slice_index, else process), if there are `num_slices`."""
+def _slices(devices: list[jax.Device], num_slices: int
+            ) -> tuple[str, list[list[jax.Device]]] | None:
+  """(attribute, `devices` grouped by it): by TPU slice_index, else by process, if either
+  gives `num_slices` groups; None when neither tells slices apart."""
   for attr in ("slice_index", "process_index"):
     if all(hasattr(d, attr) for d in devices):
       groups: dict[int, list[jax.Device]] = {}
       for d in devices:
         groups.setdefault(getattr(d, attr), []).append(d)
       if len(groups) == num_slices:
-        return [groups[k] for k in sorted(groups)]
+        return attr, [groups[k] for k in sorted(groups)]
       if len(groups) > 1:
         raise ValueError(
             f"config.mesh_dcn asks for {num_slices} slices but the devices span {len(groups)} "
@@ -152,12 +154,14 @@ def _slices(devices: list[jax.Device], num_slices: int) -> list[list[jax.Device]
 def _hybrid_device_array(devices: list[jax.Device], ici: list[int], dcn: list[int]
                          ) -> np.ndarray:
   num_slices = math.prod(dcn)
-  slices = _slices(devices, num_slices)
-  if slices is not None and hasattr(devices[0], "slice_index"):
-    # TPU: mesh_utils also orders the devices within each slice by the physical torus.
+  found = _slices(devices, num_slices)
+  if found is not None and found[0] == "slice_index":
+    # TPU slices: mesh_utils also orders the devices within each slice by the physical torus.
     from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
     return mesh_utils.create_hybrid_device_mesh(ici, dcn, devices)
-  if slices is None:
+  if found is not None:
+    slices = found[1]  # One process per slice.
+  else:
     # One process with no slice information (fake CPU devices): consecutive blocks stand
     # in for slices.
     per_slice = len(devices) // num_slices
