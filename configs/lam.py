@@ -27,8 +27,7 @@ import data_pipelines
 from genie_jax import config_lib
 from genie_jax.models import lam as lam_lib
 
-# Model sizes. `cpu` runs ~1 step/s on 2 CPU cores (measured: 300 runlocal steps still give
-# one latent action, NMI 0 against the true actions); `tiny` is for tests.
+# Model sizes. `cpu` runs a few steps/s on 2 CPU cores; `tiny` is for tests.
 SIZES = {
     "appf": dict(),
     "cpu": dict(d_model=128, num_heads=4, enc_layers=2, dec_layers=2),
@@ -61,17 +60,24 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       type="latent_actions", split="validation", batch_size=0, num_batches=8, num_images=4))
 
   if args.runlocal:
-    # Patch 8 and 4-frame clips: finer patches show the 6-pixel agent's 2-pixel moves, and
-    # short clips give 4x the updates per CPU second (with decoder_context_frames=1 the
+    # 4-frame clips give 4x the updates per CPU second (with decoder_context_frames=1 the
     # decoder never uses more than one past frame anyway).
-    config.model.patch_size = 8
     config.data.clip_len = 4
     config.model.max_frames = 4
     # Cosine matching spreads the latents over the 6 codes (squared L2 sent every latent to
     # the code of smallest norm at initialisation).
     config.model.vq_normalize = True
-    config_lib.apply_runlocal(config, args.data, total_steps=400, lr=1e-3, end_lr=1e-4,
+    config_lib.apply_runlocal(config, args.data, total_steps=800, lr=1e-3, end_lr=1e-4,
                               warmup_steps=50)
+    if not args.size:
+      # 48 transitions per batch: enough for the k-means that ends the quantiser warm-up.
+      config.batch_size = 16
+      # Half the run continuous (see genie_jax/models/lam.py: without it CPU-sized LAMs
+      # stay at chance), then quantised from k-means codes.
+      config.model.vq_warmup_steps = config.total_steps // 2
+      # Finer patches show the agent's moves: patch 4 on the built-in world's 32x32
+      # runlocal frames (64 tokens), patch 8 on 64x64 ones.
+      config.model.patch_size = 4 if config.data.image_size == 32 else 8
     # With 6 codes a collapse onto one is quick; a fast usage EMA restarts it within tens of
     # steps.
     config.model.code_usage_decay = 0.9

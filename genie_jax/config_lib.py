@@ -43,8 +43,13 @@ def model_size(args: ml_collections.ConfigDict, sizes: dict[str, dict]) -> str:
 def apply_runlocal(config: ml_collections.ConfigDict, data_name: str, *, total_steps: int,
                    lr: float, warmup_steps: int, end_lr: float | None = None) -> None:
   """What `runlocal` means for every stage: a CPU-sized batch and schedule, frequent logs,
-  pictures, evaluations and checkpoints, and (coinrun) 300 + 20 episodes instead of ~10M
-  frames (about 170k frames, generated in about a minute)."""
+  pictures, evaluations and checkpoints, (coinrun) 300 + 20 episodes instead of ~10M
+  frames (about 170k frames, generated in about a minute), and (builtin_world) 32x32 frames.
+
+  32x32 built-in-world frames keep what the models must learn (the world scales its sprites
+  and moves with the frame size) while each patch holds 4x fewer pixels, so CPU-sized models
+  with the same token counts learn it in fewer steps. Stage configs pick patch sizes to suit.
+  """
   config.batch_size = 8
   config.total_steps = total_steps
   config.optimizer.lr = lr
@@ -59,6 +64,10 @@ def apply_runlocal(config: ml_collections.ConfigDict, data_name: str, *, total_s
   if data_name == "coinrun":
     config.data.num_train_episodes = 300
     config.data.num_val_episodes = 20
+  if data_name == "builtin_world":
+    config.data.image_size = 32
+  if "image_size" in config.model:
+    config.model.image_size = config.data.image_size
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -111,8 +111,48 @@ def test_residual_head_starts_by_copying_the_last_frame():
   np.testing.assert_allclose(forward(model, video)["pred"], video[:, :-1], atol=1e-6)
 
 
+def test_quantiser_warmup_feeds_the_latent_then_starts_from_kmeans_codes():
+  cfg = lam_config.get_config("size=tiny").model
+  cfg.image_size, cfg.max_frames, cfg.vq_warmup_steps, cfg.vq_normalize = 16, T, 2, True
+  model = lam_lib.LatentActionModel(cfg, rngs=nnx.Rngs(0))
+  kernel = model.to_pixels.kernel
+  kernel[...] = jax.random.normal(jax.random.key(1), kernel.shape)
+  video = random_video()
+
+  @nnx.jit
+  def train_step(model, key):
+    out = model(video, train=True)
+    restarted = model.restart_dead_codes(out["z"], key)
+    return out, restarted
+
+  codebook = np.array(model.vq.codebook[...])
+  z_norm = lambda z: z / np.linalg.norm(z, axis=-1, keepdims=True)
+  for step in range(2):
+    out, restarted = train_step(model, jax.random.key(step))
+    # Warming up: the prediction is made from the (normalised) continuous latent.
+    np.testing.assert_allclose(out["pred"], predict_from(model, video, z_norm(out["z"])),
+                               atol=1e-5)
+    assert float(out["vq_loss"]) == 0.0 and int(restarted) == 0
+  # The second step ended the warm-up: the codebook moved onto that step's latents.
+  assert int(model.warmup_left[...]) == 0
+  assert not np.allclose(model.vq.codebook[...], codebook)
+  out, _ = train_step(model, jax.random.key(2))
+  assert int(model.warmup_left[...]) == -1 and float(out["vq_loss"]) > 0
+  np.testing.assert_allclose(
+      out["pred"], predict(model, video[:, :-1], out["actions"]), atol=1e-5)
+  # Inference never bypasses the quantiser.
+  cfg.vq_warmup_steps = 5
+  fresh = lam_lib.LatentActionModel(cfg, rngs=nnx.Rngs(0))
+  out = forward(fresh, video)
+  assert float(out["vq_loss"]) > 0 and int(fresh.warmup_left[...]) == 5
+
+
+predict_from = nnx.jit(lambda model, video, z: model.decode(video[:, :-1], z))
+
+
 @pytest.mark.parametrize("key,value,message", [
     ("model.num_actions", 1, "config.model.num_actions"),
+    ("model.vq_warmup_steps", -1, "config.model.vq_warmup_steps"),
     ("model.patch_size", 5, "config.model.patch_size"),
     ("model.decoder_context_frames", 17, "config.model.decoder_context_frames"),
     ("model.image_size", 32, "config.model.image_size"),

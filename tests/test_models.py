@@ -337,6 +337,41 @@ def test_restart_dead_codes_replaces_exactly_the_dead_rows():
   assert int(vq.restart_dead_codes(candidates, jax.random.key(5))) == 0
 
 
+@pytest.mark.parametrize("normalize", [False, True])
+def test_kmeans_init_puts_one_code_on_each_cluster(normalize):
+  vq = vq_lib.VectorQuantizer(4, 4, normalize=normalize, rngs=nnx.Rngs(0))
+  vq.usage[...] = jnp.asarray([0.7, 0.3, 0.0, 0.0])
+  # Four tight clusters in different directions (so that they are clusters for cosine too).
+  centres = np.array([[5, 0, 0, 0], [0, 5, 0, 0], [0, 0, 5, 0], [0, 0, 0, 5]], np.float32)
+  points = centres[np.arange(80) % 4] + 0.05 * np.random.default_rng(0).normal(size=(80, 4))
+  before = np.array(vq.codebook[...])
+  init = nnx.jit(lambda vq, x, key, where: vq.init_from_kmeans(x, key, where=where))
+  init(vq, jnp.asarray(points[None]), jax.random.key(0), False)
+  np.testing.assert_array_equal(vq.codebook[...], before)
+  init(vq, jnp.asarray(points[None]), jax.random.key(0), True)
+  codes = np.asarray(vq.codes())
+  expected = centres / np.linalg.norm(centres, axis=1, keepdims=True) if normalize else centres
+  # Every cluster got its own code, at its centre.
+  nearest = np.argmin(((expected[:, None] - codes[None]) ** 2).sum(-1), axis=1)
+  assert sorted(nearest) == [0, 1, 2, 3]
+  np.testing.assert_allclose(codes[nearest], expected, atol=0.05)
+  np.testing.assert_allclose(vq.usage[...], 0.25)
+  with pytest.raises(ValueError, match="at least 4 latents"):
+    vq.init_from_kmeans(jnp.asarray(points[:3]), jax.random.key(0))
+
+
+def test_vq_bypass_passes_the_latent_through_without_vq_loss():
+  vq = _vq(normalize=True)
+  z = jax.random.normal(jax.random.key(1), (10, 4))
+  zq, indices, aux = vq(z, train=False, bypass=jnp.asarray(True))
+  np.testing.assert_allclose(zq, z / np.linalg.norm(z, axis=-1, keepdims=True), rtol=1e-5)
+  assert float(aux["loss"]) == 0.0
+  zq2, indices2, aux2 = vq(z, train=False, bypass=jnp.asarray(False))
+  np.testing.assert_array_equal(indices, indices2)
+  np.testing.assert_allclose(zq2, np.asarray(vq.codes())[np.asarray(indices2)], rtol=1e-6)
+  assert float(aux2["loss"]) > 0
+
+
 # --- Training -------------------------------------------------------------------------------
 
 

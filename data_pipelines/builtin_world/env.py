@@ -2,14 +2,22 @@
 
 The agent (a square with an outline and an eye on the side it faces) walks on a tiled,
 textured floor inside a brick wall, is stopped by brick obstacles, changes colour on demand,
-and collects a coin that reappears elsewhere (each catch adds a tick to a counter drawn on the
-top wall). Balls bounce off the walls, the obstacles and the agent with their own velocities.
-The layout, palette and velocities are drawn from the seed of each episode.
+and collects coins that reappear elsewhere (each catch adds a tick to a counter drawn along
+the top of the view). Balls bounce off the walls, the obstacles and the agent with their own
+velocities. The layout, palette and velocities are drawn from the seed of each episode.
+
+The camera follows the agent, as in CoinRun and most platformers: the world is `world_scale`
+times the view on each side, the view is centred on the agent, and what lies beyond the
+world's border wall is drawn as more wall. A move therefore shifts the whole view, not a
+6-pixel sprite: with a fixed camera the only trace of an action was a few dozen pixels, and
+the latent action model's decoder did not learn to use the action within CPU-sized runs
+even when given the true one (its prediction error stayed within 15% of copying frame t).
+`world_scale=1` gives a fixed camera on a one-view world.
 
 What each model can learn from it: the tokenizer, textures and sprites; the latent-action
-model, six actions whose effect is visible in the next frame (a move shifts the agent and
-turns its eye, recolouring changes its colour; a blocked move still turns the eye);
-the dynamics model, collisions, bounces, the coin and the counter.
+model, six actions whose effect is visible in the next frame (a move scrolls the view and
+turns the agent's eye, recolouring changes its colour; a blocked move only turns the eye);
+the dynamics model, scrolling, collisions, bounces, the coins and the counter.
 
 `BuiltinWorldEnv` is independent of the dataset code so that it can be played interactively:
 `frame = env.reset(seed)`, then `frame = env.step(action)`.
@@ -65,19 +73,26 @@ def _bricks(h: int, w: int, colour: np.ndarray, brick: int) -> np.ndarray:
 class BuiltinWorldEnv:
   """The built-in world. Frames are uint8 (image_size, image_size, 3).
 
-  Object sizes and speeds are defined for 64x64 frames and scale with `image_size`.
+  Object sizes and speeds are defined for 64x64 frames and scale with `image_size`; the
+  numbers of balls, obstacles and coins default to 2, 4 and 1 per view-sized area of world.
   """
 
   num_actions = NUM_ACTIONS
   action_names = ACTION_NAMES
 
-  def __init__(self, image_size: int = 64, num_balls: int = 3, num_obstacles: int = 4):
+  def __init__(self, image_size: int = 64, world_scale: int = 2, num_balls: int | None = None,
+               num_obstacles: int | None = None, num_coins: int | None = None):
     """Creates the world; call `reset` before `step`."""
     if image_size < 32:
       raise ValueError(f"image_size must be at least 32, got {image_size}.")
+    if world_scale < 1:
+      raise ValueError(f"world_scale must be at least 1, got {world_scale}.")
+    area = world_scale ** 2
     self.image_size = image_size
-    self.num_balls = num_balls
-    self.num_obstacles = num_obstacles
+    self.world_size = image_size * world_scale
+    self.num_balls = 2 * area if num_balls is None else num_balls
+    self.num_obstacles = 4 * area if num_obstacles is None else num_obstacles
+    self.num_coins = area if num_coins is None else num_coins
     u = image_size / 64
     self._wall = max(2, round(3 * u))
     self._agent_size = max(4, round(6 * u))
@@ -94,24 +109,29 @@ class BuiltinWorldEnv:
   def reset(self, seed: int | np.random.SeedSequence) -> np.ndarray:
     """Starts an episode whose layout is drawn from `seed`; returns its first frame."""
     self._rng = rng = np.random.default_rng(seed)
-    s, wall = self.image_size, self._wall
+    s, wall = self.world_size, self._wall
     self._solid_HW = np.zeros((s, s), bool)
     self._solid_HW[:wall] = self._solid_HW[-wall:] = True
     self._solid_HW[:, :wall] = self._solid_HW[:, -wall:] = True
     floor_HWC = self._floor(rng)
     # Bricks on the border wall, then the obstacles.
     # Bricks of at least 3 pixels: thinner ones read as noise at small image sizes.
-    brick = max(3, round(4 * s / 64))
-    walls_HWC = _bricks(s, s, _WALL_COLOUR, brick)
-    floor_HWC[self._solid_HW] = walls_HWC[self._solid_HW]
+    brick = max(3, round(4 * self.image_size / 64))
+    # The world inside a margin of wall half a view wide, so that a view centred anywhere in
+    # the world stays on the canvas.
+    m = self._margin = self.image_size // 2 + self._agent_size
+    walls_HWC = _bricks(s + 2 * m, s + 2 * m, _WALL_COLOUR, brick)
+    floor_HWC[self._solid_HW] = walls_HWC[m:-m, m:-m][self._solid_HW]
     obstacles_HWC = _bricks(s, s, _OBSTACLE_COLOUR, brick)
-    lo, hi = max(4, round(s * 6 / 64)), max(6, round(s * 14 / 64))
+    lo = max(4, round(self.image_size * 6 / 64))
+    hi = max(6, round(self.image_size * 14 / 64))
     for _ in range(self.num_obstacles):
       h, w = rng.integers(lo, hi + 1, size=2)
       y, x = rng.integers(wall + 2, s - wall - 2 - np.array([h, w]) + 1)
       self._solid_HW[y:y + h, x:x + w] = True
       floor_HWC[y:y + h, x:x + w] = obstacles_HWC[y:y + h, x:x + w]
-    self._background_HWC = floor_HWC.astype(np.uint8)
+    walls_HWC[m:-m, m:-m] = floor_HWC
+    self._background_HWC = walls_HWC.astype(np.uint8)
 
     self._agent_xy = self._free_spot(self._agent_size)
     self._facing = RIGHT
@@ -120,12 +140,12 @@ class BuiltinWorldEnv:
     self._balls_xy, self._balls_v = [], []
     for _ in range(self.num_balls):
       self._balls_xy.append(self._free_spot(self._ball_size, avoid_agent=True))
-      speed = max(1, round(2 * self.image_size / 64))
-      v = rng.integers(1, speed + 1, size=2) * rng.choice([-1, 1], size=2)
+      v = rng.integers(1, self._speed + 1, size=2) * rng.choice([-1, 1], size=2)
       self._balls_v.append(v)
-    self._ball_colours = rng.permutation(len(_BALL_COLOURS))[:self.num_balls] % len(
-        _BALL_COLOURS)
-    self._coin_xy = self._free_spot(self._coin_size, avoid_agent=True)
+    # Every colour once before any repeats.
+    self._ball_colours = np.resize(rng.permutation(len(_BALL_COLOURS)), self.num_balls)
+    self._coins_xy = [self._free_spot(self._coin_size, avoid_agent=True)
+                      for _ in range(self.num_coins)]
     return self.render()
 
   def step(self, action: int) -> np.ndarray:
@@ -142,9 +162,10 @@ class BuiltinWorldEnv:
       self._colour = (self._colour + 1) % len(_AGENT_COLOURS)
     for i in range(self.num_balls):
       self._move_ball(i)
-    if self._overlaps(self._agent_xy, self._agent_size, self._coin_xy, self._coin_size):
-      self._score += 1
-      self._coin_xy = self._free_spot(self._coin_size, avoid_agent=True)
+    for i, coin_xy in enumerate(self._coins_xy):
+      if self._overlaps(self._agent_xy, self._agent_size, coin_xy, self._coin_size):
+        self._score += 1
+        self._coins_xy[i] = self._free_spot(self._coin_size, avoid_agent=True)
     return self.render()
 
   # --- Physics ---------------------------------------------------------------------------
@@ -159,7 +180,7 @@ class BuiltinWorldEnv:
             a_xy[1] < b_xy[1] + b_size and b_xy[1] < a_xy[1] + a_size)
 
   def _free_spot(self, size: int, avoid_agent: bool = False) -> np.ndarray:
-    s = self.image_size
+    s = self.world_size
     for _ in range(1000):
       xy = self._rng.integers(0, s - size + 1, size=2)
       if self._hits_solid(xy, size):
@@ -195,8 +216,8 @@ class BuiltinWorldEnv:
   # --- Rendering -------------------------------------------------------------------------
 
   def _floor(self, rng: np.random.Generator) -> np.ndarray:
-    s = self.image_size
-    tile = max(4, round(8 * s / 64))
+    s = self.world_size
+    tile = max(4, round(8 * self.image_size / 64))
     palette = _FLOOR_PALETTES[rng.integers(len(_FLOOR_PALETTES))].astype(np.int16)
     y, x = np.mgrid[:s, :s]
     checker = ((y // tile + x // tile) % 2)[..., None]
@@ -207,28 +228,38 @@ class BuiltinWorldEnv:
     return np.clip(floor_HWC, 0, 255).astype(np.int16)
 
   def _paste(self, frame_HWC, xy, mask, colour) -> None:
-    x, y = xy
+    """Draws `colour` where `mask` is set, at world position `xy`, clipped to the view."""
+    x, y = xy[0] - self._view_xy[0], xy[1] - self._view_xy[1]
     h, w = mask.shape
-    region = frame_HWC[y:y + h, x:x + w]
-    region[mask[:region.shape[0], :region.shape[1]]] = colour
+    v = self.image_size
+    if x >= v or y >= v or x + w <= 0 or y + h <= 0:
+      return
+    x0, y0 = max(x, 0), max(y, 0)
+    sub = mask[y0 - y:min(y + h, v) - y, x0 - x:min(x + w, v) - x]
+    frame_HWC[y0:y0 + sub.shape[0], x0:x0 + sub.shape[1]][sub] = colour
 
   def render(self) -> np.ndarray:
-    """The current frame, uint8 (image_size, image_size, 3)."""
-    frame_HWC = self._background_HWC.copy()
-    # Score counter: ticks along the top wall, wrapping around when full.
-    slots = (self.image_size - 2 * self._wall) // (self._tick + 1)
-    for k in range(self._score % (slots + 1)):
-      x0 = self._wall + k * (self._tick + 1)
-      frame_HWC[max(0, self._wall // 2 - 1):self._wall // 2 + 1, x0:x0 + self._tick] = 255
-    self._paste(frame_HWC, self._coin_xy, self._coin_mask, _COIN_COLOUR)
+    """The current view, uint8 (image_size, image_size, 3), centred on the agent."""
+    v, a, m = self.image_size, self._agent_size, self._margin
+    # World position of the view's top-left pixel; the margin keeps it on the canvas.
+    self._view_xy = self._agent_xy + a // 2 - v // 2
+    x, y = self._view_xy + m
+    frame_HWC = self._background_HWC[y:y + v, x:x + v].copy()
+    for xy in self._coins_xy:
+      self._paste(frame_HWC, xy, self._coin_mask, _COIN_COLOUR)
     for xy, c in zip(self._balls_xy, self._ball_colours):
       self._paste(frame_HWC, xy, self._ball_mask, _BALL_COLOURS[c])
     self._draw_agent(frame_HWC)
+    # Score counter: ticks along the top of the view, wrapping around when full.
+    slots = (v - 2 * self._wall) // (self._tick + 1)
+    for k in range(self._score % (slots + 1)):
+      x0 = self._wall + k * (self._tick + 1)
+      frame_HWC[max(0, self._wall // 2 - 1):self._wall // 2 + 1, x0:x0 + self._tick] = 255
     return frame_HWC
 
   def _draw_agent(self, frame_HWC: np.ndarray) -> None:
     a = self._agent_size
-    x, y = self._agent_xy
+    x, y = self._agent_xy - self._view_xy
     sprite_HWC = np.zeros((a, a, 3), np.uint8)  # Black outline.
     sprite_HWC[1:-1, 1:-1] = _AGENT_COLOURS[self._colour]
     # The eye: a dark block on the side the agent faces, centred along that side.

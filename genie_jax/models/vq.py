@@ -74,8 +74,14 @@ class VectorQuantizer(nnx.Module):
     """Code vectors for `indices` (any shape) -> (..., L) float32."""
     return jnp.take(self.codes(), indices, axis=0)
 
-  def __call__(self, z_XL: jax.Array, *, train: bool
+  def __call__(self, z_XL: jax.Array, *, train: bool, bypass: jax.Array | bool = False
                ) -> tuple[jax.Array, jax.Array, dict[str, jax.Array]]:
+    """Quantises z_XL; see the class docstring.
+
+    `bypass` (a traced bool is fine): zq is z itself (l2-normalised when `normalize`) and
+    aux['loss'] is zero, for a continuous warm-up before quantising; indices, usage and the
+    other aux values are computed as usual.
+    """
     z_XL = z_XL.astype(jnp.float32)
     if self.normalize:
       z_XL = _l2_normalize(z_XL)
@@ -89,6 +95,10 @@ class VectorQuantizer(nnx.Module):
     codebook_loss = jnp.mean(jnp.square(jax.lax.stop_gradient(z_XL) - e_XL))
     commitment_loss = jnp.mean(jnp.square(z_XL - jax.lax.stop_gradient(e_XL)))
     zq_XL = z_XL + jax.lax.stop_gradient(e_XL - z_XL)
+    vq_loss = codebook_loss + self.commitment_beta * commitment_loss
+    if bypass is not False:
+      zq_XL = jnp.where(bypass, z_XL, zq_XL)
+      vq_loss = jnp.where(bypass, 0.0, vq_loss)
 
     counts_V = jnp.bincount(indices_X.reshape(-1), length=self.num_codes)
     freq_V = counts_V.astype(jnp.float32) / indices_X.size
@@ -96,13 +106,57 @@ class VectorQuantizer(nnx.Module):
       decay = self.usage_decay
       self.usage[...] = decay * self.usage[...] + (1.0 - decay) * freq_V
     aux = {
-        "loss": codebook_loss + self.commitment_beta * commitment_loss,
+        "loss": vq_loss,
         "codebook_loss": codebook_loss,
         "commitment_loss": commitment_loss,
         "perplexity": jnp.exp(-jnp.sum(jax.scipy.special.xlogy(freq_V, freq_V))),
         "usage": jnp.mean((counts_V > 0).astype(jnp.float32)),
     }
     return zq_XL, indices_X, aux
+
+  def init_from_kmeans(self, candidates_XL: jax.Array, key: jax.Array, *,
+                       where: jax.Array | bool = True, iterations: int = 10) -> None:
+    """Sets the codebook to k-means centres of `candidates_XL` (k-means++ seeding, then
+    `iterations` Lloyd steps; cosine geometry when `normalize`) and the usage to uniform.
+
+    For a codebook that starts after a continuous warm-up: codes placed where the latents
+    cluster are all used from the first quantised step. Traceable; `where` (a traced bool)
+    keeps the current codebook when False. Needs at least as many candidates as codes.
+    """
+    x_NL = jax.lax.stop_gradient(candidates_XL).reshape(-1, candidates_XL.shape[-1])
+    x_NL = x_NL.astype(jnp.float32)
+    if self.normalize:
+      x_NL = _l2_normalize(x_NL)
+    n, v = x_NL.shape[0], self.num_codes
+    if n < v:
+      raise ValueError(f"k-means of {v} codes needs at least {v} latents, got {n}")
+
+    def sq_dist(c_VL):
+      return jnp.sum(jnp.square(x_NL[:, None, :] - c_VL[None]), -1)  # (N, V)
+
+    # k-means++: each next centre drawn with probability proportional to the squared
+    # distance to the nearest centre chosen so far.
+    keys = jax.random.split(key, v)
+    centres_VL = jnp.zeros((v, x_NL.shape[1]), jnp.float32)
+    centres_VL = centres_VL.at[0].set(x_NL[jax.random.randint(keys[0], (), 0, n)])
+    for i in range(1, v):
+      d_N = jnp.min(sq_dist(centres_VL)[:, :i], axis=1)
+      logits_N = jnp.log(jnp.maximum(d_N, 1e-12))
+      centres_VL = centres_VL.at[i].set(x_NL[jax.random.categorical(keys[i], logits_N)])
+
+    def lloyd(_, c_VL):
+      onehot_NV = jax.nn.one_hot(jnp.argmin(sq_dist(c_VL), axis=1), v, dtype=jnp.float32)
+      counts_V = onehot_NV.sum(0)
+      means_VL = (onehot_NV.T @ x_NL) / jnp.maximum(counts_V, 1.0)[:, None]
+      # An empty cluster keeps its centre.
+      return jnp.where(counts_V[:, None] > 0, means_VL, c_VL)
+
+    centres_VL = jax.lax.fori_loop(0, iterations, lloyd, centres_VL)
+    if self.normalize:
+      centres_VL = _l2_normalize(centres_VL)
+    self.codebook[...] = jnp.where(where, centres_VL.astype(self.codebook.dtype),
+                                   self.codebook[...])
+    self.usage[...] = jnp.where(where, 1.0 / v, self.usage[...])
 
   def dead_codes(self) -> jax.Array:
     """Boolean (V,): codes whose usage EMA is below the dead-code threshold."""
