@@ -69,15 +69,16 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.model.vq_normalize = True
     config_lib.apply_runlocal(config, args.data, total_steps=800, lr=1e-3, end_lr=1e-4,
                               warmup_steps=50)
+    # Finer patches show the agent's moves: patch 4 on the built-in world's 32x32 runlocal
+    # frames (64 tokens), patch 8 on 64x64 ones.
+    if size != "tiny":
+      config.model.patch_size = 4 if config.data.image_size == 32 else 8
     if not args.size:
       # 48 transitions per batch: enough for the k-means that ends the quantiser warm-up.
       config.batch_size = 16
       # Half the run continuous (see genie_jax/models/lam.py: without it CPU-sized LAMs
       # stay at chance), then quantised from k-means codes.
       config.model.vq_warmup_steps = config.total_steps // 2
-      # Finer patches show the agent's moves: patch 4 on the built-in world's 32x32
-      # runlocal frames (64 tokens), patch 8 on 64x64 ones.
-      config.model.patch_size = 4 if config.data.image_size == 32 else 8
     # With 6 codes a collapse onto one is quick; a fast usage EMA restarts it within tens of
     # steps.
     config.model.code_usage_decay = 0.9

@@ -56,7 +56,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   if args.runlocal:
     config_lib.apply_runlocal(config, args.data, total_steps=600, lr=1e-3, warmup_steps=100)
-    if args.data == "builtin_world" and not args.size:
+    if args.data == "builtin_world" and size != "tiny":
       # 32x32 frames (see apply_runlocal): patch 4 keeps the cpu size's 64 tokens per frame.
       config.model.patch_size = 4
     # Short runs collapse onto a few codes early; a fast usage EMA restarts dead codes within
