@@ -64,17 +64,26 @@ _STRATEGIES = flags.DEFINE_list("strategies", list(STRATEGIES), f"Of {list(STRAT
 _SIZE = flags.DEFINE_string("size", "cpu", "Model size argument of the stage configs.")
 _STEPS = flags.DEFINE_integer("steps", 3, "Timed steps (after one warm-up step).")
 _BATCH = flags.DEFINE_integer("batch_size", 8, "Global batch size.")
+_IMAGE_SIZE = flags.DEFINE_integer(
+    "image_size", 64, "Frame size (runlocal's built-in world is 32x32; the README's table is "
+    "64x64 with patch 8, as here by default).")
 
 
-def stage_configs(size: str, batch_size: int, root: str) -> dict:
-  """The three stages' runlocal configs at `size`; dynamics points at config-only workdirs."""
+def stage_configs(size: str, batch_size: int, root: str, image_size: int = 64) -> dict:
+  """The three stages' runlocal configs at `size` on image_size^2 frames (patch 8 at 64);
+  dynamics points at config-only workdirs."""
   arg = f"size={size},runlocal"
   configs = dict(tokenizer=tokenizer_config.get_config(arg), lam=lam_config.get_config(arg))
   for stage, config in configs.items():
+    if config.data.image_size != image_size:
+      config.data.image_size = config.model.image_size = image_size
+      if size != "tiny":
+        config.model.patch_size = 8 if image_size == 64 else 4
     checkpointing.save_config(os.path.join(root, stage), config)
   configs["dynamics"] = dynamics_config.get_config(
       f"{arg},tokenizer_workdir={os.path.join(root, 'tokenizer')},"
       f"lam_workdir={os.path.join(root, 'lam')}")
+  configs["dynamics"].data.image_size = image_size
   for config in configs.values():
     config.batch_size = batch_size
   return configs
@@ -139,7 +148,7 @@ def main(argv):
   print(f"jax {jax.__version__}, {jax.device_count()} {jax.devices()[0].platform} devices, "
         f"{os.cpu_count()} cores, size={_SIZE.value}, batch {_BATCH.value}")
   with tempfile.TemporaryDirectory() as root:
-    configs = stage_configs(_SIZE.value, _BATCH.value, root)
+    configs = stage_configs(_SIZE.value, _BATCH.value, root, _IMAGE_SIZE.value)
     header = ("| stage | strategy | mesh | params+opt MiB/device | XLA args MiB | XLA temp MiB | "
               "XLA peak MiB | GFLOP/device | compile s | step s (median) | loss |")
     print(header)

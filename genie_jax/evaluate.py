@@ -47,7 +47,7 @@ def evaluate(workdir: str, *, step: int | None = None, num_batches: int | None =
       for eval_cfg in config.evals.values():
         eval_cfg.num_batches = num_batches
   task = tasks.get_task(config)
-  mesh = sharding.make_mesh(config.mesh)
+  mesh = sharding.mesh_from_config(config)
   spec = train_state.make_state_spec(task, config, mesh)
   ckpt = checkpointing.Checkpointer(workdir, config.checkpoint, read_only=True)
   step, state = ckpt.restore(step, spec.abstract)
