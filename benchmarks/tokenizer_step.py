@@ -32,7 +32,7 @@ from genie_jax import train_state
 
 # name -> (config arguments, overrides). All 64x64 frames, 16-frame clips.
 SHAPES = {
-    # The CPU-sized model of `configs/tokenizer.py:runlocal`.
+    # The CPU-sized model (`size=cpu`: patch 8 on these 64x64 frames, as runlocal on CoinRun).
     "small": ("size=cpu", dict(batch_size=8)),
     # The shape at which the peer Jasmine's step was measured on this kind of CPU
     # (16.2 s median, float32).
