@@ -168,6 +168,8 @@ class LatentActionModel(nnx.Module):
         cfg.num_actions, cfg.latent_dim, commitment_beta=cfg.commitment_beta,
         normalize=cfg.vq_normalize, usage_decay=cfg.code_usage_decay,
         dead_code_threshold=cfg.dead_code_threshold, param_dtype=param_dtype, rngs=rngs)
+    # Static: without a warm-up the train step neither counts it down nor runs k-means.
+    self.vq_warmup = cfg.vq_warmup_steps > 0
     self.warmup_left = WarmupCounter(jnp.asarray(cfg.vq_warmup_steps or -1, jnp.int32))
     self.dec_patch_embed = linear(patch_dim, d, ("patch", "embed"))
     self.action_embed = linear(cfg.latent_dim, d, ("latent", "embed"))
@@ -271,7 +273,7 @@ class LatentActionModel(nnx.Module):
     """
     z_BTL = self.encode_latents(video_BTHWC)
     bypass = False
-    if train:
+    if train and self.vq_warmup:
       bypass = self.warmup_left[...] > 0
       self.warmup_left[...] = jnp.maximum(self.warmup_left[...] - 1, -1)
     zq_BTL, actions_BT, aux = self.vq(z_BTL, train=train, bypass=bypass)
@@ -287,6 +289,8 @@ class LatentActionModel(nnx.Module):
   def restart_dead_codes(self, z_BTL: jax.Array, key: jax.Array) -> jax.Array:
     """Restarts dead action codes from this batch's latents `z`; returns how many. At the
     end of the quantiser warm-up, sets the whole codebook by k-means of `z` instead."""
+    if not self.vq_warmup:
+      return self.vq.restart_dead_codes(z_BTL, key)
     kmeans_key, restart_key = jax.random.split(key)
     ending = self.warmup_left[...] == 0
     warming = self.warmup_left[...] > 0
