@@ -51,12 +51,17 @@ DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("qkv", None),
 )
 
-def _resolve_sizes(shape: Mapping[str, int], num_devices: int, key: str) -> list[int]:
-  """Sizes of `MESH_AXES` for `num_devices`; one size may be -1 (the remaining devices)."""
+def _axis_sizes(shape: Mapping[str, int], key: str) -> list[int]:
+  """The sizes of `shape` in `MESH_AXES` order (1 where missing); unknown axes are an error."""
   unknown = set(shape) - set(MESH_AXES)
   if unknown:
     raise ValueError(f"{key} has unknown axes {sorted(unknown)}; known: {MESH_AXES}")
-  sizes = [int(shape.get(name, 1)) for name in MESH_AXES]
+  return [int(shape.get(name, 1)) for name in MESH_AXES]
+
+
+def _resolve_sizes(shape: Mapping[str, int], num_devices: int, key: str) -> list[int]:
+  """Sizes of `MESH_AXES` for `num_devices`; one size may be -1 (the remaining devices)."""
+  sizes = _axis_sizes(shape, key)
   if sizes.count(-1) > 1:
     raise ValueError(f"{key}: at most one axis may be -1, got {dict(shape)}")
   known = math.prod(s for s in sizes if s != -1)
@@ -119,10 +124,7 @@ def mesh_from_config(config: Any, devices: Sequence[jax.Device] | None = None) -
 def _resolve_dcn(dcn_shape: Mapping[str, int] | None, num_devices: int) -> list[int]:
   if not dcn_shape:
     return [1] * len(MESH_AXES)
-  unknown = set(dcn_shape) - set(MESH_AXES)
-  if unknown:
-    raise ValueError(f"config.mesh_dcn has unknown axes {sorted(unknown)}; known: {MESH_AXES}")
-  dcn = [int(dcn_shape.get(name, 1)) for name in MESH_AXES]
+  dcn = _axis_sizes(dcn_shape, "config.mesh_dcn")
   if any(s < 1 for s in dcn):
     raise ValueError(f"config.mesh_dcn={dict(dcn_shape)}: sizes must be positive (the number "
                      f"of slices along each axis; -1 is not allowed here)")
