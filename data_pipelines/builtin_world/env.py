@@ -14,15 +14,6 @@ the latent action model's decoder did not learn to use the action within CPU-siz
 even when given the true one (its prediction error stayed within 15% of copying frame t).
 `world_scale=1` gives a fixed camera on a one-view world.
 
-The agent lives on a grid of cells an eighth of the view wide (4 pixels at 32x32, 8 at
-64x64): it moves one whole cell per step or, if anything solid is in the way, not at all,
-and obstacles are blocks of whole cells. The grid's phase puts the view's corner on a cell
-corner, so a tokenizer with patches of the cell size sees a move as its token grid shifted by
-exactly one token. With 1-pixel moves (dataset 1.2.0) every move changed the code of every
-token in a way no CPU-sized dynamics model learned (masked-token accuracy 0.06-0.09 after
-500-1000 steps), and the view's scroll, the one effect of an action large enough to measure
-in pixels, was lost in the noise of sampling.
-
 What each model can learn from it: the tokenizer, textures and sprites; the latent-action
 model, six actions whose effect is visible in the next frame (a move scrolls the view and
 turns the agent's eye, recolouring changes its colour; a blocked move only turns the eye);
