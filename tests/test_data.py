@@ -104,38 +104,6 @@ def test_actions_change_the_agent_motion():
   assert not np.array_equal(play([1, 1, 3, 3]), play([2, 2, 4, 4]))
 
 
-@pytest.mark.parametrize("image_size", [32, 64])
-def test_a_move_scrolls_the_view_by_one_cell_or_not_at_all(image_size):
-  # Without balls, everything but the agent (centred) and the score counter (top rows) is
-  # the world, so a move must shift the whole view by exactly one cell of the agent's grid,
-  # an eighth of the view (one token for patches of that size), or leave it where it was.
-  env = env_lib.BuiltinWorldEnv(image_size=image_size, num_balls=0)
-  g, a = image_size // 8, env._agent_size
-  frame = env.reset(11)
-  rng = np.random.default_rng(0)
-  keep = np.ones((image_size, image_size), bool)
-  keep[:env._wall + 2] = False  # The score counter.
-  centre = image_size // 2 - a // 2
-  keep[centre - g:centre + a + g, centre - g:centre + a + g] = False  # The agent, either frame.
-  moved = blocked = 0
-  for action in rng.choice([env_lib.LEFT, env_lib.RIGHT, env_lib.UP, env_lib.DOWN], 60):
-    before = env._agent_xy.copy()
-    nxt = env.step(action)
-    dx, dy = env._agent_xy - before
-    assert (abs(dx), abs(dy)) in {(0, 0), (g, 0), (0, g)}, (dx, dy)
-    assert np.all(env._view_xy % g == 0), "the view's corner is not on the cell grid"
-    # nxt[y, x] shows what frame[y + dy, x + dx] showed.
-    h = image_size
-    ys, xs = slice(max(0, -dy), h - max(0, dy)), slice(max(0, -dx), h - max(0, dx))
-    ys0, xs0 = slice(max(0, dy), h - max(0, -dy)), slice(max(0, dx), h - max(0, -dx))
-    k = keep[ys, xs] & keep[ys0, xs0]
-    np.testing.assert_array_equal(nxt[ys, xs][k], frame[ys0, xs0][k])
-    moved += bool(dx or dy)
-    blocked += not (dx or dy)
-    frame = nxt
-  assert moved > 20 and blocked > 0, (moved, blocked)
-
-
 def test_rollout_records_the_action_applied_at_each_frame():
   env = env_lib.BuiltinWorldEnv(image_size=32)
   frames, actions = env_lib.rollout(env, 5, 50)

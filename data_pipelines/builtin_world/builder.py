@@ -24,13 +24,11 @@ class BuiltinWorld(episode_builder.EpisodeDatasetBuilder):
   """Episodes of the built-in world played by a sticky random policy, true actions kept."""
 
   name = "builtin_world"
-  VERSION = tfds.core.Version("1.3.0")
+  VERSION = tfds.core.Version("1.2.0")
   RELEASE_NOTES = {
       "1.0.0": "First release.",
       "1.1.0": "No random floor grain; bricks of at least 3 pixels, softer mortar.",
       "1.2.0": "The camera follows the agent over a world 2x the view on each side.",
-      "1.3.0": "The agent moves one cell (an eighth of the view) per step on a grid aligned "
-               "with the view; a world 3x the view; 2 obstacles per view-sized area.",
   }
   NUM_ACTIONS = env_lib.NUM_ACTIONS
   ACTION_NAMES = env_lib.ACTION_NAMES

@@ -74,13 +74,13 @@ class BuiltinWorldEnv:
   """The built-in world. Frames are uint8 (image_size, image_size, 3).
 
   Object sizes and speeds are defined for 64x64 frames and scale with `image_size`; the
-  numbers of balls, obstacles and coins default to 2, 2 and 1 per view-sized area of world.
+  numbers of balls, obstacles and coins default to 2, 4 and 1 per view-sized area of world.
   """
 
   num_actions = NUM_ACTIONS
   action_names = ACTION_NAMES
 
-  def __init__(self, image_size: int = 64, world_scale: int = 3, num_balls: int | None = None,
+  def __init__(self, image_size: int = 64, world_scale: int = 2, num_balls: int | None = None,
                num_obstacles: int | None = None, num_coins: int | None = None):
     """Creates the world; call `reset` before `step`."""
     if image_size < 32:
@@ -91,16 +91,14 @@ class BuiltinWorldEnv:
     self.image_size = image_size
     self.world_size = image_size * world_scale
     self.num_balls = 2 * area if num_balls is None else num_balls
-    self.num_obstacles = 2 * area if num_obstacles is None else num_obstacles
+    self.num_obstacles = 4 * area if num_obstacles is None else num_obstacles
     self.num_coins = area if num_coins is None else num_coins
     u = image_size / 64
     self._wall = max(2, round(3 * u))
     self._agent_size = max(4, round(6 * u))
     self._ball_size = max(3, round(5 * u))
     self._coin_size = max(3, round(5 * u))
-    # The agent moves a tile (an eighth of the view) per step, the balls 1 or 2 pixels (64x64).
-    self._agent_speed = max(1, round(8 * u))
-    self._ball_speed = max(1, round(2 * u))
+    self._speed = max(1, round(2 * u))
     self._ball_mask = _disc_mask(self._ball_size)
     self._coin_mask = _diamond_mask(self._coin_size)
     self._tick = max(2, round(3 * u))
@@ -125,29 +123,24 @@ class BuiltinWorldEnv:
     walls_HWC = _bricks(s + 2 * m, s + 2 * m, _WALL_COLOUR, brick)
     floor_HWC[self._solid_HW] = walls_HWC[m:-m, m:-m][self._solid_HW]
     obstacles_HWC = _bricks(s, s, _OBSTACLE_COLOUR, brick)
-    # Obstacles are blocks of 1-2 x 1-2 whole cells of the agent's grid (see `_cells`).
-    g, cells = self._agent_speed, self._cells()
+    lo = max(4, round(self.image_size * 6 / 64))
+    hi = max(6, round(self.image_size * 14 / 64))
     for _ in range(self.num_obstacles):
-      h, w = rng.integers(1, 3, size=2)
-      i, j = rng.integers(0, len(cells) - np.array([h, w]) + 1)
-      y, x = cells[i], cells[j]
-      self._solid_HW[y:y + h * g, x:x + w * g] = True
-      floor_HWC[y:y + h * g, x:x + w * g] = obstacles_HWC[y:y + h * g, x:x + w * g]
+      h, w = rng.integers(lo, hi + 1, size=2)
+      y, x = rng.integers(wall + 2, s - wall - 2 - np.array([h, w]) + 1)
+      self._solid_HW[y:y + h, x:x + w] = True
+      floor_HWC[y:y + h, x:x + w] = obstacles_HWC[y:y + h, x:x + w]
     walls_HWC[m:-m, m:-m] = floor_HWC
     self._background_HWC = walls_HWC.astype(np.uint8)
 
-    free = [(x, y) for y in self._cells() for x in self._cells()
-            if not self._hits_solid((x, y), self._agent_size)]
-    if not free:
-      raise RuntimeError("No free cell for the agent; use fewer obstacles.")
-    self._agent_xy = np.array(free[rng.integers(len(free))])
+    self._agent_xy = self._free_spot(self._agent_size)
     self._facing = RIGHT
     self._colour = 0
     self._score = 0
     self._balls_xy, self._balls_v = [], []
     for _ in range(self.num_balls):
       self._balls_xy.append(self._free_spot(self._ball_size, avoid_agent=True))
-      v = rng.integers(1, self._ball_speed + 1, size=2) * rng.choice([-1, 1], size=2)
+      v = rng.integers(1, self._speed + 1, size=2) * rng.choice([-1, 1], size=2)
       self._balls_v.append(v)
     # Every colour once before any repeats.
     self._ball_colours = np.resize(rng.permutation(len(_BALL_COLOURS)), self.num_balls)
@@ -186,18 +179,6 @@ class BuiltinWorldEnv:
     return (a_xy[0] < b_xy[0] + b_size and b_xy[0] < a_xy[0] + a_size and
             a_xy[1] < b_xy[1] + b_size and b_xy[1] < a_xy[1] + a_size)
 
-  def _cells(self) -> np.ndarray:
-    """World coordinates (along either axis) of the cells of the agent's grid inside the wall.
-
-    The agent stands on a cell and moves one cell (`_agent_speed` pixels) per step. The
-    grid's phase puts the view's corner on a cell corner: view patches of the cell size hold
-    whole floor tiles, and a move shifts the view by exactly one of them.
-    """
-    g, v, a = self._agent_speed, self.image_size, self._agent_size
-    offset = (v // 2 - a // 2) % g
-    first = offset + g * -(-(self._wall - offset) // g)  # The first cell inside the wall.
-    return np.arange(first, self.world_size - self._wall - g + 1, g)
-
   def _free_spot(self, size: int, avoid_agent: bool = False) -> np.ndarray:
     s = self.world_size
     for _ in range(1000):
@@ -210,16 +191,11 @@ class BuiltinWorldEnv:
     raise RuntimeError("No free spot in the layout; use fewer or smaller obstacles.")
 
   def _move_agent(self, dx: int, dy: int) -> None:
-    # A whole step or none: every move scrolls the view by exactly `_agent_speed` pixels, so
-    # with patches of that size a move shifts the tokenizer's grid by one token.
-    nxt = self._agent_xy + self._agent_speed * np.array((dx, dy))
-    # Blocked if anything solid lies anywhere along the way (no passing through thin walls).
-    if np.any(nxt < 0) or np.any(nxt + self._agent_size > self.world_size):
-      return
-    lo, hi = np.minimum(self._agent_xy, nxt), np.maximum(self._agent_xy, nxt)
-    x, y = lo
-    w, h = hi - lo + self._agent_size
-    if not self._solid_HW[y:y + h, x:x + w].any():
+    # Pixel by pixel, so that the agent stops flush against whatever blocks it.
+    for _ in range(self._speed):
+      nxt = self._agent_xy + (dx, dy)
+      if self._hits_solid(nxt, self._agent_size):
+        break
       self._agent_xy = nxt
 
   def _move_ball(self, i: int) -> None:
