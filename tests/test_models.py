@@ -427,3 +427,16 @@ def test_remat_gives_the_same_loss_and_grads(remat):
   np.testing.assert_allclose(loss_r, loss, rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                grads_r, grads)
+
+
+def test_code_stability_counts_only_tokens_whose_patch_did_not_change():
+  from genie_jax.evaluators import reconstruction
+  # 2 frames of 4x4 pixels in 2x2 patches (4 tokens): patches 0 and 3 unchanged, 1 and 2 not.
+  video = np.zeros((1, 2, 4, 4, 3), np.float32)
+  video[0, 1, 0:2, 2:4] = 1.0  # Token 1 changes.
+  video[0, 1, 3, 0] = 0.5      # Token 2 changes by one pixel.
+  codes = np.array([[[5, 6, 7, 8], [5, 9, 7, 1]]])  # Token 0 kept, 3 not; 2 kept but moved.
+  kept, static = reconstruction.code_stability_counts(jnp.asarray(codes), jnp.asarray(video))
+  assert (float(kept), float(static)) == (1.0, 2.0)
+  with pytest.raises(ValueError, match="do not tile"):
+    reconstruction.code_stability_counts(jnp.zeros((1, 2, 3), jnp.int32), jnp.asarray(video))
