@@ -8,6 +8,7 @@ import pytest
 from flax import nnx
 
 from genie_jax import sharding
+from genie_jax.evaluators import reconstruction
 from genie_jax.models import layers
 from genie_jax.models import tokenizer as tokenizer_lib
 from genie_jax.models import vq as vq_lib
@@ -430,7 +431,6 @@ def test_remat_gives_the_same_loss_and_grads(remat):
 
 
 def test_code_stability_counts_only_tokens_whose_patch_did_not_change():
-  from genie_jax.evaluators import reconstruction
   # 2 frames of 4x4 pixels in 2x2 patches (4 tokens): patches 0 and 3 unchanged, 1 and 2 not.
   video = np.zeros((1, 2, 4, 4, 3), np.float32)
   video[0, 1, 0:2, 2:4] = 1.0  # Token 1 changes.
