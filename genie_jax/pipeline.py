@@ -144,6 +144,8 @@ _HEADLINE = (
     ("lam", "latent_actions/nmi", "LAM NMI vs true actions (LAM stage)"),
     ("lam", "latent_actions/codebook_usage", "LAM codebook usage"),
     ("dynamics", "controllability/masked_accuracy", "Dynamics masked-token accuracy"),
+    ("dynamics", "controllability/masked_accuracy_random_actions",
+     "  the same with random actions"),
     ("dynamics", "controllability/nmi", "LAM NMI vs true actions (as used by dynamics)"),
     ("dynamics", "controllability/accuracy", "LAM best-assignment accuracy"),
     ("dynamics", "controllability/dtpsnr", "Delta_t PSNR, t=4 (inferred vs random), dB"),

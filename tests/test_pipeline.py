@@ -64,11 +64,12 @@ def test_stages_are_chained_and_the_report_is_written(pipeline_run):
     on_disk = json.load(f)
   assert on_disk["checks"] == report["checks"]
   dyn = report["metrics"]["dynamics"]
-  for key in ("masked_accuracy", "nmi", "accuracy", "dtpsnr", "dtpsnr_true",
+  for key in ("masked_accuracy", "masked_accuracy_random_actions", "nmi", "accuracy", "dtpsnr", "dtpsnr_true",
               "psnr_inferred_t5", "ssim_random_t1", "recon_psnr_t1", "lam_codebook_usage",
               "dtpsnr_stderr"):
     assert f"controllability/{key}" in dyn, key
   assert 0.0 <= dyn["controllability/masked_accuracy"] <= 1.0
+  assert 0.0 <= dyn["controllability/masked_accuracy_random_actions"] <= 1.0
   # Delta_t PSNR is the difference of the two rollouts' PSNRs, at t = dt = 4.
   assert dyn["controllability/dtpsnr"] == pytest.approx(
       dyn["controllability/psnr_inferred_t4"] - dyn["controllability/psnr_random_t4"])
