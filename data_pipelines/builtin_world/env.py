@@ -12,7 +12,7 @@ world's border wall is drawn as more wall. A move therefore shifts the whole vie
 6-pixel sprite: with a fixed camera the only trace of an action was a few dozen pixels, and
 the latent action model's decoder did not learn to use the action within CPU-sized runs
 even when given the true one (its prediction error stayed within 15% of copying frame t).
-`world_scale=1` gives a fixed camera on a one-view world.
+`world_scale=1` gives a world of one view, still centred on the agent (wall fills the rest).
 
 What each model can learn from it: the tokenizer, textures and sprites; the latent-action
 model, six actions whose effect is visible in the next frame (a move scrolls the view and
