@@ -56,6 +56,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.tokenizer_step = 0
   config.lam_workdir = args.lam_workdir
   config.lam_step = 0
+  # The stages' config.model, copied from their workdirs when training starts (leave empty):
+  # config.json keeps them, so the dynamics workdir alone rebuilds all three models.
+  config.tokenizer_model = ml_collections.ConfigDict()
+  config.lam_model = ml_collections.ConfigDict()
   config.cotrain_lam = args.cotrain
   config.lam_loss_weight = 1.0
 

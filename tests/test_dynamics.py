@@ -3,6 +3,7 @@ restoring stages from their workdirs."""
 
 import json
 import os
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -390,3 +391,22 @@ def test_short_training_run_learns_and_restores(stage_workdirs, tmp_path, tiny_d
   # Training moved the dynamics model only: the frozen stages are bitwise the saved ones.
   _assert_saved_weights(loaded.model.tokenizer, stage_workdirs["tokenizer_state"])
   _assert_saved_weights(loaded.model.lam, stage_workdirs["lam_state"])
+
+  # config.json keeps the stages' model configs, so the workdir rebuilds them without the
+  # stage workdirs: moved elsewhere, with stage paths that no longer resolve (as relative
+  # paths do from another directory), it restores the same world model.
+  with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
+    saved = json.load(f)
+  for stage in ("tokenizer", "lam"):
+    assert saved[f"{stage}_model"] == checkpointing.config_to_dict(
+        checkpointing.load_config(stage_workdirs[stage]).model), stage
+    saved[f"{stage}_workdir"] = str(tmp_path / "gone" / stage)
+  moved = str(tmp_path / "moved")
+  shutil.copytree(workdir, moved)
+  with open(os.path.join(moved, "config.json"), "w", encoding="utf-8") as f:
+    json.dump(saved, f)
+  alone = stages.load_stage(moved, expect_stage="dynamics")
+  _assert_saved_weights(alone.model.tokenizer, stage_workdirs["tokenizer_state"])
+  _assert_saved_weights(alone.model.lam, stage_workdirs["lam_state"])
+  np.testing.assert_array_equal(alone.model.dynamics.token_embed[...],
+                                loaded.model.dynamics.token_embed[...])

@@ -12,6 +12,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import optax
 from absl import logging
 from flax import nnx
@@ -77,6 +78,46 @@ class DynamicsTask(base.Task):
       self.trainable = nnx.All(nnx.Param, nnx.PathContains("dynamics"))
 
   def _stage_config(self, key: str, stage: str):
+    """The stage-1/2 config this dynamics model is built on: {stage, model}.
+
+    Read from the stage's workdir on a fresh start, and kept in config.<stage>_model, which
+    config.json saves: a trained dynamics workdir then rebuilds all three models by itself
+    (evaluation, generation and play need neither the stage workdirs nor the directory the
+    run was started from), and resuming with a stage workdir retrained since is refused.
+    """
+    workdir = self.config[key]
+    snapshot_key = f"{stage}_model"
+    snapshot = self.config.get(snapshot_key)
+    if snapshot:
+      stage_config = ml_collections.ConfigDict(dict(stage=stage, model=snapshot.to_dict()))
+      where = f"config.{snapshot_key} (saved from {workdir!r})"
+    else:
+      stage_config = self._read_stage_config(key, stage)
+      where = f"config.{key}={workdir!r}"
+      with self.config.unlocked():
+        self.config[snapshot_key] = ml_collections.ConfigDict(stage_config.model.to_dict())
+    data = self.config.data
+    if stage_config.model.image_size != data.image_size:
+      raise ValueError(
+          f"{where}: its {stage} has model.image_size="
+          f"{stage_config.model.image_size} but config.data.image_size={data.image_size}; "
+          f"use a {stage} trained on frames of this size")
+    # The LAM, whose actions depend on a transition's frames only, may see the clip in
+    # windows (`LatentActionModel.infer_actions`); the tokenizer's tokens depend on the whole
+    # past.
+    if stage == "tokenizer" and stage_config.model.max_frames < data.clip_len:
+      raise ValueError(
+          f"{where}: its {stage} has model.max_frames="
+          f"{stage_config.model.max_frames} < config.data.clip_len={data.clip_len}; use "
+          f"shorter clips or a {stage} trained on clips this long")
+    if stage_config.model.channels != _DATA_CHANNELS:
+      raise ValueError(
+          f"{where}: its {stage} has model.channels="
+          f"{stage_config.model.channels} but config.data.name={data.name!r} frames have "
+          f"{_DATA_CHANNELS}")
+    return stage_config
+
+  def _read_stage_config(self, key: str, stage: str):
     workdir = self.config[key]
     if not workdir:
       raise ValueError(f"config.{key} is empty; set it to the workdir of a trained {stage} "
@@ -91,25 +132,6 @@ class DynamicsTask(base.Task):
     if stage_config.stage != stage:
       raise ValueError(f"config.{key}={workdir!r} holds a {stage_config.stage!r} stage, not "
                        f"a {stage!r} stage")
-    data = self.config.data
-    if stage_config.model.image_size != data.image_size:
-      raise ValueError(
-          f"config.{key}={workdir!r}: its {stage} has model.image_size="
-          f"{stage_config.model.image_size} but config.data.image_size={data.image_size}; "
-          f"use a {stage} trained on frames of this size")
-    # The LAM, whose actions depend on a transition's frames only, may see the clip in
-    # windows (`LatentActionModel.infer_actions`); the tokenizer's tokens depend on the whole
-    # past.
-    if stage == "tokenizer" and stage_config.model.max_frames < data.clip_len:
-      raise ValueError(
-          f"config.{key}={workdir!r}: its {stage} has model.max_frames="
-          f"{stage_config.model.max_frames} < config.data.clip_len={data.clip_len}; use "
-          f"shorter clips or a {stage} trained on clips this long")
-    if stage_config.model.channels != _DATA_CHANNELS:
-      raise ValueError(
-          f"config.{key}={workdir!r}: its {stage} has model.channels="
-          f"{stage_config.model.channels} but config.data.name={data.name!r} frames have "
-          f"{_DATA_CHANNELS}")
     return stage_config
 
   def _take(self, key: str, value: int, source: str) -> None:
@@ -147,7 +169,10 @@ class DynamicsTask(base.Task):
     if config.lam_loss_weight < 0:
       raise ValueError(f"config.lam_loss_weight={config.lam_loss_weight} must not be negative")
     dynamics_lib.validate_config(config.model)
-    self._lam_task = lam_task_lib.LatentActionTask(self.lam_config)
+    lam_task_config = ml_collections.ConfigDict(self.lam_config.to_dict())
+    with lam_task_config.unlocked():
+      lam_task_config.data = config.data
+    self._lam_task = lam_task_lib.LatentActionTask(lam_task_config)
 
   def make_model(self, rngs):
     return dynamics_lib.WorldModel(
