@@ -68,6 +68,12 @@ RESUMABLE_KEYS = ("total_steps", "log_every_steps", "images_every_steps", "num_i
                   "data.worker_count", "data.read_threads", "data.prefetch", "nonfinite")
 
 
+# Keys a task fills in from elsewhere when it starts (the dynamics task: its stages' model
+# configs, read from their workdirs): compared only where both configs hold them, so that a
+# fresh config (not filled in yet) or a workdir written before the keys existed still matches.
+DERIVED_KEYS = ("tokenizer_model", "lam_model")
+
+
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
   flat = {}
   for key, value in tree.items():
@@ -91,10 +97,13 @@ def check_resume_config(workdir: str, config: ml_collections.ConfigDict) -> None
   with open(path, encoding="utf-8") as f:
     saved = _flatten(json.load(f))
   new = _flatten(config_to_dict(config))
+  under = lambda key, k: key == k or key.startswith(k + ".")
+  skip = list(RESUMABLE_KEYS) + [
+      k for k in DERIVED_KEYS
+      if not (any(under(key, k) for key in saved) and any(under(key, k) for key in new))]
   changed = sorted(
       key for key in set(saved) | set(new)
-      if saved.get(key) != new.get(key)
-      and not any(key == k or key.startswith(k + ".") for k in RESUMABLE_KEYS))
+      if saved.get(key) != new.get(key) and not any(under(key, k) for k in skip))
   if changed:
     details = "; ".join(f"config.{k}: {saved.get(k)!r} -> {new.get(k)!r}" for k in changed)
     raise ValueError(

@@ -5,7 +5,9 @@ r"""Trains and evaluates a whole Genie: tokenizer, LAM, dynamics; then writes a 
 Stages train in WORKDIR/tokenizer, WORKDIR/lam and WORKDIR/dynamics through the shared
 trainer, exactly as `genie_jax.main` would train them one by one (so each can be resumed,
 evaluated, or retrained alone). Running the same command again resumes: a finished stage is
-not retrained, an interrupted one continues from its last checkpoint. Then every stage is
+not retrained, an interrupted one continues from its last checkpoint, and a stage workdir
+trained with another config (other than the keys a resume may change, such as total_steps)
+is refused with the keys that differ, before anything trains. Then every stage is
 evaluated (`genie_jax.evaluate`), rollouts are written as GIFs (`genie_jax.generate`), and
 WORKDIR/report/ receives report.md, report.json and the pictures.
 """
@@ -69,10 +71,13 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, o
   stages = stage_configs(config, workdir)
   # What can be checked before stage 1 trains is checked now: the stage-1/2 tasks, every
   # evaluator's settings. (The dynamics task itself needs the trained stages' configs.)
-  for stage, (_, stage_config) in stages.items():
+  for stage, (stage_dir, stage_config) in stages.items():
     if stage != "dynamics":
       tasks.get_task(stage_config)
     evaluators_lib.check_configs(stage_config)
+    # A stage workdir is reused or continued only with the config it was trained with (a
+    # finished 256-code tokenizer must not stand in for the 64 codes asked for).
+    checkpointing.check_resume_config(stage_dir, stage_config)
   timings = {}
   for stage, (stage_dir, stage_config) in stages.items():
     if _finished(stage_dir, stage_config):

@@ -1,5 +1,6 @@
 """Stage 1 -> 2 -> 3 -> evaluate -> report, chained with tiny configs (genie_jax.pipeline)."""
 
+import copy
 import json
 import os
 
@@ -106,3 +107,16 @@ def test_bad_evaluator_settings_name_the_key(tiny_data_dir, tmp_path):
   config.dynamics.evals.controllability.dt = 9
   with pytest.raises(ValueError, match=r"config.evals.controllability.dt=9"):
     pipeline.run_pipeline(config, str(tmp_path))
+
+
+def test_a_stage_trained_with_another_config_is_refused_before_any_training(pipeline_run,
+                                                                            tmp_path):
+  workdir, config, _ = pipeline_run
+  changed = copy.deepcopy(config)
+  changed.lam.model.num_actions = 5
+  mtimes = {stage: os.path.getmtime(os.path.join(workdir, stage, "metrics.jsonl"))
+            for stage in pipeline.STAGES}
+  with pytest.raises(ValueError, match=r"lam.*config.model.num_actions: 6 -> 5"):
+    pipeline.run_pipeline(changed, workdir)
+  for stage in pipeline.STAGES:
+    assert os.path.getmtime(os.path.join(workdir, stage, "metrics.jsonl")) == mtimes[stage]

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -197,6 +198,21 @@ def test_resume_refuses_a_changed_config(trained_workdir, tmp_path, tiny_data_di
   # Schedules and intervals may change: that continues the run.
   checkpointing.check_resume_config(
       workdir, tiny_config(tiny_data_dir, total_steps=9, eval_every_steps=4))
+
+
+def test_resume_compares_derived_keys_only_where_both_configs_hold_them(tmp_path):
+  saved = ml_collections.ConfigDict(dict(seed=0, tokenizer_model=dict(num_codes=64)))
+  checkpointing.save_config(str(tmp_path), saved)
+  # Not filled in yet (a fresh config), or written before the key existed: no difference.
+  checkpointing.check_resume_config(
+      str(tmp_path), ml_collections.ConfigDict(dict(seed=0, tokenizer_model={})))
+  checkpointing.save_config(str(tmp_path), ml_collections.ConfigDict(dict(seed=0)))
+  checkpointing.check_resume_config(str(tmp_path), saved)
+  # Both hold it and it differs: the stage the run was built on changed.
+  checkpointing.save_config(str(tmp_path), saved)
+  changed = ml_collections.ConfigDict(dict(seed=0, tokenizer_model=dict(num_codes=256)))
+  with pytest.raises(ValueError, match=r"config.tokenizer_model.num_codes: 64 -> 256"):
+    checkpointing.check_resume_config(str(tmp_path), changed)
 
 
 def test_restore_onto_other_meshes(trained_workdir):

@@ -106,7 +106,7 @@ class ControllabilityEvaluator(base.Evaluator):
       world = self._model(params, model_state)
       video_BTHWC = tokenizer_lib.to_unit_interval(batch["video"])
       b = video_BTHWC.shape[0]
-      mask_key, random_key, sample_key = jax.random.split(rng, 3)
+      mask_key, forced_key, random_key, sample_key = jax.random.split(rng, 4)
 
       tokens_BTN, inferred_BT = self.task.tokens_and_actions(world, batch["video"])
       mask_BTN, _ = dynamics_task.sample_mask(mask_key, tokens_BTN.shape)
@@ -120,11 +120,10 @@ class ControllabilityEvaluator(base.Evaluator):
       accuracy_B = accuracy(inferred_BT)
       # The same frames and mask with random actions: how much the model reads the actions.
       accuracy_random_B = accuracy(jax.random.randint(
-          random_key, inferred_BT.shape, 0, self.num_actions))
+          forced_key, inferred_BT.shape, 0, self.num_actions))
       recon_BTHWC = world.tokenizer.decode(tokens_BTN)
 
-      random_BA = jax.random.randint(jax.random.fold_in(random_key, 1), (b, h), 0,
-                                     self.num_actions)
+      random_BA = jax.random.randint(random_key, (b, h), 0, self.num_actions)
       true_BA = mapping[jnp.clip(batch["actions"][:, :h], 0, mapping.shape[0] - 1)]
       actions_VBA = jnp.stack([inferred_BT[:, :h], random_BA, true_BA])
       prompt_BPHWC = batch["video"][:, :1]

@@ -1,8 +1,9 @@
 """Stage 3: the MaskGIT dynamics model on frozen stage-1/2 models (Genie section 2.1).
 
 The config names the tokenizer and LAM workdirs only; both models are rebuilt from the
-configs saved there and their weights are grafted into a fresh train state
-(`init_from_pretrained`). They live in the train state's model_state (no gradient, no optimizer
+configs saved there (whose model configs are then kept in config.tokenizer_model and
+config.lam_model, see `DynamicsTask._stage_config`) and their weights are grafted into a
+fresh train state (`init_from_pretrained`). They live in the train state's model_state (no gradient, no optimizer
 state), unless config.cotrain_lam makes the LAM trainable alongside the dynamics model.
 """
 
@@ -63,7 +64,8 @@ class DynamicsTask(base.Task):
   co-trained).
 
   Config keys (besides the trainer's): tokenizer_workdir, tokenizer_step, lam_workdir,
-  lam_step (0: latest checkpoint), cotrain_lam, lam_loss_weight; model: see
+  lam_step (0: latest checkpoint), tokenizer_model and lam_model (filled in from the
+  workdirs; leave empty), cotrain_lam, lam_loss_weight; model: see
   `genie_jax.models.dynamics.default_config`.
   """
 
@@ -82,8 +84,9 @@ class DynamicsTask(base.Task):
 
     Read from the stage's workdir on a fresh start, and kept in config.<stage>_model, which
     config.json saves: a trained dynamics workdir then rebuilds all three models by itself
-    (evaluation, generation and play need neither the stage workdirs nor the directory the
-    run was started from), and resuming with a stage workdir retrained since is refused.
+    (evaluation, generation and play need the stage workdirs no more, so relative stage
+    paths need not resolve), and resuming after a stage's model config changed in its
+    workdir is refused. Workdirs written before these keys existed read the stage workdirs.
     """
     workdir = self.config[key]
     snapshot_key = f"{stage}_model"
