@@ -70,7 +70,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       config.tokenizer.model.num_codes = 64
       # Most of the CPU budget goes to the dynamics model, the stage that learns slowest:
       # on 64 clips, Delta_t PSNR at t=4 was +0.07 dB (standard error 0.036) after 500
-      # steps and +0.17 dB (0.035) after 1500.
+      # steps and +0.16 to +0.17 dB (0.035 to 0.043, two draws of the random actions)
+      # after 1500.
       config.dynamics.total_steps = 1500
     for stage in (config.tokenizer, config.lam, config.dynamics):
       stage.eval_every_steps = 0
