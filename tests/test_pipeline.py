@@ -65,9 +65,9 @@ def test_stages_are_chained_and_the_report_is_written(pipeline_run):
     on_disk = json.load(f)
   assert on_disk["checks"] == report["checks"]
   dyn = report["metrics"]["dynamics"]
-  for key in ("masked_accuracy", "masked_accuracy_random_actions", "nmi", "accuracy", "dtpsnr", "dtpsnr_true",
-              "psnr_inferred_t5", "ssim_random_t1", "recon_psnr_t1", "lam_codebook_usage",
-              "dtpsnr_stderr"):
+  for key in ("masked_accuracy", "masked_accuracy_random_actions", "nmi", "accuracy",
+              "dtpsnr", "dtpsnr_true", "psnr_inferred_t5", "ssim_random_t1", "recon_psnr_t1",
+              "lam_codebook_usage", "dtpsnr_stderr"):
     assert f"controllability/{key}" in dyn, key
   assert 0.0 <= dyn["controllability/masked_accuracy"] <= 1.0
   assert 0.0 <= dyn["controllability/masked_accuracy_random_actions"] <= 1.0

@@ -3,8 +3,9 @@
 The config names the tokenizer and LAM workdirs only; both models are rebuilt from the
 configs saved there (whose model configs are then kept in config.tokenizer_model and
 config.lam_model, see `DynamicsTask._stage_config`) and their weights are grafted into a
-fresh train state (`init_from_pretrained`). They live in the train state's model_state (no gradient, no optimizer
-state), unless config.cotrain_lam makes the LAM trainable alongside the dynamics model.
+fresh train state (`init_from_pretrained`). They live in the train state's model_state (no
+gradient, no optimizer state), unless config.cotrain_lam makes the LAM trainable alongside
+the dynamics model.
 """
 
 from __future__ import annotations
@@ -172,10 +173,8 @@ class DynamicsTask(base.Task):
     if config.lam_loss_weight < 0:
       raise ValueError(f"config.lam_loss_weight={config.lam_loss_weight} must not be negative")
     dynamics_lib.validate_config(config.model)
-    lam_task_config = ml_collections.ConfigDict(self.lam_config.to_dict())
-    with lam_task_config.unlocked():
-      lam_task_config.data = config.data
-    self._lam_task = lam_task_lib.LatentActionTask(lam_task_config)
+    # Its loss reads config.model only, which the saved {stage, model} holds.
+    self._lam_task = lam_task_lib.LatentActionTask(self.lam_config)
 
   def make_model(self, rngs):
     return dynamics_lib.WorldModel(
