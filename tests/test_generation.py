@@ -1,5 +1,6 @@
 """Generation: MaskGIT schedule and sampler, cached decoding, compile-once rollouts."""
 
+import decimal
 import functools
 import math
 import os
@@ -16,6 +17,61 @@ from genie_jax.models import maskgit
 # --- Re-mask schedule ------------------------------------------------------------------------
 
 
+def _decimal_pi():
+  """pi to the current decimal precision (the series recipe of the `decimal` docs)."""
+  decimal.getcontext().prec += 2
+  lasts, t, s, n, na, d, da = 0, decimal.Decimal(3), 3, 1, 0, 0, 24
+  while s != lasts:
+    lasts = s
+    n, na = n + na, na + 8
+    d, da = d + da, da + 32
+    t = (t * n) / d
+    s += t
+  decimal.getcontext().prec -= 2
+  return +s
+
+
+def _decimal_cos(x):
+  """cos(x) to the current decimal precision by its Taylor series."""
+  decimal.getcontext().prec += 2
+  i, lasts, s, fact, num, sign = 0, 0, decimal.Decimal(1), 1, 1, 1
+  while s != lasts:
+    lasts = s
+    i += 2
+    fact *= i * (i - 1)
+    num *= x * x
+    sign *= -1
+    s += num / fact * sign
+  decimal.getcontext().prec -= 2
+  return +s
+
+
+@functools.lru_cache(maxsize=None)
+def _reference_cos(p, steps):
+  """cos(pi/2 p/steps) to 80 digits, by a route independent of maskgit's."""
+  with decimal.localcontext() as ctx:
+    ctx.prec = 80
+    return _decimal_cos(_decimal_pi() / 2 * p / steps)
+
+
+def _reference_num_masked_after(step, steps, n):
+  """The schedule's definition, floored exactly.
+
+  n cos(pi/2 r) for rational r is an integer only where the cosine is rational, i.e. 0, 1/2
+  or 1 (Niven); anywhere else it is irrational, and over this grid never within 1e-30 of an
+  integer, so 80 digits floor it right. The near-integer values are snapped to the integer,
+  and only the rational cosines may be near one.
+  """
+  if step == steps - 1:
+    return 0
+  x = n * _reference_cos(step + 1, steps)
+  nearest = int(x.to_integral_value(rounding=decimal.ROUND_HALF_EVEN))
+  if abs(x - nearest) < decimal.Decimal("1e-30"):
+    assert 3 * (step + 1) == 2 * steps, (step, steps, n, x)  # cos(pi/3) = 1/2.
+    return max(1, nearest)
+  return max(1, math.floor(x))
+
+
 @pytest.mark.parametrize("n,steps,expected", [
     # floor(n cos(pi/2 (s+1)/S)), at least 1 until the last step, 0 after it.
     (4, 2, [2, 0]),
@@ -24,6 +80,8 @@ from genie_jax.models import maskgit
     (3, 6, [2, 2, 2, 1, 1, 0]),  # 3 cos(5 pi/12) = 0.78 is raised to 1 before the end.
     (1, 3, [1, 1, 0]),
     (5, 1, [0]),
+    (2, 3, [1, 1, 0]),  # 2 cos(pi/3) = 1 exactly.
+    (6, 3, [5, 3, 0]),  # 6 cos(pi/3) = 3 exactly.
 ])
 def test_num_masked_after_exact_values(n, steps, expected):
   assert [maskgit.num_masked_after(s, steps, n) for s in range(steps)] == expected
@@ -40,8 +98,36 @@ def test_schedule_is_monotone_and_every_step_samples(n, steps):
   assert np.all(before >= 1)
   assert np.all(counts <= before)
   np.testing.assert_array_equal(
-      counts[:-1], [max(1, math.floor(n * math.cos(math.pi / 2 * (s + 1) / steps)))
-                    for s in range(steps - 1)])
+      counts, [_reference_num_masked_after(s, steps, n) for s in range(steps)])
+
+
+def test_num_masked_after_exact_cos_pi_over_3():
+  # 26/39 = 2/3, so 16 cos(pi/2 26/39) = 16 cos(pi/3) = 8 exactly; float64 gives 7.999...
+  assert maskgit.num_masked_after(25, 39, 16) == 8
+  assert maskgit.num_masked_after(1, 3, 4) == 2
+
+
+def test_reference_schedule_is_exact():
+  # The reference itself: exact at cos(pi/3) = 1/2, plain floors on irrational values.
+  assert _reference_num_masked_after(25, 39, 16) == 8
+  assert _reference_num_masked_after(1, 3, 7) == 3
+  assert _reference_num_masked_after(0, 3, 2) == 1  # 2 cos(pi/6) = 1.73.
+  assert _reference_num_masked_after(0, 2, 10) == 7  # 10 cos(pi/4) = 7.07.
+
+
+# Every S up to 40 (S a multiple of 3 puts step 2S/3 - 1 at cos(pi/3) = 1/2, step S/3 - 1 at
+# cos(pi/6); S even puts step S/2 - 1 at cos(pi/4)), every step, the last one (cos(pi/2) = 0)
+# included, and n from 1 to 48 plus large ones.
+_GRID_NS = list(range(1, 49)) + [63, 64, 100, 255, 256, 1000, 1024, 4096, 65536, 10**6 + 2]
+
+
+@pytest.mark.parametrize("steps", range(1, 41))
+def test_num_masked_after_matches_exact_reference(steps):
+  for n in _GRID_NS:
+    expected = [_reference_num_masked_after(s, steps, n) for s in range(steps)]
+    got = [maskgit.num_masked_after(s, steps, n) for s in range(steps)]
+    assert got == expected, (n, steps)
+    assert all(isinstance(k, int) for k in got)
 
 
 def test_num_masked_after_rejects_out_of_range_step():

@@ -10,8 +10,10 @@ are impossible here).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
+from fractions import Fraction
 
 import jax
 import jax.numpy as jnp
@@ -21,19 +23,89 @@ import numpy as np
 LogitsFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
+def _round_out(lo: Fraction, hi: Fraction, bits: int) -> tuple[Fraction, Fraction]:
+  """[lo, hi] widened to multiples of 2**-bits, so that the rationals stay small."""
+  scale = 1 << bits
+  return (Fraction(math.floor(lo * scale), scale), Fraction(math.ceil(hi * scale), scale))
+
+
+def _atan_bounds(inv_x: int, bits: int) -> tuple[Fraction, Fraction]:
+  """Rigorous bounds on atan(1/inv_x), inv_x >= 2, within 2**-bits of it."""
+  x2 = Fraction(1, inv_x * inv_x)
+  total, power, k = Fraction(0), Fraction(1, inv_x), 0
+  # An alternating series with decreasing terms: the first term left out bounds the error.
+  while power / (2 * k + 1) >= Fraction(1, 1 << (bits + 2)):
+    total += (-1) ** k * power / (2 * k + 1)
+    power *= x2
+    k += 1
+  err = power / (2 * k + 1)
+  return _round_out(total - err, total + err, bits + 2)
+
+
+@functools.lru_cache(maxsize=None)
+def _pi_bounds(bits: int) -> tuple[Fraction, Fraction]:
+  """Rigorous rational bounds on pi, about 2**-bits apart (Machin's formula)."""
+  lo5, hi5 = _atan_bounds(5, bits + 6)
+  lo239, hi239 = _atan_bounds(239, bits + 6)
+  return 16 * lo5 - 4 * hi239, 16 * hi5 - 4 * lo239
+
+
+def _cos_bounds(x: Fraction, bits: int) -> tuple[Fraction, Fraction]:
+  """Rigorous bounds on cos(x) for 0 <= x <= 2, within about 2**-bits of it."""
+  x2 = x * x
+  total, term, k = Fraction(0), Fraction(1), 0
+  # From its second term on, the series is alternating with decreasing terms while x < 2
+  # (x^2 < (2k+1)(2k+2)), so the first term left out bounds the error.
+  while k < 2 or abs(term) >= Fraction(1, 1 << (bits + 2)):
+    total += term
+    k += 1
+    term *= -x2 / ((2 * k - 1) * (2 * k))
+  return _round_out(total - abs(term), total + abs(term), bits + 2)
+
+
+@functools.lru_cache(maxsize=4096)
+def _schedule_cos_bounds(p: int, q: int, bits: int) -> tuple[Fraction, Fraction]:
+  """Rigorous bounds on cos(pi p/q) for 0 <= p/q <= 1/2, about 2**-bits apart."""
+  pi_lo, pi_hi = _pi_bounds(bits + 4)
+  # cos decreases on [0, pi], so the bounds on the angle swap into bounds on cos.
+  lo, _ = _cos_bounds(pi_hi * p / q, bits + 4)
+  _, hi = _cos_bounds(pi_lo * p / q, bits + 4)
+  return lo, hi
+
+
 def num_masked_after(step: int, num_steps: int, n: int) -> int:
-  """How many of the n tokens are still masked after step `step` (0-based) of `num_steps`."""
+  """How many of the n tokens are still masked after step `step` (0-based) of `num_steps`.
+
+  max(1, floor(n cos(pi/2 (step+1)/num_steps))) before the last step and 0 at it, floored
+  exactly: a float cosine floors exact cases such as 16 cos(pi/3) = 8 to 7.
+
+  Raises:
+    ValueError: step is not in [0, num_steps).
+  """
   if not 0 <= step < num_steps:
     raise ValueError(f"step={step} is outside [0, num_steps={num_steps})")
   if step == num_steps - 1:
     return 0
-  return max(1, math.floor(n * math.cos(math.pi / 2 * (step + 1) / num_steps)))
+  p, q = step + 1, 2 * num_steps  # The angle is pi p/q, in (0, pi/2).
+  # The only rational cosine on (0, pi/2) is cos(pi/3) = 1/2 (Niven's theorem); there n
+  # cos is exact and may be an integer, which no interval of finite width could settle.
+  if 3 * p == q:
+    return int(max(1, n // 2))  # int even for numpy n, as the contract says.
+  # Elsewhere n cos is irrational, so never an integer: narrowing an interval around it
+  # until no integer lies inside decides the floor, however close to one it is.
+  bits = 64
+  while True:
+    lo, hi = (n * c for c in _schedule_cos_bounds(p, q, bits))
+    lo, hi = min(lo, hi), max(lo, hi)
+    if math.floor(lo) == math.floor(hi):
+      return max(1, math.floor(lo))
+    bits *= 2
 
 
 def mask_schedule(num_steps: int, n: int) -> np.ndarray:
   """num_masked_after(s) for every step s, as an int32 table.
 
-  Computed on the host in float64, so the traced sampler uses exactly the counts that
+  Computed on the host, so the traced sampler uses exactly the counts that
   `num_masked_after` documents (a float32 cosine would round some floors differently).
   """
   if num_steps < 1 or n < 1:
