@@ -48,8 +48,33 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       num_batches=0,
       # Rollout GIFs written by genie_jax.generate: how many clips, and with which actions.
       num_videos=4,
-      # Genie's controllability check passes when Delta_t PSNR exceeds this (dB).
-      min_dtpsnr=0.0,
+      # The report's checks. Each threshold's check is switched off by None (or, for a
+      # number on the command line, where None cannot be written, by nan). The defaults are
+      # the targets for the built-in world. When a check fails, `python -m
+      # genie_jax.pipeline` writes the whole report, logs the failed checks with their
+      # measured values, then exits non-zero (unless fail_on_check=False).
+      fail_on_check=True,
+      # Genie's controllability metric, Delta_t PSNR at t = dt (controllability/dtpsnr), dB,
+      # must reach this ...
+      min_dtpsnr=1.0,
+      # ... with its standard error over clips below this fraction of it (well above noise).
+      max_dtpsnr_stderr_fraction=0.2,
+      # Delta_t PSNR > 0 at every t = 1..horizon (controllability/dtpsnr_t<k>); False: off.
+      require_positive_curve=True,
+      # Datasets with true actions: the LAM's latent actions against them, as the dynamics
+      # model uses them (controllability/nmi) ...
+      min_nmi=0.5,
+      # ... and these true actions (comma separated names; "" switches the check off) must
+      # each get a different latent action most often (controllability/plurality_latent_*).
+      # Names the dataset does not have are ignored with a warning.
+      distinct_true_actions="noop,left,right,up,down",
+      # Delta_t PSNR with the true actions mapped to latent ones (controllability/dtpsnr_true).
+      min_dtpsnr_true=0.5,
+      # Generated frames t = 1..rollout_gap_frames (inferred actions) within this many dB of
+      # the tokenizer's own reconstruction at t = 1: recon_psnr_t1 - psnr_inferred_t<k>.
+      # rollout_gap_frames=0 switches the check off too.
+      max_rollout_gap_db=2.0,
+      rollout_gap_frames=4,
   ))
   if args.runlocal:
     # 64 clips, for the report and for `genie_jax.evaluate` on the dynamics workdir alike:

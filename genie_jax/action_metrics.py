@@ -84,6 +84,19 @@ def assignment_accuracy(confusion: np.ndarray) -> float:
   return float(matched / total)
 
 
+def plurality_latent(confusion: np.ndarray) -> np.ndarray:
+  """The latent action inferred most often for each true action: int64 (num_true,).
+
+  Entry b is argmax over latent actions of confusion[:, b] (ties: the lowest index), or -1
+  when true action b never occurred (its column is empty). Two true actions with the same
+  plurality latent action are, to the LAM, mostly the same action.
+  """
+  confusion = np.asarray(confusion)
+  plurality = np.argmax(confusion, axis=0).astype(np.int64)
+  plurality[confusion.sum(axis=0) == 0] = -1
+  return plurality
+
+
 def confusion_image(confusion: np.ndarray, cell: int = 24,
                     true_names: list[str] | None = None) -> np.ndarray:
   """The confusion matrix as a uint8 (R, W, 3) picture for a PNG.

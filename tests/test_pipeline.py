@@ -40,6 +40,12 @@ def tiny_pipeline_config(data_dir):
   config.dynamics.evals.controllability.update(maskgit_steps=2, horizon=5)
   config.report.num_batches = 1
   config.report.num_videos = 2
+  # A 4-step model reaches none of the built-in world's targets: thresholds no PSNR
+  # difference in [-100, 100] dB and no NMI in [0, 1] can miss, and the others off.
+  config.report.update(dict(
+      min_dtpsnr=-100.0, max_dtpsnr_stderr_fraction=None, require_positive_curve=False,
+      min_nmi=0.0, distinct_true_actions="", min_dtpsnr_true=-100.0,
+      max_rollout_gap_db=100.0, rollout_gap_frames=4))
   return config
 
 
@@ -76,11 +82,19 @@ def test_stages_are_chained_and_the_report_is_written(pipeline_run):
       dyn["controllability/psnr_inferred_t4"] - dyn["controllability/psnr_random_t4"])
   assert dyn["controllability/dtpsnr"] == dyn["controllability/dtpsnr_t4"]
   assert dyn["controllability/dtpsnr_stderr"] > 0
-  assert report["checks"]["dtpsnr > 2 standard errors"] == (
-      dyn["controllability/dtpsnr"] > 2 * dyn["controllability/dtpsnr_stderr"])
+  for name in ("noop", "left", "right", "up", "down"):
+    assert dyn[f"controllability/plurality_latent_{name}"] in range(-1, 6), name
+  # The thresholds set, and only those, are checked (and cannot fail here).
+  assert report["checks"] == {
+      "dtpsnr >= -100 dB": True, "nmi >= 0": True, "dtpsnr_true >= -100 dB": True,
+      **{f"recon_psnr_t1 - psnr_inferred_t{k} <= 100 dB": True for k in range(1, 5)}}
+  assert on_disk["check_details"]["dtpsnr >= -100 dB"] == dict(
+      measured=f"dtpsnr = {dyn['controllability/dtpsnr']:.4g} dB",
+      config="config.report.min_dtpsnr")
   with open(os.path.join(report_dir, "report.md"), encoding="utf-8") as f:
     markdown = f.read()
   assert "Delta_t PSNR" in markdown
+  assert "- nmi >= 0: **PASS** (nmi = " in markdown
   for names in report["pictures"].values():
     for name in names:
       assert os.path.getsize(os.path.join(report_dir, name)) > 0
@@ -92,14 +106,112 @@ def test_stages_are_chained_and_the_report_is_written(pipeline_run):
       assert os.path.getsize(os.path.join(report_dir, gif)) > 0
 
 
-def test_rerun_skips_finished_stages(pipeline_run):
+def test_rerun_skips_finished_stages_and_a_missed_threshold_fails_the_command(pipeline_run):
+  # One rerun for both (evaluating and generating again is most of this file's time).
   workdir, config, _ = pipeline_run
   mtimes = {stage: os.path.getmtime(os.path.join(workdir, stage, "metrics.jsonl"))
             for stage in pipeline.STAGES}
-  report = pipeline.run_pipeline(config, workdir)
+  report_json = os.path.join(workdir, "report", "report.json")
+  os.remove(report_json)
+  strict = copy.deepcopy(config)
+  # The built-in world's targets, and a Delta_t PSNR no 4-step model reaches.
+  strict.report.update(genie_config.get_config().report)
+  strict.report.min_dtpsnr = 50.0
+  with pytest.raises(SystemExit) as failed:
+    pipeline.run_and_check(strict, workdir)
+  message = str(failed.value.code)  # A string code: the process exits with status 1.
+  assert "dtpsnr >= 50 dB: dtpsnr = " in message
+  assert "(set by config.report.min_dtpsnr)" in message
+  assert "config.report.fail_on_check=False" in message
+
+  # The whole report was written first, with the failed check and what it measured.
+  with open(report_json, encoding="utf-8") as f:
+    report = json.load(f)
+  assert report["checks"]["dtpsnr >= 50 dB"] is False
+  dtpsnr = report["metrics"]["dynamics"]["controllability/dtpsnr"]
+  assert report["check_details"]["dtpsnr >= 50 dB"]["measured"] == f"dtpsnr = {dtpsnr:.4g} dB"
+  assert "dtpsnr_stderr < 0.2 x dtpsnr" in report["checks"]
+  assert "plurality latent actions of noop, left, right, up, down all differ" in report["checks"]
+  for name, passed in report["checks"].items():
+    assert (f"{name}: " in message) == (not passed), name
+  assert report["videos"] and report["pictures"]
+
   assert not any(k.endswith("_train_s") for k in report["timings"])
   for stage in pipeline.STAGES:
     assert os.path.getmtime(os.path.join(workdir, stage, "metrics.jsonl")) == mtimes[stage]
+
+
+def _report(checks):
+  return dict(checks={name: passed for name, passed in checks.items()},
+              check_details={name: dict(measured=f"measured {name}", config=f"config.report.{name}")
+                             for name in checks})
+
+
+def test_the_command_exits_only_when_a_check_fails_and_fail_on_check(monkeypatch, tmp_path):
+  config = genie_config.get_config()
+  reports = []
+  monkeypatch.setattr(pipeline, "run_pipeline", lambda config, workdir: reports[-1])
+  reports.append(_report(dict(a=True, b=True)))
+  assert pipeline.run_and_check(config, str(tmp_path)) is reports[-1]
+  reports.append(_report(dict(a=True, b=False)))
+  with pytest.raises(SystemExit, match=r"1 of the report's 2 checks failed.*\n  b: measured b "
+                                       r"\(set by config.report.b\)"):
+    pipeline.run_and_check(config, str(tmp_path))
+  config.report.fail_on_check = False
+  assert pipeline.run_and_check(config, str(tmp_path)) is reports[-1]
+
+
+def _metrics(**values):
+  return dict(dynamics={f"controllability/{k}": v for k, v in values.items()})
+
+
+def test_checks_read_the_thresholds_and_none_or_nan_switches_one_off():
+  report = genie_config.get_config().report
+  metrics = _metrics(dtpsnr=1.2, dtpsnr_stderr=0.2, dtpsnr_t1=0.5, dtpsnr_t2=-0.1,
+                     nmi=0.6, recon_psnr_t1=30.0, psnr_inferred_t1=29.0, psnr_inferred_t2=27.5,
+                     psnr_inferred_t3=28.0, psnr_inferred_t4=28.5)
+  checks = {c.name: c.passed for c in pipeline.evaluate_checks(metrics, report)}
+  assert checks == {
+      "dtpsnr >= 1 dB": True,
+      "dtpsnr_stderr < 0.2 x dtpsnr": True,  # 0.2 < 0.24.
+      "Delta_t PSNR > 0 at every t = 1..2": False,
+      "nmi >= 0.5": True,
+      # No plurality metrics and no dtpsnr_true: those checks are left out.
+      "recon_psnr_t1 - psnr_inferred_t1 <= 2 dB": True,
+      "recon_psnr_t1 - psnr_inferred_t2 <= 2 dB": False,
+      "recon_psnr_t1 - psnr_inferred_t3 <= 2 dB": True,
+      "recon_psnr_t1 - psnr_inferred_t4 <= 2 dB": True}
+  report.update(dict(min_dtpsnr=None, max_dtpsnr_stderr_fraction=float("nan"),
+                     require_positive_curve=False, min_nmi=0.7, rollout_gap_frames=0))
+  checks = {c.name: c.passed for c in pipeline.evaluate_checks(metrics, report)}
+  assert checks == {"nmi >= 0.7": False}
+  # Without true actions (no NMI), no check against them; a missing metric fails.
+  report.min_dtpsnr = 1.0
+  checks = pipeline.evaluate_checks(_metrics(), report)
+  assert [(c.name, c.passed, c.measured) for c in checks] == [
+      ("dtpsnr >= 1 dB", False, "dtpsnr = missing")]
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("min_nmi", "high", r"config.report.min_nmi='high' must be a number, or None / nan"),
+    ("max_dtpsnr_stderr_fraction", 0.0, r"config.report.max_dtpsnr_stderr_fraction=0.0 must "
+                                        r"be positive"),
+    ("rollout_gap_frames", 6, r"config.report.rollout_gap_frames=6 exceeds the rollouts' "
+                              r"horizon 5 \(config.dynamics.evals.controllability.horizon"),
+    ("rollout_gap_frames", -1, r"config.report.rollout_gap_frames=-1 must be an int >= 0"),
+    ("require_positive_curve", "yes", r"config.report.require_positive_curve='yes' must be "
+                                      r"True or False"),
+    ("distinct_true_actions", ["noop"], r"config.report.distinct_true_actions=\['noop'\]"),
+])
+def test_bad_report_settings_name_the_key_before_any_training(tiny_data_dir, tmp_path, key,
+                                                               value, message):
+  config = tiny_pipeline_config(tiny_data_dir)
+  # A key set to None takes a value of any type (ConfigDict checks the others' types).
+  config.report[key] = None
+  config.report[key] = value
+  with pytest.raises(ValueError, match=message):
+    pipeline.run_pipeline(config, str(tmp_path))
+  assert not os.listdir(tmp_path)
 
 
 def test_bad_evaluator_settings_name_the_key(tiny_data_dir, tmp_path):

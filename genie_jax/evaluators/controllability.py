@@ -21,7 +21,9 @@ On held-out clips x_1..x_T of the validation split:
   * recon_psnr: PSNR of the tokenizer's reconstruction of the same frames, the ceiling that
     generated frames can reach.
   * nmi / accuracy: normalised mutual information and best-assignment accuracy between the
-    LAM's latent actions and the true actions, with the confusion matrix as a picture.
+    LAM's latent actions and the true actions, with the confusion matrix as a picture;
+    plurality_latent_<true action name>: the latent action inferred most often for that
+    true action (-1 if it never occurred), for datasets that name their true actions.
 Pictures: the rollout grid (rows per clip: truth, inferred, random[, true]), the Delta_t PSNR
 curve and the confusion matrix.
 
@@ -172,6 +174,11 @@ class ControllabilityEvaluator(base.Evaluator):
       scalars.update(nmi=action_metrics.normalized_mutual_information(confusion),
                      accuracy=action_metrics.assignment_accuracy(confusion))
       mapping = np.asarray(action_metrics.best_assignment(confusion), np.int32)
+      # Which latent action each named true action mostly gets: two true actions that share
+      # one are not told apart by the LAM (the pipeline report checks named ones differ).
+      for name, code in zip(self.true_action_names,
+                            action_metrics.plurality_latent(confusion)):
+        scalars[f"plurality_latent_{name}"] = float(code)
       images["confusion"] = action_metrics.confusion_image(
           confusion, true_names=self.true_action_names or None)
 
