@@ -91,7 +91,7 @@ def test_env_is_deterministic_for_a_seed():
 def test_actions_change_the_agent_motion():
   def play(actions):
     env = env_lib.BuiltinWorldEnv(image_size=64)
-    env.reset(3)
+    env.reset(4)  # Nothing solid next to the agent: every move goes through.
     return np.stack([env.step(a) for a in actions])
 
   noop = play([env_lib.NOOP] * 6)
@@ -102,6 +102,63 @@ def test_actions_change_the_agent_motion():
   # Different sequences, different videos; the same sequence, the same video.
   np.testing.assert_array_equal(play([1, 1, 3, 3]), play([1, 1, 3, 3]))
   assert not np.array_equal(play([1, 1, 3, 3]), play([2, 2, 4, 4]))
+
+
+@pytest.mark.parametrize("image_size", [32, 64])
+def test_a_move_scrolls_the_view_by_one_cell_or_not_at_all(image_size):
+  # Without balls, everything but the agent's cell is the world, so a move must shift the
+  # whole view by exactly one cell (an eighth of the view: one token for patches of that
+  # size) in the action's direction, or leave it where it was when blocked.
+  env = env_lib.BuiltinWorldEnv(image_size=image_size, num_balls=0, num_coins=0)
+  c = image_size // 8
+  frame = env.reset(11)
+  keep = np.ones((8, 8), bool)
+  keep[env_lib.AGENT_VIEW_CELL[1], env_lib.AGENT_VIEW_CELL[0]] = False
+  keep = keep.repeat(c, 0).repeat(c, 1)
+  moves = {env_lib.LEFT: (-1, 0), env_lib.RIGHT: (1, 0), env_lib.UP: (0, -1),
+           env_lib.DOWN: (0, 1)}
+  moved = blocked = 0
+  rng = np.random.default_rng(0)
+  for action in rng.choice(list(moves), 80):
+    nxt = env.step(action)
+    dx, dy = (0, 0) if env.blocked else tuple(c * m for m in moves[action])
+    # nxt[y, x] shows what frame[y + dy, x + dx] showed.
+    h = image_size
+    ys, xs = slice(max(0, -dy), h - max(0, dy)), slice(max(0, -dx), h - max(0, dx))
+    ys0, xs0 = slice(max(0, dy), h - max(0, -dy)), slice(max(0, dx), h - max(0, -dx))
+    k = keep[ys, xs] & keep[ys0, xs0]
+    np.testing.assert_array_equal(nxt[ys, xs][k], frame[ys0, xs0][k])
+    # ... and no other shift explains it: the floor is not periodic at one cell.
+    if not env.blocked:
+      assert not np.array_equal(nxt[c:-c, c:-c][keep[c:-c, c:-c]],
+                                frame[c:-c, c:-c][keep[c:-c, c:-c]])
+    moved += not env.blocked
+    blocked += env.blocked
+    frame = nxt
+  assert moved > 40 and blocked > 0, (moved, blocked)
+
+
+def test_balls_show_where_they_head():
+  # A ball's next cell is readable from one frame: its bright quarter points along its
+  # motion (models that see one frame, the LAM's decoder and a one-frame prompt, need it).
+  env = env_lib.BuiltinWorldEnv(image_size=32, num_balls=1, num_coins=0, num_obstacles=0)
+  c = env.cell
+  env.reset(2)
+  for _ in range(30):
+    before = env._balls[0].copy()
+    frame = env.step(env_lib.NOOP)
+    after, v = env._balls[0], env._ball_v[0]
+    if np.abs(after - env._agent).max() <= 1:
+      continue  # It may bounce off the agent next.
+    vx, vy = after - env._view
+    if not (0 <= vx < 8 and 0 <= vy < 8):
+      continue
+    cell_HWC = frame[vy * c:(vy + 1) * c, vx * c:(vx + 1) * c].astype(int)
+    bright = cell_HWC.sum(-1) >= 3 * 250
+    ys, xs = np.nonzero(bright)
+    assert len(ys), "no heading mark"
+    assert np.sign(ys.mean() - (c - 1) / 2) == v[1] and np.sign(xs.mean() - (c - 1) / 2) == v[0]
+    assert np.abs(after - before).max() <= 1
 
 
 def test_rollout_records_the_action_applied_at_each_frame():

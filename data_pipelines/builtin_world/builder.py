@@ -24,11 +24,14 @@ class BuiltinWorld(episode_builder.EpisodeDatasetBuilder):
   """Episodes of the built-in world played by a sticky random policy, true actions kept."""
 
   name = "builtin_world"
-  VERSION = tfds.core.Version("1.2.0")
+  VERSION = tfds.core.Version("2.0.0")
   RELEASE_NOTES = {
       "1.0.0": "First release.",
       "1.1.0": "No random floor grain; bricks of at least 3 pixels, softer mortar.",
       "1.2.0": "The camera follows the agent over a world 2x the view on each side.",
+      "2.0.0": "A grid of cells, an eighth of the view: the agent and balls move a cell per "
+               "step; randomly shaded floor and wall cells; balls show their heading; a "
+               "world 3x the view; a blocked move ends the policy's hold.",
   }
   NUM_ACTIONS = env_lib.NUM_ACTIONS
   ACTION_NAMES = env_lib.ACTION_NAMES

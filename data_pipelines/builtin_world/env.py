@@ -1,23 +1,35 @@
 """A small procedural 2-D world in numpy, rich enough to give every Genie model work.
 
-The agent (a square with an outline and an eye on the side it faces) walks on a tiled,
-textured floor inside a brick wall, is stopped by brick obstacles, changes colour on demand,
-and collects coins that reappear elsewhere (each catch adds a tick to a counter drawn along
-the top of the view). Balls bounce off the walls, the obstacles and the agent with their own
-velocities. The layout, palette and velocities are drawn from the seed of each episode.
+The world is a grid of square cells, an eighth of the view on each side. The agent (a cell
+with an eye on the side it faces) walks one cell per step on a floor of randomly shaded
+cells inside a brick wall, is stopped by brick obstacles, changes colour on demand, and
+collects coins that reappear elsewhere. Balls roll diagonally, one cell per step, and bounce
+off the walls, the obstacles and the agent; a bright quarter of each ball shows where it is
+heading. The layout, palette and headings are drawn from the seed of each episode.
 
 The camera follows the agent, as in CoinRun and most platformers: the world is `world_scale`
-times the view on each side, the view is centred on the agent, and what lies beyond the
-world's border wall is drawn as more wall. A move therefore shifts the whole view, not a
-6-pixel sprite: with a fixed camera the only trace of an action was a few dozen pixels, and
-the latent action model's decoder did not learn to use the action within CPU-sized runs
-even when given the true one (its prediction error stayed within 15% of copying frame t).
-`world_scale=1` gives a world of one view, still centred on the agent (wall fills the rest).
+times the view on each side, the agent sits in cell (4, 4) of the view's 8 x 8, and what
+lies beyond the world's border wall is drawn as more wall. A move therefore shifts the whole
+view by exactly one cell. Why a grid, and why this floor (the causes of a world model that
+ignored its actions on the previous, pixel-stepped version; README "Results"):
+  * A move must be large against everything else that changes. With one-pixel steps over a
+    low-contrast floor a move changed the frame (mean squared difference) about as much as
+    the balls' own motion did, so the latent action model spent its few codes on the balls.
+  * A move must shift whole tokens. A cell is one token for a patch of an eighth of the
+    frame (patch 4 at 32x32, 8 at 64x64), so a move is a shift of the token grid, a copy
+    that a dynamics model can learn, not a new sub-patch texture in every token.
+  * The floor must not be periodic at the step: on a checkerboard of two-cell period a step
+    left and a step right give the same floor. Each floor cell takes one of two shades at
+    random, so every shift is told apart from every other.
+  * What moves by itself must be predictable from one frame: balls show their heading, so
+    neither the latent action model (whose decoder sees one frame) nor a rollout from one
+    prompt frame has to guess it; ball sprites are a whole cell, so a tokenizer with a small
+    codebook represents them.
 
-What each model can learn from it: the tokenizer, textures and sprites; the latent-action
-model, six actions whose effect is visible in the next frame (a move scrolls the view and
-turns the agent's eye, recolouring changes its colour; a blocked move only turns the eye);
-the dynamics model, scrolling, collisions, bounces, the coins and the counter.
+What each model can learn from it: the tokenizer, a few dozen cell contents; the latent
+action model, six actions whose effect is visible in the next frame (a move scrolls the view
+by a cell and turns the agent's eye, recolouring changes its colour, a blocked move only
+turns the eye); the dynamics model, scrolling, collisions, bounces and the coins.
 
 `BuiltinWorldEnv` is independent of the dataset code so that it can be played interactively:
 `frame = env.reset(seed)`, then `frame = env.step(action)`.
@@ -31,21 +43,35 @@ ACTION_NAMES = ("noop", "left", "right", "up", "down", "recolour")
 NUM_ACTIONS = len(ACTION_NAMES)
 NOOP, LEFT, RIGHT, UP, DOWN, RECOLOUR = range(NUM_ACTIONS)
 _MOVES = {LEFT: (-1, 0), RIGHT: (1, 0), UP: (0, -1), DOWN: (0, 1)}
+CELLS_PER_VIEW = 8
+# The agent's cell in the view, (x, y).
+AGENT_VIEW_CELL = (CELLS_PER_VIEW // 2, CELLS_PER_VIEW // 2)
 
-# Saturated sprites on a dark floor, so that every object stands out for the tokenizer.
+# Saturated sprites on a darker floor, so that every object stands out for the tokenizer.
 _AGENT_COLOURS = np.array([(235, 45, 45), (255, 150, 0), (245, 245, 245)], np.uint8)
-_BALL_COLOURS = np.array([(60, 100, 255), (225, 60, 225), (40, 215, 225), (120, 230, 60)],
-                         np.uint8)
+_BALL_COLOURS = np.array([(230, 60, 230), (40, 220, 230)], np.uint8)
+_BALL_HEADING_COLOUR = np.array((255, 255, 255), np.uint8)
 _COIN_COLOUR = np.array((255, 215, 0), np.uint8)
+# Two shades per palette, far enough apart that a shifted floor differs from the unshifted
+# one by much more than the tokenizer's reconstruction error.
 _FLOOR_PALETTES = np.array([
-    [(34, 52, 40), (46, 70, 52)],
-    [(40, 38, 62), (54, 52, 84)],
-    [(60, 44, 34), (80, 60, 46)],
-    [(30, 54, 62), (40, 72, 82)],
-    [(52, 52, 52), (70, 70, 70)],
+    [(30, 62, 42), (70, 108, 78)],
+    [(38, 40, 72), (84, 88, 132)],
+    [(28, 58, 66), (64, 108, 118)],
+    [(58, 56, 30), (104, 102, 60)],
 ], np.uint8)
-_WALL_COLOUR = np.array((120, 120, 132), np.int16)
-_OBSTACLE_COLOUR = np.array((150, 96, 60), np.int16)
+# Two shades of wall too: a uniform wall would not show a move along it.
+_WALL_COLOURS = np.array([(112, 112, 122), (150, 150, 160)], np.int16)
+_OBSTACLE_COLOUR = np.array((170, 92, 56), np.int16)
+_EYE_COLOUR = 20
+
+
+def _brick_cell(cell: int, colour: np.ndarray) -> np.ndarray:
+  """One cell of brick: `colour` with darker mortar along its top and left edges."""
+  out_HWC = np.broadcast_to(colour, (cell, cell, 3)).copy()
+  mortar = max(1, cell // 8)
+  out_HWC[:mortar] = out_HWC[:, :mortar] = (colour * 0.7).astype(np.int16)
+  return out_HWC.astype(np.uint8)
 
 
 def _disc_mask(d: int) -> np.ndarray:
@@ -57,51 +83,40 @@ def _disc_mask(d: int) -> np.ndarray:
 def _diamond_mask(d: int) -> np.ndarray:
   centre = (d - 1) / 2
   y, x = np.mgrid[:d, :d]
-  return np.abs(x - centre) + np.abs(y - centre) <= d / 2
-
-
-def _bricks(h: int, w: int, colour: np.ndarray, brick: int) -> np.ndarray:
-  """A brick texture: staggered rows separated by darker mortar."""
-  y, x = np.mgrid[:h, :w]
-  row = y // brick
-  mortar = (y % brick == 0) | ((x + (row % 2) * brick) % (2 * brick) == 0)
-  out_HWC = np.broadcast_to(colour, (h, w, 3)).copy()
-  out_HWC[mortar] = (colour * 0.75).astype(np.int16)
-  return out_HWC
+  return np.abs(x - centre) + np.abs(y - centre) <= d / 2 - 0.5
 
 
 class BuiltinWorldEnv:
   """The built-in world. Frames are uint8 (image_size, image_size, 3).
 
-  Object sizes and speeds are defined for 64x64 frames and scale with `image_size`; the
-  numbers of balls, obstacles and coins default to 2, 4 and 1 per view-sized area of world.
+  `image_size` must be a multiple of 8 (the view is 8 x 8 cells). The numbers of balls,
+  obstacles and coins default to 1, 2 and 1 per view-sized area of world.
   """
 
   num_actions = NUM_ACTIONS
   action_names = ACTION_NAMES
 
-  def __init__(self, image_size: int = 64, world_scale: int = 2, num_balls: int | None = None,
+  def __init__(self, image_size: int = 64, world_scale: int = 3, num_balls: int | None = None,
                num_obstacles: int | None = None, num_coins: int | None = None):
     """Creates the world; call `reset` before `step`."""
-    if image_size < 32:
-      raise ValueError(f"image_size must be at least 32, got {image_size}.")
+    if image_size < 32 or image_size % CELLS_PER_VIEW:
+      raise ValueError(f"image_size must be a multiple of {CELLS_PER_VIEW} and at least 32, "
+                       f"got {image_size}.")
     if world_scale < 1:
       raise ValueError(f"world_scale must be at least 1, got {world_scale}.")
     area = world_scale ** 2
     self.image_size = image_size
-    self.world_size = image_size * world_scale
-    self.num_balls = 2 * area if num_balls is None else num_balls
-    self.num_obstacles = 4 * area if num_obstacles is None else num_obstacles
+    self.cell = image_size // CELLS_PER_VIEW
+    # World size in cells, its border wall included.
+    self.world_cells = CELLS_PER_VIEW * world_scale
+    self.num_balls = area if num_balls is None else num_balls
+    self.num_obstacles = 2 * area if num_obstacles is None else num_obstacles
     self.num_coins = area if num_coins is None else num_coins
-    u = image_size / 64
-    self._wall = max(2, round(3 * u))
-    self._agent_size = max(4, round(6 * u))
-    self._ball_size = max(3, round(5 * u))
-    self._coin_size = max(3, round(5 * u))
-    self._speed = max(1, round(2 * u))
-    self._ball_mask = _disc_mask(self._ball_size)
-    self._coin_mask = _diamond_mask(self._coin_size)
-    self._tick = max(2, round(3 * u))
+    c = self.cell
+    self._wall_cells = [_brick_cell(c, colour) for colour in _WALL_COLOURS]
+    self._obstacle_cell = _brick_cell(c, _OBSTACLE_COLOUR)
+    self._ball_mask = _disc_mask(c)
+    self._coin_mask = _diamond_mask(c)
     self._rng: np.random.Generator | None = None
 
   # --- Episode state -------------------------------------------------------------------
@@ -109,178 +124,161 @@ class BuiltinWorldEnv:
   def reset(self, seed: int | np.random.SeedSequence) -> np.ndarray:
     """Starts an episode whose layout is drawn from `seed`; returns its first frame."""
     self._rng = rng = np.random.default_rng(seed)
-    s, wall = self.world_size, self._wall
-    self._solid_HW = np.zeros((s, s), bool)
-    self._solid_HW[:wall] = self._solid_HW[-wall:] = True
-    self._solid_HW[:, :wall] = self._solid_HW[:, -wall:] = True
-    floor_HWC = self._floor(rng)
-    # Bricks on the border wall, then the obstacles.
-    # Bricks of at least 3 pixels: thinner ones read as noise at small image sizes.
-    brick = max(3, round(4 * self.image_size / 64))
-    # The world inside a margin of wall half a view wide, so that a view centred anywhere in
-    # the world stays on the canvas.
-    m = self._margin = self.image_size // 2 + self._agent_size
-    walls_HWC = _bricks(s + 2 * m, s + 2 * m, _WALL_COLOUR, brick)
-    floor_HWC[self._solid_HW] = walls_HWC[m:-m, m:-m][self._solid_HW]
-    obstacles_HWC = _bricks(s, s, _OBSTACLE_COLOUR, brick)
-    lo = max(4, round(self.image_size * 6 / 64))
-    hi = max(6, round(self.image_size * 14 / 64))
+    s = self.world_cells
+    self._solid = np.zeros((s, s), bool)  # [y, x]
+    self._solid[0] = self._solid[-1] = self._solid[:, 0] = self._solid[:, -1] = True
     for _ in range(self.num_obstacles):
-      h, w = rng.integers(lo, hi + 1, size=2)
-      y, x = rng.integers(wall + 2, s - wall - 2 - np.array([h, w]) + 1)
-      self._solid_HW[y:y + h, x:x + w] = True
-      floor_HWC[y:y + h, x:x + w] = obstacles_HWC[y:y + h, x:x + w]
-    walls_HWC[m:-m, m:-m] = floor_HWC
-    self._background_HWC = walls_HWC.astype(np.uint8)
+      h, w = rng.integers(1, 4, size=2)
+      y, x = rng.integers(2, s - 2 - np.array([h, w]) + 1)
+      self._solid[y:y + h, x:x + w] = True
+    self._obstacle = self._solid.copy()
+    self._obstacle[0] = self._obstacle[-1] = self._obstacle[:, 0] = self._obstacle[:, -1] = False
+    self._palette = _FLOOR_PALETTES[rng.integers(len(_FLOOR_PALETTES))]
+    self._shade = rng.integers(0, 2, size=(s, s))
+    self._background_HWC = self._render_background()
 
-    self._agent_xy = self._free_spot(self._agent_size)
+    self._agent = self._free_cell()
     self._facing = RIGHT
     self._colour = 0
-    self._score = 0
-    self._balls_xy, self._balls_v = [], []
+    self.score = 0
+    self._balls, self._ball_v = [], []
     for _ in range(self.num_balls):
-      self._balls_xy.append(self._free_spot(self._ball_size, avoid_agent=True))
-      v = rng.integers(1, self._speed + 1, size=2) * rng.choice([-1, 1], size=2)
-      self._balls_v.append(v)
-    # Every colour once before any repeats.
+      self._balls.append(self._free_cell(avoid=True))
+      self._ball_v.append(rng.choice([-1, 1], size=2))
     self._ball_colours = np.resize(rng.permutation(len(_BALL_COLOURS)), self.num_balls)
-    self._coins_xy = [self._free_spot(self._coin_size, avoid_agent=True)
-                      for _ in range(self.num_coins)]
+    self._coins = [self._free_cell(avoid=True) for _ in range(self.num_coins)]
+    self.blocked = False
     return self.render()
 
   def step(self, action: int) -> np.ndarray:
-    """Applies `action` (0..5, see ACTION_NAMES) and returns the next frame."""
+    """Applies `action` (0..5, see ACTION_NAMES) and returns the next frame.
+
+    Afterwards `blocked` says whether a move was stopped by something solid.
+    """
     if self._rng is None:
       raise RuntimeError("Call reset(seed) before step().")
     action = int(action)
     if not 0 <= action < NUM_ACTIONS:
       raise ValueError(f"action must be in [0, {NUM_ACTIONS}), got {action}.")
+    self.blocked = False
     if action in _MOVES:
       self._facing = action
-      self._move_agent(*_MOVES[action])
+      nxt = self._agent + _MOVES[action]
+      self.blocked = self._is_solid(nxt) or any(np.array_equal(nxt, b) for b in self._balls)
+      if not self.blocked:
+        self._agent = nxt
     elif action == RECOLOUR:
       self._colour = (self._colour + 1) % len(_AGENT_COLOURS)
     for i in range(self.num_balls):
       self._move_ball(i)
-    for i, coin_xy in enumerate(self._coins_xy):
-      if self._overlaps(self._agent_xy, self._agent_size, coin_xy, self._coin_size):
-        self._score += 1
-        self._coins_xy[i] = self._free_spot(self._coin_size, avoid_agent=True)
+    for i, coin in enumerate(self._coins):
+      if np.array_equal(coin, self._agent):
+        self.score += 1
+        self._coins[i] = self._free_cell(avoid=True)
     return self.render()
 
   # --- Physics ---------------------------------------------------------------------------
 
-  def _hits_solid(self, xy, size: int) -> bool:
-    x, y = xy
-    return bool(self._solid_HW[y:y + size, x:x + size].any())
+  def _is_solid(self, xy) -> bool:
+    return bool(self._solid[xy[1], xy[0]])
 
-  @staticmethod
-  def _overlaps(a_xy, a_size: int, b_xy, b_size: int) -> bool:
-    return (a_xy[0] < b_xy[0] + b_size and b_xy[0] < a_xy[0] + a_size and
-            a_xy[1] < b_xy[1] + b_size and b_xy[1] < a_xy[1] + a_size)
-
-  def _free_spot(self, size: int, avoid_agent: bool = False) -> np.ndarray:
-    s = self.world_size
+  def _free_cell(self, avoid: bool = False) -> np.ndarray:
+    s = self.world_cells
     for _ in range(1000):
-      xy = self._rng.integers(0, s - size + 1, size=2)
-      if self._hits_solid(xy, size):
+      xy = self._rng.integers(1, s - 1, size=2)
+      if self._is_solid(xy):
         continue
-      if avoid_agent and self._overlaps(xy, size, self._agent_xy, self._agent_size + 2):
+      if avoid and np.abs(xy - self._agent).max() <= 1:
         continue
       return xy
-    raise RuntimeError("No free spot in the layout; use fewer or smaller obstacles.")
-
-  def _move_agent(self, dx: int, dy: int) -> None:
-    # Pixel by pixel, so that the agent stops flush against whatever blocks it.
-    for _ in range(self._speed):
-      nxt = self._agent_xy + (dx, dy)
-      if self._hits_solid(nxt, self._agent_size):
-        break
-      self._agent_xy = nxt
+    raise RuntimeError("No free cell in the layout; use fewer obstacles.")
 
   def _move_ball(self, i: int) -> None:
-    xy, v, size = self._balls_xy[i], self._balls_v[i], self._ball_size
-    # A ball the agent walked into may pass through it rather than stick to it.
-    touching_agent = self._overlaps(xy, size, self._agent_xy, self._agent_size)
+    # Axis by axis, so that a ball meeting a wall edge-on bounces along that axis only.
+    xy, v = self._balls[i], self._ball_v[i]
     for axis in (0, 1):
       nxt = xy.copy()
       nxt[axis] += v[axis]
-      blocked = self._hits_solid(nxt, size) or (
-          not touching_agent and self._overlaps(nxt, size, self._agent_xy, self._agent_size))
-      if blocked:
+      if self._is_solid(nxt) or np.array_equal(nxt, self._agent):
         v[axis] = -v[axis]
       else:
         xy = nxt
-    self._balls_xy[i] = xy
+    self._balls[i] = xy
 
   # --- Rendering -------------------------------------------------------------------------
 
-  def _floor(self, rng: np.random.Generator) -> np.ndarray:
-    s = self.world_size
-    tile = max(4, round(8 * self.image_size / 64))
-    palette = _FLOOR_PALETTES[rng.integers(len(_FLOOR_PALETTES))].astype(np.int16)
-    y, x = np.mgrid[:s, :s]
-    checker = ((y // tile + x // tile) % 2)[..., None]
-    floor_HWC = np.where(checker, palette[1], palette[0])
-    # A diagonal light gradient; no random grain, which no model could learn and which would
-    # cap the reconstruction PSNR of any tokenizer.
-    floor_HWC = floor_HWC + ((x + y) * 12 // (2 * s))[..., None]
-    return np.clip(floor_HWC, 0, 255).astype(np.int16)
+  def _render_background(self) -> np.ndarray:
+    """The world's static pixels, with a margin of wall half a view wide around it."""
+    c, s, m = self.cell, self.world_cells, CELLS_PER_VIEW // 2
+    cells = s + 2 * m
+    wall_shade = self._rng.integers(0, 2, size=(cells, cells))
+    out_HWC = np.stack(self._wall_cells)[wall_shade].transpose(0, 2, 1, 3, 4).reshape(
+        cells * c, cells * c, 3)
+    floor_HWC = self._palette[self._shade].repeat(c, 0).repeat(c, 1)
+    inner = slice(m * c, (m + s) * c)
+    out_HWC[inner, inner] = floor_HWC
+    for y, x in zip(*np.nonzero(self._obstacle)):
+      out_HWC[(m + y) * c:(m + y + 1) * c, (m + x) * c:(m + x + 1) * c] = self._obstacle_cell
+    return out_HWC
 
-  def _paste(self, frame_HWC, xy, mask, colour) -> None:
-    """Draws `colour` where `mask` is set, at world position `xy`, clipped to the view."""
-    x, y = xy[0] - self._view_xy[0], xy[1] - self._view_xy[1]
-    h, w = mask.shape
-    v = self.image_size
-    if x >= v or y >= v or x + w <= 0 or y + h <= 0:
+  def _paste(self, frame_HWC, xy, sprite_HWC, mask=None) -> None:
+    """Draws a cell-sized sprite at world cell `xy` if that cell is in view."""
+    vx, vy = np.asarray(xy) - self._view
+    if not (0 <= vx < CELLS_PER_VIEW and 0 <= vy < CELLS_PER_VIEW):
       return
-    x0, y0 = max(x, 0), max(y, 0)
-    sub = mask[y0 - y:min(y + h, v) - y, x0 - x:min(x + w, v) - x]
-    frame_HWC[y0:y0 + sub.shape[0], x0:x0 + sub.shape[1]][sub] = colour
+    c = self.cell
+    target = frame_HWC[vy * c:(vy + 1) * c, vx * c:(vx + 1) * c]
+    if mask is None:
+      target[...] = sprite_HWC
+    else:
+      target[mask] = sprite_HWC[mask]
 
   def render(self) -> np.ndarray:
-    """The current view, uint8 (image_size, image_size, 3), centred on the agent."""
-    v, a, m = self.image_size, self._agent_size, self._margin
-    # World position of the view's top-left pixel; the margin keeps it on the canvas.
-    self._view_xy = self._agent_xy + a // 2 - v // 2
-    x, y = self._view_xy + m
+    """The current view, uint8 (image_size, image_size, 3), the agent in cell (4, 4)."""
+    c, v, m = self.cell, self.image_size, CELLS_PER_VIEW // 2
+    # The view's top-left world cell; the margin keeps it on the canvas.
+    self._view = self._agent - AGENT_VIEW_CELL
+    x, y = (self._view + m) * c
     frame_HWC = self._background_HWC[y:y + v, x:x + v].copy()
-    for xy in self._coins_xy:
-      self._paste(frame_HWC, xy, self._coin_mask, _COIN_COLOUR)
-    for xy, c in zip(self._balls_xy, self._ball_colours):
-      self._paste(frame_HWC, xy, self._ball_mask, _BALL_COLOURS[c])
-    self._draw_agent(frame_HWC)
-    # Score counter: ticks along the top of the view, wrapping around when full.
-    slots = (v - 2 * self._wall) // (self._tick + 1)
-    for k in range(self._score % (slots + 1)):
-      x0 = self._wall + k * (self._tick + 1)
-      frame_HWC[max(0, self._wall // 2 - 1):self._wall // 2 + 1, x0:x0 + self._tick] = 255
+    coin_HWC = np.broadcast_to(_COIN_COLOUR, (c, c, 3))
+    for xy in self._coins:
+      self._paste(frame_HWC, xy, coin_HWC, self._coin_mask)
+    for xy, vel, colour in zip(self._balls, self._ball_v, self._ball_colours):
+      self._paste(frame_HWC, xy, self._ball_sprite(colour, vel), self._ball_mask)
+    self._paste(frame_HWC, self._agent, self._agent_sprite())
     return frame_HWC
 
-  def _draw_agent(self, frame_HWC: np.ndarray) -> None:
-    a = self._agent_size
-    x, y = self._agent_xy - self._view_xy
-    sprite_HWC = np.zeros((a, a, 3), np.uint8)  # Black outline.
-    sprite_HWC[1:-1, 1:-1] = _AGENT_COLOURS[self._colour]
-    # The eye: a dark block on the side the agent faces, centred along that side.
-    e = max(1, a // 3)
-    lo = (a - e) // 2
+  def _ball_sprite(self, colour: int, velocity) -> np.ndarray:
+    c, h = self.cell, self.cell // 2
+    sprite_HWC = np.broadcast_to(_BALL_COLOURS[colour], (c, c, 3)).copy()
+    # The quarter of the ball on the side it is heading to.
+    ys = slice(h, c) if velocity[1] > 0 else slice(0, h)
+    xs = slice(h, c) if velocity[0] > 0 else slice(0, h)
+    sprite_HWC[ys, xs] = _BALL_HEADING_COLOUR
+    return sprite_HWC
+
+  def _agent_sprite(self) -> np.ndarray:
+    c = self.cell
+    sprite_HWC = np.broadcast_to(_AGENT_COLOURS[self._colour], (c, c, 3)).copy()
+    # The eye: a dark bar along the middle half of the side the agent faces.
+    e, lo, hi = max(1, c // 4), c // 4, c - c // 4
     if self._facing == LEFT:
-      sprite_HWC[lo:lo + e, 1:1 + e] = 20
+      sprite_HWC[lo:hi, :e] = _EYE_COLOUR
     elif self._facing == RIGHT:
-      sprite_HWC[lo:lo + e, a - 1 - e:a - 1] = 20
+      sprite_HWC[lo:hi, c - e:] = _EYE_COLOUR
     elif self._facing == UP:
-      sprite_HWC[1:1 + e, lo:lo + e] = 20
+      sprite_HWC[:e, lo:hi] = _EYE_COLOUR
     else:
-      sprite_HWC[a - 1 - e:a - 1, lo:lo + e] = 20
-    frame_HWC[y:y + a, x:x + a] = sprite_HWC
+      sprite_HWC[c - e:, lo:hi] = _EYE_COLOUR
+    return sprite_HWC
 
 
 class StickyRandomPolicy:
   """Random actions held for a random number of steps, so that moves are visibly long.
 
   A uniformly random action every step makes the agent jitter in place, which hides the
-  effect of actions from a model that only sees frames.
+  effect of actions from a model that only sees frames. A move that was blocked ends its
+  hold, so that the agent does not stand against a wall for most of an episode.
   """
 
   # noop, left, right, up, down, recolour.
@@ -292,8 +290,10 @@ class StickyRandomPolicy:
     self._max_hold = max_hold
     self._action, self._left = NOOP, 0
 
-  def __call__(self) -> int:
-    """The next action."""
+  def __call__(self, blocked: bool = False) -> int:
+    """The next action; `blocked`: the last move was stopped."""
+    if blocked:
+      self._left = 0
     if self._left == 0:
       self._action = int(self._rng.choice(NUM_ACTIONS, p=self.PROBS))
       # Recolouring every step for a while would only flicker; it is a one-step action.
@@ -319,6 +319,6 @@ def rollout(env: BuiltinWorldEnv, seed: int | np.random.SeedSequence,
   actions_T = np.full((num_frames,), -1, np.int32)
   frames_THWC[0] = env.reset(env_seed)
   for t in range(num_frames - 1):
-    actions_T[t] = policy()
+    actions_T[t] = policy(env.blocked)
     frames_THWC[t + 1] = env.step(actions_T[t])
   return frames_THWC, actions_T
