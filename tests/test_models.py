@@ -61,6 +61,29 @@ def test_later_frames_see_earlier_ones():
   assert not np.allclose(z[:, -1], z_changed[:, -1])
 
 
+def test_encoder_context_bounds_what_a_code_depends_on():
+  video = random_video(batch=1)
+  # Frame 1 = frame 0 with its two patch rows swapped; frame 0 changed alone afterwards.
+  p = 4
+  swapped = jnp.concatenate([video[:, 0, p:], video[:, 0, :p]], axis=1)
+  video = video.at[:, 1].set(swapped)
+  past_changed = video.at[:, 0].set(255 - video[:, 0])
+  for context in ("clip", "frame", "patch"):
+    model = tokenizer_lib.Tokenizer(tiny_config(encoder_context=context), rngs=nnx.Rngs(0))
+    z, z_past = evaluate(model, video)["z"], evaluate(model, past_changed)["z"]
+    # Frame 1's latents depend on frame 0 with the clip as context only.
+    assert np.allclose(z[:, 1], z_past[:, 1]) == (context != "clip"), context
+    # Tokens 0, 1 (top row) of frame 1 hold the patches of tokens 2, 3 of frame 0: equal
+    # latents only when a code is its patch's alone (no positions, no neighbours).
+    moved_equal = np.allclose(z[:, 1, :2], z[:, 0, 2:], atol=1e-5)
+    assert moved_equal == (context == "patch"), context
+
+
+def test_encoder_context_is_checked():
+  with pytest.raises(ValueError, match="config.model.encoder_context='time'"):
+    tokenizer_lib.Tokenizer(tiny_config(encoder_context="time"), rngs=nnx.Rngs(0))
+
+
 def _attention(over, causal):
   return layers.Attention(16, 2, over=over, causal=causal, rngs=nnx.Rngs(0))
 

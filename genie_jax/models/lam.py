@@ -74,7 +74,7 @@ def default_config() -> ml_collections.ConfigDict:
   # App. F gives the LAM the tokenizer's shapes except patch 16 and 6 codes: start from
   # the tokenizer's keys, its codebook size replaced by the action vocabulary.
   shared = tokenizer_lib.default_config().to_dict()
-  del shared["num_codes"]
+  del shared["num_codes"], shared["encoder_context"]
   cfg = ml_collections.ConfigDict(dict(
       shared, patch_size=16, num_actions=6, decoder_context_frames=1, predict_residual=True,
       vq_warmup_steps=0))

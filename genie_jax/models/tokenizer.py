@@ -7,6 +7,14 @@ video_BTHWC -> patches_BTNP -> Linear P->D -> encoder ST-transformer (ends in a 
 Both ST-transformers are causal in time, so the tokens of frame t depend on frames 1..t only
 and frame t decodes from the tokens of frames 1..t only. Training loss (Genie):
 mean((recon - to_unit_interval(video))**2) + out['vq_loss'].
+
+What a token may depend on is `encoder_context`. 'clip' is Genie's: the encoder attends
+over the frame and the past frames, so a patch's code may depend on where it is and on what
+came before. A dynamics model predicts codes, not pixels, so every such dependence is one
+more thing to predict: content that merely moved or stayed may change its code. 'frame'
+keeps spatial context and drops the past; 'patch' makes a code a function of its patch's
+pixels alone (a per-patch feed-forward encoder, no positions), so the same content is the
+same token wherever and whenever it appears. The decoder always sees the clip.
 """
 
 from __future__ import annotations
@@ -31,7 +39,11 @@ def default_config() -> ml_collections.ConfigDict:
     d_model: D, width of both ST-transformers.
     num_heads: K attention heads (D must divide by K).
     mlp_ratio: feed-forward width F = mlp_ratio * D.
-    enc_layers, dec_layers: ST blocks in the encoder and the decoder.
+    enc_layers, dec_layers: ST blocks in the encoder and the decoder (with
+      encoder_context='patch', enc_layers residual feed-forward blocks).
+    encoder_context: what a token's code may depend on (see the module docstring):
+      'clip' (Genie: the patch, its frame and the past frames), 'frame' (the patch and its
+      frame) or 'patch' (the patch's pixels alone).
     latent_dim: L, width of a latent / codebook entry.
     num_codes: V, codebook size.
     commitment_beta: weight of the VQ commitment loss.
@@ -60,6 +72,7 @@ def default_config() -> ml_collections.ConfigDict:
       mlp_ratio=4,
       enc_layers=8,
       dec_layers=8,
+      encoder_context="clip",
       latent_dim=32,
       num_codes=1024,
       commitment_beta=0.25,
@@ -70,6 +83,33 @@ def default_config() -> ml_collections.ConfigDict:
   ))
   cfg.lock()
   return cfg
+
+
+ENCODER_CONTEXTS = ("clip", "frame", "patch")
+
+
+def encoder_context(cfg: ml_collections.ConfigDict) -> str:
+  """cfg.encoder_context; 'clip' in configs saved before the key existed."""
+  return cfg.get("encoder_context", "clip")
+
+
+class PatchEncoder(nnx.Module):
+  """Residual feed-forward blocks and a final norm applied to each token alone: x_BTND ->
+  x_BTND with no positions and no attention, so equal patches get equal outputs."""
+
+  def __init__(self, num_layers: int, d_model: int, *, mlp_ratio: int, dtype, param_dtype,
+               rngs: nnx.Rngs):
+    norm = lambda: layers.Norm(d_model, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.norms = nnx.List([norm() for _ in range(num_layers)])
+    self.ffws = nnx.List([
+        layers.FeedForward(d_model, mlp_ratio * d_model, dtype=dtype, param_dtype=param_dtype,
+                           rngs=rngs) for _ in range(num_layers)])
+    self.final_norm = norm()
+
+  def __call__(self, x_BTND: jax.Array) -> jax.Array:
+    for norm, ffw in zip(self.norms, self.ffws):
+      x_BTND = x_BTND + ffw(norm(x_BTND))
+    return self.final_norm(x_BTND)
 
 
 def to_unit_interval(video: jax.Array) -> jax.Array:
@@ -91,6 +131,9 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   if cfg.image_size % cfg.patch_size:
     raise ValueError(f"config.model.patch_size={cfg.patch_size} does not divide "
                      f"config.model.image_size={cfg.image_size}")
+  if encoder_context(cfg) not in ENCODER_CONTEXTS:
+    raise ValueError(f"config.model.encoder_context={cfg.encoder_context!r}; expected one of "
+                     f"{list(ENCODER_CONTEXTS)}")
   if not 0.0 <= cfg.code_usage_decay < 1.0:
     raise ValueError(f"config.model.code_usage_decay={cfg.code_usage_decay} must be in [0, 1)")
 
@@ -116,7 +159,12 @@ class Tokenizer(nnx.Module):
     linear = lambda n_in, n_out, names: layers.Linear(
         n_in, n_out, names=names, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.patch_embed = linear(patch_dim, d, ("patch", "embed"))
-    self.encoder = transformer(cfg.enc_layers)
+    self.encoder_context = encoder_context(cfg)
+    if self.encoder_context == "patch":
+      self.encoder = PatchEncoder(cfg.enc_layers, d, mlp_ratio=cfg.mlp_ratio, dtype=dtype,
+                                  param_dtype=param_dtype, rngs=rngs)
+    else:
+      self.encoder = transformer(cfg.enc_layers)
     self.to_latent = linear(d, cfg.latent_dim, ("embed", "latent"))
     self.vq = vq.VectorQuantizer(
         cfg.num_codes, cfg.latent_dim, commitment_beta=cfg.commitment_beta,
@@ -144,7 +192,13 @@ class Tokenizer(nnx.Module):
     # Centred pixels give the patch embedding zero-mean inputs.
     x_BTHWC = to_unit_interval(video_BTHWC) * 2.0 - 1.0
     x_BTND = self.patch_embed(layers.patchify(x_BTHWC, self.patch_size))
-    return self.to_latent(self.encoder(x_BTND)).astype(jnp.float32)
+    b, t, n, d = x_BTND.shape
+    if self.encoder_context == "frame":
+      # Every frame a clip of its own: temporal attention sees only the frame itself.
+      x_BTND = self.encoder(x_BTND.reshape(b * t, 1, n, d)).reshape(b, t, n, d)
+    else:
+      x_BTND = self.encoder(x_BTND)
+    return self.to_latent(x_BTND).astype(jnp.float32)
 
   def decode_latents(self, zq_BTNL: jax.Array) -> jax.Array:
     """Pixels in [0, 1] scale (float32, not clipped) from quantised latents zq_BTNL."""
