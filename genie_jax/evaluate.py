@@ -1,6 +1,8 @@
 r"""Evaluates a trained workdir from its checkpoint.
 
   python -m genie_jax.evaluate --workdir=workdirs/tok [--step=N] [--num_batches=N]
+  python -m genie_jax.evaluate --workdir=workdirs/dyn --eval_set=temperature=0.5 \
+      --out=workdirs/dyn/eval_t05            # other evaluator settings, another folder
 
 The model is rebuilt from workdir/config.json; the evaluators are those of its config.evals.
 Writes workdir/eval/metrics.json (and one PNG per evaluator picture) and prints the metrics.
@@ -33,11 +35,33 @@ def define_flags() -> None:
   flags.DEFINE_integer("num_batches", None,
                        "Evaluate this many batches per evaluator (default: config).")
   flags.DEFINE_string("out", None, "Output folder; default: <workdir>/eval.")
+  flags.DEFINE_multi_string("eval_set", [], "KEY=VALUE: set an evaluator setting (e.g. "
+                            "temperature=0.5) in every evaluator of config.evals that has "
+                            "the key; repeatable.")
   flags.mark_flags_as_required(["workdir"])
 
 
+def apply_eval_settings(config, settings: list[str]) -> None:
+  """Sets each 'KEY=VALUE' of `settings` in every config.evals entry that has KEY, typed as
+  the value there; raises ValueError naming a setting that no evaluator has."""
+  for setting in settings:
+    key, sep, value = setting.partition("=")
+    holders = [c for c in config.evals.values() if key in c]
+    if not sep or not holders:
+      raise ValueError(f"--eval_set={setting!r}: expected KEY=VALUE with KEY a setting of "
+                       f"an evaluator in config.evals "
+                       f"({sorted({k for c in config.evals.values() for k in c})})")
+    for eval_cfg in holders:
+      old = eval_cfg[key]
+      if isinstance(old, bool):
+        eval_cfg[key] = value.lower() in ("1", "true", "yes")
+      else:
+        eval_cfg[key] = type(old)(value) if old is not None else value
+
+
 def evaluate(workdir: str, *, step: int | None = None, num_batches: int | None = None,
-             out_dir: str | None = None) -> dict[str, float]:
+             out_dir: str | None = None,
+             eval_settings: list[str] | None = None) -> dict[str, float]:
   """Restores `workdir` at `step` and runs its evaluators on this host's devices."""
   config = checkpointing.load_config(workdir)
   with config.unlocked():
@@ -46,6 +70,7 @@ def evaluate(workdir: str, *, step: int | None = None, num_batches: int | None =
     if num_batches is not None:
       for eval_cfg in config.evals.values():
         eval_cfg.num_batches = num_batches
+    apply_eval_settings(config, eval_settings or [])
   task = tasks.get_task(config)
   mesh = sharding.mesh_from_config(config)
   spec = train_state.make_state_spec(task, config, mesh)
@@ -73,7 +98,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
-  results = evaluate(f.workdir, step=f.step, num_batches=f.num_batches, out_dir=f.out)
+  results = evaluate(f.workdir, step=f.step, num_batches=f.num_batches, out_dir=f.out,
+                     eval_settings=f.eval_set)
   print(json.dumps(results, indent=2, sort_keys=True))
 
 
