@@ -128,6 +128,20 @@ def test_mask_rate_is_drawn_per_example_and_frame_0_is_never_masked():
   assert np.corrcoef(frac_B, rate_B)[0, 1] > 0.95
 
 
+def test_context_noise_replaces_only_visible_tokens_at_up_to_its_rate():
+  tokens_BTN = jnp.zeros((64, 8, 256), jnp.int32)
+  mask_BTN, _ = dynamics_task.sample_mask(jax.random.key(1), tokens_BTN.shape)
+  noisy_BTN = np.asarray(dynamics_task.corrupt_context(
+      jax.random.key(2), tokens_BTN, mask_BTN, 0.4, num_codes=1000))
+  mask_BTN = np.asarray(mask_BTN)
+  assert not noisy_BTN[mask_BTN].any()  # The masked tokens (the targets' places) untouched.
+  changed_B = ((noisy_BTN != 0) & ~mask_BTN).sum((1, 2)) / (~mask_BTN).sum((1, 2))
+  assert changed_B.max() < 0.45 and changed_B.mean() == pytest.approx(0.2, abs=0.05)
+  assert changed_B.std() > 0.05  # One rate per example.
+  unchanged = dynamics_task.corrupt_context(jax.random.key(2), tokens_BTN, mask_BTN, 0.0, 1000)
+  assert not np.asarray(unchanged).any()
+
+
 class _FrameIndexLAM:
   """Stands in for the LAM: the 'action' of transition t -> t+1 is the index of frame t+1,
   read from the pixels (a window only knows its own frames)."""

@@ -47,6 +47,24 @@ def sample_mask(rng: jax.Array, shape: tuple[int, int, int]) -> tuple[jax.Array,
   return mask_BTN.at[:, 0].set(False), rate_B
 
 
+def corrupt_context(rng: jax.Array, tokens_BTN: jax.Array, mask_BTN: jax.Array,
+                    max_rate: float, num_codes: int) -> jax.Array:
+  """The tokens with some of the visible ones replaced by random codes: each example draws
+  a rate from U[0, max_rate] and replaces each visible token with that probability.
+
+  In a rollout every context frame after the prompt is the model's own sample, errors
+  included; trained only on the tokenizer's clean codes the model copies those errors
+  forward. Trained to predict the clean masked tokens from a corrupted context, it learns
+  not to trust every visible token. The targets (the masked tokens) stay clean.
+  """
+  b, t, n = tokens_BTN.shape
+  rate_key, where_key, code_key = jax.random.split(rng, 3)
+  rate_B = jax.random.uniform(rate_key, (b,), jnp.float32, 0.0, max_rate)
+  replace_BTN = jax.random.uniform(where_key, (b, t, n)) < rate_B[:, None, None]
+  random_BTN = jax.random.randint(code_key, (b, t, n), 0, num_codes, tokens_BTN.dtype)
+  return jnp.where(replace_BTN & ~mask_BTN, random_BTN, tokens_BTN)
+
+
 def masked_token_metrics(logits_BTNV: jax.Array, tokens_BTN: jax.Array, mask_BTN: jax.Array
                          ) -> dict[str, jax.Array]:
   """Cross-entropy and accuracy over the masked positions only, and the masked fraction of
@@ -66,7 +84,8 @@ class DynamicsTask(base.Task):
 
   Config keys (besides the trainer's): tokenizer_workdir, tokenizer_step, lam_workdir,
   lam_step (0: latest checkpoint), tokenizer_model and lam_model (filled in from the
-  workdirs; leave empty), cotrain_lam, lam_loss_weight; model: see
+  workdirs; leave empty), cotrain_lam, lam_loss_weight, context_noise (the largest rate of
+  `corrupt_context`; 0: Genie's clean context); model: see
   `genie_jax.models.dynamics.default_config`.
   """
 
@@ -172,6 +191,8 @@ class DynamicsTask(base.Task):
           f"model.max_frames={self.lam_config.model.max_frames}")
     if config.lam_loss_weight < 0:
       raise ValueError(f"config.lam_loss_weight={config.lam_loss_weight} must not be negative")
+    if not 0.0 <= config.get("context_noise", 0.0) < 1.0:
+      raise ValueError(f"config.context_noise={config.context_noise} must be in [0, 1)")
     dynamics_lib.validate_config(config.model)
     # Its loss reads config.model only, which the saved {stage, model} holds.
     self._lam_task = lam_task_lib.LatentActionTask(self.lam_config)
@@ -203,10 +224,14 @@ class DynamicsTask(base.Task):
     return jax.lax.stop_gradient(tokens_BTN), jax.lax.stop_gradient(actions_BT)
 
   def loss(self, model, batch, rng):
-    mask_key, lam_key = jax.random.split(rng)
+    mask_key, lam_key, noise_key = jax.random.split(rng, 3)
     tokens_BTN, actions_BT = self.tokens_and_actions(model, batch["video"])
     mask_BTN, _ = sample_mask(mask_key, tokens_BTN.shape)
-    logits_BTNV = model.dynamics(tokens_BTN, mask_BTN, actions_BT)
+    inputs_BTN = tokens_BTN
+    if self.config.get("context_noise", 0.0) > 0:
+      inputs_BTN = corrupt_context(noise_key, tokens_BTN, mask_BTN, self.config.context_noise,
+                                   self.config.model.num_codes)
+    logits_BTNV = model.dynamics(inputs_BTN, mask_BTN, actions_BT)
     metrics = masked_token_metrics(logits_BTNV, tokens_BTN, mask_BTN)
     loss = metrics["dynamics_loss"]
     aux = None
