@@ -28,6 +28,9 @@ EXTRAS = {
     "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "websocket-client==1.9.2"],
     # Reading users' video files (mp4, webm, ...).
     "video": ["imageio-ffmpeg>=0.5"],
+    # Recording Atari games (ROMs included) as video_folder input:
+    # data_pipelines/video_folder/record_atari.py.
+    "atari": ["ale-py==0.12.1"],
 }
 
 setuptools.setup(
