@@ -3,6 +3,7 @@ r"""Benchmarks the tokenizer's train step (forward, backward, AdamW) on this mac
   python benchmarks/tokenizer_step.py                       # all shapes
   python benchmarks/tokenizer_step.py --shapes=jasmine_ref --steps=5
   python benchmarks/tokenizer_step.py --shapes=jasmine_ref --malloc=system
+  python benchmarks/tokenizer_step.py --shapes=runlocal --encoder_context=clip
 
 For each shape it prints compile time, median step time, steps/s, images/s (frames/s), XLA's
 FLOPs per step, model FLOPs utilisation against the best float32 matmul throughput measured
@@ -30,8 +31,10 @@ from genie_jax import sharding
 from genie_jax import tasks
 from genie_jax import train_state
 
-# name -> (config arguments, overrides). All 64x64 frames, 16-frame clips.
+# name -> (config arguments, overrides). 16-frame clips; 64x64 frames except `runlocal`.
 SHAPES = {
+    # README command 1's tokenizer: the built-in world's runlocal model (32x32, patch 4).
+    "runlocal": ("runlocal", dict(batch_size=8, num_codes=64)),
     # The CPU-sized model (`size=cpu`: patch 8 on these 64x64 frames, as runlocal on CoinRun).
     "small": ("size=cpu", dict(batch_size=8)),
     # The shape at which the peer Jasmine's step was measured on this kind of CPU
@@ -42,7 +45,11 @@ SHAPES = {
     "appf": ("size=appf", dict(batch_size=2)),
 }
 
-_SHAPES = flags.DEFINE_list("shapes", list(SHAPES), f"Which of {list(SHAPES)} to run.")
+_SHAPES = flags.DEFINE_list("shapes", [n for n in SHAPES if n != "runlocal"],
+                            f"Which of {list(SHAPES)} to run.")
+_ENCODER_CONTEXT = flags.DEFINE_enum(
+    "encoder_context", None, ["clip", "frame", "patch"],
+    "Override every shape's config.model.encoder_context (default: the shape's config).")
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per shape (after one warm-up step).")
 _BATCH = flags.DEFINE_integer("batch_size", 0, "Override every shape's batch size.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
@@ -94,6 +101,8 @@ def bench_shape(name: str, peak: float) -> dict[str, float]:
   config.model.update({k: v for k, v in overrides.items() if k != "batch_size"})
   config.model.dtype = _DTYPE.value
   config.model.remat = _REMAT.value
+  if _ENCODER_CONTEXT.value:
+    config.model.encoder_context = _ENCODER_CONTEXT.value
   config.mesh = dict(data=1, fsdp=1, tensor=1)
 
   task = tasks.get_task(config)
