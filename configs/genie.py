@@ -7,9 +7,11 @@ evaluates them and writes WORKDIR/report/.
 
 Arguments (after the colon, comma separated):
   data=builtin_world|coinrun|video_folder   dataset for all three stages (default builtin_world)
-  runlocal                                  CPU-sized stages (about 20 minutes on 2 cores)
+  runlocal                                  CPU-sized stages (about 28 minutes on 2 cores)
   conditioning=additive|prepend             how the dynamics model takes actions
   size=appf|cpu|tiny                        model size of every stage (tiny is for tests)
+  video_dir=PATH                            data=video_folder: the folder of videos, for
+                                            every stage
 
 Examples:
   # The README's main job: the whole pipeline on the built-in world, generated locally.
@@ -17,6 +19,9 @@ Examples:
   # The same on CoinRun (procgen, see data_pipelines/coinrun):
   python -m genie_jax.pipeline --config=configs/genie.py:runlocal,data=coinrun \
       --workdir=workdirs/genie_coinrun
+  # Your videos (no actions needed): the recipe for a new dataset is in README "Data".
+  python -m genie_jax.pipeline --config=configs/genie.py:runlocal,data=video_folder,video_dir=./videos \
+      --workdir=workdirs/genie_videos
   # Override any stage's key:
   ... --config.dynamics.total_steps=2000 --config.lam.model.num_actions=8
 """
@@ -32,7 +37,7 @@ from genie_jax import config_lib
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The pipeline config for `arg` (see the module docstring)."""
   args = config_lib.parse_arg(arg, data="builtin_world", runlocal=False,
-                              conditioning="additive", size="")
+                              conditioning="additive", size="", video_dir="")
   stage_arg = f"data={args.data}" + (",runlocal" if args.runlocal else "")
   if args.size:
     stage_arg += f",size={args.size}"
@@ -77,27 +82,25 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       rollout_gap_frames=4,
   ))
   if args.runlocal:
-    # 64 clips, for the report and for `genie_jax.evaluate` on the dynamics workdir alike:
-    # Delta_t PSNR's standard error over clips was 0.036 dB at 64 and 0.042 dB at 32 (README,
-    # "Results").
-    config.report.num_batches = 8
-    config.dynamics.evals.controllability.num_batches = 8
-    # About 20 minutes on 2 CPU cores in all (built-in world): the stages do not evaluate
-    # while training (the pipeline evaluates each once, after it, for the report; the
-    # dynamics evaluation alone takes under a minute), and the LAM, whose 4-frame steps are
-    # cheap, gets more of them than alone.
+    # 192 clips, for the report and for `genie_jax.evaluate` on the dynamics workdir alike:
+    # once the actions matter, Delta_t PSNR varies from clip to clip by about 2.7 dB, so 128
+    # clips left a standard error of a quarter of a 1 dB effect (README, "Results").
+    config.report.num_batches = 24
+    config.dynamics.evals.controllability.num_batches = 24
+    # About 28 minutes on 2 CPU cores in all (built-in world): the stages do not evaluate
+    # while training (the pipeline evaluates each once, after it, for the report).
     config.tokenizer.total_steps = 500
-    config.lam.total_steps = 800
-    if args.data == "builtin_world" and not args.size:
-      # A smaller codebook (256 alone) makes the scrolling world predictable in tokens: the
-      # dynamics model's masked-token accuracy after 500 steps was 0.30 with 64 codes, 0.06
-      # with 256 (README, "Results").
+    if not args.size:
+      # A smaller codebook (256 alone) makes a world predictable in tokens: on the built-in
+      # world the dynamics model's masked-token accuracy after 500 steps was 0.30 with 64
+      # codes, 0.06 with 256 (README, "Results").
       config.tokenizer.model.num_codes = 64
-      # Most of the CPU budget goes to the dynamics model, the stage that learns slowest:
-      # on 64 clips, Delta_t PSNR at t=4 was +0.07 dB (standard error 0.036) after 500
-      # steps and +0.16 to +0.17 dB (0.035 to 0.043, two draws of the random actions)
-      # after 1500.
+      # Most of the CPU budget goes to the dynamics model, the stage that learns slowest
+      # (built-in world: Delta_t PSNR at t=4 +0.07 dB after 500 steps, +0.16 after 1500).
       config.dynamics.total_steps = 1500
+    if args.video_dir:
+      for stage in (config.tokenizer, config.lam, config.dynamics):
+        stage.data.video_dir = args.video_dir
     for stage in (config.tokenizer, config.lam, config.dynamics):
       stage.eval_every_steps = 0
       stage.images_every_steps = stage.total_steps

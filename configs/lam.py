@@ -67,15 +67,20 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Cosine matching spreads the latents over the 6 codes (squared L2 sent every latent to
     # the code of smallest norm at initialisation).
     config.model.vq_normalize = True
-    config_lib.apply_runlocal(config, args.data, total_steps=800, lr=1e-3, end_lr=1e-4,
+    config_lib.apply_runlocal(config, args.data, total_steps=3000, lr=1e-3, end_lr=1e-4,
                               warmup_steps=50)
-    # Finer patches show the agent's moves: patch 4 on the built-in world's 32x32 runlocal
-    # frames (64 tokens), patch 8 on 64x64 ones.
     if size != "tiny":
-      config.model.patch_size = 4 if config.data.image_size == 32 else 8
+      # App. F's patch for its frame size (16 at 64x64): 8 at the built-in world's 32x32,
+      # two cells on a side, so a move shows inside each token pair. Patch 4 (one cell, 4x
+      # the tokens) was 5x slower per step and, at equal wall-clock, learnt no direction
+      # (README, "Results").
+      config.model.patch_size = config.data.image_size // 4
     if not args.size:
       # 48 transitions per batch: enough for the k-means that ends the quantiser warm-up.
       config.batch_size = 16
+      # Genie's vocabulary for its main models: 6 codes merged left with down on the
+      # built-in world, 8 told all moves apart (README, "Results").
+      config.model.num_actions = 8
       # Half the run continuous (see genie_jax/models/lam.py: without it CPU-sized LAMs
       # stay at chance), then quantised from k-means codes.
       config.model.vq_warmup_steps = config.total_steps // 2

@@ -238,11 +238,12 @@ def test_restore_onto_other_meshes(trained_workdir):
 
 def test_short_training_run_learns_then_evaluates(tmp_path, tiny_data_dir):
   # Patch 4 and width 64 learn visibly within 120 steps; a fast usage EMA lets dead codes
-  # restart within the run.
+  # restart within the run. Genie's encoder context: with 'patch' (runlocal's) a grid cell's
+  # content is one code, and the tiny world has fewer distinct cells than codes.
   config = tiny_config(tiny_data_dir, total_steps=120, eval_every_steps=20,
                        images_every_steps=60, log_every_steps=10, **{
                            "model.patch_size": 4, "model.d_model": 64,
-                           "model.code_usage_decay": 0.9})
+                           "model.code_usage_decay": 0.9, "model.encoder_context": "clip"})
   config.checkpoint.every_steps = 60
   config.mesh = dict(data=1, fsdp=1, tensor=1)
   config.evals.reconstruction.num_batches = 2
@@ -269,3 +270,20 @@ def test_short_training_run_learns_then_evaluates(tmp_path, tiny_data_dir):
   assert 0.0 < saved["reconstruction/ssim"] <= 1.0
   assert 0.0 < saved["reconstruction/codebook_usage"] <= 1.0
   assert os.path.exists(os.path.join(workdir, "eval", "reconstruction_reconstructions.png"))
+
+  # Other evaluator settings, another folder: one batch instead of eight.
+  other = evaluate.evaluate(workdir, out_dir=str(tmp_path / "other"),
+                            eval_settings=["num_images=1"], num_batches=1)
+  assert other["reconstruction/num_frames"] < saved["reconstruction/num_frames"]
+  assert os.path.exists(tmp_path / "other" / "metrics.json")
+
+
+def test_eval_settings_are_typed_and_unknown_keys_named():
+  config = tokenizer_config.get_config("size=tiny,runlocal")
+  evaluate.apply_eval_settings(config, ["num_images=2", "split=train"])
+  assert config.evals.reconstruction.num_images == 2
+  assert config.evals.reconstruction.split == "train"
+  with pytest.raises(ValueError, match="temperature"):
+    evaluate.apply_eval_settings(config, ["temperature=0"])
+  with pytest.raises(ValueError, match="KEY=VALUE"):
+    evaluate.apply_eval_settings(config, ["num_images"])
