@@ -232,3 +232,17 @@ def test_a_stage_trained_with_another_config_is_refused_before_any_training(pipe
     pipeline.run_pipeline(changed, workdir)
   for stage in pipeline.STAGES:
     assert os.path.getmtime(os.path.join(workdir, stage, "metrics.jsonl")) == mtimes[stage]
+
+
+def test_runlocal_is_one_recipe_and_video_dir_reaches_every_stage():
+  builtin = genie_config.get_config("runlocal")
+  videos = genie_config.get_config("runlocal,data=video_folder,video_dir=/some/videos")
+  for stage in pipeline.STAGES:
+    assert videos[stage].data.video_dir == "/some/videos"
+    assert builtin[stage].data.video_dir == ""
+    # Only what follows from the frame size differs between datasets.
+    assert videos[stage].total_steps == builtin[stage].total_steps
+  assert videos.tokenizer.model.num_codes == builtin.tokenizer.model.num_codes == 64
+  assert videos.tokenizer.model.encoder_context == "patch"
+  assert videos.lam.model.num_actions == builtin.lam.model.num_actions == 8
+  assert (videos.lam.model.patch_size, builtin.lam.model.patch_size) == (16, 8)
