@@ -98,11 +98,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # Most of the CPU budget goes to the dynamics model, the stage that learns slowest
       # (built-in world: Delta_t PSNR at t=4 +0.07 dB after 500 steps, +0.16 after 1500).
       config.dynamics.total_steps = 1500
-    if args.video_dir:
-      for stage in (config.tokenizer, config.lam, config.dynamics):
-        stage.data.video_dir = args.video_dir
     for stage in (config.tokenizer, config.lam, config.dynamics):
       stage.eval_every_steps = 0
       stage.images_every_steps = stage.total_steps
       stage.checkpoint.every_steps = 250
+  if args.video_dir:
+    for stage in (config.tokenizer, config.lam, config.dynamics):
+      stage.data.video_dir = args.video_dir
   return config

@@ -248,3 +248,5 @@ def test_runlocal_is_one_recipe_and_video_dir_reaches_every_stage():
   assert videos.tokenizer.model.encoder_context == "patch"
   assert videos.lam.model.num_actions == builtin.lam.model.num_actions == 8
   assert (videos.lam.model.patch_size, builtin.lam.model.patch_size) == (16, 8)
+  full_size = genie_config.get_config("data=video_folder,video_dir=/some/videos")
+  assert all(full_size[stage].data.video_dir == "/some/videos" for stage in pipeline.STAGES)

@@ -94,6 +94,8 @@ class DynamicsTask(base.Task):
     self.tokenizer_config = None  # The stage configs, read in `validate`.
     self.lam_config = None
     self._lam_task = None
+    # Dynamics workdirs saved before the key existed trained on a clean context.
+    self.context_noise = config.get("context_noise", 0.0)
     if config.cotrain_lam:
       self.trainable = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("tokenizer")))
     else:
@@ -191,8 +193,8 @@ class DynamicsTask(base.Task):
           f"model.max_frames={self.lam_config.model.max_frames}")
     if config.lam_loss_weight < 0:
       raise ValueError(f"config.lam_loss_weight={config.lam_loss_weight} must not be negative")
-    if not 0.0 <= config.get("context_noise", 0.0) < 1.0:
-      raise ValueError(f"config.context_noise={config.context_noise} must be in [0, 1)")
+    if not 0.0 <= self.context_noise < 1.0:
+      raise ValueError(f"config.context_noise={self.context_noise} must be in [0, 1)")
     dynamics_lib.validate_config(config.model)
     # Its loss reads config.model only, which the saved {stage, model} holds.
     self._lam_task = lam_task_lib.LatentActionTask(self.lam_config)
@@ -224,13 +226,14 @@ class DynamicsTask(base.Task):
     return jax.lax.stop_gradient(tokens_BTN), jax.lax.stop_gradient(actions_BT)
 
   def loss(self, model, batch, rng):
-    mask_key, lam_key, noise_key = jax.random.split(rng, 3)
+    mask_key, lam_key = jax.random.split(rng)
     tokens_BTN, actions_BT = self.tokens_and_actions(model, batch["video"])
     mask_BTN, _ = sample_mask(mask_key, tokens_BTN.shape)
     inputs_BTN = tokens_BTN
-    if self.config.get("context_noise", 0.0) > 0:
-      inputs_BTN = corrupt_context(noise_key, tokens_BTN, mask_BTN, self.config.context_noise,
-                                   self.config.model.num_codes)
+    if self.context_noise > 0:
+      # A key of its own, so that the masks and the LAM's keys are those of a clean run.
+      inputs_BTN = corrupt_context(jax.random.fold_in(rng, 1), tokens_BTN, mask_BTN,
+                                   self.context_noise, self.config.model.num_codes)
     logits_BTNV = model.dynamics(inputs_BTN, mask_BTN, actions_BT)
     metrics = masked_token_metrics(logits_BTNV, tokens_BTN, mask_BTN)
     loss = metrics["dynamics_loss"]
