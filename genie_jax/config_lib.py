@@ -22,14 +22,15 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
     key, _, value = part.partition("=")
     if key not in defaults:
       raise ValueError(f"unknown config argument {key!r}; known: {sorted(defaults)}")
-    default = defaults[key]
-    if not value:
-      parsed[key] = True
-    elif isinstance(default, bool):
-      parsed[key] = value.lower() in ("1", "true", "yes")
-    else:
-      parsed[key] = type(default)(value)
+    parsed[key] = True if not value else typed_like(defaults[key], value)
   return parsed
+
+
+def typed_like(default, value: str):
+  """`value` (command-line text) as the type of `default`: '1'/'true'/'yes' for a bool."""
+  if isinstance(default, bool):
+    return value.lower() in ("1", "true", "yes")
+  return value if default is None else type(default)(value)
 
 
 def model_size(args: ml_collections.ConfigDict, sizes: dict[str, dict]) -> str:

@@ -19,6 +19,7 @@ from absl import flags
 from absl import logging
 
 from genie_jax import checkpointing
+from genie_jax import config_lib
 from genie_jax import evaluators as evaluators_lib
 from genie_jax import sharding
 from genie_jax import tasks
@@ -52,11 +53,7 @@ def apply_eval_settings(config, settings: list[str]) -> None:
                        f"an evaluator in config.evals "
                        f"({sorted({k for c in config.evals.values() for k in c})})")
     for eval_cfg in holders:
-      old = eval_cfg[key]
-      if isinstance(old, bool):
-        eval_cfg[key] = value.lower() in ("1", "true", "yes")
-      else:
-        eval_cfg[key] = type(old)(value) if old is not None else value
+      eval_cfg[key] = config_lib.typed_like(eval_cfg[key], value)
 
 
 def evaluate(workdir: str, *, step: int | None = None, num_batches: int | None = None,
