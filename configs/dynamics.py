@@ -64,8 +64,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.lam_loss_weight = 1.0
   # Largest fraction of the visible context tokens replaced by random codes in training
   # (against rollouts that copy their own errors forward; genie_jax/tasks/dynamics.py).
-  # 0: Genie's clean context. 0.2 made the runlocal model ignore its actions on the
-  # built-in world (README, "Results").
+  # 0: Genie's clean context (what 0.2 did on the built-in world: README, "Results").
   config.context_noise = 0.0
 
   config.data = data_pipelines.default_data_config(args.data)
@@ -84,8 +83,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   if args.runlocal:
     # Argmax sampling: a CPU-sized model's sampled tokens drift from the scene within a few
-    # frames, with either actions; on the built-in world Delta_t PSNR at t=4 was 0.73 dB at
-    # temperature 1, 0.88 at 0.5, 1.01 at 0 (same model and clips; README, "Results").
+    # frames, with either actions, and bury the actions' effect (README, "Results", the
+    # temperatures compared on one checkpoint).
     config.evals.controllability.update(num_batches=4, maskgit_steps=8, temperature=0.0)
     # About 1 step/s on 2 CPU cores alone (0.5 on a shared machine): ~8 minutes.
     config_lib.apply_runlocal(config, args.data, total_steps=500, lr=1e-3, end_lr=1e-4,

@@ -7,7 +7,7 @@ evaluates them and writes WORKDIR/report/.
 
 Arguments (after the colon, comma separated):
   data=builtin_world|coinrun|video_folder   dataset for all three stages (default builtin_world)
-  runlocal                                  CPU-sized stages (about 28 minutes on 2 cores)
+  runlocal                                  CPU-sized stages (README "Results": wall-clock)
   conditioning=additive|prepend             how the dynamics model takes actions
   size=appf|cpu|tiny                        model size of every stage (tiny is for tests)
   video_dir=PATH                            data=video_folder: the folder of videos, for
@@ -83,20 +83,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   ))
   if args.runlocal:
     # 192 clips, for the report and for `genie_jax.evaluate` on the dynamics workdir alike:
-    # once the actions matter, Delta_t PSNR varies from clip to clip by about 2.7 dB, so 128
-    # clips left a standard error of a quarter of a 1 dB effect (README, "Results").
+    # once the actions matter, Delta_t PSNR varies a lot from clip to clip, and the
+    # standard-error check needs the clips (README, "Results").
     config.report.num_batches = 24
     config.dynamics.evals.controllability.num_batches = 24
-    # About 28 minutes on 2 CPU cores in all (built-in world): the stages do not evaluate
-    # while training (the pipeline evaluates each once, after it, for the report).
+    # The stages do not evaluate while training (the pipeline evaluates each once, after
+    # it, for the report); wall-clock: README, "Results".
     config.tokenizer.total_steps = 500
     if not args.size:
-      # A smaller codebook (256 alone) makes a world predictable in tokens: on the built-in
-      # world the dynamics model's masked-token accuracy after 500 steps was 0.30 with 64
-      # codes, 0.06 with 256 (README, "Results").
+      # A smaller codebook than the stage's own makes a world predictable in tokens for a
+      # CPU-sized dynamics model (README, "Results").
       config.tokenizer.model.num_codes = 64
-      # Most of the CPU budget goes to the dynamics model, the stage that learns slowest
-      # (built-in world: Delta_t PSNR at t=4 +0.07 dB after 500 steps, +0.16 after 1500).
+      # Most of the CPU budget goes to the dynamics model, the stage that learns slowest.
       config.dynamics.total_steps = 1500
     for stage in (config.tokenizer, config.lam, config.dynamics):
       stage.eval_every_steps = 0

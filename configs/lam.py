@@ -71,15 +71,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                               warmup_steps=50)
     if size != "tiny":
       # App. F's patch for its frame size (16 at 64x64): 8 at the built-in world's 32x32,
-      # two cells on a side, so a move shows inside each token pair. Patch 4 (one cell, 4x
-      # the tokens) was 5x slower per step and, at equal wall-clock, learnt no direction
-      # (README, "Results").
+      # two cells on a side, so a move shows inside each token pair; patch 4 (one cell, 4x
+      # the tokens) buys far fewer steps in the same time (README, "Results").
       config.model.patch_size = config.data.image_size // 4
     if not args.size:
       # 48 transitions per batch: enough for the k-means that ends the quantiser warm-up.
       config.batch_size = 16
-      # Genie's vocabulary for its main models: 6 codes merged left with down on the
-      # built-in world, 8 told all moves apart (README, "Results").
+      # Genie's vocabulary for its main models; 6 codes left two built-in-world moves
+      # sharing one (README, "Results").
       config.model.num_actions = 8
       # Half the run continuous (see genie_jax/models/lam.py: without it CPU-sized LAMs
       # stay at chance), then quantised from k-means codes.

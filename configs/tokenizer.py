@@ -60,9 +60,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # 32x32 frames (see apply_runlocal): patch 4 keeps the cpu size's 64 tokens per frame.
       config.model.patch_size = 4
     # A code that depends on the patch alone: content that moved or stayed keeps its token,
-    # so the dynamics model predicts where tokens go, not how they are re-encoded (built-in
-    # world: code stability 1.0 against 0.73 with 'clip', and higher validation PSNR; README,
-    # "Results").
+    # so the dynamics model predicts where tokens go, not how they are re-encoded (README,
+    # "Results": code stability and PSNR against 'clip').
     config.model.encoder_context = "patch"
     # Short runs collapse onto a few codes early; a fast usage EMA restarts dead codes within
     # tens of steps instead of hundreds.
