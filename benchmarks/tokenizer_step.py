@@ -26,6 +26,7 @@ from absl import app
 from absl import flags
 
 from configs import tokenizer as tokenizer_config
+from genie_jax import allocator
 from genie_jax import profiling
 from genie_jax import sharding
 from genie_jax import tasks
@@ -54,30 +55,6 @@ _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per shape (after one warm
 _BATCH = flags.DEFINE_integer("batch_size", 0, "Override every shape's batch size.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 _REMAT = flags.DEFINE_bool("remat", False, "Rematerialise each block.")
-_MALLOC = flags.DEFINE_enum(
-    "malloc", "auto", ["auto", "system", "tcmalloc"],
-    "Host allocator. XLA:CPU allocates and frees several GB of temporaries per step; glibc "
-    "returns buffers over 32 MB to the OS and faults them in again, tcmalloc keeps them "
-    "(Debian: apt-get install libtcmalloc-minimal4; .ci/run installs it). auto: tcmalloc "
-    "when installed, else the system's.")
-
-_TCMALLOC = "/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4"
-
-
-def _use_allocator(name: str) -> str:
-  """Re-executes this process with `name` preloaded, unless it already is; returns the
-  allocator in use."""
-  if name == "auto":
-    name = "tcmalloc" if os.path.exists(_TCMALLOC) else "system"
-  if name == "system" or _TCMALLOC in os.environ.get("LD_PRELOAD", ""):
-    return name
-  if not os.path.exists(_TCMALLOC):
-    raise app.UsageError(f"--malloc=tcmalloc needs {_TCMALLOC}: "
-                         "apt-get install libtcmalloc-minimal4")
-  env = dict(os.environ, LD_PRELOAD=_TCMALLOC)
-  os.execve(sys.executable, [sys.executable] + sys.argv, env)
-
-
 def matmul_peak_flops(sizes=(1024, 2048, 3072), repeats=5) -> float:
   """Best float32 matmul throughput (FLOP/s) jax reaches on the default device."""
   best = 0.0
@@ -147,7 +124,7 @@ def main(argv):
   unknown = set(_SHAPES.value) - set(SHAPES)
   if unknown:
     raise app.UsageError(f"--shapes: unknown {sorted(unknown)}; known: {list(SHAPES)}")
-  malloc = _use_allocator(_MALLOC.value)
+  malloc = allocator.in_use()
   peak = matmul_peak_flops()
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()} "
         f"({jax.default_backend()}), jax {jax.__version__}, dtype {_DTYPE.value}, "
@@ -163,4 +140,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  allocator.define_flags()
+  app.run(allocator.entry_point(main))

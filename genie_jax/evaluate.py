@@ -18,6 +18,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from genie_jax import allocator
 from genie_jax import checkpointing
 from genie_jax import config_lib
 from genie_jax import evaluators as evaluators_lib
@@ -31,6 +32,7 @@ from genie_jax import visualize
 def define_flags() -> None:
   """The command-line flags; defined only when this module is the program, so that other
   entry points (genie_jax.pipeline) can import `evaluate` next to their own flags."""
+  allocator.define_flags()
   flags.DEFINE_string("workdir", None, "A workdir written by genie_jax.main.")
   flags.DEFINE_integer("step", None, "Checkpoint step; default: the latest.")
   flags.DEFINE_integer("num_batches", None,
@@ -102,4 +104,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(allocator.entry_point(main))

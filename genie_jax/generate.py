@@ -25,6 +25,7 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from genie_jax import allocator
 from genie_jax import genie as genie_lib
 from genie_jax import visualize
 from genie_jax.data import input_pipeline
@@ -33,6 +34,7 @@ from genie_jax.data import input_pipeline
 def define_flags() -> None:
   """The command-line flags; defined only when this module is the program, so that
   other entry points and tests can import it next to their own flags."""
+  allocator.define_flags()
   flags.DEFINE_string("workdir", None, "A dynamics-stage workdir.")
   flags.DEFINE_integer("step", None, "Checkpoint step; default: the latest.")
   flags.DEFINE_integer(
@@ -153,4 +155,4 @@ def main(argv):
 if __name__ == "__main__":
   define_flags()
   flags.mark_flags_as_required(["workdir"])
-  app.run(main)
+  app.run(allocator.entry_point(main))

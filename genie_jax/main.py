@@ -15,6 +15,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from genie_jax import allocator
 from genie_jax import distributed
 from genie_jax import train
 
@@ -24,6 +25,7 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string("workdir", None, "Where checkpoints, metrics and images go.")
 flags.mark_flags_as_required(["config", "workdir"])
 distributed.define_flags()
+allocator.define_flags()
 
 
 def main(argv):
@@ -36,4 +38,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(allocator.entry_point(main))

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 from absl import logging
 
+from genie_jax import allocator
 from genie_jax import visualize
 
 
@@ -80,7 +81,7 @@ class MetricWriter:
 
 
 class Progress:
-  """Steps/s, examples/s and ETA over the last logging interval."""
+  """Steps/s, examples/s and ETA over the last logging interval; the host's peak memory."""
 
   def __init__(self, first_step: int, total_steps: int, global_batch_size: int):
     self.total_steps = total_steps
@@ -95,7 +96,8 @@ class Progress:
     self._last_step, self._last_time = step, now
     rate = steps / seconds
     return {"steps_per_sec": rate, "examples_per_sec": rate * self.batch,
-            "eta_hours": (self.total_steps - step) / rate / 3600}
+            "eta_hours": (self.total_steps - step) / rate / 3600,
+            "host_peak_rss_mib": allocator.peak_rss_mib()}
 
   def log_line(self, step: int, scalars: Mapping[str, float]) -> None:
     shown = " ".join(f"{k}={v:.4g}" for k, v in sorted(scalars.items()))

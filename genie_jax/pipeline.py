@@ -34,6 +34,7 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from genie_jax import allocator
 from genie_jax import checkpointing
 from genie_jax import evaluators as evaluators_lib
 from genie_jax import evaluate as evaluate_lib
@@ -45,6 +46,7 @@ from genie_jax.evaluators import controllability as controllability_lib
 
 def define_flags() -> None:
   """The command-line flags (only when this module is the program; see genie_jax.evaluate)."""
+  allocator.define_flags()
   config_flags.DEFINE_config_file(
       "config", None, "Pipeline config, e.g. configs/genie.py:runlocal.", lock_config=True)
   flags.DEFINE_string("workdir", None, "Root of the three stage workdirs and report.")
@@ -398,4 +400,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(allocator.entry_point(main))

@@ -44,10 +44,13 @@ import imageio.v3 as iio
 import jax
 import numpy as np
 
+from genie_jax import allocator
+
 
 def define_flags() -> None:
   """The command-line flags; defined only when this module is the program, so that
   other entry points and tests can import it next to their own flags."""
+  allocator.define_flags()
   flags.DEFINE_string("workdir", None, "A dynamics workdir written by genie_jax.main.")
   flags.DEFINE_integer("port", 8000, "Port to serve the page on.")
   flags.DEFINE_string("host", "127.0.0.1", "Address to serve on (0.0.0.0: all).")
@@ -362,4 +365,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  app.run(allocator.entry_point(main))
