@@ -2,15 +2,27 @@
 
 Generation of one frame (Genie section 2.3): the frame's tokens are decoded by MaskGIT
 (`genie_jax.models.maskgit`) from the dynamics model, conditioned on the past frames and the
-action that causes the new frame. The dynamics model sees at most `max_frames` frames: the
-new frame and the last max_frames - 1 before it (a sliding window whose first frame, like the
-first frame of every training clip, gets the 'no action' embedding).
+action that causes the new frame. The dynamics model sees at most `max_frames` frames (w):
+the new frame and w - 1 before it.
 
-Cached decoding: the past frames of the window go through the ST-transformer once per
-generated frame (`STTransformer.prefill`), and each of the S MaskGIT steps then runs only
-the new frame's tokens, attending in time to the cached keys/values (`decode_frame`). The
-cache is rebuilt for every frame rather than appended to, because once the window slides
-every past frame changes its temporal position, and with it its keys/values.
+The K/V cache. Temporal attention is causal and a final frame never changes, so each
+block's temporal keys/values of past frames are kept (`FrameCache`, w - 1 slots) and each of
+the S MaskGIT steps runs only the new frame's tokens against them. When a frame is final, one
+more pass over it writes its keys/values into the cache (appended frame by frame; the
+prompt's frames in one prefill). Per frame that is S + 1 single-frame passes. What happens
+once w - 1 frames are cached depends on the model's temporal positions:
+  learned  (Genie's table) a frame's keys depend on its place in the window, and once the
+           window slides every place changes: each later frame rebuilds the cache from the
+           window's w - 1 past frames, whose first frame, as the first frame of every
+           training clip, gets the 'no action' embedding. The output is that of the model
+           run on the window, as without a cache.
+  rope     (rotary) keys do not depend on where the window starts: the cache rolls, the new
+           frame replacing the oldest (after `sink_frames` first frames kept for good, the
+           attention sink of streaming models). The cost per frame stays S + 1 passes
+           however long the rollout; past the window the keys of the cached frames are the
+           ones computed when those frames were new, so the output is the streaming model's,
+           not the model run on the window.
+Within the window both equal the model run on the frames so far (tests/test_generation.py).
 
 Everything per frame and per step runs inside one compiled program: a whole rollout is one
 jitted call (a fori_loop over frames around a fori_loop over steps), and a PlaySession
@@ -23,7 +35,7 @@ i.e. in the dataset's convention it is the action taken at frame P + i - 1.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,10 +49,10 @@ from genie_jax.models import tokenizer as tokenizer_lib
 from genie_jax.visualize import to_uint8
 
 
-def frame_logits_fn(dynamics: dynamics_lib.DynamicsModel, tokens_BLN: jax.Array,
-                    actions_BL: jax.Array, f: jax.Array, *, cached: bool = True
-                    ) -> maskgit.LogitsFn:
-  """The MaskGIT logits function of frame `f` of a token buffer.
+def window_logits_fn(dynamics: dynamics_lib.DynamicsModel, tokens_BLN: jax.Array,
+                     actions_BL: jax.Array, f: jax.Array) -> maskgit.LogitsFn:
+  """The MaskGIT logits function of frame `f` with no cache: every call runs the model on
+  the window of frames f - w + 1 .. f (the reference the cache is tested against).
 
   Args:
     dynamics: the dynamics model.
@@ -48,44 +60,142 @@ def frame_logits_fn(dynamics: dynamics_lib.DynamicsModel, tokens_BLN: jax.Array,
     actions_BL: dataset convention: actions_BL[:, t] was taken at frame t and produced
       frame t+1 (so actions_BL[:, f-1] causes frame f).
     f: index of the frame to generate (traced int allowed), >= 1.
-    cached: run past frames once and only the new frame per call (see module docstring);
-      else run the whole window on every call (the reference the cache is tested against).
 
   Returns:
     (tokens_BN, mask_BN) -> logits_BNV of frame f.
   """
-  w = dynamics.transformer.temporal_pos.shape[0]
+  w = dynamics.transformer.max_frames
   start = jnp.maximum(f - (w - 1), 0)
   q = f - start  # Position of frame f in the window.
   window_BWN = jax.lax.dynamic_slice_in_dim(tokens_BLN, start, w, axis=1)
   window_actions_BW = jax.lax.dynamic_slice_in_dim(actions_BL, start, w, axis=1)
-  if not cached:
-    def full_logits(tokens_BN, mask_BN):
-      tokens_BWN = jax.lax.dynamic_update_slice_in_dim(window_BWN, tokens_BN[:, None], q,
-                                                       axis=1)
-      mask_BWN = (jnp.arange(w) == q)[None, :, None] & mask_BN[:, None, :]
-      logits_BWNV = dynamics(tokens_BWN, mask_BWN, window_actions_BW)
-      return jax.lax.dynamic_index_in_dim(logits_BWNV, q, axis=1, keepdims=False)
-    return full_logits
 
-  caused_BW = dynamics.frame_actions(window_actions_BW)
-  # Window slots >= q hold frames not generated yet; decode_frame ignores their cache slots.
-  x_BCMD = dynamics.embed(window_BWN[:, :w - 1], jnp.zeros_like(window_BWN[:, :w - 1], bool),
-                          caused_BW[:, :w - 1])
-  _, cache = dynamics.transformer.prefill(x_BCMD)
-  caused_B1 = jax.lax.dynamic_slice_in_dim(caused_BW, q, 1, axis=1)
+  def full_logits(tokens_BN, mask_BN):
+    tokens_BWN = jax.lax.dynamic_update_slice_in_dim(window_BWN, tokens_BN[:, None], q, axis=1)
+    mask_BWN = (jnp.arange(w) == q)[None, :, None] & mask_BN[:, None, :]
+    logits_BWNV = dynamics(tokens_BWN, mask_BWN, window_actions_BW)
+    return jax.lax.dynamic_index_in_dim(logits_BWNV, q, axis=1, keepdims=False)
+  return full_logits
 
-  def cached_logits(tokens_BN, mask_BN):
+
+class FrameCache(NamedTuple):
+  """The dynamics model's temporal keys/values of past frames (see the module docstring).
+
+  kv: per block (k_BNKSE, v_BNKSE), S = max_frames - 1 slots (the dynamics model's layout;
+    a stand-in model may hold anything its `decode_frame` reads).
+  frame_S: the frame index each slot holds; -1 while empty.
+  """
+  kv: Any
+  frame_S: jax.Array
+
+
+def _slot(dynamics: dynamics_lib.DynamicsModel, g: jax.Array) -> jax.Array:
+  """The cache slot of frame g: its index until the cache is full; then, under rotary
+  positions, the ring after the sink slots (the learned-position cache is rebuilt)."""
+  slots = dynamics.transformer.max_frames - 1
+  sinks = getattr(dynamics, "sink_frames", 0)
+  return jnp.where(g < slots, g, sinks + (g - sinks) % (slots - sinks))
+
+
+def prefill_cache(dynamics: dynamics_lib.DynamicsModel, tokens_BPN: jax.Array,
+                  actions_BP: jax.Array) -> FrameCache:
+  """The cache holding frames 0..P-1 (P <= max_frames - 1); actions as `window_logits_fn`."""
+  p = tokens_BPN.shape[1]
+  slots = dynamics.transformer.max_frames - 1
+  x_BPMD = dynamics.embed(tokens_BPN, jnp.zeros_like(tokens_BPN, bool),
+                          dynamics.frame_actions(actions_BP))
+  # Frames after the prompt are zeros until generated; causal attention keeps them out of
+  # the prompt's keys/values.
+  x_BSMD = jnp.pad(x_BPMD, [(0, 0), (0, slots - p)] + [(0, 0)] * (x_BPMD.ndim - 2))
+  _, kv = dynamics.transformer.prefill(x_BSMD)
+  return FrameCache(kv, jnp.where(jnp.arange(slots) < p, jnp.arange(slots), -1))
+
+
+def _attention_context(dynamics: dynamics_lib.DynamicsModel, cache: FrameCache,
+                       tokens_BLN: jax.Array, actions_BL: jax.Array, n: jax.Array,
+                       g: jax.Array):
+  """(kv, valid_S, key_positions_S, position) with which frame g, at index n of the
+  buffers, attends to its past."""
+  w = dynamics.transformer.max_frames
+  slots_S = jnp.arange(w - 1)
+  if dynamics.transformer.temporal_positions == "rope":
+    # Rotary angles depend on differences only: positions are frame indices, except that
+    # the sink frames sit just before the oldest ring frame.
+    sinks = getattr(dynamics, "sink_frames", 0)
+    shift = jnp.maximum(g - (w - 1), 0)
+    key_positions_S = jnp.where(slots_S < sinks, cache.frame_S + shift, cache.frame_S)
+    return cache.kv, cache.frame_S >= 0, key_positions_S, g
+
+  def appended():
+    return cache.kv, slots_S < g, slots_S, g
+
+  def rebuilt():
+    # The window's w - 1 past frames at positions 0..w-2, the new frame at w - 1.
+    start = n - (w - 1)
+    window_BCN = jax.lax.dynamic_slice_in_dim(tokens_BLN, start, w - 1, axis=1)
+    window_actions_BC = jax.lax.dynamic_slice_in_dim(actions_BL, start, w - 1, axis=1)
+    rebuilt_cache = prefill_cache(dynamics, window_BCN, window_actions_BC)
+    return rebuilt_cache.kv, jnp.ones_like(slots_S, bool), slots_S, jnp.int32(w - 1)
+
+  return jax.lax.cond(g < w, appended, rebuilt)
+
+
+def cached_logits_fn(dynamics: dynamics_lib.DynamicsModel, cache: FrameCache,
+                     tokens_BLN: jax.Array, actions_BL: jax.Array, n: jax.Array, g: jax.Array
+                     ) -> tuple[maskgit.LogitsFn, Callable[[jax.Array], FrameCache]]:
+  """The MaskGIT logits function of frame g, and the cache update once it is final.
+
+  Args:
+    dynamics: the dynamics model.
+    cache: frames 0..g-1 as far as the cache keeps them.
+    tokens_BLN, actions_BL: buffers whose index n is frame g (read by the learned-position
+      rebuild); actions_BL[:, n - 1] causes the new frame.
+    n, g: the new frame's buffer index and frame index (traced ints; equal in a rollout).
+
+  Returns:
+    ((tokens_BN, mask_BN) -> logits_BNV, tokens_BN -> the cache with frame g).
+  """
+  kv, valid_S, key_positions_S, position = _attention_context(dynamics, cache, tokens_BLN,
+                                                              actions_BL, n, g)
+  caused_B1 = jax.lax.dynamic_slice_in_dim(actions_BL, n - 1, 1, axis=1).astype(jnp.int32)
+
+  def run(tokens_BN, mask_BN):
     x_B1MD = dynamics.embed(tokens_BN[:, None], mask_BN[:, None], caused_B1)
-    y_B1MD, _ = dynamics.transformer.decode_frame(x_B1MD, cache, q)
-    return dynamics.readout(y_B1MD)[:, 0]
-  return cached_logits
+    return dynamics.transformer.decode_frame(x_B1MD, kv, position, valid_S, key_positions_S)
+
+  def append(tokens_BN):
+    _, frame_kv = run(tokens_BN, jnp.zeros_like(tokens_BN, bool))
+    slot = _slot(dynamics, g)
+    return FrameCache(dynamics.transformer.write_cache(cache.kv, frame_kv, slot),
+                      cache.frame_S.at[slot].set(g))
+
+  def update(tokens_BN):
+    if dynamics.transformer.temporal_positions == "rope":
+      return append(tokens_BN)
+    # Learned positions: the cache is rebuilt from the window once it is full.
+    return jax.lax.cond(g + 1 < dynamics.transformer.max_frames, append, lambda _: cache,
+                        tokens_BN)
+
+  return (lambda tokens_BN, mask_BN: dynamics.readout(run(tokens_BN, mask_BN)[0])[:, 0],
+          update)
+
+
+def generate_next(world: dynamics_lib.WorldModel, cache: FrameCache, tokens_BLN: jax.Array,
+                  actions_BL: jax.Array, n: jax.Array, g: jax.Array, rng: jax.Array, *,
+                  num_steps: int, temperature: float) -> tuple[jax.Array, FrameCache]:
+  """Frame g's tokens (tokens_BN int32) by MaskGIT with the cache, and the cache with it
+  (arguments: `cached_logits_fn`; rng, num_steps, temperature: MaskGIT's)."""
+  logits_fn, update = cached_logits_fn(world.dynamics, cache, tokens_BLN, actions_BL, n, g)
+  b, _, n_tokens = tokens_BLN.shape
+  new_BN = maskgit.sample_frame(logits_fn, rng, batch_size=b, num_tokens=n_tokens,
+                                num_steps=num_steps, temperature=temperature)
+  return new_BN, update(new_BN)
 
 
 def decode_frame_at(tokenizer: tokenizer_lib.Tokenizer, tokens_BLN: jax.Array, f: jax.Array
                     ) -> jax.Array:
   """Frame f (float [0, 1], BHWC) decoded from the tokenizer-window of tokens ending at f."""
-  t = tokenizer.decoder.temporal_pos.shape[0]
+  t = tokenizer.decoder.max_frames
   start = jnp.maximum(f - (t - 1), 0)
   video_BTHWC = tokenizer.decode(jax.lax.dynamic_slice_in_dim(tokens_BLN, start, t, axis=1))
   return jax.lax.dynamic_index_in_dim(video_BTHWC, f - start, axis=1, keepdims=False)
@@ -94,7 +204,7 @@ def decode_frame_at(tokenizer: tokenizer_lib.Tokenizer, tokens_BLN: jax.Array, f
 def decode_frames(tokenizer: tokenizer_lib.Tokenizer, tokens_BTN: jax.Array) -> jax.Array:
   """video_BTHWC float [0, 1] of any number of frames; the causal decoder sees at most its
   max_frames, so frames beyond that are decoded from the window ending at them."""
-  t_max = tokenizer.decoder.temporal_pos.shape[0]
+  t_max = tokenizer.decoder.max_frames
   t = tokens_BTN.shape[1]
   if t <= t_max:
     return tokenizer.decode(tokens_BTN)
@@ -106,12 +216,12 @@ def decode_frames(tokenizer: tokenizer_lib.Tokenizer, tokens_BTN: jax.Array) -> 
 
 def generate_frame(world: dynamics_lib.WorldModel, tokens_BLN: jax.Array,
                    actions_BL: jax.Array, f: jax.Array, rng: jax.Array, *, num_steps: int,
-                   temperature: float, cached: bool = True) -> jax.Array:
-  """Tokens of frame f (tokens_BN int32) by MaskGIT; see `frame_logits_fn` for the args."""
+                   temperature: float) -> jax.Array:
+  """Tokens of frame f (tokens_BN int32) by MaskGIT without a cache (`window_logits_fn`)."""
   b, _, n = tokens_BLN.shape
-  logits_fn = frame_logits_fn(world.dynamics, tokens_BLN, actions_BL, f, cached=cached)
-  return maskgit.sample_frame(logits_fn, rng, batch_size=b, num_tokens=n,
-                              num_steps=num_steps, temperature=temperature)
+  return maskgit.sample_frame(window_logits_fn(world.dynamics, tokens_BLN, actions_BL, f), rng,
+                              batch_size=b, num_tokens=n, num_steps=num_steps,
+                              temperature=temperature)
 
 
 def _prompt_buffers(world: dynamics_lib.WorldModel, prompt_BPHWC: jax.Array, length: int
@@ -130,18 +240,30 @@ def _prompt_buffers(world: dynamics_lib.WorldModel, prompt_BPHWC: jax.Array, len
 def rollout_tokens(world: dynamics_lib.WorldModel, prompt_BPHWC: jax.Array,
                    actions_BA: jax.Array, rng: jax.Array, *, num_steps: int,
                    temperature: float, cached: bool = True) -> jax.Array:
-  """tokens_BTN (T = P + A) of the prompt followed by A generated frames; traceable."""
+  """tokens_BTN (T = P + A) of the prompt followed by A generated frames; traceable.
+  cached=False runs the model on the whole window at every MaskGIT step (the reference)."""
   p, a = prompt_BPHWC.shape[1], actions_BA.shape[1]
-  w = world.dynamics.transformer.temporal_pos.shape[0]
+  w = world.dynamics.transformer.max_frames
   tokens_BLN, actions_BL = _prompt_buffers(world, prompt_BPHWC, max(p + a, w))
   actions_BL = actions_BL.at[:, p - 1:p - 1 + a].set(actions_BA.astype(jnp.int32))
 
-  def body(f, tokens_BLN):
-    new_BN = generate_frame(world, tokens_BLN, actions_BL, f, jax.random.fold_in(rng, f),
-                            num_steps=num_steps, temperature=temperature, cached=cached)
-    return jax.lax.dynamic_update_slice_in_dim(tokens_BLN, new_BN[:, None], f, axis=1)
+  if not cached:
+    def body(f, tokens_BLN):
+      new_BN = generate_frame(world, tokens_BLN, actions_BL, f, jax.random.fold_in(rng, f),
+                              num_steps=num_steps, temperature=temperature)
+      return jax.lax.dynamic_update_slice_in_dim(tokens_BLN, new_BN[:, None], f, axis=1)
+    return jax.lax.fori_loop(p, p + a, body, tokens_BLN)[:, :p + a]
 
-  return jax.lax.fori_loop(p, p + a, body, tokens_BLN)[:, :p + a]
+  def cached_body(f, carry):
+    tokens_BLN, cache = carry
+    new_BN, cache = generate_next(world, cache, tokens_BLN, actions_BL, f, f,
+                                  jax.random.fold_in(rng, f), num_steps=num_steps,
+                                  temperature=temperature)
+    return jax.lax.dynamic_update_slice_in_dim(tokens_BLN, new_BN[:, None], f, axis=1), cache
+
+  cache = prefill_cache(world.dynamics, tokens_BLN[:, :p], actions_BL[:, :p])
+  tokens_BLN, _ = jax.lax.fori_loop(p, p + a, cached_body, (tokens_BLN, cache))
+  return tokens_BLN[:, :p + a]
 
 
 def _rollout(world, prompt_BPHWC, actions_BA, rng, *, num_steps, temperature, cached):
@@ -152,13 +274,21 @@ def _rollout(world, prompt_BPHWC, actions_BA, rng, *, num_steps, temperature, ca
   return jnp.concatenate([tokenizer_lib.to_unit_interval(prompt_BPHWC), generated_BAHWC], 1)
 
 
-def _play_step(world, tokens_BLN, actions_BL, f, action_B, rng, *, num_steps, temperature):
-  actions_BL = jax.lax.dynamic_update_slice_in_dim(actions_BL, action_B[:, None], f - 1,
+def _play_start(world, prompt_BPHWC, *, length):
+  tokens_BLN, actions_BL = _prompt_buffers(world, prompt_BPHWC, length)
+  p = prompt_BPHWC.shape[1]
+  return tokens_BLN, actions_BL, prefill_cache(world.dynamics, tokens_BLN[:, :p],
+                                               actions_BL[:, :p])
+
+
+def _play_step(world, tokens_BLN, actions_BL, cache, n, g, action_B, rng, *, num_steps,
+               temperature):
+  actions_BL = jax.lax.dynamic_update_slice_in_dim(actions_BL, action_B[:, None], n - 1,
                                                    axis=1)
-  new_BN = generate_frame(world, tokens_BLN, actions_BL, f, rng, num_steps=num_steps,
-                          temperature=temperature)
-  tokens_BLN = jax.lax.dynamic_update_slice_in_dim(tokens_BLN, new_BN[:, None], f, axis=1)
-  return tokens_BLN, actions_BL, decode_frame_at(world.tokenizer, tokens_BLN, f)
+  new_BN, cache = generate_next(world, cache, tokens_BLN, actions_BL, n, g, rng,
+                                num_steps=num_steps, temperature=temperature)
+  tokens_BLN = jax.lax.dynamic_update_slice_in_dim(tokens_BLN, new_BN[:, None], n, axis=1)
+  return tokens_BLN, actions_BL, cache, decode_frame_at(world.tokenizer, tokens_BLN, n)
 
 
 class Genie:
@@ -178,11 +308,11 @@ class Genie:
     self.config = config
     self.step = step
     self.num_actions = world.dynamics.num_actions
-    self.max_frames = world.dynamics.transformer.temporal_pos.shape[0]
+    self.max_frames = world.dynamics.transformer.max_frames
     if self.max_frames < 2:
       raise ValueError(f"the dynamics model has max_frames={self.max_frames}; generation needs "
                        "at least 2 (one past frame and the new one)")
-    self.tokenizer_frames = world.tokenizer.decoder.temporal_pos.shape[0]
+    self.tokenizer_frames = world.tokenizer.decoder.max_frames
     tok = world.tokenizer
     self.frame_shape = (tok.image_size, tok.image_size, tok.channels)
     graphdef, state = nnx.split(world)
@@ -197,7 +327,7 @@ class Genie:
     self._detokenize = jit(lambda w, t: decode_frames(w.tokenizer, t))
     self._infer_actions = jit(lambda w, v: w.lam.infer_actions(v))
     self._rollout = jit(_rollout, static=("num_steps", "temperature", "cached"))
-    self._prompt_buffers = jit(_prompt_buffers, static=("length",))
+    self._play_start = jit(_play_start, static=("length",))
     self._play_step = jit(_play_step, static=("num_steps", "temperature"))
 
   @classmethod
@@ -285,8 +415,8 @@ class Genie:
 class PlaySession:
   """Frame-by-frame play from a prompt (see `Genie.start`); one compiled step for all frames.
 
-  Holds a buffer of the last max(dynamics, tokenizer) max_frames frames' tokens; older
-  frames, which neither model sees any more, are dropped.
+  Holds a buffer of the last max(dynamics, tokenizer) max_frames frames' tokens (older
+  frames, which neither model sees any more, are dropped) and the dynamics model's cache.
   """
 
   def __init__(self, genie: Genie, prompt_BPHWC: jax.Array, *, rng: jax.Array,
@@ -295,9 +425,10 @@ class PlaySession:
     self._rng = rng
     self._static = dict(num_steps=int(num_steps), temperature=float(temperature))
     self._length = max(genie.max_frames, genie.tokenizer_frames)
-    self._tokens_BLN, self._actions_BL = genie._prompt_buffers(  # pylint: disable=protected-access
+    self._tokens_BLN, self._actions_BL, self._cache = genie._play_start(  # pylint: disable=protected-access
         genie._state, prompt_BPHWC, length=self._length)  # pylint: disable=protected-access
     self._count = prompt_BPHWC.shape[1]  # Frames held in the buffer.
+    self._index = self._count  # Frame index of the next frame.
     self._frames = [np.asarray(prompt_BPHWC)[:, t] for t in range(prompt_BPHWC.shape[1])]
 
   @property
@@ -319,10 +450,12 @@ class PlaySession:
       self._actions_BL = jnp.roll(self._actions_BL, -1, axis=1)
       self._count -= 1
     self._rng, key = jax.random.split(self._rng)
-    self._tokens_BLN, self._actions_BL, frame_BHWC = self._genie._play_step(  # pylint: disable=protected-access
-        self._genie._state, self._tokens_BLN, self._actions_BL,  # pylint: disable=protected-access
-        jnp.int32(self._count), jnp.asarray(action_B), key, **self._static)
+    self._tokens_BLN, self._actions_BL, self._cache, frame_BHWC = self._genie._play_step(  # pylint: disable=protected-access
+        self._genie._state, self._tokens_BLN, self._actions_BL, self._cache,  # pylint: disable=protected-access
+        jnp.int32(self._count), jnp.int32(self._index), jnp.asarray(action_B), key,
+        **self._static)
     self._count += 1
+    self._index += 1
     self._frames.append(to_uint8(np.asarray(frame_BHWC)))
     return self._frames[-1][0]
 

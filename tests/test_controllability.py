@@ -47,24 +47,26 @@ def _tokens_of(video_BTHWC):
 
 
 class _Window(nnx.Module):
-  """What generation reads of a transformer (its window, `temporal_pos.shape[0]`), and, for
-  the dynamics stand-in, a cache that passes the past frames' inputs on unchanged."""
+  """What generation reads of a transformer (its window `max_frames`, its temporal
+  positions), and, for the dynamics stand-in, a cache that keeps the past frames' inputs."""
 
   def __init__(self, frames):
-    self.frames = frames
-
-  @property
-  def temporal_pos(self):
-    return jax.ShapeDtypeStruct((self.frames, 1), jnp.float32)
+    self.max_frames = frames
+    self.temporal_positions = "learned"
 
   def prefill(self, x_BTND):
     return x_BTND, x_BTND
 
-  def decode_frame(self, x_B1ND, cache_BTND, q):
-    # The new frame at window slot q sees the previous frame's tokens (cache slot q - 1)
-    # and the action that causes it (its own input).
-    previous_BN = jax.lax.dynamic_index_in_dim(cache_BTND, q - 1, axis=1, keepdims=False)
-    return jnp.stack([previous_BN[..., 0], x_B1ND[:, 0, :, 1]], axis=-1)[:, None], None
+  def decode_frame(self, x_B1ND, cache_BSND, position, valid_S, key_positions_S):
+    del position
+    # The new frame sees the previous frame's tokens (the latest cached frame) and the
+    # action that causes it (its own input).
+    latest = jnp.argmax(jnp.where(valid_S, key_positions_S, -1))
+    previous_BN = jax.lax.dynamic_index_in_dim(cache_BSND, latest, axis=1, keepdims=False)
+    return jnp.stack([previous_BN[..., 0], x_B1ND[:, 0, :, 1]], axis=-1)[:, None], x_B1ND
+
+  def write_cache(self, cache_BSND, frame_B1ND, slot):
+    return jax.lax.dynamic_update_slice_in_dim(cache_BSND, frame_B1ND, slot, axis=1)
 
 
 class _Codec(nnx.Module):
@@ -95,7 +97,7 @@ class _OffsetLAM(nnx.Module):
 
 class _OffsetDynamics(nnx.Module):
   """Stands in for the dynamics model, with its call signature and the parts generation
-  calls (`genie_jax.genie.frame_logits_fn`): frame t+1 = (frame t + action) mod V, or
+  calls (`genie_jax.genie.generate_next`): frame t+1 = (frame t + action) mod V, or
   frame t when `uses_actions` is False. The prediction reads the previous frame, never the
   masked frame itself, as a perfect dynamics model may."""
 

@@ -269,7 +269,7 @@ IMAGE, FRAMES, CODES, ACTIONS = 16, 4, 8, 3  # N = (16 / 8)^2 = 4 tokens per fra
 
 
 @functools.lru_cache  # Building modules runs op by op: slow on CPU, so build each once.
-def _world(conditioning="additive"):
+def _world(conditioning="additive", positions="learned", sinks=0):
   from genie_jax.models import dynamics as dynamics_lib  # pylint: disable=g-import-not-at-top
   from genie_jax.models import lam as lam_lib  # pylint: disable=g-import-not-at-top
   from genie_jax.models import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
@@ -282,7 +282,8 @@ def _world(conditioning="additive"):
   dyn_cfg = dynamics_lib.default_config()
   dyn_cfg.update(dict(num_layers=2, d_model=16, num_heads=2, num_codes=CODES,
                       tokens_per_frame=4, num_actions=ACTIONS, max_frames=FRAMES,
-                      action_conditioning=conditioning))
+                      action_conditioning=conditioning, temporal_positions=positions,
+                      sink_frames=sinks))
   rngs = nnx.Rngs(0)
   return dynamics_lib.WorldModel(tokenizer_lib.Tokenizer(tok_cfg, rngs=rngs),
                                  lam_lib.LatentActionModel(lam_cfg, rngs=rngs),
@@ -294,35 +295,113 @@ def _video(batch, frames, seed=0):
   return rng.integers(0, 256, (batch, frames, IMAGE, IMAGE, 3), dtype=np.uint8)
 
 
-@pytest.mark.parametrize("conditioning", ["additive", "prepend"])
-def test_cached_logits_equal_full_window_logits(conditioning):
+_CASES = [("additive", "learned", 0), ("prepend", "learned", 0), ("additive", "rope", 0),
+          ("prepend", "rope", 1)]
+
+
+@functools.lru_cache
+def _cache_steps():
+  """Jitted steps of a cache test: the logits of frame f and the cache with frame f."""
   from genie_jax import genie as genie_lib  # pylint: disable=g-import-not-at-top
-  dynamics = _world(conditioning).dynamics
+
+  @nnx.jit
+  def prefill(dynamics, tokens, actions):
+    return genie_lib.prefill_cache(dynamics, tokens[:, :1], actions[:, :1])
+
+  @nnx.jit
+  def step(dynamics, cache, tokens, actions, f, current, mask):
+    logits_fn, update = genie_lib.cached_logits_fn(dynamics, cache, tokens, actions, f, f)
+    new = jax.lax.dynamic_index_in_dim(tokens, f, axis=1, keepdims=False)
+    return logits_fn(current, mask), update(new)
+
+  @nnx.jit
+  def window(dynamics, tokens, actions, f, current, mask):
+    return genie_lib.window_logits_fn(dynamics, tokens, actions, f)(current, mask)
+
+  return prefill, step, window
+
+
+@pytest.mark.parametrize("conditioning,positions,sinks", _CASES)
+def test_cached_logits_equal_the_model_on_the_window(conditioning, positions, sinks):
+  """Within the window every cache equals the model run on the frames so far; past it, the
+  learned-position cache (rebuilt) still does, and the rotary one keeps the latest frames."""
+  dynamics = _world(conditioning, positions, sinks).dynamics
+  prefill, step, window = _cache_steps()
   rng = np.random.default_rng(0)
-  length = 7  # Longer than the 4-frame window: frames 4.. slide it.
+  length = 9  # Longer than the 4-frame window: frames 4.. slide it.
   tokens = jnp.asarray(rng.integers(0, CODES, (2, length, 4)), jnp.int32)
   actions = jnp.asarray(rng.integers(0, ACTIONS, (2, length)), jnp.int32)
-
-  @nnx.jit(static_argnames="cached")
-  def logits(dynamics, tokens, f, current, mask, cached):
-    return genie_lib.frame_logits_fn(dynamics, tokens, actions, f, cached=cached)(current, mask)
-
-  for f in (1, 2, 3, 4, 6):
+  cache = prefill(dynamics, tokens, actions)
+  for f in range(1, length):
     current = jnp.asarray(rng.integers(0, CODES, (2, 4)), jnp.int32)
     mask = jnp.asarray(rng.random((2, 4)) < 0.5)
-    cached = logits(dynamics, tokens, jnp.int32(f), current, mask, True)
-    full = logits(dynamics, tokens, jnp.int32(f), current, mask, False)
-    np.testing.assert_allclose(cached, full, atol=1e-5, rtol=1e-5)
-    # The logits depend on the past frames in the window (the check is not vacuous).
-    moved = logits(dynamics, (tokens.at[:, f - 1].add(1)) % CODES, jnp.int32(f), current,
-                   mask, True)
-    assert not np.allclose(moved, cached, atol=1e-5)
+    cached, next_cache = step(dynamics, cache, tokens, actions, jnp.int32(f), current, mask)
+    full = window(dynamics, tokens, actions, jnp.int32(f), current, mask)
+    if positions == "learned" or f < FRAMES:
+      np.testing.assert_allclose(cached, full, atol=1e-5, rtol=1e-5)
+    else:
+      assert not np.allclose(cached, full, atol=1e-3)  # The streaming model's, by design.
+    if positions == "rope":
+      slots = FRAMES - 1
+      expected = (set(range(f + 1)) if f < slots else
+                  set(range(sinks)) | set(range(f + 1 - (slots - sinks), f + 1)))
+      assert set(np.asarray(next_cache.frame_S).tolist()) - {-1} == expected
+    # The logits depend on the previous frame (the check is not vacuous).
+    moved = step(dynamics, cache, (tokens.at[:, f - 1].add(1)) % CODES, actions, jnp.int32(f),
+                 current, mask)[0]
+    if positions == "learned" and f >= FRAMES:
+      assert not np.allclose(moved, cached, atol=1e-5)
+    cache = next_cache
 
 
-def test_rollout_compiles_once_and_matches_play():
+def test_rolling_cache_equals_an_unbounded_cache_masked_to_the_window():
+  """The ring (with a sink frame) against a reference that keeps every frame's keys/values
+  in its own slot and masks all but the sink and the latest frames: same logits."""
+  dynamics = _world("additive", "rope", 1).dynamics
+  prefill, step, _ = _cache_steps()
+  rng = np.random.default_rng(3)
+  length = 11
+  tokens = jnp.asarray(rng.integers(0, CODES, (2, length, 4)), jnp.int32)
+  actions = jnp.asarray(rng.integers(0, ACTIONS, (2, length)), jnp.int32)
+  caused = dynamics.frame_actions(actions)
+
+  def context(g):
+    frames = jnp.arange(length)
+    visible = (frames < g) & ((frames == 0) | (frames >= g - (FRAMES - 2)))
+    return visible, jnp.where(frames == 0, jnp.maximum(g - (FRAMES - 1), 0), frames)
+
+  @nnx.jit
+  def reference_cache(dynamics):
+    # Keys/values of every frame, each computed seeing the frames the ring held then.
+    x = dynamics.embed(tokens, jnp.zeros_like(tokens, bool), caused)
+    kv = [(jnp.zeros((2, 4, 2, length, 8)), jnp.zeros((2, 4, 2, length, 8)))] * 2
+    for g in range(length):
+      _, frame_kv = dynamics.transformer.decode_frame(x[:, g:g + 1], kv, g, *context(g))
+      kv = dynamics.transformer.write_cache(kv, frame_kv, g)
+    return kv
+
+  @nnx.jit
+  def reference(dynamics, kv, f, current, mask):
+    caused_B1 = jax.lax.dynamic_slice_in_dim(caused, f, 1, axis=1)
+    y, _ = dynamics.transformer.decode_frame(
+        dynamics.embed(current[:, None], mask[:, None], caused_B1), kv, f, *context(f))
+    return dynamics.readout(y)[:, 0]
+
+  kv = reference_cache(dynamics)
+  cache = prefill(dynamics, tokens, actions)
+  for f in range(1, length):
+    current = jnp.asarray(rng.integers(0, CODES, (2, 4)), jnp.int32)
+    mask = jnp.asarray(rng.random((2, 4)) < 0.5)
+    cached, cache = step(dynamics, cache, tokens, actions, jnp.int32(f), current, mask)
+    np.testing.assert_allclose(cached, reference(dynamics, kv, jnp.int32(f), current, mask),
+                               atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("positions,sinks", [("learned", 0), ("rope", 1)])
+def test_rollout_compiles_once_and_matches_play(positions, sinks):
   from genie_jax import genie as genie_lib  # pylint: disable=g-import-not-at-top
   from genie_jax import visualize  # pylint: disable=g-import-not-at-top
-  genie = genie_lib.Genie(_world())
+  genie = genie_lib.Genie(_world("additive", positions, sinks))
   prompt = _video(2, 2)
   num = 6  # 2 + 6 = 8 frames: past both 4-frame windows (dynamics and tokenizer decoder).
   actions = np.random.default_rng(1).integers(0, ACTIONS, (2, num))
@@ -345,6 +424,11 @@ def test_rollout_compiles_once_and_matches_play():
   assert session.frames.shape == (2, 2 + num, IMAGE, IMAGE, 3)
   np.testing.assert_allclose(session.frames.astype(int),
                              visualize.to_uint8(np.asarray(video)).astype(int), atol=1)
+  if positions == "learned":
+    # Past the window the cache is rebuilt: the rollout is the model's on the window.
+    reference = genie.rollout(prompt, actions, rng=jax.random.key(0), num_steps=3,
+                              temperature=0.0, cached=False)
+    np.testing.assert_allclose(reference, video, atol=1e-5)
 
 
 def test_genie_rejects_bad_actions_and_prompts():

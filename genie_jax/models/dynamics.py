@@ -46,8 +46,15 @@ def default_config() -> ml_collections.ConfigDict:
     num_actions: A, the LAM's number of latent actions.
       (0 for these three means: take it from the stage-1/2 workdirs; the dynamics task
       fills them in before the model is built.)
-    max_frames: the longest clip T the temporal positions cover.
+    max_frames: the longest clip T the model sees at once (a rollout's window).
     action_conditioning: 'additive' or 'prepend' (see the module docstring).
+    temporal_positions: 'learned' (Genie: a table added to the tokens) or 'rope' (rotary
+      angles in temporal attention; `genie_jax.models.layers.STTransformer`). Decides what a
+      rollout past max_frames does: under 'learned' each frame's keys depend on its place
+      in the window, so every later frame recomputes the window's past frames; under 'rope'
+      the cache keeps its frames and rolls (`genie_jax.genie`).
+    sink_frames: under 'rope', how many first frames (the prompt's) the rolling cache keeps
+      for good, as an attention sink, besides the latest max_frames - 1 - sink_frames.
   """
   cfg = ml_collections.ConfigDict(dict(
       num_layers=12,
@@ -59,6 +66,8 @@ def default_config() -> ml_collections.ConfigDict:
       num_actions=0,
       max_frames=16,
       action_conditioning="additive",
+      temporal_positions="learned",
+      sink_frames=0,
       **layers.TRANSFORMER_DEFAULTS,
   ))
   cfg.lock()
@@ -76,6 +85,25 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   if cfg.action_conditioning not in CONDITIONINGS:
     raise ValueError(f"config.model.action_conditioning={cfg.action_conditioning!r}; "
                      f"expected one of {list(CONDITIONINGS)}")
+  positions, sinks = temporal_settings(cfg)
+  if positions not in layers.TEMPORAL_POSITIONS:
+    raise ValueError(f"config.model.temporal_positions={positions!r}; expected one of "
+                     f"{list(layers.TEMPORAL_POSITIONS)}")
+  if positions == "rope" and (cfg.d_model // cfg.num_heads) % 2:
+    raise ValueError(f"config.model.temporal_positions='rope' needs an even head width; "
+                     f"d_model={cfg.d_model} / num_heads={cfg.num_heads} is odd")
+  if sinks and positions != "rope":
+    raise ValueError(f"config.model.sink_frames={sinks} needs temporal_positions='rope' (a "
+                     f"learned table ties cached keys to their place in the window)")
+  if not 0 <= sinks <= cfg.max_frames - 2:
+    raise ValueError(f"config.model.sink_frames={sinks} must be in [0, max_frames - 2="
+                     f"{cfg.max_frames - 2}]: the cache keeps at least the latest frame")
+
+
+def temporal_settings(cfg: ml_collections.ConfigDict) -> tuple[str, int]:
+  """(temporal_positions, sink_frames); configs saved before the keys existed are Genie's
+  learned positions without sinks."""
+  return cfg.get("temporal_positions", "learned"), cfg.get("sink_frames", 0)
 
 
 class DynamicsModel(nnx.Module):
@@ -88,6 +116,7 @@ class DynamicsModel(nnx.Module):
     self.num_actions = cfg.num_actions
     self.tokens_per_frame = cfg.tokens_per_frame
     self.prepend = cfg.action_conditioning == "prepend"
+    positions, self.sink_frames = temporal_settings(cfg)
     self.dtype = dtype
     d = cfg.d_model
     embed_init = jax.nn.initializers.normal(_EMBED_STDDEV)
@@ -101,7 +130,8 @@ class DynamicsModel(nnx.Module):
         num_tokens=cfg.tokens_per_frame + int(self.prepend), max_frames=cfg.max_frames,
         mlp_ratio=cfg.mlp_ratio, qk_norm=cfg.qk_norm_kind if cfg.qk_norm else None,
         dtype=dtype, param_dtype=param_dtype, attention_impl=cfg.attention_impl,
-        remat=cfg.remat_policy if cfg.remat else None, rngs=rngs)
+        temporal_positions=positions, remat=cfg.remat_policy if cfg.remat else None,
+        rngs=rngs)
     self.to_logits = layers.Linear(d, cfg.num_codes, names=("embed", "vocab"), dtype=dtype,
                                    param_dtype=param_dtype, rngs=rngs)
 

@@ -250,7 +250,7 @@ class LatentActionModel(nnx.Module):
     """Latent actions of a clip: (B, T-1) int32 in [0, A); [:, t] is the action of the
     transition frame t -> frame t+1. uint8 or [0, 1] float video, of any length (clips longer
     than max_frames are read in windows, see `in_windows`). Leaves the usage EMA alone."""
-    window = self.encoder.temporal_pos.shape[0]
+    window = self.encoder.max_frames
     return in_windows(self._infer_window, video_BTHWC, window)
 
   def _infer_window(self, video_BTHWC: jax.Array) -> jax.Array:

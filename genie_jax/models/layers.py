@@ -210,6 +210,26 @@ def _attention_core_bwd(causal, res, do):
 attention_core.defvjp(_attention_core_fwd, _attention_core_bwd)
 
 
+TEMPORAL_POSITIONS = ("learned", "rope")
+# RoPE wavelengths run from 2*pi to ROPE_BASE * 2*pi positions (RoFormer's base).
+ROPE_BASE = 10_000.0
+
+
+def rope(x: jax.Array, positions: jax.Array) -> jax.Array:
+  """Rotary position embedding: x[..., E] rotated by angles positions[...] * freq (RoFormer).
+
+  `positions` broadcasts against x's leading axes. The dot product of a query rotated at p
+  and a key rotated at s depends on p - s only: keys cached under one numbering stay valid
+  when the window slides.
+  """
+  half = x.shape[-1] // 2
+  freq = ROPE_BASE ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  angle = positions.astype(jnp.float32)[..., None] * freq
+  cos, sin = jnp.cos(angle).astype(x.dtype), jnp.sin(angle).astype(x.dtype)
+  x1, x2 = x[..., :half], x[..., half:]
+  return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+
+
 class Attention(nnx.Module):
   """Multi-head self-attention over one axis of x_BTND: the tokens of a frame or time.
 
@@ -227,12 +247,13 @@ class Attention(nnx.Module):
     param_dtype: dtype of the weights.
     implementation: 'xla' (any backend; the layout described in the module docstring) or
       'cudnn' (jax.nn.dot_product_attention's fused kernel; NVIDIA GPUs, bf16/fp16).
+    rotary: rotate q and k by their frame index (`rope`; over='time' only).
   """
 
   def __init__(self, d_model: int, num_heads: int, *, over: str, causal: bool = False,
                qk_norm: str | None = None, dtype: Dtype = jnp.float32,
                param_dtype: Dtype = jnp.float32, implementation: str = "xla",
-               rngs: nnx.Rngs):
+               rotary: bool = False, rngs: nnx.Rngs):
     if d_model % num_heads:
       raise ValueError(f"d_model={d_model} is not divisible by num_heads={num_heads}")
     if over not in _TO_HEADS:
@@ -243,6 +264,10 @@ class Attention(nnx.Module):
       raise ValueError(f"attention implementation={implementation!r}; expected one of "
                        f"{ATTENTION_IMPLS}")
     head_dim = d_model // num_heads
+    if rotary and (over != "time" or head_dim % 2):
+      raise ValueError(f"rotary positions need attention over time and an even head width; "
+                       f"got over={over!r}, head width {head_dim}")
+    self.rotary = rotary
     self.over = over
     self.causal = causal
     self.dtype = dtype
@@ -272,6 +297,9 @@ class Attention(nnx.Module):
     q_BTNKE, k_BTNKE, v_BTNKE = (a[..., 0, :] for a in jnp.split(qkv_BTNKQE, 3, axis=4))
     if self.q_norm is not None:
       q_BTNKE, k_BTNKE = self.q_norm(q_BTNKE), self.k_norm(k_BTNKE)
+    if self.rotary:
+      positions_T11 = jnp.arange(x_BTND.shape[1])[:, None, None]
+      q_BTNKE, k_BTNKE = rope(q_BTNKE, positions_T11), rope(k_BTNKE, positions_T11)
     scale = jnp.asarray(self.scale, self.dtype)
     if self.implementation == "cudnn":
       o_BTNKE = self._cudnn(q_BTNKE * scale, k_BTNKE, v_BTNKE)
@@ -300,31 +328,38 @@ class Attention(nnx.Module):
 
     Returns:
       (out_BTND, k_BNKSE, v_BNKSE): the output and the head-major keys/values of the T
-      frames, which later frames attend to (`attend_cached`).
+      frames, which later frames attend to (`attend_cached`); rotary keys before rotation.
     """
     if self.over != "time":
       raise ValueError("call_with_kv caches temporal attention only (over='time')")
     q_BTNKE, k_BTNKE, v_BTNKE = self._project_qkv(x_BTND)
     to_heads = lambda a: jnp.transpose(a, _TO_HEADS["time"])
     k_BNKSE, v_BNKSE = to_heads(k_BTNKE), to_heads(v_BTNKE)
-    o_BNKTE = attention_core(self.causal, to_heads(q_BTNKE), k_BNKSE, v_BNKSE)
+    q_BNKTE, keys_BNKSE = to_heads(q_BTNKE), k_BNKSE
+    if self.rotary:
+      positions_T = jnp.arange(x_BTND.shape[1])
+      q_BNKTE, keys_BNKSE = rope(q_BNKTE, positions_T), rope(k_BNKSE, positions_T)
+    o_BNKTE = attention_core(self.causal, q_BNKTE, keys_BNKSE, v_BNKSE)
     o_BTNKE = jnp.transpose(o_BNKTE, _FROM_HEADS["time"])
     out_BTND = dense(o_BTNKE, self.out_kernel[...].astype(self.dtype),
                      self.out_bias[...].astype(self.dtype), in_axes=2)
     return out_BTND, k_BNKSE, v_BNKSE
 
   def attend_cached(self, x_B1ND: jax.Array, k_BNKSE: jax.Array, v_BNKSE: jax.Array,
-                    num_valid: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Temporal attention of one new frame to cached past frames and itself.
+                    valid_S: jax.Array, position: jax.Array, key_positions_S: jax.Array
+                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Temporal attention of one new frame to cached frames and itself.
 
     Args:
       x_B1ND: the new frame (normed block input).
-      k_BNKSE, v_BNKSE: cached keys/values of S slots; slots >= num_valid are ignored.
-      num_valid: how many leading slots hold past frames (traced int allowed).
+      k_BNKSE, v_BNKSE: cached keys (rotary: before rotation) and values of S slots.
+      valid_S: which slots hold frames the new one sees.
+      position: the new frame's temporal position (traced int allowed).
+      key_positions_S: the slots' temporal positions (read by rotary attention only).
 
     Returns:
-      (out_B1ND, k_BNK1E, v_BNK1E): the output and the new frame's key/value, to be
-      written into the cache once the frame is final.
+      (out_B1ND, k_BNK1E, v_BNK1E): the output and the new frame's key (rotary: before
+      rotation) and value, to be written into the cache once the frame is final.
     """
     if self.over != "time":
       raise ValueError("attend_cached caches temporal attention only (over='time')")
@@ -333,11 +368,13 @@ class Attention(nnx.Module):
     q_BNK1E, k_BNK1E, v_BNK1E = to_heads(q_B1NKE), to_heads(k_B1NKE), to_heads(v_B1NKE)
     keys = jnp.concatenate([k_BNKSE.astype(self.dtype), k_BNK1E], axis=3)
     values = jnp.concatenate([v_BNKSE.astype(self.dtype), v_BNK1E], axis=3)
+    if self.rotary:
+      q_BNK1E = rope(q_BNK1E, jnp.reshape(position, (1,)))
+      keys = rope(keys, jnp.concatenate([key_positions_S, jnp.reshape(position, (1,))]))
     logits = jnp.einsum("bnkqe,bnkse->bnkqs", q_BNK1E, keys,
                         preferred_element_type=jnp.float32)
-    slots = jnp.arange(keys.shape[3])
     # The new frame always sees itself (the last slot), so no row is fully masked.
-    visible = (slots < num_valid) | (slots == keys.shape[3] - 1)
+    visible = jnp.concatenate([valid_S, jnp.ones((1,), bool)])
     probs = jax.nn.softmax(jnp.where(visible, logits, -jnp.inf), axis=-1)
     o_BNK1E = jnp.einsum("bnkqs,bnkse->bnkqe", probs.astype(self.dtype), values,
                          preferred_element_type=jnp.float32).astype(self.dtype)
@@ -432,15 +469,15 @@ class STBlock(nnx.Module):
   def __init__(self, d_model: int, num_heads: int, *, mlp_ratio: int = 4,
                qk_norm: str | None = None, dtype: Dtype = jnp.float32,
                param_dtype: Dtype = jnp.float32, attention_impl: str = "xla",
-               rngs: nnx.Rngs):
+               rotary_time: bool = False, rngs: nnx.Rngs):
     norm = lambda: Norm(d_model, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    attention = lambda over, causal: Attention(
+    attention = lambda over, causal, rotary: Attention(
         d_model, num_heads, over=over, causal=causal, qk_norm=qk_norm, dtype=dtype,
-        param_dtype=param_dtype, implementation=attention_impl, rngs=rngs)
+        param_dtype=param_dtype, implementation=attention_impl, rotary=rotary, rngs=rngs)
     self.spatial_norm = norm()
-    self.spatial_attention = attention("tokens", causal=False)
+    self.spatial_attention = attention("tokens", causal=False, rotary=False)
     self.temporal_norm = norm()
-    self.temporal_attention = attention("time", causal=True)
+    self.temporal_attention = attention("time", causal=True, rotary=rotary_time)
     self.ffn_norm = norm()
     self.ffn = FeedForward(d_model, mlp_ratio * d_model, dtype=dtype,
                            param_dtype=param_dtype, rngs=rngs)
@@ -462,14 +499,16 @@ class STBlock(nnx.Module):
     return x_BTND, k_BNKSE, v_BNKSE
 
   def decode_frame(self, x_B1ND: jax.Array, k_BNKSE: jax.Array, v_BNKSE: jax.Array,
-                   num_valid: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """The block on one new frame whose past frames' keys/values are cached.
+                   valid_S: jax.Array, position: jax.Array, key_positions_S: jax.Array
+                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The block on one new frame whose past frames' keys/values are cached (arguments:
+    `Attention.attend_cached`).
 
     Returns (x_B1ND, k_BNK1E, v_BNK1E): the output and the frame's temporal key/value.
     """
     x_B1ND = x_B1ND + self.spatial_attention(self.spatial_norm(x_B1ND))
     out_B1ND, k_BNK1E, v_BNK1E = self.temporal_attention.attend_cached(
-        self.temporal_norm(x_B1ND), k_BNKSE, v_BNKSE, num_valid)
+        self.temporal_norm(x_B1ND), k_BNKSE, v_BNKSE, valid_S, position, key_positions_S)
     x_B1ND = x_B1ND + out_B1ND
     x_B1ND = x_B1ND + self.ffn(self.ffn_norm(x_B1ND))
     return x_B1ND, k_BNK1E, v_BNK1E
@@ -482,18 +521,21 @@ def _block_call(block: STBlock, x_BTND: jax.Array) -> jax.Array:
 class STTransformer(nnx.Module):
   """Positional encoding (once), `num_layers` ST blocks, final norm: x_BTND -> x_BTND.
 
-  Positions are two learned tables, spatial (N, D) and temporal (max_frames, D), summed and
-  added once before the first block. Learned rather than sinusoidal: clips never exceed
-  `max_frames` and frames always have N tokens, so the extrapolation of sinusoids buys
-  nothing, while learned tables cost (N + T) * D parameters and can fit the 2-D patch grid.
-  The residual stream stays in `dtype`.
+  Spatial positions are a learned (N, D) table added once before the first block: frames
+  always have N tokens, and a table can fit the 2-D patch grid. Temporal positions
+  (`temporal_positions`) are either a learned (max_frames, D) table added with it ('learned',
+  Genie's ST-ViViT), or rotary angles on the temporal attention's queries and keys ('rope'),
+  under which a frame's cached keys do not depend on where the window starts, so a rollout
+  past `max_frames` can keep its cache (`genie_jax.genie`). The residual stream stays in
+  `dtype`.
 
   Args:
     num_layers: number of ST blocks (0 is allowed: positions and the final norm only).
     d_model, num_heads, mlp_ratio, qk_norm, dtype, param_dtype, attention_impl: see
       `STBlock`.
     num_tokens: N, tokens per frame.
-    max_frames: the longest clip (T) the temporal table covers.
+    max_frames: the longest clip (T) the model sees at once.
+    temporal_positions: 'learned' or 'rope' (see above).
     remat: None, 'full' or 'dots' (see `REMAT_POLICIES`): recompute each block in the
       backward pass.
   """
@@ -501,31 +543,43 @@ class STTransformer(nnx.Module):
   def __init__(self, num_layers: int, d_model: int, num_heads: int, *, num_tokens: int,
                max_frames: int, mlp_ratio: int = 4, qk_norm: str | None = None,
                dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
-               attention_impl: str = "xla", remat: str | None = None, rngs: nnx.Rngs):
+               attention_impl: str = "xla", temporal_positions: str = "learned",
+               remat: str | None = None, rngs: nnx.Rngs):
     if remat is not None and remat not in REMAT_POLICIES:
       raise ValueError(f"remat={remat!r}; expected None or one of {sorted(REMAT_POLICIES)}")
+    if temporal_positions not in TEMPORAL_POSITIONS:
+      raise ValueError(f"temporal_positions={temporal_positions!r}; expected one of "
+                       f"{TEMPORAL_POSITIONS}")
     self.dtype = dtype
     self.remat = remat
+    self.max_frames = max_frames
+    self.temporal_positions = temporal_positions
     embed_init = jax.nn.initializers.normal(_EMBED_STDDEV)
     self.spatial_pos = param(rngs, embed_init, (num_tokens, d_model),
                              ("positions", "embed"), param_dtype)
-    self.temporal_pos = param(rngs, embed_init, (max_frames, d_model),
-                              ("positions", "embed"), param_dtype)
+    if temporal_positions == "learned":
+      self.temporal_pos = param(rngs, embed_init, (max_frames, d_model),
+                                ("positions", "embed"), param_dtype)
     self.blocks = nnx.List([
         STBlock(d_model, num_heads, mlp_ratio=mlp_ratio, qk_norm=qk_norm, dtype=dtype,
-                param_dtype=param_dtype, attention_impl=attention_impl, rngs=rngs)
+                param_dtype=param_dtype, attention_impl=attention_impl,
+                rotary_time=temporal_positions == "rope", rngs=rngs)
         for _ in range(num_layers)])
     self.final_norm = Norm(d_model, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-  def __call__(self, x_BTND: jax.Array) -> jax.Array:
+  def _add_positions(self, x_BTND: jax.Array) -> jax.Array:
+    """x plus the spatial (and learned temporal) positions of frames 0..T-1."""
     t = x_BTND.shape[1]
-    max_frames = self.temporal_pos.shape[0]
-    if t > max_frames:
+    if t > self.max_frames:
       raise ValueError(f"clip has {t} frames but the model was built for max_frames="
-                       f"{max_frames}")
-    pos_TND = self.temporal_pos[:t, None, :] + self.spatial_pos[None, :, :]
-    x_BTND = (x_BTND + pos_TND).astype(self.dtype)
-    x_BTND = sharding.constrain(x_BTND, _ACT_BTND)
+                       f"{self.max_frames}")
+    pos_TND = self.spatial_pos[None, :, :]
+    if self.temporal_positions == "learned":
+      pos_TND = self.temporal_pos[:t, None, :] + pos_TND
+    return (x_BTND + pos_TND).astype(self.dtype)
+
+  def __call__(self, x_BTND: jax.Array) -> jax.Array:
+    x_BTND = sharding.constrain(self._add_positions(x_BTND), _ACT_BTND)
     block_call = _block_call
     if self.remat is not None:
       block_call = nnx.remat(_block_call, policy=REMAT_POLICIES[self.remat])
@@ -543,36 +597,46 @@ class STTransformer(nnx.Module):
     Returns:
       (y_BTND, cache): cache holds one (k_BNKSE, v_BNKSE) pair per block with S = T slots.
     """
-    t = x_BTND.shape[1]
-    if t > self.temporal_pos.shape[0]:
-      raise ValueError(f"clip has {t} frames but the model was built for max_frames="
-                       f"{self.temporal_pos.shape[0]}")
-    pos_TND = self.temporal_pos[:t, None, :] + self.spatial_pos[None, :, :]
-    x_BTND = (x_BTND + pos_TND).astype(self.dtype)
+    x_BTND = self._add_positions(x_BTND)
     cache = []
     for block in self.blocks:
       x_BTND, k_BNKSE, v_BNKSE = block.call_with_kv(x_BTND)
       cache.append((k_BNKSE, v_BNKSE))
     return self.final_norm(x_BTND), cache
 
-  def decode_frame(self, x_B1ND: jax.Array, cache: KVCache, position: jax.Array
+  def decode_frame(self, x_B1ND: jax.Array, cache: KVCache, position: jax.Array,
+                   valid_S: jax.Array | None = None, key_positions_S: jax.Array | None = None
                    ) -> tuple[jax.Array, KVCache]:
-    """One new frame at temporal `position`, attending to cache slots 0..position-1.
+    """One new frame at temporal `position`, attending to the cached frames.
 
-    Equal (to rounding) to frame `position` of `__call__` on the cached frames followed by
-    this one. `position` may be traced, so one compiled program serves every frame.
+    With the defaults it sees cache slots 0..position-1, which hold the frames at those
+    positions, and equals (to rounding) frame `position` of `__call__` on the cached frames
+    followed by this one. A rolling cache names the slots it fills (`valid_S`) and, under
+    rotary positions, their positions (`key_positions_S`). Every argument may be traced, so
+    one compiled program serves every frame.
 
     Returns:
       (y_B1ND, frame_kv): the output and the frame's (k_BNK1E, v_BNK1E) per block, for
       `write_cache_slot` once the frame is final.
     """
-    pos_1D = jax.lax.dynamic_slice_in_dim(self.temporal_pos[...], position, 1, axis=0)
-    x_B1ND = (x_B1ND + pos_1D[:, None, :] + self.spatial_pos[None, :, :]).astype(self.dtype)
+    slots_S = jnp.arange(cache[0][0].shape[3]) if cache else jnp.zeros((0,), jnp.int32)
+    valid_S = slots_S < position if valid_S is None else valid_S
+    key_positions_S = slots_S if key_positions_S is None else key_positions_S
+    pos_1ND = self.spatial_pos[None, :, :]
+    if self.temporal_positions == "learned":
+      pos_1ND = pos_1ND + jax.lax.dynamic_slice_in_dim(self.temporal_pos[...], position, 1,
+                                                       axis=0)[:, None, :]
+    x_B1ND = (x_B1ND + pos_1ND).astype(self.dtype)
     frame_kv = []
     for block, (k_BNKSE, v_BNKSE) in zip(self.blocks, cache):
-      x_B1ND, k_BNK1E, v_BNK1E = block.decode_frame(x_B1ND, k_BNKSE, v_BNKSE, position)
+      x_B1ND, k_BNK1E, v_BNK1E = block.decode_frame(x_B1ND, k_BNKSE, v_BNKSE, valid_S,
+                                                    position, key_positions_S)
       frame_kv.append((k_BNK1E, v_BNK1E))
     return self.final_norm(x_B1ND), frame_kv
+
+  def write_cache(self, cache: KVCache, frame_kv: KVCache, slot: jax.Array) -> KVCache:
+    """`write_cache_slot`: the cache with `decode_frame`'s frame_kv at `slot`."""
+    return write_cache_slot(cache, frame_kv, slot)
 
 
 KVCache = list[tuple[jax.Array, jax.Array]]

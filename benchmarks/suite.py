@@ -1,0 +1,235 @@
+r"""Every stage's train step, the rollout and the input pipeline, timed on this machine.
+
+  python benchmarks/suite.py                                   # runlocal + readme shapes
+  python benchmarks/suite.py --only=train --shapes=readme --steps=5
+  python benchmarks/suite.py --only=rollout --shapes=appf --rollout_frames=16,64
+  python benchmarks/suite.py --malloc=system                   # glibc's malloc as it comes
+
+One table, one row per measurement:
+  train    the whole train step (forward, backward, clipping, AdamW; for dynamics also the
+           frozen tokenizer's encoder and the LAM) on random frames: median seconds per step,
+           frames/s, XLA's FLOPs per step and model-FLOPs utilisation against the best
+           float32 matmul throughput measured here.
+  rollout  `Genie.rollout` (prompt encoding, MaskGIT per frame, decoding) of N generated
+           frames from a 1-frame prompt at --maskgit_steps: ms per generated frame and
+           frames/s of the second call; the first call's extra time is its compile time.
+  input    clips/s of training batches read from the prepared ArrayRecord files through
+           Grain (the built-in world, generated into --data_dir on first use).
+Every row also gives the process's peak RSS so far. Weights are random: the figures are the
+programs', not a trained model's.
+
+Shapes:
+  runlocal  the three stages exactly as README command 1 trains them (32x32 frames).
+  readme    README "Benchmark": 64x64x16 clips, patch 4 (256 tokens/frame), d 256, 4 heads,
+            4(+4) blocks, 1024 codes, batch 4; the LAM with patch 16 and 6 codes.
+  appf      Genie App. F: tokenizer d 512 8+8 blocks, LAM d 1024 8+8 blocks, dynamics d 512
+            12 blocks, 8 heads, 256 tokens/frame; batch cut to 2 (rollout: 1) for a CPU.
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app
+from absl import flags
+from flax import nnx
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import data_pipelines
+from configs import dynamics as dynamics_config
+from configs import genie as genie_config
+from configs import lam as lam_config
+from configs import tokenizer as tokenizer_config
+from genie_jax import allocator
+from genie_jax import checkpointing
+from genie_jax import genie as genie_lib
+from genie_jax import pipeline
+from genie_jax import profiling
+from genie_jax import sharding
+from genie_jax import tasks
+from genie_jax import train_state
+from genie_jax.data import input_pipeline
+# pylint: enable=g-import-not-at-top,wrong-import-position
+
+STAGES = ("tokenizer", "lam", "dynamics")
+KINDS = ("train", "rollout", "input")
+SHAPES = ("runlocal", "readme", "appf")
+_README = dict(d_model=256, num_heads=4)
+
+_ONLY = flags.DEFINE_list("only", list(KINDS), f"Which of {list(KINDS)} to measure.")
+_SHAPES = flags.DEFINE_list("shapes", ["runlocal", "readme"], f"Of {list(SHAPES)}.")
+_STAGES = flags.DEFINE_list("stages", list(STAGES), "Train steps of these stages.")
+_STEPS = flags.DEFINE_integer("steps", 3, "Timed train steps (after one warm-up step).")
+_FRAMES = flags.DEFINE_list("rollout_frames", ["16", "64"], "Generated frames per rollout.")
+_MASKGIT = flags.DEFINE_integer("maskgit_steps", 25, "MaskGIT steps per generated frame.")
+_INPUT_BATCHES = flags.DEFINE_integer("input_batches", 50, "Timed input batches.")
+_DATA_DIR = flags.DEFINE_string("data_dir", None, "Where the built-in world is prepared "
+                                "(default: the data config's).")
+
+
+def _configs(shape: str, root: str) -> dict:
+  """{stage: config} at `shape`; the dynamics config reads its stages from `root`."""
+  if shape == "runlocal":
+    configs = {s: c for s, (_, c) in pipeline.stage_configs(
+        genie_config.get_config("runlocal"), root).items()}
+  else:
+    arg = "size=appf"
+    configs = dict(tokenizer=tokenizer_config.get_config(arg), lam=lam_config.get_config(arg))
+    if shape == "readme":
+      configs["tokenizer"].model.update(_README, enc_layers=4, dec_layers=4)
+      configs["lam"].model.update(_README, enc_layers=4, dec_layers=4, num_actions=6)
+  for stage in ("tokenizer", "lam"):
+    checkpointing.save_config(os.path.join(root, stage), configs[stage])
+  if shape != "runlocal":
+    configs["dynamics"] = dynamics_config.get_config(
+        f"{arg},tokenizer_workdir={os.path.join(root, 'tokenizer')},"
+        f"lam_workdir={os.path.join(root, 'lam')}")
+    if shape == "readme":
+      configs["dynamics"].model.update(_README, num_layers=4)
+  batch = dict(runlocal=None, readme=4, appf=2)[shape]
+  for config in configs.values():
+    config.mesh = dict(data=1, fsdp=1, tensor=1)
+    if batch:
+      config.batch_size = batch
+  return configs
+
+
+def matmul_peak_flops(sizes=(1024, 2048, 3072), repeats=5) -> float:
+  """Best float32 matmul throughput (FLOP/s) jax reaches on the default device."""
+  best = 0.0
+  for n in sizes:
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, a).block_until_ready()
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      f(a, a).block_until_ready()
+      best = max(best, 2 * n**3 / (time.perf_counter() - t0))
+  return best
+
+
+def _random_batch(config) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(0)
+  b, t, s = config.batch_size, config.data.clip_len, config.data.image_size
+  return dict(video=rng.integers(0, 256, (b, t, s, s, 3), dtype=np.uint8),
+              actions=rng.integers(0, 4, (b, t), dtype=np.int32))
+
+
+def bench_train(config, peak: float) -> dict[str, float]:
+  task = tasks.get_task(config)
+  spec = train_state.make_state_spec(task, config, sharding.make_mesh(config.mesh,
+                                                                      jax.devices()[:1]))
+  local = _random_batch(config)
+  batch = jax.device_put(local, spec.batch_sharding)
+  t0 = time.perf_counter()
+  compiled = train_state.jit_train_step(task, spec, config.seed).lower(
+      spec.abstract, train_state.abstract_batch(spec, local)).compile()
+  compile_s = time.perf_counter() - t0
+  state = spec.init(jax.random.key(config.seed))
+  times = []
+  for i in range(_STEPS.value + 1):
+    t0 = time.perf_counter()
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics["loss"])
+    if i:  # The first call also allocates and warms caches.
+      times.append(time.perf_counter() - t0)
+  step_s = statistics.median(times)
+  flops = profiling.compiled_stats(compiled).get("flops", float("nan"))
+  frames = config.batch_size * config.data.clip_len
+  return dict(compile_s=compile_s, ms=1e3 * step_s, rate=frames / step_s, unit="frames/s",
+              gflop=flops / 1e9, mfu=flops / step_s / peak, batch=config.batch_size)
+
+
+def _genie(config) -> genie_lib.Genie:
+  task = tasks.get_task(config)
+  task.validate()
+  return genie_lib.Genie(task.make_model(nnx.Rngs(0)))
+
+
+def bench_rollout(config, num_frames: int, peak: float) -> dict[str, float]:
+  del peak
+  genie = _genie(config)
+  b = 1
+  s = config.data.image_size
+  prompt = np.random.default_rng(0).integers(0, 256, (b, 1, s, s, 3), dtype=np.uint8)
+  actions = np.random.default_rng(1).integers(0, genie.num_actions, (b, num_frames))
+  times = []
+  for i in range(2):
+    t0 = time.perf_counter()
+    jax.block_until_ready(genie.rollout(prompt, actions, rng=jax.random.key(i),
+                                        num_steps=_MASKGIT.value))
+    times.append(time.perf_counter() - t0)
+  return dict(compile_s=times[0] - times[1], ms=1e3 * times[1] / num_frames,
+              rate=b * num_frames / times[1], unit="frames/s", batch=b)
+
+
+def bench_input(config) -> dict[str, float]:
+  data = config.data
+  if _DATA_DIR.value:
+    data.data_dir = _DATA_DIR.value
+  data_pipelines.get_builder(data, prepare=True)
+  it = iter(input_pipeline.make_dataset(data, "train", seed=0,
+                                        global_batch_size=config.batch_size))
+  next(it)  # Opens the files and starts any workers.
+  t0 = time.perf_counter()
+  for _ in range(_INPUT_BATCHES.value):
+    next(it)
+  seconds = time.perf_counter() - t0
+  clips = _INPUT_BATCHES.value * config.batch_size
+  return dict(ms=1e3 * seconds / _INPUT_BATCHES.value, rate=clips / seconds, unit="clips/s",
+              batch=config.batch_size)
+
+
+def _row(kind, what, shape, r) -> str:
+  cells = [kind, what, shape, str(r.get("batch", "")),
+           f"{r['compile_s']:.1f}" if "compile_s" in r else "",
+           f"{r['ms']:.1f}", f"{r['rate']:.4g} {r['unit']}",
+           f"{r['gflop']:.1f}" if "gflop" in r else "",
+           f"{r['mfu']:.2f}" if "mfu" in r else "",
+           f"{allocator.peak_rss_mib():.0f}"]
+  return "| " + " | ".join(cells) + " |"
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  for name, values, known in (("only", _ONLY.value, KINDS), ("shapes", _SHAPES.value, SHAPES),
+                              ("stages", _STAGES.value, STAGES)):
+    if set(values) - set(known):
+      raise app.UsageError(f"--{name}: unknown {sorted(set(values) - set(known))}; "
+                           f"known: {list(known)}")
+  peak = matmul_peak_flops()
+  print(f"{jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()}), "
+        f"{os.cpu_count()} cores, jax {jax.__version__}, float32, malloc "
+        f"{allocator.in_use()}, matmul peak {peak / 1e9:.1f} GFLOP/s")
+  header = ("| kind | what | shape | batch | compile s | ms (per step / frame / batch) | "
+            "rate | GFLOP/step | MFU | peak RSS MiB |")
+  print(header)
+  print("|" + "---|" * (header.count("|") - 1), flush=True)
+  with tempfile.TemporaryDirectory() as root:
+    for shape in _SHAPES.value:
+      configs = _configs(shape, os.path.join(root, shape))
+      if "train" in _ONLY.value:
+        for stage in _STAGES.value:
+          print(_row("train", stage, shape, bench_train(configs[stage], peak)), flush=True)
+      if "rollout" in _ONLY.value:
+        for n in _FRAMES.value:
+          r = bench_rollout(configs["dynamics"], int(n), peak)
+          print(_row("rollout", f"{n} frames, {_MASKGIT.value} steps", shape, r), flush=True)
+      if "input" in _ONLY.value and shape == "runlocal":
+        for stage in STAGES:
+          print(_row("input", f"{stage} batches", shape, bench_input(configs[stage])),
+                flush=True)
+
+
+if __name__ == "__main__":
+  allocator.define_flags()
+  app.run(allocator.entry_point(main))
