@@ -7,7 +7,8 @@ then open http://127.0.0.1:8000/. Pick a prompt frame (the first frames of a few
 clips, or "random"), then press number keys 1..9, 0 (latent actions 0..9) or the arrow keys
 (mapped to actions by --arrow_actions), or click the action buttons. Each frame is shown as soon
 as it is generated; the page also shows the generation latency, the recent frames and actions,
-and offers the played episode as a GIF.
+and offers the played episode as a GIF. Its MaskGIT step count (fewer: faster frames, coarser
+samples) applies from the next start or reset, and choosing one resets the episode.
 
 The server is the standard library's ThreadingHTTPServer with one static page (no external
 resources) and JSON endpoints:
@@ -15,9 +16,10 @@ resources) and JSON endpoints:
   GET  /                 the page
   GET  /api/info         {num_actions, image_size, prompts: [PNG data URL], num_prompts,
                           arrow_actions: {key: action}, title}
-  POST /api/start        {prompt: index | "random"} -> {frame, t, prompt, actions}
-  POST /api/step         {action: int} -> {frame, t, action, latency_ms, actions}
-  POST /api/reset        {} -> as /api/start, from the same prompt frame
+  POST /api/start        {prompt: index | "random", num_steps?: int}
+                         -> {frame, t, prompt, actions, num_steps}
+  POST /api/step         {action: int} -> {frame, t, action, latency_ms, actions, num_steps}
+  POST /api/reset        {num_steps?: int} -> as /api/start, from the same prompt frame
   GET  /api/episode.gif  the frames played since the last start, as an animated GIF
 
 Errors are JSON {error: message} with HTTP 400 (bad request, e.g. an action out of range) or
@@ -55,7 +57,8 @@ def define_flags() -> None:
   flags.DEFINE_integer("port", 8000, "Port to serve the page on.")
   flags.DEFINE_string("host", "127.0.0.1", "Address to serve on (0.0.0.0: all).")
   flags.DEFINE_integer("step", None, "Checkpoint step; default: the latest.")
-  flags.DEFINE_integer("num_steps", 25, "MaskGIT decoding steps per frame (Genie: 25).")
+  flags.DEFINE_integer("num_steps", 25, "MaskGIT decoding steps per frame at the start "
+                       "(Genie: 25); the page can change it.")
   flags.DEFINE_float("temperature", 1.0,
       "Sampling temperature (Genie: 1.0 on CoinRun; 0: argmax).")
   flags.DEFINE_integer("seed", 0, "Seed of the sampler and of the random prompt.")
@@ -69,6 +72,9 @@ def define_flags() -> None:
 ARROW_KEYS = ("ArrowLeft", "ArrowRight", "ArrowUp", "ArrowDown")
 NUM_THUMBNAILS = 8
 MAX_BODY_BYTES = 1 << 16
+# MaskGIT step counts the page offers (each compiles its own program on first use).
+STEP_CHOICES = (1, 2, 4, 8, 12, 16, 25, 32, 50)
+MAX_NUM_STEPS = 64
 
 
 class PlaySession(Protocol):
@@ -83,8 +89,9 @@ class World(Protocol):
 
   num_actions: int
 
-  def start(self, prompt_BTHWC: np.ndarray) -> PlaySession:
-    """Starts an episode from prompt frames, uint8 (1, T, H, W, C)."""
+  def start(self, prompt_BTHWC: np.ndarray, num_steps: int) -> PlaySession:
+    """Starts an episode from prompt frames, uint8 (1, T, H, W, C), sampling each frame
+    with `num_steps` MaskGIT steps."""
 
 
 class PlayError(ValueError):
@@ -102,7 +109,7 @@ class Game:
 
   def __init__(self, world: World, prompts_BTHWC: np.ndarray, *,
                arrow_actions: tuple[int, ...] = (0, 1, 2, 3), seed: int = 0,
-               title: str = "Genie"):
+               title: str = "Genie", num_steps: int = 25):
     prompts_BTHWC = np.asarray(prompts_BTHWC)
     if prompts_BTHWC.ndim != 5 or prompts_BTHWC.dtype != np.uint8 or not len(prompts_BTHWC):
       raise ValueError("prompts must be uint8 clips (B, T, H, W, C) with B >= 1, got "
@@ -113,6 +120,7 @@ class Game:
       raise ValueError(f"--arrow_actions={list(arrow_actions)}: need {len(ARROW_KEYS)} actions "
                        f"in [0, {self.num_actions}).")
     self._world = world
+    self._num_steps = self._check_num_steps(num_steps)
     self._prompts = prompts_BTHWC
     self._arrow_actions = dict(zip(ARROW_KEYS, arrow_actions))
     self._rng = np.random.default_rng(seed)
@@ -133,10 +141,23 @@ class Game:
         prompts=[png_data_url(clip[0]) for clip in self._prompts[:NUM_THUMBNAILS]],
         num_prompts=len(self._prompts),
         arrow_actions=self._arrow_actions,
+        num_steps=self._num_steps,
+        step_choices=sorted(set(STEP_CHOICES) | {self._num_steps}),
     )
 
-  def start(self, prompt: Any) -> dict[str, Any]:
-    """Starts a new episode from thumbnail `prompt` (an index) or "random"."""
+  @staticmethod
+  def _check_num_steps(num_steps: Any) -> int:
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not (
+        1 <= num_steps <= MAX_NUM_STEPS):
+      raise PlayError(f"num_steps={num_steps!r} is not valid: give an integer in "
+                      f"[1, {MAX_NUM_STEPS}] (MaskGIT steps per frame).")
+    return num_steps
+
+  def start(self, prompt: Any, num_steps: Any = None) -> dict[str, Any]:
+    """Starts a new episode from thumbnail `prompt` (an index) or "random", with
+    `num_steps` MaskGIT steps per frame from now on (None: as before)."""
+    if num_steps is not None:
+      num_steps = self._check_num_steps(num_steps)
     with self._lock:
       if prompt == "random":
         # Any frame of any loaded clip, not only the thumbnails' first frames.
@@ -148,19 +169,24 @@ class Game:
       else:
         raise PlayError(f"prompt={prompt!r} is not valid: give an integer in "
                         f"[0, {len(self._prompts)}) or \"random\".")
-      return self._start(frame_HWC, clip)
+      return self._start(frame_HWC, clip, num_steps)
 
-  def reset(self) -> dict[str, Any]:
-    """Starts again from the current episode's prompt frame."""
+  def reset(self, num_steps: Any = None) -> dict[str, Any]:
+    """Starts again from the current episode's prompt frame (`num_steps`: as `start`)."""
+    if num_steps is not None:
+      num_steps = self._check_num_steps(num_steps)
     with self._lock:
       if not self._frames:
         raise PlayError("No episode to reset: pick a prompt first.")
-      return self._start(self._frames[0], self._prompt)
+      return self._start(self._frames[0], self._prompt, num_steps)
 
-  def _start(self, frame_HWC: np.ndarray, clip: int) -> dict[str, Any]:
-    self._session = self._world.start(frame_HWC[None, None])
+  def _start(self, frame_HWC: np.ndarray, clip: int, num_steps: int | None) -> dict[str, Any]:
+    if num_steps is not None:
+      self._num_steps = num_steps
+    self._session = self._world.start(frame_HWC[None, None], num_steps=self._num_steps)
     self._frames, self._actions, self._prompt = [frame_HWC], [], clip
-    return dict(frame=png_data_url(frame_HWC), t=0, prompt=clip, actions=[])
+    return dict(frame=png_data_url(frame_HWC), t=0, prompt=clip, actions=[],
+                num_steps=self._num_steps)
 
   def step(self, action: Any) -> dict[str, Any]:
     """Generates the frame that latent `action` leads to."""
@@ -180,7 +206,7 @@ class Game:
       self._frames.append(frame_HWC)
       self._actions.append(action)
       return dict(frame=png_data_url(frame_HWC), t=len(self._frames) - 1, action=action,
-                  latency_ms=latency_ms, actions=list(self._actions))
+                  latency_ms=latency_ms, actions=list(self._actions), num_steps=self._num_steps)
 
   def episode_gif(self, fps: int = 8) -> bytes:
     """The frames since the last start as a looping GIF."""
@@ -215,9 +241,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
   def do_POST(self):  # pylint: disable=invalid-name
     path = urllib.parse.urlsplit(self.path).path
     game = self.server.game
-    routes = {"/api/start": ("prompt", game.start),
-              "/api/step": ("action", game.step),
-              "/api/reset": (None, lambda _: game.reset())}
+    routes = {"/api/start": ("prompt", lambda b: game.start(b["prompt"], b.get("num_steps"))),
+              "/api/step": ("action", lambda b: game.step(b["action"])),
+              "/api/reset": (None, lambda b: game.reset(b.get("num_steps")))}
     if path not in routes:
       self._json(404, dict(error=f"No such endpoint: POST {path}"))
       return
@@ -229,7 +255,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     except PlayError as e:
       self._json(400, dict(error=str(e)))
       return
-    self._answer(lambda: method(body.get(key)))
+    self._answer(lambda: method(body))
 
   def _read_json(self) -> dict[str, Any]:
     length = int(self.headers.get("Content-Length") or 0)
@@ -311,25 +337,26 @@ class SampledGenie:
   the same samples, while the whole sequence of episodes is reproducible.
   """
 
-  def __init__(self, genie: Any, *, num_steps: int, temperature: float, seed: int):
+  def __init__(self, genie: Any, *, temperature: float, seed: int):
     self.genie = genie
     self.num_actions = int(genie.num_actions)
-    self._sampling = dict(num_steps=num_steps, temperature=temperature)
+    self._temperature = temperature
     self._seed = seed
     self._episodes = 0
 
-  def start(self, prompt_BTHWC: np.ndarray) -> PlaySession:
+  def start(self, prompt_BTHWC: np.ndarray, num_steps: int) -> PlaySession:
     rng = jax.random.fold_in(jax.random.key(self._seed), self._episodes)
     self._episodes += 1
-    return self.genie.start(prompt_BTHWC, rng=rng, **self._sampling)
+    return self.genie.start(prompt_BTHWC, rng=rng, num_steps=num_steps,
+                            temperature=self._temperature)
 
 
-def load_world(workdir: str, *, step: int | None = None, num_steps: int = 25,
-               temperature: float = 1.0, seed: int = 0) -> SampledGenie:
+def load_world(workdir: str, *, step: int | None = None, temperature: float = 1.0,
+               seed: int = 0) -> SampledGenie:
   """The trained Genie of a dynamics workdir (its tokenizer and LAM come with it)."""
   # Imported here: serving itself needs no model code (tests serve stand-in worlds).
   from genie_jax import genie as genie_lib  # pylint: disable=g-import-not-at-top
-  return SampledGenie(genie_lib.Genie.from_workdir(workdir, step=step), num_steps=num_steps,
+  return SampledGenie(genie_lib.Genie.from_workdir(workdir, step=step),
                       temperature=temperature, seed=seed)
 
 
@@ -337,22 +364,24 @@ def main(argv):
   del argv
   if not flags.FLAGS.workdir:
     raise app.UsageError("--workdir is required.")
-  if flags.FLAGS.num_steps < 1:
-    raise app.UsageError(f"--num_steps={flags.FLAGS.num_steps} must be at least 1.")
+  if not 1 <= flags.FLAGS.num_steps <= MAX_NUM_STEPS:
+    raise app.UsageError(f"--num_steps={flags.FLAGS.num_steps} must be in [1, "
+                         f"{MAX_NUM_STEPS}].")
   if flags.FLAGS.temperature < 0:
     raise app.UsageError(f"--temperature={flags.FLAGS.temperature} must be >= 0.")
   try:
     arrow_actions = tuple(int(a) for a in flags.FLAGS.arrow_actions)
   except ValueError as e:
     raise app.UsageError(f"--arrow_actions={flags.FLAGS.arrow_actions}: {e}") from e
-  world = load_world(flags.FLAGS.workdir, step=flags.FLAGS.step, num_steps=flags.FLAGS.num_steps,
+  world = load_world(flags.FLAGS.workdir, step=flags.FLAGS.step,
                      temperature=flags.FLAGS.temperature, seed=flags.FLAGS.seed)
   prompts_BTHWC = load_prompts(flags.FLAGS.workdir, flags.FLAGS.num_prompts)
   # Compiles the step now, so the first key press is not kept waiting (seconds to minutes).
   logging.info("Compiling the generation step...")
-  world.start(prompts_BTHWC[:1, :1]).step(0)
+  world.start(prompts_BTHWC[:1, :1], num_steps=flags.FLAGS.num_steps).step(0)
   game = Game(world, prompts_BTHWC, arrow_actions=arrow_actions, seed=flags.FLAGS.seed,
-              title=f"{flags.FLAGS.workdir} (step {world.genie.step})")
+              title=f"{flags.FLAGS.workdir} (step {world.genie.step})",
+              num_steps=flags.FLAGS.num_steps)
   server = PlayServer(game, flags.FLAGS.host, flags.FLAGS.port)
   logging.info("Serving Genie on %s (Ctrl-C stops).", server.url)
   try:

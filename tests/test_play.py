@@ -59,10 +59,12 @@ class FakeWorld:
     self.active = self.max_active = 0
     self.actions = []
     self.prompts = []
+    self.num_steps = []
 
-  def start(self, prompt_BTHWC):
+  def start(self, prompt_BTHWC, num_steps):
     assert prompt_BTHWC.shape == (1, 1, 64, 64, 3) and prompt_BTHWC.dtype == np.uint8
     self.prompts.append(prompt_BTHWC)
+    self.num_steps.append(num_steps)
     self.actions = []
     return FakeSession(self, prompt_BTHWC)
 
@@ -86,7 +88,8 @@ def decode(data_url):
 @pytest.fixture(name="served")
 def served_fixture():
   world, prompts = FakeWorld(), make_prompts()
-  game = play.Game(world, prompts, arrow_actions=ARROW_ACTIONS, seed=0, title="fake")
+  game = play.Game(world, prompts, arrow_actions=ARROW_ACTIONS, seed=0, title="fake",
+                   num_steps=12)
   server = play.PlayServer(game, "127.0.0.1", 0)
   thread = threading.Thread(target=server.serve_forever, daemon=True)
   thread.start()
@@ -119,6 +122,7 @@ def test_api(served):
   assert len(info["prompts"]) == 3 and info["num_prompts"] == 3
   np.testing.assert_array_equal(decode(info["prompts"][2]), prompts[2, 0])
   assert info["arrow_actions"] == dict(zip(play.ARROW_KEYS, ARROW_ACTIONS))
+  assert info["num_steps"] == 12 and 12 in info["step_choices"] and 25 in info["step_choices"]
 
   status, err = request(server, "/api/step", {"action": 1})
   assert status == 400 and "/api/start" in err["error"]
@@ -126,6 +130,7 @@ def test_api(served):
 
   status, first = request(server, "/api/start", {"prompt": 1})
   assert status == 200 and first["t"] == 0 and first["prompt"] == 1
+  assert first["num_steps"] == 12 and world.num_steps == [12]
   np.testing.assert_array_equal(decode(first["frame"]), prompts[1, 0])
   frames = [prompts[1, 0]]
   for t, action in enumerate([3, 0, 5], start=1):
@@ -153,8 +158,13 @@ def test_api(served):
   assert status == 200 and gif.startswith(b"GIF8")
   np.testing.assert_array_equal(iio.imread(gif, index=None)[..., :3], np.stack(frames))
 
-  status, again = request(server, "/api/reset", {})
+  for bad in [0, 65, "8", 2.0, True]:
+    status, err = request(server, "/api/reset", {"num_steps": bad})
+    assert status == 400 and "[1, 64]" in err["error"], (bad, err)
+  status, again = request(server, "/api/reset", {"num_steps": 4})
   assert status == 200 and again["t"] == 0 and again["prompt"] == 1 and world.actions == []
+  assert again["num_steps"] == 4 and world.num_steps == [12, 4]
+  assert request(server, "/api/step", {"action": 0})[1]["num_steps"] == 4
   np.testing.assert_array_equal(decode(again["frame"]), prompts[1, 0])
   status, rand = request(server, "/api/start", {"prompt": "random"})
   assert status == 200 and any((decode(rand["frame"]) == f).all() for f in prompts.reshape(
@@ -206,12 +216,12 @@ def test_serves_a_real_tiny_genie(tmp_path, tiny_data_dir):
   config = tiny_stage_config(dynamics_config, tiny_data_dir,
                              f",tokenizer_workdir={tok},lam_workdir={lam}")
   genie = genie_lib.Genie(tasks.get_task(config).make_model(nnx.Rngs(0)))
-  world = play.SampledGenie(genie, num_steps=2, temperature=1.0, seed=0)
+  world = play.SampledGenie(genie, temperature=1.0, seed=0)
   rng = np.random.default_rng(0)
   prompts = rng.integers(0, 256, (2, 1, 32, 32, 3), dtype=np.uint8)
   # Compiled here, outside any request: on 2 busy CPU cores that can take tens of seconds.
-  assert world.start(prompts[:1]).step(0).shape == (32, 32, 3)
-  server = play.PlayServer(play.Game(world, prompts))
+  assert world.start(prompts[:1], num_steps=2).step(0).shape == (32, 32, 3)
+  server = play.PlayServer(play.Game(world, prompts, num_steps=2))
   thread = threading.Thread(target=server.serve_forever, daemon=True)
   thread.start()
   try:
@@ -353,7 +363,7 @@ def test_play_in_browser(served, tmp_path):
       assert not np.array_equal(shown, before), "the frame on screen did not change"
       np.testing.assert_array_equal(shown, expected[-1])
       stats = browser.js("document.getElementById('stats').innerText")
-      assert re.search(r"generation \d+ ms \(\d+\.\d frames/s\)", stats), stats
+      assert re.search(r"generation \d+ ms \(\d+\.\d frames/s, 12 MaskGIT steps\)", stats), stats
     assert world.actions == [2, ARROW_ACTIONS[1], 5]
     captions = browser.js("[...document.querySelectorAll('#history figcaption')]"
                           ".map(c => c.innerText)")
@@ -376,5 +386,15 @@ def test_play_in_browser(served, tmp_path):
     np.testing.assert_array_equal(browser.frame()[1], prompts[1, 0])
     assert browser.js("document.querySelectorAll('#history figure').length") == 1
     assert world.actions == [] and len(world.prompts) == 2
+
+    # Choosing another MaskGIT step count restarts the episode with it.
+    assert browser.js("document.getElementById('steps').value") == "12"
+    browser.js("(() => { const s = document.getElementById('steps'); s.value = '4'; "
+               "s.dispatchEvent(new Event('change')); })()")
+    DevTools._wait(lambda: len(world.prompts) == 3, 10, "the restart")  # pylint: disable=protected-access
+    assert world.num_steps[-1] == 4
+    browser.wait_js("document.getElementById('stats').innerText.includes('prompt 1')")
+    browser.press("3", "Digit3", 51, "3")
+    browser.wait_js("document.getElementById('stats').innerText.includes('4 MaskGIT steps')")
   finally:
     browser.close()
