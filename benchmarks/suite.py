@@ -71,6 +71,10 @@ _STEPS = flags.DEFINE_integer("steps", 3, "Timed train steps (after one warm-up 
 _FRAMES = flags.DEFINE_list("rollout_frames", ["16", "64"], "Generated frames per rollout.")
 _MASKGIT = flags.DEFINE_integer("maskgit_steps", 25, "MaskGIT steps per generated frame.")
 _INPUT_BATCHES = flags.DEFINE_integer("input_batches", 50, "Timed input batches.")
+_POSITIONS = flags.DEFINE_string(
+    "temporal_positions", None, "Override the dynamics model's temporal_positions (learned: "
+    "the cache is rebuilt past the window; rope: it rolls).")
+_SINKS = flags.DEFINE_integer("sink_frames", None, "Override the dynamics' sink_frames.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Where the built-in world is prepared "
                                 "(default: the data config's).")
 
@@ -94,6 +98,10 @@ def _configs(shape: str, root: str) -> dict:
         f"lam_workdir={os.path.join(root, 'lam')}")
     if shape == "readme":
       configs["dynamics"].model.update(_README, num_layers=4)
+  for key, value in (("temporal_positions", _POSITIONS.value),
+                     ("sink_frames", _SINKS.value)):
+    if value is not None:
+      configs["dynamics"].model[key] = value
   batch = dict(runlocal=None, readme=4, appf=2)[shape]
   for config in configs.values():
     config.mesh = dict(data=1, fsdp=1, tensor=1)
