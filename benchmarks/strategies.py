@@ -24,7 +24,6 @@ if "--xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "
                              " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
-import statistics  # pylint: disable=g-import-not-at-top,wrong-import-position
 import tempfile  # pylint: disable=g-import-not-at-top,wrong-import-position
 import time  # pylint: disable=g-import-not-at-top,wrong-import-position
 
@@ -128,18 +127,12 @@ def measure(config, name: str) -> dict[str, float]:
       spec.abstract, train_state.abstract_batch(spec, batch)).compile()
   compile_s = time.perf_counter() - t0
   stats = profiling.compiled_stats(step)
-  times = []
-  for i in range(_STEPS.value + 1):
-    t0 = time.perf_counter()
-    state, metrics = step(state, batch)
-    jax.block_until_ready(metrics["loss"])
-    if i:  # The first call also allocates and warms caches.
-      times.append(time.perf_counter() - t0)
+  step_s, _, losses = profiling.time_steps(step, state, batch, _STEPS.value)
   return dict(state_mib=max(held.values()) / 2**20, argument_mib=stats["argument_bytes"] / 2**20,
               temp_mib=stats["temp_bytes"] / 2**20,
               peak_mib=stats["peak_bytes_estimate"] / 2**20,
               gflops=stats.get("flops", float("nan")) / 1e9, compile_s=compile_s,
-              step_s=statistics.median(times), loss=float(metrics["loss"]))
+              step_s=step_s, loss=losses[-1])
 
 
 def main(argv):

@@ -29,13 +29,11 @@ Shapes:
 from __future__ import annotations
 
 import os
-import statistics
 import sys
 import tempfile
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app
 from absl import flags
@@ -110,20 +108,6 @@ def _configs(shape: str, root: str) -> dict:
   return configs
 
 
-def matmul_peak_flops(sizes=(1024, 2048, 3072), repeats=5) -> float:
-  """Best float32 matmul throughput (FLOP/s) jax reaches on the default device."""
-  best = 0.0
-  for n in sizes:
-    a = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda x, y: x @ y)
-    f(a, a).block_until_ready()
-    for _ in range(repeats):
-      t0 = time.perf_counter()
-      f(a, a).block_until_ready()
-      best = max(best, 2 * n**3 / (time.perf_counter() - t0))
-  return best
-
-
 def _random_batch(config) -> dict[str, np.ndarray]:
   rng = np.random.default_rng(0)
   b, t, s = config.batch_size, config.data.clip_len, config.data.image_size
@@ -141,15 +125,8 @@ def bench_train(config, peak: float) -> dict[str, float]:
   compiled = train_state.jit_train_step(task, spec, config.seed).lower(
       spec.abstract, train_state.abstract_batch(spec, local)).compile()
   compile_s = time.perf_counter() - t0
-  state = spec.init(jax.random.key(config.seed))
-  times = []
-  for i in range(_STEPS.value + 1):
-    t0 = time.perf_counter()
-    state, metrics = compiled(state, batch)
-    jax.block_until_ready(metrics["loss"])
-    if i:  # The first call also allocates and warms caches.
-      times.append(time.perf_counter() - t0)
-  step_s = statistics.median(times)
+  step_s, _, _ = profiling.time_steps(compiled, spec.init(jax.random.key(config.seed)), batch,
+                                      _STEPS.value)
   flops = profiling.compiled_stats(compiled).get("flops", float("nan"))
   frames = config.batch_size * config.data.clip_len
   return dict(compile_s=compile_s, ms=1e3 * step_s, rate=frames / step_s, unit="frames/s",
@@ -214,7 +191,7 @@ def main(argv):
     if set(values) - set(known):
       raise app.UsageError(f"--{name}: unknown {sorted(set(values) - set(known))}; "
                            f"known: {list(known)}")
-  peak = matmul_peak_flops()
+  peak = profiling.matmul_peak_flops()
   print(f"{jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()}), "
         f"{os.cpu_count()} cores, jax {jax.__version__}, float32, malloc "
         f"{allocator.in_use()}, matmul peak {peak / 1e9:.1f} GFLOP/s")

@@ -13,14 +13,11 @@ so the figures are the model's, not the data pipeline's.
 
 from __future__ import annotations
 
-import os
 import resource
-import statistics
 import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app
 from absl import flags
@@ -55,20 +52,6 @@ _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per shape (after one warm
 _BATCH = flags.DEFINE_integer("batch_size", 0, "Override every shape's batch size.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 _REMAT = flags.DEFINE_bool("remat", False, "Rematerialise each block.")
-def matmul_peak_flops(sizes=(1024, 2048, 3072), repeats=5) -> float:
-  """Best float32 matmul throughput (FLOP/s) jax reaches on the default device."""
-  best = 0.0
-  for n in sizes:
-    a = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda x, y: x @ y)
-    f(a, a).block_until_ready()
-    for _ in range(repeats):
-      t0 = time.perf_counter()
-      f(a, a).block_until_ready()
-      best = max(best, 2 * n**3 / (time.perf_counter() - t0))
-  return best
-
-
 def bench_shape(name: str, peak: float) -> dict[str, float]:
   """Compiles and times the train step at shape `name` on one device."""
   config_arg, overrides = SHAPES[name]
@@ -97,17 +80,8 @@ def bench_shape(name: str, peak: float) -> dict[str, float]:
   compile_s = time.perf_counter() - t0
   stats = profiling.compiled_stats(compiled)
 
-  state = spec.init(jax.random.key(0))
-  state, metrics = compiled(state, batch)  # Warm-up.
-  jax.block_until_ready(metrics)
-  times, losses = [], [float(metrics["loss"])]
-  for _ in range(_STEPS.value):
-    t0 = time.perf_counter()
-    state, metrics = compiled(state, batch)
-    jax.block_until_ready(metrics)
-    times.append(time.perf_counter() - t0)
-    losses.append(float(metrics["loss"]))
-  step_s = statistics.median(times)
+  step_s, _, losses = profiling.time_steps(compiled, spec.init(jax.random.key(0)), batch,
+                                           _STEPS.value)
   flops = stats.get("flops", float("nan"))
   return dict(
       compile_s=compile_s, step_s=step_s, steps_per_s=1 / step_s,
@@ -125,7 +99,7 @@ def main(argv):
   if unknown:
     raise app.UsageError(f"--shapes: unknown {sorted(unknown)}; known: {list(SHAPES)}")
   malloc = allocator.in_use()
-  peak = matmul_peak_flops()
+  peak = profiling.matmul_peak_flops()
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()} "
         f"({jax.default_backend()}), jax {jax.__version__}, dtype {_DTYPE.value}, "
         f"remat {_REMAT.value}, malloc {malloc}")

@@ -32,7 +32,6 @@ from __future__ import annotations
 import base64
 import http.server
 import importlib.resources
-import io
 import json
 import threading
 import time

@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import statistics
+import time
 from typing import Any
+
+import jax
+import jax.numpy as jnp
 
 
 def compiled_stats(compiled: Any) -> dict[str, float]:
@@ -38,3 +43,33 @@ def format_stats(stats: dict[str, float]) -> str:
     if key in stats:
       parts.append(f"{key.replace('_bytes', '')}={stats[key] / 2**20:.1f} MiB")
   return ", ".join(parts) or "no cost analysis from this backend"
+
+
+def matmul_peak_flops(sizes=(1024, 2048, 3072), repeats=5) -> float:
+  """Best float32 matmul throughput (FLOP/s) jax reaches on the default device: the
+  denominator of the benchmarks' model-FLOPs utilisation."""
+  best = 0.0
+  for n in sizes:
+    a = jnp.ones((n, n), jnp.float32)
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, a).block_until_ready()
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      f(a, a).block_until_ready()
+      best = max(best, 2 * n**3 / (time.perf_counter() - t0))
+  return best
+
+
+def time_steps(step: Any, state: Any, batch: Any, num_steps: int
+               ) -> tuple[float, Any, list[float]]:
+  """(median seconds, final state, losses) of `num_steps` calls of a compiled train step
+  after one untimed call (which also allocates and warms caches); losses include its."""
+  times, losses = [], []
+  for i in range(num_steps + 1):
+    t0 = time.perf_counter()
+    state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    if i:
+      times.append(time.perf_counter() - t0)
+    losses.append(float(metrics["loss"]))
+  return statistics.median(times), state, losses

@@ -95,10 +95,14 @@ def _random_batch(batch_size, seed=0):
               actions=rng.integers(0, 6, (batch_size, CLIP_LEN), dtype=np.int32))
 
 
-def _tiny_model(conditioning, **overrides):
+_VARIANTS = [(c, p) for c in dynamics_lib.CONDITIONINGS for p in ("learned", "rope")]
+
+
+def _tiny_model(conditioning, positions="learned", **overrides):
   cfg = dynamics_lib.default_config()
   cfg.update(dict(num_layers=2, d_model=32, num_heads=2, num_codes=16, tokens_per_frame=4,
-                  num_actions=5, max_frames=6, action_conditioning=conditioning), **overrides)
+                  num_actions=5, max_frames=6, action_conditioning=conditioning,
+                  temporal_positions=positions), **overrides)
   return dynamics_lib.DynamicsModel(cfg, rngs=nnx.Rngs(0))
 
 
@@ -162,9 +166,9 @@ def test_lam_actions_of_long_clips_come_from_windows(t):
 # --- The dynamics model: action alignment and causality ------------------------------------
 
 
-@pytest.mark.parametrize("conditioning", dynamics_lib.CONDITIONINGS)
-def test_action_t_conditions_frame_t_plus_1_and_later_only(conditioning):
-  model = _tiny_model(conditioning)
+@pytest.mark.parametrize("conditioning,positions", _VARIANTS)
+def test_action_t_conditions_frame_t_plus_1_and_later_only(conditioning, positions):
+  model = _tiny_model(conditioning, positions)
   tokens, mask, actions = _random_inputs()
   base = np.asarray(_logits(model, tokens, mask, actions))
   assert base.shape == (2, 6, 4, 16)
@@ -193,9 +197,9 @@ def test_frame_0_gets_the_no_action_embedding(conditioning):
   assert np.abs(changed[:, 0] - base[:, 0]).max() > 1e-4
 
 
-@pytest.mark.parametrize("conditioning", dynamics_lib.CONDITIONINGS)
-def test_frames_never_see_later_frames(conditioning):
-  model = _tiny_model(conditioning)
+@pytest.mark.parametrize("conditioning,positions", _VARIANTS)
+def test_frames_never_see_later_frames(conditioning, positions):
+  model = _tiny_model(conditioning, positions)
   tokens, mask, actions = _random_inputs()
   base = np.asarray(_logits(model, tokens, mask, actions))
   for t in range(1, tokens.shape[1]):
@@ -221,6 +225,14 @@ def test_bad_model_config_names_the_key():
     _tiny_model("concat")
   with pytest.raises(ValueError, match="config.model.num_codes=0"):
     _tiny_model("additive", num_codes=0)
+  with pytest.raises(ValueError, match="config.model.temporal_positions='alibi'"):
+    _tiny_model("additive", "alibi")
+  with pytest.raises(ValueError, match="config.model.sink_frames=1 needs temporal_positions"):
+    _tiny_model("additive", sink_frames=1)
+  with pytest.raises(ValueError, match=r"config.model.sink_frames=5 must be in \[0, max_frames"):
+    _tiny_model("additive", "rope", sink_frames=5)
+  with pytest.raises(ValueError, match="even head width"):
+    _tiny_model("additive", "rope", d_model=30, num_heads=2)
 
 
 # --- Restoring stages ----------------------------------------------------------------------
