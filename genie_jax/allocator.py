@@ -32,6 +32,9 @@ GLIBC_KEEP = ("glibc.malloc.mmap_max=0:glibc.malloc.arena_max=1:"
               "glibc.malloc.trim_threshold=68719476736")
 CHOICES = ("auto", "tcmalloc", "glibc", "system")
 _ENV = "GENIE_JAX_MALLOC"
+# Set in the re-executed process: a loader that drops LD_PRELOAD or GLIBC_TUNABLES (secure-
+# execution mode, e.g. a binary with file capabilities) must not make it re-execute again.
+_REEXECUTED = "_GENIE_JAX_MALLOC_REEXECUTED"
 
 
 def define_flags() -> None:
@@ -106,7 +109,13 @@ def use(name: str) -> None:
   name = resolve(name)
   if name == in_use():
     return
+  if os.environ.get(_REEXECUTED):
+    logging.warning("Host allocator %s requested, but the re-executed process runs with %s "
+                    "(the loader dropped LD_PRELOAD/GLIBC_TUNABLES); continuing with it.",
+                    name, in_use())
+    return
   env = environment(name, dict(os.environ))
+  env[_REEXECUTED] = "1"
   argv = list(getattr(sys, "orig_argv", [sys.executable] + sys.argv))
   sys.stdout.flush()
   sys.stderr.flush()

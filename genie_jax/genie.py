@@ -102,6 +102,9 @@ def prefill_cache(dynamics: dynamics_lib.DynamicsModel, tokens_BPN: jax.Array,
   """The cache holding frames 0..P-1 (P <= max_frames - 1); actions as `window_logits_fn`."""
   p = tokens_BPN.shape[1]
   slots = dynamics.transformer.max_frames - 1
+  if p > slots:
+    raise ValueError(f"a prompt of {p} frames does not fit the dynamics model's window: at "
+                     f"most max_frames - 1 = {slots}")
   x_BPMD = dynamics.embed(tokens_BPN, jnp.zeros_like(tokens_BPN, bool),
                           dynamics.frame_actions(actions_BP))
   # Frames after the prompt are zeros until generated; causal attention keeps them out of

@@ -180,9 +180,9 @@ class Game:
       return self._start(self._frames[0], self._prompt, num_steps)
 
   def _start(self, frame_HWC: np.ndarray, clip: int, num_steps: int | None) -> dict[str, Any]:
-    if num_steps is not None:
-      self._num_steps = num_steps
-    self._session = self._world.start(frame_HWC[None, None], num_steps=self._num_steps)
+    num_steps = self._num_steps if num_steps is None else num_steps
+    self._session = self._world.start(frame_HWC[None, None], num_steps=num_steps)
+    self._num_steps = num_steps
     self._frames, self._actions, self._prompt = [frame_HWC], [], clip
     return dict(frame=png_data_url(frame_HWC), t=0, prompt=clip, actions=[],
                 num_steps=self._num_steps)

@@ -82,3 +82,11 @@ def test_environment_composes_with_the_users_settings():
   assert env["GLIBC_TUNABLES"] == "glibc.rtld.x=1"
   assert "GLIBC_TUNABLES" not in allocator.environment("system", {"GLIBC_TUNABLES":
                                                                   allocator.GLIBC_KEEP})
+
+
+def test_a_loader_that_drops_the_setting_does_not_loop(tmp_path):
+  # As after a re-exec whose loader dropped GLIBC_TUNABLES: the process carries on as is.
+  out = _run(tmp_path, "--malloc=glibc", env={"_GENIE_JAX_MALLOC_REEXECUTED": "1"})
+  started, (name, *_) = _result(out)
+  assert name == "system" and len(started) == 1
+  assert "re-executed process runs with system" in out.stderr
