@@ -117,8 +117,8 @@ def prefill_cache(dynamics: dynamics_lib.DynamicsModel, tokens_BPN: jax.Array,
 def _attention_context(dynamics: dynamics_lib.DynamicsModel, cache: FrameCache,
                        tokens_BLN: jax.Array, actions_BL: jax.Array, n: jax.Array,
                        g: jax.Array):
-  """(kv, valid_S, key_positions_S, position) with which frame g, at index n of the
-  buffers, attends to its past."""
+  """(kv, valid_S, position) with which frame g, at index n of the buffers, attends to its
+  past; rotary keys come rotated to their positions."""
   w = dynamics.transformer.max_frames
   slots_S = jnp.arange(w - 1)
   if dynamics.transformer.temporal_positions == "rope":
@@ -127,10 +127,11 @@ def _attention_context(dynamics: dynamics_lib.DynamicsModel, cache: FrameCache,
     sinks = getattr(dynamics, "sink_frames", 0)
     shift = jnp.maximum(g - (w - 1), 0)
     key_positions_S = jnp.where(slots_S < sinks, cache.frame_S + shift, cache.frame_S)
-    return cache.kv, cache.frame_S >= 0, key_positions_S, g
+    return (dynamics.transformer.rotate_cache(cache.kv, key_positions_S), cache.frame_S >= 0,
+            g)
 
   def appended():
-    return cache.kv, slots_S < g, slots_S, g
+    return cache.kv, slots_S < g, g
 
   def rebuilt():
     # The window's w - 1 past frames at positions 0..w-2, the new frame at w - 1.
@@ -138,7 +139,7 @@ def _attention_context(dynamics: dynamics_lib.DynamicsModel, cache: FrameCache,
     window_BCN = jax.lax.dynamic_slice_in_dim(tokens_BLN, start, w - 1, axis=1)
     window_actions_BC = jax.lax.dynamic_slice_in_dim(actions_BL, start, w - 1, axis=1)
     rebuilt_cache = prefill_cache(dynamics, window_BCN, window_actions_BC)
-    return rebuilt_cache.kv, jnp.ones_like(slots_S, bool), slots_S, jnp.int32(w - 1)
+    return rebuilt_cache.kv, jnp.ones_like(slots_S, bool), jnp.int32(w - 1)
 
   return jax.lax.cond(g < w, appended, rebuilt)
 
@@ -158,13 +159,12 @@ def cached_logits_fn(dynamics: dynamics_lib.DynamicsModel, cache: FrameCache,
   Returns:
     ((tokens_BN, mask_BN) -> logits_BNV, tokens_BN -> the cache with frame g).
   """
-  kv, valid_S, key_positions_S, position = _attention_context(dynamics, cache, tokens_BLN,
-                                                              actions_BL, n, g)
+  kv, valid_S, position = _attention_context(dynamics, cache, tokens_BLN, actions_BL, n, g)
   caused_B1 = jax.lax.dynamic_slice_in_dim(actions_BL, n - 1, 1, axis=1).astype(jnp.int32)
 
   def run(tokens_BN, mask_BN):
     x_B1MD = dynamics.embed(tokens_BN[:, None], mask_BN[:, None], caused_B1)
-    return dynamics.transformer.decode_frame(x_B1MD, kv, position, valid_S, key_positions_S)
+    return dynamics.transformer.decode_frame(x_B1MD, kv, position, valid_S)
 
   def append(tokens_BN):
     _, frame_kv = run(tokens_BN, jnp.zeros_like(tokens_BN, bool))

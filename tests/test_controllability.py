@@ -57,11 +57,11 @@ class _Window(nnx.Module):
   def prefill(self, x_BTND):
     return x_BTND, x_BTND
 
-  def decode_frame(self, x_B1ND, cache_BSND, position, valid_S, key_positions_S):
+  def decode_frame(self, x_B1ND, cache_BSND, position, valid_S):
     del position
-    # The new frame sees the previous frame's tokens (the latest cached frame) and the
-    # action that causes it (its own input).
-    latest = jnp.argmax(jnp.where(valid_S, key_positions_S, -1))
+    # The new frame sees the previous frame's tokens (the latest cached frame: the last
+    # valid slot of a learned-position cache) and the action that causes it (its input).
+    latest = jnp.argmax(jnp.where(valid_S, jnp.arange(valid_S.shape[0]), -1))
     previous_BN = jax.lax.dynamic_index_in_dim(cache_BSND, latest, axis=1, keepdims=False)
     return jnp.stack([previous_BN[..., 0], x_B1ND[:, 0, :, 1]], axis=-1)[:, None], x_B1ND
 

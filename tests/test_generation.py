@@ -376,15 +376,19 @@ def test_rolling_cache_equals_an_unbounded_cache_masked_to_the_window():
     x = dynamics.embed(tokens, jnp.zeros_like(tokens, bool), caused)
     kv = [(jnp.zeros((2, 4, 2, length, 8)), jnp.zeros((2, 4, 2, length, 8)))] * 2
     for g in range(length):
-      _, frame_kv = dynamics.transformer.decode_frame(x[:, g:g + 1], kv, g, *context(g))
+      visible, positions = context(g)
+      _, frame_kv = dynamics.transformer.decode_frame(
+          x[:, g:g + 1], dynamics.transformer.rotate_cache(kv, positions), g, visible)
       kv = dynamics.transformer.write_cache(kv, frame_kv, g)
     return kv
 
   @nnx.jit
   def reference(dynamics, kv, f, current, mask):
     caused_B1 = jax.lax.dynamic_slice_in_dim(caused, f, 1, axis=1)
+    visible, positions = context(f)
     y, _ = dynamics.transformer.decode_frame(
-        dynamics.embed(current[:, None], mask[:, None], caused_B1), kv, f, *context(f))
+        dynamics.embed(current[:, None], mask[:, None], caused_B1),
+        dynamics.transformer.rotate_cache(kv, positions), f, visible)
     return dynamics.readout(y)[:, 0]
 
   kv = reference_cache(dynamics)

@@ -346,16 +346,16 @@ class Attention(nnx.Module):
     return out_BTND, k_BNKSE, v_BNKSE
 
   def attend_cached(self, x_B1ND: jax.Array, k_BNKSE: jax.Array, v_BNKSE: jax.Array,
-                    valid_S: jax.Array, position: jax.Array, key_positions_S: jax.Array
+                    valid_S: jax.Array, position: jax.Array
                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Temporal attention of one new frame to cached frames and itself.
 
     Args:
       x_B1ND: the new frame (normed block input).
-      k_BNKSE, v_BNKSE: cached keys (rotary: before rotation) and values of S slots.
+      k_BNKSE, v_BNKSE: cached keys (rotary: rotated to their positions once per frame,
+        `STTransformer.rotate_cache`) and values of S slots.
       valid_S: which slots hold frames the new one sees.
       position: the new frame's temporal position (traced int allowed).
-      key_positions_S: the slots' temporal positions (read by rotary attention only).
 
     Returns:
       (out_B1ND, k_BNK1E, v_BNK1E): the output and the new frame's key (rotary: before
@@ -366,12 +366,13 @@ class Attention(nnx.Module):
     q_B1NKE, k_B1NKE, v_B1NKE = self._project_qkv(x_B1ND)
     to_heads = lambda a: jnp.transpose(a, _TO_HEADS["time"])
     q_BNK1E, k_BNK1E, v_BNK1E = to_heads(q_B1NKE), to_heads(k_B1NKE), to_heads(v_B1NKE)
-    keys = jnp.concatenate([k_BNKSE.astype(self.dtype), k_BNK1E], axis=3)
-    values = jnp.concatenate([v_BNKSE.astype(self.dtype), v_BNK1E], axis=3)
+    new_key_BNK1E, query_BNK1E = k_BNK1E, q_BNK1E
     if self.rotary:
-      q_BNK1E = rope(q_BNK1E, jnp.reshape(position, (1,)))
-      keys = rope(keys, jnp.concatenate([key_positions_S, jnp.reshape(position, (1,))]))
-    logits = jnp.einsum("bnkqe,bnkse->bnkqs", q_BNK1E, keys,
+      position_1 = jnp.reshape(position, (1,))
+      new_key_BNK1E, query_BNK1E = rope(k_BNK1E, position_1), rope(q_BNK1E, position_1)
+    keys = jnp.concatenate([k_BNKSE.astype(self.dtype), new_key_BNK1E], axis=3)
+    values = jnp.concatenate([v_BNKSE.astype(self.dtype), v_BNK1E], axis=3)
+    logits = jnp.einsum("bnkqe,bnkse->bnkqs", query_BNK1E, keys,
                         preferred_element_type=jnp.float32)
     # The new frame always sees itself (the last slot), so no row is fully masked.
     visible = jnp.concatenate([valid_S, jnp.ones((1,), bool)])
@@ -499,7 +500,7 @@ class STBlock(nnx.Module):
     return x_BTND, k_BNKSE, v_BNKSE
 
   def decode_frame(self, x_B1ND: jax.Array, k_BNKSE: jax.Array, v_BNKSE: jax.Array,
-                   valid_S: jax.Array, position: jax.Array, key_positions_S: jax.Array
+                   valid_S: jax.Array, position: jax.Array
                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The block on one new frame whose past frames' keys/values are cached (arguments:
     `Attention.attend_cached`).
@@ -508,7 +509,7 @@ class STBlock(nnx.Module):
     """
     x_B1ND = x_B1ND + self.spatial_attention(self.spatial_norm(x_B1ND))
     out_B1ND, k_BNK1E, v_BNK1E = self.temporal_attention.attend_cached(
-        self.temporal_norm(x_B1ND), k_BNKSE, v_BNKSE, valid_S, position, key_positions_S)
+        self.temporal_norm(x_B1ND), k_BNKSE, v_BNKSE, valid_S, position)
     x_B1ND = x_B1ND + out_B1ND
     x_B1ND = x_B1ND + self.ffn(self.ffn_norm(x_B1ND))
     return x_B1ND, k_BNK1E, v_BNK1E
@@ -605,15 +606,14 @@ class STTransformer(nnx.Module):
     return self.final_norm(x_BTND), cache
 
   def decode_frame(self, x_B1ND: jax.Array, cache: KVCache, position: jax.Array,
-                   valid_S: jax.Array | None = None, key_positions_S: jax.Array | None = None
-                   ) -> tuple[jax.Array, KVCache]:
+                   valid_S: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
     """One new frame at temporal `position`, attending to the cached frames.
 
     With the defaults it sees cache slots 0..position-1, which hold the frames at those
     positions, and equals (to rounding) frame `position` of `__call__` on the cached frames
-    followed by this one. A rolling cache names the slots it fills (`valid_S`) and, under
-    rotary positions, their positions (`key_positions_S`). Every argument may be traced, so
-    one compiled program serves every frame.
+    followed by this one. A rolling cache names the slots it fills (`valid_S`); under rotary
+    positions its keys must have been rotated to their positions (`rotate_cache`). Every
+    argument may be traced, so one compiled program serves every frame.
 
     Returns:
       (y_B1ND, frame_kv): the output and the frame's (k_BNK1E, v_BNK1E) per block, for
@@ -621,7 +621,6 @@ class STTransformer(nnx.Module):
     """
     slots_S = jnp.arange(cache[0][0].shape[3]) if cache else jnp.zeros((0,), jnp.int32)
     valid_S = slots_S < position if valid_S is None else valid_S
-    key_positions_S = slots_S if key_positions_S is None else key_positions_S
     pos_1ND = self.spatial_pos[None, :, :]
     if self.temporal_positions == "learned":
       pos_1ND = pos_1ND + jax.lax.dynamic_slice_in_dim(self.temporal_pos[...], position, 1,
@@ -630,9 +629,16 @@ class STTransformer(nnx.Module):
     frame_kv = []
     for block, (k_BNKSE, v_BNKSE) in zip(self.blocks, cache):
       x_B1ND, k_BNK1E, v_BNK1E = block.decode_frame(x_B1ND, k_BNKSE, v_BNKSE, valid_S,
-                                                    position, key_positions_S)
+                                                    position)
       frame_kv.append((k_BNK1E, v_BNK1E))
     return self.final_norm(x_B1ND), frame_kv
+
+  def rotate_cache(self, cache: KVCache, positions_S: jax.Array) -> KVCache:
+    """The cache with its (unrotated) keys rotated to the slots' temporal positions, for
+    `decode_frame`; once per frame, not per MaskGIT step. Learned positions: unchanged."""
+    if self.temporal_positions != "rope":
+      return cache
+    return [(rope(k_BNKSE, positions_S), v_BNKSE) for k_BNKSE, v_BNKSE in cache]
 
   def write_cache(self, cache: KVCache, frame_kv: KVCache, slot: jax.Array) -> KVCache:
     """`write_cache_slot`: the cache with `decode_frame`'s frame_kv at `slot`."""
