@@ -233,6 +233,10 @@ def test_bad_model_config_names_the_key():
     _tiny_model("additive", "rope", sink_frames=5)
   with pytest.raises(ValueError, match="even head width"):
     _tiny_model("additive", "rope", d_model=30, num_heads=2)
+  with pytest.raises(ValueError, match="spatial_rope needs a square token grid"):
+    _tiny_model("additive", spatial_rope=True, tokens_per_frame=6)
+  with pytest.raises(ValueError, match="spatial_rope needs a head width divisible by 4"):
+    _tiny_model("additive", spatial_rope=True, d_model=36, num_heads=2)
 
 
 # --- Restoring stages ----------------------------------------------------------------------

@@ -115,6 +115,37 @@ def test_spatial_attention_sees_every_token_of_its_frame_only():
   np.testing.assert_array_equal(y[:, 2:], y_changed[:, 2:])
 
 
+def test_grid_rope_scores_depend_on_the_offset_only():
+  q, k = jax.random.normal(jax.random.key(0), (2, 16))
+  positions = layers.grid_positions(1 + 5 * 4, 5, 4)
+  np.testing.assert_array_equal(positions[:3], [[0, 0], [0, 0], [0, 1]])  # Leading token.
+  rotated_q = lambda rc: layers.rope_2d(q[None, None], np.array([rc]))[0, 0]
+  rotated_k = lambda rc: layers.rope_2d(k[None, None], np.array([rc]))[0, 0]
+  score = lambda a, b: float(rotated_q(a) @ rotated_k(b))
+  for shift in ((1, 0), (0, 3), (-2, 1)):
+    moved = lambda rc: (rc[0] + shift[0], rc[1] + shift[1])
+    for a, b in (((2, 1), (2, 0)), ((0, 0), (3, 2))):
+      np.testing.assert_allclose(score(moved(a), moved(b)), score(a, b), rtol=1e-5)
+  # Rows and columns are told apart (offsets (1, 0) and (0, 1) score differently).
+  assert abs(score((1, 0), (0, 0)) - score((0, 1), (0, 0))) > 1e-3
+
+
+def test_grid_rope_makes_spatial_attention_see_the_grid():
+  plain = layers.Attention(16, 2, over="tokens", rngs=nnx.Rngs(0))
+  grid = layers.Attention(16, 2, over="tokens", grid=(2, 2), num_tokens=5, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(0), (2, T, 5, 16))
+  relative = lambda a, b: float(jnp.abs(a - b).max() / jnp.abs(b).max())
+  assert relative(grid(x), plain(x)) > 1e-2
+  # Permuting the tokens permutes a position-free attention's output, not the grid's.
+  perm = np.array([0, 2, 1, 4, 3])
+  assert relative(plain(x[:, :, perm]), plain(x)[:, :, perm]) < 1e-5
+  assert relative(grid(x[:, :, perm]), grid(x)[:, :, perm]) > 1e-2
+  with pytest.raises(ValueError, match="head width divisible by 4"):
+    layers.Attention(12, 2, over="tokens", grid=(2, 2), num_tokens=4, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="does not fit"):
+    layers.Attention(16, 2, over="tokens", grid=(3, 2), num_tokens=5, rngs=nnx.Rngs(0))
+
+
 # --- Hand-written VJPs against plain autodiff -------------------------------------------
 
 

@@ -20,6 +20,8 @@ Two ways in for the action (config.model.action_conditioning):
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -55,6 +57,9 @@ def default_config() -> ml_collections.ConfigDict:
       the cache keeps its frames and rolls (`genie_jax.genie`).
     sink_frames: under 'rope', how many first frames (the prompt's) the rolling cache keeps
       for good, as an attention sink, besides the latest max_frames - 1 - sink_frames.
+    spatial_rope: also rotate spatial attention's queries and keys by each token's row and
+      column (2-D RoPE, `genie_jax.models.layers.rope_2d`) on top of the learned spatial
+      table; needs a square token grid and a head width divisible by 4.
   """
   cfg = ml_collections.ConfigDict(dict(
       num_layers=12,
@@ -68,6 +73,7 @@ def default_config() -> ml_collections.ConfigDict:
       action_conditioning="additive",
       temporal_positions="learned",
       sink_frames=0,
+      spatial_rope=False,
       **layers.TRANSFORMER_DEFAULTS,
   ))
   cfg.lock()
@@ -95,9 +101,26 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   if sinks and positions != "rope":
     raise ValueError(f"config.model.sink_frames={sinks} needs temporal_positions='rope' (a "
                      f"learned table ties cached keys to their place in the window)")
+  if token_grid(cfg) is not None:
+    side = math.isqrt(cfg.tokens_per_frame)
+    if side * side != cfg.tokens_per_frame:
+      raise ValueError(f"config.model.spatial_rope needs a square token grid; "
+                       f"tokens_per_frame={cfg.tokens_per_frame} is not a square")
+    if (cfg.d_model // cfg.num_heads) % 4:
+      raise ValueError(f"config.model.spatial_rope needs a head width divisible by 4; "
+                       f"d_model={cfg.d_model} / num_heads={cfg.num_heads} is not")
   if not 0 <= sinks <= cfg.max_frames - 2:
     raise ValueError(f"config.model.sink_frames={sinks} must be in [0, max_frames - 2="
                      f"{cfg.max_frames - 2}]: the cache keeps at least the latest frame")
+
+
+def token_grid(cfg: ml_collections.ConfigDict) -> tuple[int, int] | None:
+  """(rows, cols) of the token grid under spatial_rope, else None (also for configs saved
+  before the key existed)."""
+  if not cfg.get("spatial_rope", False):
+    return None
+  side = math.isqrt(cfg.tokens_per_frame)
+  return side, side
 
 
 def temporal_settings(cfg: ml_collections.ConfigDict) -> tuple[str, int]:
@@ -130,7 +153,7 @@ class DynamicsModel(nnx.Module):
         num_tokens=cfg.tokens_per_frame + int(self.prepend), max_frames=cfg.max_frames,
         mlp_ratio=cfg.mlp_ratio, qk_norm=cfg.qk_norm_kind if cfg.qk_norm else None,
         dtype=dtype, param_dtype=param_dtype, attention_impl=cfg.attention_impl,
-        temporal_positions=positions, remat=cfg.remat_policy if cfg.remat else None,
+        temporal_positions=positions, grid=token_grid(cfg), remat=cfg.remat_policy if cfg.remat else None,
         rngs=rngs)
     self.to_logits = layers.Linear(d, cfg.num_codes, names=("embed", "vocab"), dtype=dtype,
                                    param_dtype=param_dtype, rngs=rngs)

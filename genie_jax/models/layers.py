@@ -33,6 +33,7 @@ from typing import Any
 import einops
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from genie_jax import sharding
@@ -213,9 +214,12 @@ attention_core.defvjp(_attention_core_fwd, _attention_core_bwd)
 TEMPORAL_POSITIONS = ("learned", "rope")
 # RoPE wavelengths run from 2*pi to ROPE_BASE * 2*pi positions (RoFormer's base).
 ROPE_BASE = 10_000.0
+# Token grids are a few dozen cells on a side: wavelengths up to 100 * 2*pi cells keep most
+# of the rotary frequencies distinct across the grid instead of nearly constant.
+GRID_ROPE_BASE = 100.0
 
 
-def rope(x: jax.Array, positions: jax.Array) -> jax.Array:
+def rope(x: jax.Array, positions: jax.Array, base: float = ROPE_BASE) -> jax.Array:
   """Rotary position embedding: x[..., E] rotated by angles positions[...] * freq (RoFormer).
 
   `positions` broadcasts against x's leading axes. The dot product of a query rotated at p
@@ -223,11 +227,32 @@ def rope(x: jax.Array, positions: jax.Array) -> jax.Array:
   when the window slides.
   """
   half = x.shape[-1] // 2
-  freq = ROPE_BASE ** (-jnp.arange(half, dtype=jnp.float32) / half)
+  freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
   angle = positions.astype(jnp.float32)[..., None] * freq
   cos, sin = jnp.cos(angle).astype(x.dtype), jnp.sin(angle).astype(x.dtype)
   x1, x2 = x[..., :half], x[..., half:]
   return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
+
+
+def grid_positions(num_tokens: int, rows: int, cols: int) -> np.ndarray:
+  """(num_tokens, 2) int (row, col) of each token of a frame whose last rows * cols tokens
+  are a row-major grid; leading tokens (a prepended action token) get (0, 0)."""
+  lead = num_tokens - rows * cols
+  if lead < 0:
+    raise ValueError(f"a {rows} x {cols} token grid does not fit in {num_tokens} tokens")
+  rc = np.stack(np.divmod(np.arange(rows * cols), cols), axis=-1)
+  return np.concatenate([np.zeros((lead, 2), np.int32), rc.astype(np.int32)])
+
+
+def rope_2d(x: jax.Array, positions_N2: np.ndarray) -> jax.Array:
+  """Axial 2-D RoPE on x[..., N, K, E]: the first half of E rotated by the token's row, the
+  second by its column, so that a query-key dot product depends on their offset (drow,
+  dcol) only: attention can select "the token one cell to the left" at every position
+  with the same weights."""
+  half = x.shape[-1] // 2
+  rows_N1, cols_N1 = positions_N2[:, 0, None], positions_N2[:, 1, None]
+  return jnp.concatenate([rope(x[..., :half], rows_N1, GRID_ROPE_BASE),
+                          rope(x[..., half:], cols_N1, GRID_ROPE_BASE)], axis=-1)
 
 
 class Attention(nnx.Module):
@@ -248,12 +273,16 @@ class Attention(nnx.Module):
     implementation: 'xla' (any backend; the layout described in the module docstring) or
       'cudnn' (jax.nn.dot_product_attention's fused kernel; NVIDIA GPUs, bf16/fp16).
     rotary: rotate q and k by their frame index (`rope`; over='time' only).
+    grid: over='tokens' only: None, or (rows, cols) of the frame's token grid (its last
+      rows * cols tokens, row-major), to rotate q and k by their row and column
+      (`rope_2d`).
   """
 
   def __init__(self, d_model: int, num_heads: int, *, over: str, causal: bool = False,
                qk_norm: str | None = None, dtype: Dtype = jnp.float32,
                param_dtype: Dtype = jnp.float32, implementation: str = "xla",
-               rotary: bool = False, rngs: nnx.Rngs):
+               rotary: bool = False, grid: tuple[int, int] | None = None,
+               num_tokens: int = 0, rngs: nnx.Rngs):
     if d_model % num_heads:
       raise ValueError(f"d_model={d_model} is not divisible by num_heads={num_heads}")
     if over not in _TO_HEADS:
@@ -267,7 +296,14 @@ class Attention(nnx.Module):
     if rotary and (over != "time" or head_dim % 2):
       raise ValueError(f"rotary positions need attention over time and an even head width; "
                        f"got over={over!r}, head width {head_dim}")
+    if grid is not None and (over != "tokens" or head_dim % 4):
+      raise ValueError(f"2-D rotary positions need attention over tokens and a head width "
+                       f"divisible by 4; got over={over!r}, head width {head_dim}")
     self.rotary = rotary
+    if grid is not None:
+      grid_positions(num_tokens, *grid)  # Checks that the grid fits.
+    # Static ints, not an array: positions are rebuilt in numpy at trace time.
+    self.grid = None if grid is None else (num_tokens, *grid)
     self.over = over
     self.causal = causal
     self.dtype = dtype
@@ -300,6 +336,12 @@ class Attention(nnx.Module):
     if self.rotary:
       positions_T11 = jnp.arange(x_BTND.shape[1])[:, None, None]
       q_BTNKE, k_BTNKE = rope(q_BTNKE, positions_T11), rope(k_BTNKE, positions_T11)
+    if self.grid is not None:
+      if x_BTND.shape[2] != self.grid[0]:
+        raise ValueError(f"{x_BTND.shape[2]} tokens per frame; the 2-D rotary positions "
+                         f"were built for {self.grid[0]}")
+      positions_N2 = grid_positions(*self.grid)
+      q_BTNKE, k_BTNKE = rope_2d(q_BTNKE, positions_N2), rope_2d(k_BTNKE, positions_N2)
     scale = jnp.asarray(self.scale, self.dtype)
     if self.implementation == "cudnn":
       o_BTNKE = self._cudnn(q_BTNKE * scale, k_BTNKE, v_BTNKE)
@@ -470,13 +512,15 @@ class STBlock(nnx.Module):
   def __init__(self, d_model: int, num_heads: int, *, mlp_ratio: int = 4,
                qk_norm: str | None = None, dtype: Dtype = jnp.float32,
                param_dtype: Dtype = jnp.float32, attention_impl: str = "xla",
-               rotary_time: bool = False, rngs: nnx.Rngs):
+               rotary_time: bool = False, grid: tuple[int, int] | None = None,
+               num_tokens: int = 0, rngs: nnx.Rngs):
     norm = lambda: Norm(d_model, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    attention = lambda over, causal, rotary: Attention(
+    attention = lambda over, causal, **rotary: Attention(
         d_model, num_heads, over=over, causal=causal, qk_norm=qk_norm, dtype=dtype,
-        param_dtype=param_dtype, implementation=attention_impl, rotary=rotary, rngs=rngs)
+        param_dtype=param_dtype, implementation=attention_impl, rngs=rngs, **rotary)
     self.spatial_norm = norm()
-    self.spatial_attention = attention("tokens", causal=False, rotary=False)
+    self.spatial_attention = attention("tokens", causal=False, grid=grid,
+                                       num_tokens=num_tokens)
     self.temporal_norm = norm()
     self.temporal_attention = attention("time", causal=True, rotary=rotary_time)
     self.ffn_norm = norm()
@@ -527,8 +571,11 @@ class STTransformer(nnx.Module):
   (`temporal_positions`) are either a learned (max_frames, D) table added with it ('learned',
   Genie's ST-ViViT), or rotary angles on the temporal attention's queries and keys ('rope'),
   under which a frame's cached keys do not depend on where the window starts, so a rollout
-  past `max_frames` can keep its cache (`genie_jax.genie`). The residual stream stays in
-  `dtype`.
+  past `max_frames` can keep its cache (`genie_jax.genie`). With `grid`, spatial attention
+  also rotates its queries and keys by each token's row and column (`rope_2d`): attention by
+  relative offset, which is what a scrolling view or a moving object asks of it; the learned
+  table stays, for what depends on the absolute place (the frame's border, a prepended
+  token). The residual stream stays in `dtype`.
 
   Args:
     num_layers: number of ST blocks (0 is allowed: positions and the final norm only).
@@ -537,6 +584,8 @@ class STTransformer(nnx.Module):
     num_tokens: N, tokens per frame.
     max_frames: the longest clip (T) the model sees at once.
     temporal_positions: 'learned' or 'rope' (see above).
+    grid: None, or (rows, cols) of the token grid, the last rows * cols of the N tokens
+      (see above).
     remat: None, 'full' or 'dots' (see `REMAT_POLICIES`): recompute each block in the
       backward pass.
   """
@@ -545,7 +594,8 @@ class STTransformer(nnx.Module):
                max_frames: int, mlp_ratio: int = 4, qk_norm: str | None = None,
                dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
                attention_impl: str = "xla", temporal_positions: str = "learned",
-               remat: str | None = None, rngs: nnx.Rngs):
+               grid: tuple[int, int] | None = None, remat: str | None = None,
+               rngs: nnx.Rngs):
     if remat is not None and remat not in REMAT_POLICIES:
       raise ValueError(f"remat={remat!r}; expected None or one of {sorted(REMAT_POLICIES)}")
     if temporal_positions not in TEMPORAL_POSITIONS:
@@ -564,7 +614,8 @@ class STTransformer(nnx.Module):
     self.blocks = nnx.List([
         STBlock(d_model, num_heads, mlp_ratio=mlp_ratio, qk_norm=qk_norm, dtype=dtype,
                 param_dtype=param_dtype, attention_impl=attention_impl,
-                rotary_time=temporal_positions == "rope", rngs=rngs)
+                rotary_time=temporal_positions == "rope", grid=grid,
+                num_tokens=num_tokens, rngs=rngs)
         for _ in range(num_layers)])
     self.final_norm = Norm(d_model, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
