@@ -104,6 +104,18 @@ def test_actions_change_the_agent_motion():
   assert not np.array_equal(play([1, 1, 3, 3]), play([2, 2, 4, 4]))
 
 
+def test_ceiling_guesses_only_the_cells_a_move_brings_into_view():
+  from data_pipelines.builtin_world import motion_stats  # pylint: disable=g-import-not-at-top
+  env = env_lib.BuiltinWorldEnv(image_size=32)
+  errors = motion_stats.revealed_cell_error(env, episodes=3, frames=40)
+  # Nothing comes into view without a move; an unblocked move brings a row or column (8 of
+  # the 64 cells), of which a random guess gets some wrong.
+  for name in ("noop", "recolour"):
+    assert errors[name] and not any(errors[name]), name
+  for name in ("left", "right", "up", "down"):
+    assert 0 < np.mean(errors[name]) < 1 / 8, name  # Pixels in [0, 1]: at most 8 cells.
+
+
 @pytest.mark.parametrize("image_size", [32, 64])
 def test_a_move_scrolls_the_view_by_one_cell_or_not_at_all(image_size):
   # Without balls, everything but the agent's cell is the world, so a move must shift the

@@ -177,6 +177,16 @@ class BuiltinWorldEnv:
         self._coins[i] = self._free_cell(avoid=True)
     return self.render()
 
+  @property
+  def agent_cell(self) -> np.ndarray:
+    """The agent's world cell (x, y); the view's top-left cell is this - AGENT_VIEW_CELL."""
+    return self._agent.copy()
+
+  @property
+  def floor_palette(self) -> np.ndarray:
+    """uint8 (2, 3): this episode's two floor shades."""
+    return self._palette.copy()
+
   # --- Physics ---------------------------------------------------------------------------
 
   def _is_solid(self, xy) -> bool:
