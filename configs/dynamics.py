@@ -66,6 +66,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # (against rollouts that copy their own errors forward; genie_jax/tasks/dynamics.py).
   # 0: Genie's clean context (what 0.2 did on the built-in world: README, "Results").
   config.context_noise = 0.0
+  # The training mask (genie_jax/tasks/dynamics.py, sample_mask): what draws its own rate
+  # ('example', Genie; or 'frame') and the lowest rate, up to 1.
+  config.mask_rate_per = "example"
+  config.min_mask_rate = 0.5
 
   config.data = data_pipelines.default_data_config(args.data)
 

@@ -8,6 +8,7 @@ import pytest
 
 from configs import dynamics as dynamics_config
 from configs import lam as lam_config
+from configs import tokenizer as tokenizer_config
 from genie_jax import checkpointing
 from genie_jax import train
 from test_train import tiny_config
@@ -131,6 +132,19 @@ def test_dynamics_tokenizer_workdir_missing(tmp_path, lam_workdir):
 def test_dynamics_workdir_of_the_wrong_stage(tmp_path, lam_workdir):
   _fails(_dynamics(tmp_path, lam_workdir, lam_workdir), tmp_path,
          f"config.tokenizer_workdir={lam_workdir!r} holds a 'lam' stage, not a 'tokenizer'")
+
+
+@pytest.mark.parametrize("key,value,pattern", [
+    ("mask_rate_per", "batch", "config.mask_rate_per='batch'; expected one of"),
+    ("min_mask_rate", 1.5, "config.min_mask_rate=1.5 must be in [0, 1.0]"),
+])
+def test_dynamics_training_mask_keys(tmp_path, lam_workdir, key, value, pattern):
+  tokenizer_workdir = str(tmp_path / "tok")
+  checkpointing.save_config(tokenizer_workdir,
+                            tokenizer_config.get_config("size=tiny,runlocal"))
+  config = _dynamics(tmp_path, tokenizer_workdir, lam_workdir)
+  config[key] = value
+  _fails(config, tmp_path, pattern)
 
 
 def test_checks_run_before_the_workdir_is_touched(tmp_path):

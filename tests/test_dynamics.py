@@ -132,6 +132,24 @@ def test_mask_rate_is_drawn_per_example_and_frame_0_is_never_masked():
   assert np.corrcoef(frac_B, rate_B)[0, 1] > 0.95
 
 
+def test_per_frame_mask_rates_give_masked_frames_a_nearly_whole_past():
+  mask_BTN, rate_BT = dynamics_task.sample_mask(jax.random.key(0), (64, 8, 256), per="frame",
+                                                min_rate=0.0)
+  mask_BTN, rate_BT = np.asarray(mask_BTN), np.asarray(rate_BT)
+  assert rate_BT.shape == (64, 8) and not mask_BTN[:, 0].any()
+  assert ((rate_BT >= 0.0) & (rate_BT <= 1.0)).all()
+  np.testing.assert_allclose(mask_BTN[:, 1:].mean(2), rate_BT[:, 1:], atol=0.12)
+  # Frames of one example differ: a frame hidden at over 0.8 often follows one under 0.2,
+  # which one rate per example never gives.
+  frac_BT = mask_BTN.mean(2)
+  assert ((frac_BT[:, 2:] > 0.8) & (frac_BT[:, 1:-1] < 0.2)).sum() > 10
+  per_example = np.asarray(dynamics_task.sample_mask(jax.random.key(0), (64, 8, 256))[0])
+  frac_BT = per_example.mean(2)
+  assert not ((frac_BT[:, 2:] > 0.8) & (frac_BT[:, 1:-1] < 0.2)).any()
+  with pytest.raises(ValueError, match="mask rates per 'batch'"):
+    dynamics_task.sample_mask(jax.random.key(0), (2, 3, 4), per="batch")
+
+
 def test_context_noise_replaces_only_visible_tokens_at_up_to_its_rate():
   tokens_BTN = jnp.zeros((64, 8, 256), jnp.int32)
   mask_BTN, _ = dynamics_task.sample_mask(jax.random.key(1), tokens_BTN.shape)

@@ -31,20 +31,32 @@ from genie_jax.tasks import lam as lam_task_lib
 _DATA_CHANNELS = 3
 # MaskGIT training mask rates (Genie): one rate per example, drawn from U[0.5, 1].
 MIN_MASK_RATE, MAX_MASK_RATE = 0.5, 1.0
+# What draws its own mask rate: each example (Genie) or each frame of each example.
+MASK_RATES_PER = ("example", "frame")
 
 
-def sample_mask(rng: jax.Array, shape: tuple[int, int, int]) -> tuple[jax.Array, jax.Array]:
-  """The training mask: (mask_BTN bool, rate_B float32).
+def sample_mask(rng: jax.Array, shape: tuple[int, int, int], *, per: str = "example",
+                min_rate: float = MIN_MASK_RATE) -> tuple[jax.Array, jax.Array]:
+  """The training mask: (mask_BTN bool, rate float32 of shape (B,) or (B, T)).
 
-  Each example draws its own rate r ~ U[0.5, 1] (one rate per batch would raise the variance
-  of the gradient), then hides each token with probability r; frame 0 is never hidden, so
-  there is always a context frame.
+  per='example' (Genie): each example draws its own rate r ~ U[min_rate, 1] (one rate per
+  batch would raise the variance of the gradient) and hides each token of every frame with
+  probability r. Every past frame of a masked frame is then as masked as it is, while in a
+  rollout the past frames are whole: a model that moves content from frame t-1 to frame t
+  rarely sees frame t-1 in training.
+  per='frame': each frame draws its own rate (diffusion forcing's independent noise level
+  per frame, for masks), so a masked frame's past is sometimes nearly whole, as in a rollout.
+  Frame 0 is never hidden, so there is always a context frame.
   """
+  if per not in MASK_RATES_PER:
+    raise ValueError(f"mask rates per {per!r}; expected one of {MASK_RATES_PER}")
   b, t, n = shape
   rate_key, token_key = jax.random.split(rng)
-  rate_B = jax.random.uniform(rate_key, (b,), jnp.float32, MIN_MASK_RATE, MAX_MASK_RATE)
-  mask_BTN = jax.random.uniform(token_key, (b, t, n)) < rate_B[:, None, None]
-  return mask_BTN.at[:, 0].set(False), rate_B
+  rate_shape = (b,) if per == "example" else (b, t)
+  rate = jax.random.uniform(rate_key, rate_shape, jnp.float32, min_rate, MAX_MASK_RATE)
+  rate_BT1 = jnp.broadcast_to(rate.reshape(b, -1), (b, t))[:, :, None]
+  mask_BTN = jax.random.uniform(token_key, (b, t, n)) < rate_BT1
+  return mask_BTN.at[:, 0].set(False), rate
 
 
 def corrupt_context(rng: jax.Array, tokens_BTN: jax.Array, mask_BTN: jax.Array,
@@ -85,7 +97,8 @@ class DynamicsTask(base.Task):
   Config keys (besides the trainer's): tokenizer_workdir, tokenizer_step, lam_workdir,
   lam_step (0: latest checkpoint), tokenizer_model and lam_model (filled in from the
   workdirs; leave empty), cotrain_lam, lam_loss_weight, context_noise (the largest rate of
-  `corrupt_context`; 0: Genie's clean context); model: see
+  `corrupt_context`; 0: Genie's clean context), mask_rate_per and min_mask_rate (the
+  training mask, `sample_mask`); model: see
   `genie_jax.models.dynamics.default_config`.
   """
 
@@ -96,6 +109,8 @@ class DynamicsTask(base.Task):
     self._lam_task = None
     # Dynamics workdirs saved before the key existed trained on a clean context.
     self.context_noise = config.get("context_noise", 0.0)
+    self.mask_rate_per = config.get("mask_rate_per", "example")
+    self.min_mask_rate = config.get("min_mask_rate", MIN_MASK_RATE)
     if config.cotrain_lam:
       self.trainable = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("tokenizer")))
     else:
@@ -195,6 +210,12 @@ class DynamicsTask(base.Task):
       raise ValueError(f"config.lam_loss_weight={config.lam_loss_weight} must not be negative")
     if not 0.0 <= self.context_noise < 1.0:
       raise ValueError(f"config.context_noise={self.context_noise} must be in [0, 1)")
+    if self.mask_rate_per not in MASK_RATES_PER:
+      raise ValueError(f"config.mask_rate_per={self.mask_rate_per!r}; expected one of "
+                       f"{list(MASK_RATES_PER)}")
+    if not 0.0 <= self.min_mask_rate <= MAX_MASK_RATE:
+      raise ValueError(f"config.min_mask_rate={self.min_mask_rate} must be in [0, "
+                       f"{MAX_MASK_RATE}]")
     dynamics_lib.validate_config(config.model)
     # Its loss reads config.model only, which the saved {stage, model} holds.
     self._lam_task = lam_task_lib.LatentActionTask(self.lam_config)
@@ -228,7 +249,8 @@ class DynamicsTask(base.Task):
   def loss(self, model, batch, rng):
     mask_key, lam_key = jax.random.split(rng)
     tokens_BTN, actions_BT = self.tokens_and_actions(model, batch["video"])
-    mask_BTN, _ = sample_mask(mask_key, tokens_BTN.shape)
+    mask_BTN, _ = sample_mask(mask_key, tokens_BTN.shape, per=self.mask_rate_per,
+                              min_rate=self.min_mask_rate)
     inputs_BTN = tokens_BTN
     if self.context_noise > 0:
       # A key of its own, so that the masks and the LAM's keys are those of a clean run.
