@@ -34,6 +34,8 @@ _INT_FLAGS = {
         ("seed", "Generation seed."),
         ("coinrun_start_level", "First CoinRun level seed."),
         ("coinrun_num_levels", "Number of CoinRun level seeds."),
+        ("builtin_world_max_hold", "builtin_world: longest run of one action (1: a new "
+                                   "action every step)."),
     ]
 }
 _VIDEO_DIR = flags.DEFINE_string("video_dir", None, "video_folder: folder of videos.")

@@ -18,13 +18,14 @@ class BuiltinWorldConfig(episode_builder.EpisodeConfig):
   num_train_episodes: int = episode_builder.generation_field(200, "train")
   num_val_episodes: int = episode_builder.generation_field(20, "val")
   episode_len: int = episode_builder.generation_field(160, "len")
+  max_hold: int = episode_builder.generation_field(1, "hold")
 
 
 class BuiltinWorld(episode_builder.EpisodeDatasetBuilder):
-  """Episodes of the built-in world played by a sticky random policy, true actions kept."""
+  """Episodes of the built-in world played by a random policy, true actions kept."""
 
   name = "builtin_world"
-  VERSION = tfds.core.Version("2.0.0")
+  VERSION = tfds.core.Version("2.1.0")
   RELEASE_NOTES = {
       "1.0.0": "First release.",
       "1.1.0": "No random floor grain; bricks of at least 3 pixels, softer mortar.",
@@ -32,6 +33,8 @@ class BuiltinWorld(episode_builder.EpisodeDatasetBuilder):
       "2.0.0": "A grid of cells, an eighth of the view: the agent and balls move a cell per "
                "step; randomly shaded floor and wall cells; balls show their heading; a "
                "world 3x the view; a blocked move ends the policy's hold.",
+      "2.1.0": "The policy draws a new action every step unless max_hold (config.data."
+               "builtin_world_max_hold) says otherwise; 2.0.0 held each for 1-8 steps.",
   }
   NUM_ACTIONS = env_lib.NUM_ACTIONS
   ACTION_NAMES = env_lib.ACTION_NAMES
@@ -45,6 +48,7 @@ class BuiltinWorld(episode_builder.EpisodeDatasetBuilder):
         num_train_episodes=int(data_config.num_train_episodes),
         num_val_episodes=int(data_config.num_val_episodes),
         episode_len=int(data_config.episode_len),
+        max_hold=int(data_config.builtin_world_max_hold),
         **episode_builder.common_config_kwargs(data_config))
 
   def _episodes(self, split: str) -> Iterator[episode_builder.Episode]:
@@ -56,5 +60,6 @@ class BuiltinWorld(episode_builder.EpisodeDatasetBuilder):
     for episode_id in ids[split]:
       # Seeded by (seed, episode) alone: changing a split's size leaves other episodes as is.
       frames_THWC, actions_T = env_lib.rollout(
-          env, episode_builder.episode_seed(config.seed, episode_id), config.episode_len)
+          env, episode_builder.episode_seed(config.seed, episode_id), config.episode_len,
+          config.max_hold)
       yield episode_builder.Episode(episode_id, frames_THWC, actions_T)

@@ -284,18 +284,22 @@ class BuiltinWorldEnv:
 
 
 class StickyRandomPolicy:
-  """Random actions held for a random number of steps, so that moves are visibly long.
+  """Random actions, each held for 1 to `max_hold` steps (uniformly).
 
-  A uniformly random action every step makes the agent jitter in place, which hides the
-  effect of actions from a model that only sees frames. A move that was blocked ends its
-  hold, so that the agent does not stand against a wall for most of an episode.
+  Held actions make a clip's past predict its next move: a world model trained on them scores
+  well by continuing the motion it has seen, and learns little of what the action itself does,
+  which is all it has in a rollout from one frame or when the player changes direction
+  (README "Results"). `max_hold=1` draws every action afresh. A move that was blocked ends
+  its hold, so that the agent does not stand against a wall for most of an episode.
   """
 
   # noop, left, right, up, down, recolour.
   PROBS = np.array([0.12, 0.2, 0.2, 0.2, 0.2, 0.08])
 
-  def __init__(self, seed: int | np.random.SeedSequence, max_hold: int = 8):
+  def __init__(self, seed: int | np.random.SeedSequence, max_hold: int = 1):
     """Creates the policy; `max_hold` is the longest run of one action."""
+    if max_hold < 1:
+      raise ValueError(f"max_hold must be at least 1, got {max_hold}.")
     self._rng = np.random.default_rng(seed)
     self._max_hold = max_hold
     self._action, self._left = NOOP, 0
@@ -314,8 +318,8 @@ class StickyRandomPolicy:
 
 
 def rollout(env: BuiltinWorldEnv, seed: int | np.random.SeedSequence,
-            num_frames: int) -> tuple[np.ndarray, np.ndarray]:
-  """Plays one episode with the sticky random policy.
+            num_frames: int, max_hold: int = 1) -> tuple[np.ndarray, np.ndarray]:
+  """Plays one episode with the random policy (`StickyRandomPolicy(max_hold)`).
 
   Returns:
     frames_THWC uint8 and actions_T int32 with actions_T[t] applied at frame t; the last
@@ -324,7 +328,7 @@ def rollout(env: BuiltinWorldEnv, seed: int | np.random.SeedSequence,
   if not isinstance(seed, np.random.SeedSequence):
     seed = np.random.SeedSequence(seed)
   env_seed, policy_seed = seed.spawn(2)
-  policy = StickyRandomPolicy(policy_seed)
+  policy = StickyRandomPolicy(policy_seed, max_hold)
   frames_THWC = np.empty((num_frames, env.image_size, env.image_size, 3), np.uint8)
   actions_T = np.full((num_frames,), -1, np.int32)
   frames_THWC[0] = env.reset(env_seed)
