@@ -219,6 +219,10 @@ def test_a_model_that_uses_its_actions_has_a_large_delta_t_psnr(evaluations):
     assert scalars[f"dtpsnr_t{t}"] > 0, t
   # The codec is exact: its reconstruction is at the 100 dB cap.
   assert scalars["recon_psnr_t1"] == pytest.approx(100.0)
+  # The first generated frame follows every action (bar the sampling noise).
+  assert scalars["token_accuracy_t1"] > 0.8
+  for name in names:
+    assert scalars[f"token_accuracy_t1_{name}"] > 0.8, name
   assert {"rollouts", "dtpsnr_curve", "confusion"} <= set(images)
   checks = _report_checks(scalars)
   assert checks["dtpsnr >= 1 dB"]
@@ -232,7 +236,7 @@ def test_a_model_that_uses_its_actions_has_a_large_delta_t_psnr(evaluations):
 
 
 def test_a_model_that_ignores_its_actions_has_delta_t_psnr_about_zero(evaluations):
-  scalars, _, _ = evaluations[False]
+  scalars, _, names = evaluations[False]
   # The same LAM: its actions still match the true ones; only the dynamics differ.
   assert scalars["nmi"] == pytest.approx(1.0)
   assert scalars["masked_accuracy"] == scalars["masked_accuracy_random_actions"]
@@ -240,6 +244,11 @@ def test_a_model_that_ignores_its_actions_has_delta_t_psnr_about_zero(evaluation
   assert scalars["dtpsnr_stderr"] > 0
   assert abs(scalars["dtpsnr"]) < 3 * scalars["dtpsnr_stderr"]
   assert abs(scalars["dtpsnr"]) < 0.5
+  # A copy of the prompt is right after action 0 (which adds 0) only.
+  assert scalars[f"token_accuracy_t1_{names[0]}"] > 0.8
+  for name in names[1:]:
+    if f"token_accuracy_t1_{name}" in scalars:
+      assert scalars[f"token_accuracy_t1_{name}"] < 0.2, name
   checks = _report_checks(scalars)
   assert not checks["dtpsnr >= 1 dB"]
   assert not checks["dtpsnr_stderr < 0.2 x dtpsnr"]

@@ -20,6 +20,11 @@ On held-out clips x_1..x_T of the validation split:
     the mapped true ones.
   * recon_psnr: PSNR of the tokenizer's reconstruction of the same frames, the ceiling that
     generated frames can reach.
+  * token_accuracy_t1: the fraction of the first generated frame's tokens (inferred actions)
+    equal to the tokenizer's tokens of the true frame, and token_accuracy_t1_<true action
+    name> the same over the clips whose first true action is that one: which of the world's
+    actions the model follows, in its own units (a move it ignores scores as a copy of the
+    prompt does).
   * nmi / accuracy: normalised mutual information and best-assignment accuracy between the
     LAM's latent actions and the true actions, with the confusion matrix as a picture;
     plurality_latent_<true action name>: the latent action inferred most often for that
@@ -133,6 +138,7 @@ class ControllabilityEvaluator(base.Evaluator):
       rolled = genie_lib.rollout_tokens(
           world, jnp.tile(prompt_BPHWC, (v, 1, 1, 1, 1)), actions_VBA.reshape(v * b, h),
           sample_key, num_steps=self.cfg.maskgit_steps, temperature=self.cfg.temperature)
+      token_accuracy_B = jnp.mean(rolled[:b, 1] == tokens_BTN[:, 1], axis=-1)
       generated_VBAHWC = genie_lib.decode_frames(world.tokenizer, rolled)[:, 1:].reshape(
           (v, b) + video_BTHWC[:, 1:1 + h].shape[1:])
     generated_VBAHWC = jnp.clip(generated_VBAHWC.astype(jnp.float32), 0.0, 1.0)
@@ -146,7 +152,7 @@ class ControllabilityEvaluator(base.Evaluator):
                      truth_BAHWC, (-3, -2, -1))
     n = self.cfg.num_videos
     return dict(psnr_VBA=psnr_VBA, ssim_VBA=ssim_VBA, recon_BA=recon_BA, accuracy_B=accuracy_B,
-                accuracy_random_B=accuracy_random_B,
+                accuracy_random_B=accuracy_random_B, token_accuracy_B=token_accuracy_B,
                 videos=jnp.concatenate([truth_BAHWC[None, :n], generated_VBAHWC[:, :n]]),
                 actions_VBA=actions_VBA[:, :n])
 
@@ -185,6 +191,7 @@ class ControllabilityEvaluator(base.Evaluator):
     # Pass 2: teacher-forced accuracy and the rollouts; the same noise for every evaluation.
     rng = jax.random.key(self.cfg.seed)
     sums, count, shown, dt_clips = {}, 0, None, []
+    first_true, token_accuracy = [], []
     for i, batch in enumerate(batches):
       out = jax.device_get(self._rollouts(params, model_state, batch, jnp.asarray(mapping),
                                           jax.random.fold_in(rng, i)))
@@ -195,11 +202,18 @@ class ControllabilityEvaluator(base.Evaluator):
       sums["recon_A"] = sums.get("recon_A", 0.0) + out["recon_BA"][valid].sum(axis=0)
       for key in ("accuracy", "accuracy_random"):
         sums[key] = sums.get(key, 0.0) + float(out[f"{key}_B"][valid].sum())
+      token_accuracy.append(out["token_accuracy_B"][valid])
+      first_true.append(np.asarray(jax.device_get(batch["actions"]))[valid, 0])
       psnr_at_dt = out["psnr_VBA"][:, valid, self.cfg.dt - 1]
       dt_clips.append(psnr_at_dt[0] - psnr_at_dt[1])
       if shown is None:
         shown = out
     psnr_VA, ssim_VA = sums["psnr_VBA"] / count, sums["ssim_VBA"] / count
+    token_accuracy, first_true = np.concatenate(token_accuracy), np.concatenate(first_true)
+    scalars["token_accuracy_t1"] = float(token_accuracy.mean())
+    for a, name in enumerate(self.true_action_names if has_true else ()):
+      if np.any(first_true == a):
+        scalars[f"token_accuracy_t1_{name}"] = float(token_accuracy[first_true == a].mean())
     scalars.update(masked_accuracy=sums["accuracy"] / count,
                    masked_accuracy_random_actions=sums["accuracy_random"] / count,
                    num_clips=float(count))
