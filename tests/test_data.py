@@ -173,7 +173,7 @@ def test_balls_show_where_they_head():
     assert np.abs(after - before).max() <= 1
 
 
-def test_policy_draws_afresh_unless_told_to_hold():
+def test_policy_holds_actions_unless_told_not_to():
   def repeats(max_hold):
     _, actions = env_lib.rollout(env_lib.BuiltinWorldEnv(image_size=32), 3, 400, max_hold)
     return np.mean(actions[1:-1] == actions[:-2])
@@ -188,6 +188,7 @@ def test_policy_draws_afresh_unless_told_to_hold():
 def test_old_configs_get_the_policy_they_were_generated_with():
   from data_pipelines.builtin_world import builder  # pylint: disable=g-import-not-at-top
   config = data_pipelines.default_data_config("builtin_world")
+  config.builtin_world_max_hold = 1
   assert builder.BuiltinWorld.config_from_data_config(config).max_hold == 1
   saved = config.to_dict()
   del saved["builtin_world_max_hold"]

@@ -284,19 +284,19 @@ class BuiltinWorldEnv:
 
 
 class StickyRandomPolicy:
-  """Random actions, each held for 1 to `max_hold` steps (uniformly).
+  """Random actions, each held for 1 to `max_hold` steps (uniformly), so that moves are
+  visibly long.
 
-  Held actions make a clip's past predict its next move: a world model trained on them scores
-  well by continuing the motion it has seen, and learns little of what the action itself does,
-  which is all it has in a rollout from one frame or when the player changes direction
-  (README "Results"). `max_hold=1` draws every action afresh. A move that was blocked ends
-  its hold, so that the agent does not stand against a wall for most of an episode.
+  With a new action every step (`max_hold=1`) the agent mostly jitters about one place, and
+  the whole pipeline's world model followed its actions far less (README "Results"). A move
+  that was blocked ends its hold, so that the agent does not stand against a wall for most of
+  an episode.
   """
 
   # noop, left, right, up, down, recolour.
   PROBS = np.array([0.12, 0.2, 0.2, 0.2, 0.2, 0.08])
 
-  def __init__(self, seed: int | np.random.SeedSequence, max_hold: int = 1):
+  def __init__(self, seed: int | np.random.SeedSequence, max_hold: int = 8):
     """Creates the policy; `max_hold` is the longest run of one action."""
     if max_hold < 1:
       raise ValueError(f"max_hold must be at least 1, got {max_hold}.")
@@ -318,7 +318,7 @@ class StickyRandomPolicy:
 
 
 def rollout(env: BuiltinWorldEnv, seed: int | np.random.SeedSequence,
-            num_frames: int, max_hold: int = 1) -> tuple[np.ndarray, np.ndarray]:
+            num_frames: int, max_hold: int = 8) -> tuple[np.ndarray, np.ndarray]:
   """Plays one episode with the random policy (`StickyRandomPolicy(max_hold)`).
 
   Returns:
