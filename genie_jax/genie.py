@@ -122,13 +122,14 @@ def _attention_context(dynamics: dynamics_lib.DynamicsModel, cache: FrameCache,
   w = dynamics.transformer.max_frames
   slots_S = jnp.arange(w - 1)
   if dynamics.transformer.temporal_positions == "rope":
-    # Rotary angles depend on differences only: positions are frame indices, except that
-    # the sink frames sit just before the oldest ring frame.
+    # Rotary angles depend on differences only: positions are frame indices counted from
+    # the window's start (angles of indices in the millions, in float32, would lose the
+    # differences), the sink frames just before the oldest ring frame.
     sinks = getattr(dynamics, "sink_frames", 0)
     shift = jnp.maximum(g - (w - 1), 0)
-    key_positions_S = jnp.where(slots_S < sinks, cache.frame_S + shift, cache.frame_S)
+    key_positions_S = jnp.where(slots_S < sinks, cache.frame_S, cache.frame_S - shift)
     return (dynamics.transformer.rotate_cache(cache.kv, key_positions_S), cache.frame_S >= 0,
-            g)
+            g - shift)
 
   def appended():
     return cache.kv, slots_S < g, g

@@ -403,6 +403,33 @@ def test_rolling_cache_equals_an_unbounded_cache_masked_to_the_window():
                                atol=1e-5, rtol=1e-5)
 
 
+def test_rolling_cache_logits_do_not_depend_on_how_long_it_has_run():
+  """A play session millions of frames in gives the logits it gave at frame 10: rotary
+  angles are taken from positions within the window, not from frame indices."""
+  from genie_jax import genie as genie_lib  # pylint: disable=g-import-not-at-top
+  dynamics = _world("additive", "rope", 1).dynamics
+  prefill, step, _ = _cache_steps()
+  rng = np.random.default_rng(4)
+  tokens = jnp.asarray(rng.integers(0, CODES, (2, 11, 4)), jnp.int32)
+  actions = jnp.asarray(rng.integers(0, ACTIONS, (2, 11)), jnp.int32)
+  cache = prefill(dynamics, tokens, actions)
+  for f in range(1, 10):
+    _, cache = step(dynamics, cache, tokens, actions, jnp.int32(f), tokens[:, f],
+                    jnp.zeros((2, 4), bool))
+  current, mask = tokens[:, 10], jnp.asarray(rng.random((2, 4)) < 0.5)
+
+  @nnx.jit
+  def logits(dynamics, cache, g):
+    return genie_lib.cached_logits_fn(dynamics, cache, tokens, actions, jnp.int32(10),
+                                      g)[0](current, mask)
+
+  late = 3_000_000
+  sink_S = jnp.arange(cache.frame_S.shape[0]) < 1
+  late_cache = cache._replace(frame_S=jnp.where(sink_S, cache.frame_S, cache.frame_S + late))
+  np.testing.assert_allclose(logits(dynamics, late_cache, jnp.int32(10 + late)),
+                             logits(dynamics, cache, jnp.int32(10)), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("positions,sinks", [("learned", 0), ("rope", 1)])
 def test_rollout_compiles_once_and_matches_play(positions, sinks):
   from genie_jax import genie as genie_lib  # pylint: disable=g-import-not-at-top
