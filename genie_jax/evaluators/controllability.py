@@ -166,8 +166,9 @@ class ControllabilityEvaluator(base.Evaluator):
                        f"{self.config.data.name!r} gave no clip")
 
     # Pass 1: latent vs true actions over the split, and the best latent action per true one.
-    latent, true = zip(*(jax.device_get(self._infer(params, model_state, b)) for b in batches))
-    latent, true = np.concatenate(latent).reshape(-1), np.concatenate(true).reshape(-1)
+    latent, true_batches = zip(*(jax.device_get(self._infer(params, model_state, b))
+                                 for b in batches))
+    latent, true = np.concatenate(latent).reshape(-1), np.concatenate(true_batches).reshape(-1)
     counts = np.bincount(latent[latent >= 0], minlength=self.num_actions)
     scalars = dict(lam_codebook_usage=float(np.mean(counts > 0)))
     images = {}
@@ -203,7 +204,7 @@ class ControllabilityEvaluator(base.Evaluator):
       for key in ("accuracy", "accuracy_random"):
         sums[key] = sums.get(key, 0.0) + float(out[f"{key}_B"][valid].sum())
       token_accuracy.append(out["token_accuracy_B"][valid])
-      first_true.append(np.asarray(jax.device_get(batch["actions"]))[valid, 0])
+      first_true.append(true_batches[i][valid, 0])
       psnr_at_dt = out["psnr_VBA"][:, valid, self.cfg.dt - 1]
       dt_clips.append(psnr_at_dt[0] - psnr_at_dt[1])
       if shown is None:

@@ -101,9 +101,9 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   if sinks and positions != "rope":
     raise ValueError(f"config.model.sink_frames={sinks} needs temporal_positions='rope' (a "
                      f"learned table ties cached keys to their place in the window)")
-  if token_grid(cfg) is not None:
-    side = math.isqrt(cfg.tokens_per_frame)
-    if side * side != cfg.tokens_per_frame:
+  grid = token_grid(cfg)
+  if grid is not None:
+    if grid[0] * grid[1] != cfg.tokens_per_frame:
       raise ValueError(f"config.model.spatial_rope needs a square token grid; "
                        f"tokens_per_frame={cfg.tokens_per_frame} is not a square")
     if (cfg.d_model // cfg.num_heads) % 4:
@@ -153,8 +153,8 @@ class DynamicsModel(nnx.Module):
         num_tokens=cfg.tokens_per_frame + int(self.prepend), max_frames=cfg.max_frames,
         mlp_ratio=cfg.mlp_ratio, qk_norm=cfg.qk_norm_kind if cfg.qk_norm else None,
         dtype=dtype, param_dtype=param_dtype, attention_impl=cfg.attention_impl,
-        temporal_positions=positions, grid=token_grid(cfg), remat=cfg.remat_policy if cfg.remat else None,
-        rngs=rngs)
+        temporal_positions=positions, grid=token_grid(cfg),
+        remat=cfg.remat_policy if cfg.remat else None, rngs=rngs)
     self.to_logits = layers.Linear(d, cfg.num_codes, names=("embed", "vocab"), dtype=dtype,
                                    param_dtype=param_dtype, rngs=rngs)
 

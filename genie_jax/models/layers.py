@@ -515,9 +515,9 @@ class STBlock(nnx.Module):
                rotary_time: bool = False, grid: tuple[int, int] | None = None,
                num_tokens: int = 0, rngs: nnx.Rngs):
     norm = lambda: Norm(d_model, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    attention = lambda over, causal, **rotary: Attention(
+    attention = lambda over, causal, **positions: Attention(
         d_model, num_heads, over=over, causal=causal, qk_norm=qk_norm, dtype=dtype,
-        param_dtype=param_dtype, implementation=attention_impl, rngs=rngs, **rotary)
+        param_dtype=param_dtype, implementation=attention_impl, rngs=rngs, **positions)
     self.spatial_norm = norm()
     self.spatial_attention = attention("tokens", causal=False, grid=grid,
                                        num_tokens=num_tokens)

@@ -54,8 +54,8 @@ def sample_mask(rng: jax.Array, shape: tuple[int, int, int], *, per: str = "exam
   rate_key, token_key = jax.random.split(rng)
   rate_shape = (b,) if per == "example" else (b, t)
   rate = jax.random.uniform(rate_key, rate_shape, jnp.float32, min_rate, MAX_MASK_RATE)
-  rate_BT1 = jnp.broadcast_to(rate.reshape(b, -1), (b, t))[:, :, None]
-  mask_BTN = jax.random.uniform(token_key, (b, t, n)) < rate_BT1
+  # (B, 1, 1) or (B, T, 1): broadcasts over the frames (per example) and the tokens.
+  mask_BTN = jax.random.uniform(token_key, (b, t, n)) < rate.reshape(b, -1, 1)
   return mask_BTN.at[:, 0].set(False), rate
 
 
