@@ -66,6 +66,8 @@ _ONLY = flags.DEFINE_list("only", list(KINDS), f"Which of {list(KINDS)} to measu
 _SHAPES = flags.DEFINE_list("shapes", ["runlocal", "readme"], f"Of {list(SHAPES)}.")
 _STAGES = flags.DEFINE_list("stages", list(STAGES), "Train steps of these stages.")
 _STEPS = flags.DEFINE_integer("steps", 3, "Timed train steps (after one warm-up step).")
+_BATCH = flags.DEFINE_integer("batch_size", 0, "Train batch of every stage (0: the shape's; "
+                              "e.g. Genie's own batches on an accelerator at --shapes=appf).")
 _FRAMES = flags.DEFINE_list("rollout_frames", ["16", "64"], "Generated frames per rollout.")
 _MASKGIT = flags.DEFINE_integer("maskgit_steps", 25, "MaskGIT steps per generated frame.")
 _INPUT_BATCHES = flags.DEFINE_integer("input_batches", 50, "Timed input batches.")
@@ -100,7 +102,7 @@ def _configs(shape: str, root: str) -> dict:
                      ("sink_frames", _SINKS.value)):
     if value is not None:
       configs["dynamics"].model[key] = value
-  batch = dict(runlocal=None, readme=4, appf=2)[shape]
+  batch = _BATCH.value or dict(runlocal=None, readme=4, appf=2)[shape]
   for config in configs.values():
     config.mesh = dict(data=1, fsdp=1, tensor=1)
     if batch:

@@ -5,10 +5,14 @@ from __future__ import annotations
 import importlib
 import os
 import time
+from typing import TYPE_CHECKING
 
 import ml_collections
-import tensorflow_datasets as tfds
 from absl import logging
+
+if TYPE_CHECKING:
+  # Only the builders need TFDS at run time: configs import this module without it.
+  import tensorflow_datasets as tfds
 
 # Dataset name -> (module, builder class). Imported on use, so that a dataset's dependencies
 # are only needed when it is used.
