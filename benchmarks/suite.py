@@ -4,6 +4,7 @@ r"""Every stage's train step, the rollout and the input pipeline, timed on this 
   python benchmarks/suite.py --only=train --shapes=readme --steps=5
   python benchmarks/suite.py --only=rollout --shapes=appf --rollout_frames=16,64
   python benchmarks/suite.py --malloc=system                   # glibc's malloc as it comes
+  python benchmarks/suite.py --only=train --breakdown          # and where each step's time goes
 
 One table, one row per measurement:
   train    the whole train step (forward, backward, clipping, AdamW; for dynamics also the
@@ -66,6 +67,9 @@ _ONLY = flags.DEFINE_list("only", list(KINDS), f"Which of {list(KINDS)} to measu
 _SHAPES = flags.DEFINE_list("shapes", ["runlocal", "readme"], f"Of {list(SHAPES)}.")
 _STAGES = flags.DEFINE_list("stages", list(STAGES), "Train steps of these stages.")
 _STEPS = flags.DEFINE_integer("steps", 3, "Timed train steps (after one warm-up step).")
+_BREAKDOWN = flags.DEFINE_bool(
+    "breakdown", False, "After each train row, where its step's time goes: XLA's ops from a "
+    "jax.profiler trace of --steps more steps, matmuls apart from the rest by kind.")
 _BATCH = flags.DEFINE_integer("batch_size", 0, "Train batch of every stage (0: the shape's; "
                               "e.g. Genie's own batches on an accelerator at --shapes=appf).")
 _FRAMES = flags.DEFINE_list("rollout_frames", ["16", "64"], "Generated frames per rollout.")
@@ -127,12 +131,23 @@ def bench_train(config, peak: float) -> dict[str, float]:
   compiled = train_state.jit_train_step(task, spec, config.seed).lower(
       spec.abstract, train_state.abstract_batch(spec, local)).compile()
   compile_s = time.perf_counter() - t0
-  step_s, _, _ = profiling.time_steps(compiled, spec.init(jax.random.key(config.seed)), batch,
-                                      _STEPS.value)
+  step_s, state, _ = profiling.time_steps(compiled, spec.init(jax.random.key(config.seed)),
+                                          batch, _STEPS.value)
   flops = profiling.compiled_stats(compiled).get("flops", float("nan"))
   frames = config.batch_size * config.data.clip_len
-  return dict(compile_s=compile_s, ms=1e3 * step_s, rate=frames / step_s, unit="frames/s",
-              gflop=flops / 1e9, mfu=flops / step_s / peak, batch=config.batch_size)
+  result = dict(compile_s=compile_s, ms=1e3 * step_s, rate=frames / step_s, unit="frames/s",
+                gflop=flops / 1e9, mfu=flops / step_s / peak, batch=config.batch_size)
+  if _BREAKDOWN.value:
+    result["breakdown"] = profiling.step_breakdown(compiled, state, batch, _STEPS.value)
+  return result
+
+
+def _breakdown_lines(b: dict) -> list[str]:
+  total = b["total_ms"]
+  kinds = ", ".join(f"{k} {v:.1f} ({v / total:.0%})" for k, v in b["kinds"].most_common(6))
+  top = ", ".join(f"{k} {v:.1f}" for k, v in b["top"])
+  return [f"    XLA ops, ms per step (traced; sum {total:.1f}): {kinds}",
+          f"    largest ops: {top}"]
 
 
 def _genie(config) -> genie_lib.Genie:
@@ -206,7 +221,10 @@ def main(argv):
       configs = _configs(shape, os.path.join(root, shape))
       if "train" in _ONLY.value:
         for stage in _STAGES.value:
-          print(_row("train", stage, shape, bench_train(configs[stage], peak)), flush=True)
+          r = bench_train(configs[stage], peak)
+          print(_row("train", stage, shape, r), flush=True)
+          if "breakdown" in r:
+            print("\n".join(_breakdown_lines(r["breakdown"])), flush=True)
       if "rollout" in _ONLY.value:
         for n in _FRAMES.value:
           r = bench_rollout(configs["dynamics"], int(n), peak)

@@ -1,8 +1,15 @@
-"""What XLA says about a compiled step: FLOPs and memory."""
+"""What XLA says about a compiled step: FLOPs, memory, and where its time goes."""
 
 from __future__ import annotations
 
+import collections
+import glob
+import gzip
+import json
+import os
+import re
 import statistics
+import tempfile
 import time
 from typing import Any
 
@@ -73,3 +80,60 @@ def time_steps(step: Any, state: Any, batch: Any, num_steps: int
       times.append(time.perf_counter() - t0)
     losses.append(float(metrics["loss"]))
   return statistics.median(times), state, losses
+
+
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (?:\([^=]*?\)|\S+) (\w[\w\-]*)\(")
+_CALLS = re.compile(r"calls=%?([\w.\-]+)")
+_COMPUTATION = re.compile(r"^%?([\w.\-]+) .*\{\s*$")
+_MATMUL_OPS = ("dot", "convolution")
+
+
+def _matmul_instructions(hlo_text: str) -> tuple[set[str], set[str]]:
+  """(all instruction names, those that are a dot or a fusion calling one) of an HLO module."""
+  body: dict[str, list[tuple[str, str, str | None]]] = collections.defaultdict(list)
+  computation = None
+  for line in hlo_text.splitlines():
+    header = _COMPUTATION.match(line)
+    if header and not line.startswith(" "):
+      computation = header.group(1)
+      continue
+    m = _INSTRUCTION.match(line)
+    if m and computation:
+      called = _CALLS.search(line)
+      body[computation].append((m.group(1), m.group(2), called and called.group(1)))
+  has_dot = {c: any(op in _MATMUL_OPS for _, op, _ in instrs) for c, instrs in body.items()}
+  names, matmuls = set(), set()
+  for instrs in body.values():
+    for name, op, called in instrs:
+      names.add(name)
+      if op in _MATMUL_OPS or (op == "fusion" and has_dot.get(called, False)):
+        matmuls.add(name)
+  return names, matmuls
+
+
+def step_breakdown(step: Any, state: Any, batch: Any, num_steps: int, top: int = 8
+                   ) -> dict[str, Any]:
+  """Where a compiled step's time goes, from XLA's own ops in a `jax.profiler` trace of
+  `num_steps` calls (after the caller's warm-up): ms per step of the ops that are matmuls
+  (a dot, or a fusion holding one), of all other ops by kind (the op's name without its
+  number: 'multiply_reduce_fusion', 'transpose', ...), and the `top` single ops. On a CPU
+  the ops of one step run one after another, so their sum is about the step's time."""
+  names, matmuls = _matmul_instructions(step.as_text())
+  with tempfile.TemporaryDirectory() as trace_dir:
+    with jax.profiler.trace(trace_dir):
+      for _ in range(num_steps):
+        state, metrics = step(state, batch)
+        jax.block_until_ready(metrics)
+    files = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
+    if not files:
+      raise RuntimeError(f"jax.profiler wrote no trace under {trace_dir}")
+    with gzip.open(files[0]) as f:
+      events = json.load(f)["traceEvents"]
+  per_op: collections.Counter[str] = collections.Counter()
+  for event in events:
+    if event.get("ph") == "X" and event.get("name") in names:
+      per_op[event["name"]] += event.get("dur", 0) / 1e3 / num_steps
+  kinds: collections.Counter[str] = collections.Counter()
+  for name, ms in per_op.items():
+    kinds["matmul" if name in matmuls else re.sub(r"\.\d+$", "", name)] += ms
+  return dict(total_ms=sum(per_op.values()), kinds=kinds, top=per_op.most_common(top))

@@ -287,3 +287,21 @@ def test_eval_settings_are_typed_and_unknown_keys_named():
     evaluate.apply_eval_settings(config, ["temperature=0"])
   with pytest.raises(ValueError, match="KEY=VALUE"):
     evaluate.apply_eval_settings(config, ["num_images"])
+
+
+def test_step_breakdown_finds_the_matmuls_of_a_step():
+  """XLA's own ops in a profiler trace, matmuls told from the rest, as the benchmark prints."""
+  from genie_jax import profiling  # pylint: disable=import-outside-toplevel
+
+  def step(w, x):
+    y = jax.numpy.tanh(x @ w) * 2.0
+    return w - 1e-3 * (x.T @ y), {"loss": jax.numpy.mean(y)}
+
+  w, x = jax.numpy.ones((256, 256)), jax.numpy.ones((512, 256))
+  compiled = jax.jit(step).lower(w, x).compile()
+  compiled(w, x)
+  b = profiling.step_breakdown(compiled, w, x, num_steps=2)
+  assert b["kinds"]["matmul"] > 0
+  assert b["total_ms"] == pytest.approx(sum(b["kinds"].values()))
+  assert set(b["kinds"]) - {"matmul"}, "the elementwise work is an op of its own kind"
+  assert b["top"] and all(ms > 0 for _, ms in b["top"])
