@@ -227,9 +227,13 @@ def rope(x: jax.Array, positions: jax.Array, base: float = ROPE_BASE) -> jax.Arr
   when the window slides.
   """
   half = x.shape[-1] // 2
-  freq = base ** (-jnp.arange(half, dtype=jnp.float32) / half)
-  angle = positions.astype(jnp.float32)[..., None] * freq
-  cos, sin = jnp.cos(angle).astype(x.dtype), jnp.sin(angle).astype(x.dtype)
+  # Positions known at trace time (numpy) give constant cos/sin tables; traced ones (a
+  # decoded frame's) are computed on device. XLA fuses the transcendentals into the
+  # rotation and evaluates them once per element of x, forward and backward.
+  xp = np if isinstance(positions, np.ndarray) else jnp
+  freq = base ** (-xp.arange(half, dtype=np.float32) / np.float32(half))
+  angle = positions.astype(np.float32)[..., None] * freq
+  cos, sin = jnp.asarray(xp.cos(angle), x.dtype), jnp.asarray(xp.sin(angle), x.dtype)
   x1, x2 = x[..., :half], x[..., half:]
   return jnp.concatenate([x1 * cos - x2 * sin, x1 * sin + x2 * cos], axis=-1)
 
@@ -334,7 +338,7 @@ class Attention(nnx.Module):
     if self.q_norm is not None:
       q_BTNKE, k_BTNKE = self.q_norm(q_BTNKE), self.k_norm(k_BTNKE)
     if self.rotary:
-      positions_T11 = jnp.arange(x_BTND.shape[1])[:, None, None]
+      positions_T11 = np.arange(x_BTND.shape[1])[:, None, None]
       q_BTNKE, k_BTNKE = rope(q_BTNKE, positions_T11), rope(k_BTNKE, positions_T11)
     if self.grid is not None:
       if x_BTND.shape[2] != self.grid[0]:
@@ -379,7 +383,7 @@ class Attention(nnx.Module):
     k_BNKSE, v_BNKSE = to_heads(k_BTNKE), to_heads(v_BTNKE)
     q_BNKTE, keys_BNKSE = to_heads(q_BTNKE), k_BNKSE
     if self.rotary:
-      positions_T = jnp.arange(x_BTND.shape[1])
+      positions_T = np.arange(x_BTND.shape[1])
       q_BNKTE, keys_BNKSE = rope(q_BNKTE, positions_T), rope(k_BNKSE, positions_T)
     o_BNKTE = attention_core(self.causal, q_BNKTE, keys_BNKSE, v_BNKSE)
     o_BTNKE = jnp.transpose(o_BNKTE, _FROM_HEADS["time"])
