@@ -418,6 +418,8 @@ def test_short_training_run_learns_and_restores(stage_workdirs, tmp_path, tiny_d
   config.images_every_steps = 40
   config.checkpoint.every_steps = 40
   config.optimizer.warmup_steps = 10
+  # A rate that shows learning within 40 steps (runlocal's is chosen for 1500).
+  config.optimizer.lr, config.optimizer.end_lr = 1e-3, 1e-4
   config.mesh = dict(data=1, fsdp=1, tensor=1)
   workdir = str(tmp_path / "dyn")
   train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
