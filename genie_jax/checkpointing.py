@@ -65,7 +65,8 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
 RESUMABLE_KEYS = ("total_steps", "log_every_steps", "images_every_steps", "num_images",
                   "eval_every_steps", "evals", "checkpoint", "mesh", "mesh_dcn",
                   "data.data_dir",
-                  "data.worker_count", "data.read_threads", "data.prefetch", "nonfinite")
+                  "data.worker_count", "data.read_threads", "data.prefetch", "nonfinite",
+                  "profile")
 
 
 # Keys a task fills in from elsewhere when it starts (the dynamics task: its stages' model

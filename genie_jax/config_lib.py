@@ -104,4 +104,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.num_images = 4
   config.eval_every_steps = 5000
   config.evals = ml_collections.ConfigDict()
+  # A jax.profiler trace of the train steps start_step + 1 .. start_step + num_steps (the
+  # updates made from state start_step on) into WORKDIR/profile, for TensorBoard's profile
+  # plugin or xprof; num_steps=0: none. Process 0 only, unless all_processes.
+  config.profile = ml_collections.ConfigDict(dict(start_step=10, num_steps=0,
+                                                  all_processes=False))
   return config

@@ -15,6 +15,8 @@ Faults:
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import threading
 import time
@@ -57,6 +59,11 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
       raise ValueError(f"config.{key}={value} must be positive")
   optim.learning_rate_schedule(config.optimizer, config.total_steps)
   sharding.check_model_split(config.model, mesh, train_state.rules_of(config))
+  profile = config.get("profile")
+  if profile is not None:
+    for key in ("start_step", "num_steps"):
+      if profile[key] < 0:
+        raise ValueError(f"config.profile.{key}={profile[key]} must not be negative")
 
 
 def check_fault_config(config: ml_collections.ConfigDict) -> None:
@@ -164,6 +171,41 @@ class PreemptionNotice:
       self._previous_handler = None
 
 
+class StepProfiler:
+  """Traces the train steps config.profile names into WORKDIR/profile (jax.profiler), each
+  step annotated with its number, so that the profile tools show where one step's time goes."""
+
+  def __init__(self, profile: ml_collections.ConfigDict | None, workdir: str):
+    on = profile is not None and profile.num_steps > 0 and (
+        profile.all_processes or jax.process_index() == 0)
+    self._first = profile.start_step if on else -1
+    self._last = profile.start_step + profile.num_steps if on else -1
+    self.directory = os.path.join(workdir, "profile")
+    self._tracing = False
+
+  def step(self, step: int) -> Any:
+    """A context for the update that takes the state from `step` to `step + 1`."""
+    if step == self._first:
+      jax.profiler.start_trace(self.directory)
+      self._tracing = True
+      logging.info("Tracing train steps %d..%d into %s", step + 1, self._last, self.directory)
+    if self._tracing:
+      return jax.profiler.StepTraceAnnotation("train", step_num=step + 1)
+    return contextlib.nullcontext()
+
+  def after(self, step: int, metrics: Any) -> None:
+    """Ends the trace once step `step` (just made) is the last traced one and has run."""
+    if self._tracing and step >= self._last:
+      jax.block_until_ready(metrics)
+      self.close()
+
+  def close(self) -> None:
+    if self._tracing:
+      jax.profiler.stop_trace()
+      self._tracing = False
+      logging.info("Wrote the profile to %s", self.directory)
+
+
 def _due(step: int, every: int, last: int) -> bool:
   return bool(every) and (step % every == 0 or step == last)
 
@@ -244,12 +286,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   stop_on_nonfinite = config.nonfinite == "stop"
   preempted = False
   notice = PreemptionNotice(ckpt.manager, config.checkpoint.preemption_check_every_steps)
+  profiler = StepProfiler(config.get("profile"), workdir)
   try:
     while step < last:
-      batch = input_pipeline.to_global_batch(local_batch, spec.batch_sharding)
-      state, metrics = compiled(state, batch)
+      with profiler.step(step):
+        batch = input_pipeline.to_global_batch(local_batch, spec.batch_sharding)
+        state, metrics = compiled(state, batch)
       pending.append(metrics)
       step += 1
+      profiler.after(step, metrics)
       pending_steps.append(step)
       preempted = notice.reached(step) and step < last
       if _due(step, config.checkpoint.every_steps, last) or preempted:
@@ -282,6 +327,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       if step < last:
         local_batch = next(train_iter)
   finally:
+    profiler.close()
     notice.close()
     # Lets an in-flight asynchronous save finish even when the loop fails (and the preemption
     # checkpoint land before the process exits).

@@ -305,3 +305,39 @@ def test_step_breakdown_finds_the_matmuls_of_a_step():
   assert b["total_ms"] == pytest.approx(sum(b["kinds"].values()))
   assert set(b["kinds"]) - {"matmul"}, "the elementwise work is an op of its own kind"
   assert b["top"] and all(ms > 0 for _, ms in b["top"])
+
+
+def test_profile_traces_the_named_train_steps(tmp_path, tiny_data_dir):
+  """config.profile writes a jax.profiler trace of exactly the steps it names, each step's
+  annotation around the compiled train step, and a resume is not refused for it."""
+  import glob  # pylint: disable=import-outside-toplevel
+  import gzip  # pylint: disable=import-outside-toplevel
+
+  config = tiny_config(tiny_data_dir, total_steps=5, eval_every_steps=0, images_every_steps=0,
+                       **{"profile.start_step": 2, "profile.num_steps": 2})
+  config.mesh = dict(data=1, fsdp=1, tensor=1)
+  workdir = str(tmp_path / "tok")
+  train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+
+  profile_dir = os.path.join(workdir, "profile")
+  assert glob.glob(os.path.join(profile_dir, "**", "*.xplane.pb"), recursive=True)
+  traces = glob.glob(os.path.join(profile_dir, "**", "*.trace.json.gz"), recursive=True)
+  with gzip.open(traces[0]) as f:
+    events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
+  steps = {int(e["args"]["step_num"]) for e in events
+           if e["name"] == "train" and "step_num" in e.get("args", {})}
+  assert steps == {3, 4}
+  assert any("train_step" in e["name"] for e in events), "the compiled step is in the trace"
+
+  config.total_steps = 6
+  config.profile.num_steps = 0
+  train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+  assert max(read_metrics(workdir)) == 6
+
+
+@pytest.mark.parametrize("key", ["start_step", "num_steps"])
+def test_negative_profile_steps_fail_before_work(tmp_path, key):
+  config = tiny_config(str(tmp_path / "data"), **{f"profile.{key}": -1})
+  with pytest.raises(ValueError, match=f"config.profile.{key}=-1 must not be negative"):
+    train.train_and_evaluate(config, str(tmp_path / "w"))
+  assert not os.path.exists(tmp_path / "w")
