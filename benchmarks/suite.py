@@ -69,9 +69,11 @@ _STAGES = flags.DEFINE_list("stages", list(STAGES), "Train steps of these stages
 _STEPS = flags.DEFINE_integer("steps", 3, "Timed train steps (after one warm-up step).")
 _BREAKDOWN = flags.DEFINE_bool(
     "breakdown", False, "After each train row, where its step's time goes: XLA's ops from a "
-    "jax.profiler trace of --steps more steps, matmuls apart from the rest by kind.")
-_BATCH = flags.DEFINE_integer("batch_size", 0, "Train batch of every stage (0: the shape's; "
-                              "e.g. Genie's own batches on an accelerator at --shapes=appf).")
+    "jax.profiler trace of --steps more steps, matmuls apart from the rest by kind (XLA:CPU, "
+    "whose trace names the HLO ops).")
+_BATCH = flags.DEFINE_integer("batch_size", 0, "Batch of every stage's train step and input "
+                              "rows (0: the shape's; e.g. Genie's own batches on an "
+                              "accelerator at --shapes=appf).", lower_bound=0)
 _FRAMES = flags.DEFINE_list("rollout_frames", ["16", "64"], "Generated frames per rollout.")
 _MASKGIT = flags.DEFINE_integer("maskgit_steps", 25, "MaskGIT steps per generated frame.")
 _INPUT_BATCHES = flags.DEFINE_integer("input_batches", 50, "Timed input batches.")

@@ -83,6 +83,10 @@ def time_steps(step: Any, state: Any, batch: Any, num_steps: int
 
 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (?:\([^=]*?\)|\S+) (\w[\w\-]*)\(")
+_COMMENT = re.compile(r"/\*.*?\*/")
+# Ops whose trace events span the ops they run (a loop's body, a called computation): counted
+# through those ops, not twice.
+_CONTAINERS = ("while", "conditional", "call")
 _CALLS = re.compile(r"calls=%?([\w.\-]+)")
 _COMPUTATION = re.compile(r"^%?([\w.\-]+) .*\{\s*$")
 _MATMUL_OPS = ("dot", "convolution")
@@ -97,7 +101,7 @@ def _matmul_instructions(hlo_text: str) -> tuple[set[str], set[str]]:
     if header and not line.startswith(" "):
       computation = header.group(1)
       continue
-    m = _INSTRUCTION.match(line)
+    m = _INSTRUCTION.match(_COMMENT.sub("", line))
     if m and computation:
       called = _CALLS.search(line)
       body[computation].append((m.group(1), m.group(2), called and called.group(1)))
@@ -105,7 +109,8 @@ def _matmul_instructions(hlo_text: str) -> tuple[set[str], set[str]]:
   names, matmuls = set(), set()
   for instrs in body.values():
     for name, op, called in instrs:
-      names.add(name)
+      if op not in _CONTAINERS:
+        names.add(name)
       if op in _MATMUL_OPS or (op == "fusion" and has_dot.get(called, False)):
         matmuls.add(name)
   return names, matmuls
@@ -116,8 +121,10 @@ def step_breakdown(step: Any, state: Any, batch: Any, num_steps: int, top: int =
   """Where a compiled step's time goes, from XLA's own ops in a `jax.profiler` trace of
   `num_steps` calls (after the caller's warm-up): ms per step of the ops that are matmuls
   (a dot, or a fusion holding one), of all other ops by kind (the op's name without its
-  number: 'multiply_reduce_fusion', 'transpose', ...), and the `top` single ops. On a CPU
-  the ops of one step run one after another, so their sum is about the step's time."""
+  number: 'multiply_reduce_fusion', 'transpose', ...), and the `top` single ops. For XLA:CPU,
+  whose trace events carry the HLO instructions' names (a GPU's carry its kernels'). Their
+  sum is not the step's time: the runtime works between ops, and may run independent ops at
+  once."""
   names, matmuls = _matmul_instructions(step.as_text())
   with tempfile.TemporaryDirectory() as trace_dir:
     with jax.profiler.trace(trace_dir):

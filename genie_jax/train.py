@@ -64,6 +64,10 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
     for key in ("start_step", "num_steps"):
       if profile[key] < 0:
         raise ValueError(f"config.profile.{key}={profile[key]} must not be negative")
+    if profile.num_steps and profile.start_step + profile.num_steps > config.total_steps:
+      logging.warning("config.profile names steps %d..%d, past config.total_steps=%d: the "
+                      "trace ends with the run", profile.start_step + 1,
+                      profile.start_step + profile.num_steps, config.total_steps)
 
 
 def check_fault_config(config: ml_collections.ConfigDict) -> None:
@@ -173,7 +177,8 @@ class PreemptionNotice:
 
 class StepProfiler:
   """Traces the train steps config.profile names into WORKDIR/profile (jax.profiler), each
-  step annotated with its number, so that the profile tools show where one step's time goes."""
+  step annotated with its number, so that the profile tools show where one step's time goes.
+  A run resumed inside the window traces the rest of it."""
 
   def __init__(self, profile: ml_collections.ConfigDict | None, workdir: str):
     on = profile is not None and profile.num_steps > 0 and (
@@ -181,11 +186,15 @@ class StepProfiler:
     self._first = profile.start_step if on else -1
     self._last = profile.start_step + profile.num_steps if on else -1
     self.directory = os.path.join(workdir, "profile")
+    if on and profile.all_processes:
+      # Processes on one host would write the same host-named file.
+      self.directory = os.path.join(self.directory, f"process_{jax.process_index()}")
     self._tracing = False
 
-  def step(self, step: int) -> Any:
-    """A context for the update that takes the state from `step` to `step + 1`."""
-    if step == self._first:
+  def step(self, step: int, state: Any) -> Any:
+    """A context for the update that takes `state` from `step` to `step + 1`."""
+    if not self._tracing and self._first <= step < self._last:
+      jax.block_until_ready(state)  # Earlier steps' work stays out of the trace.
       jax.profiler.start_trace(self.directory)
       self._tracing = True
       logging.info("Tracing train steps %d..%d into %s", step + 1, self._last, self.directory)
@@ -201,8 +210,8 @@ class StepProfiler:
 
   def close(self) -> None:
     if self._tracing:
-      jax.profiler.stop_trace()
       self._tracing = False
+      jax.profiler.stop_trace()
       logging.info("Wrote the profile to %s", self.directory)
 
 
@@ -289,7 +298,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   profiler = StepProfiler(config.get("profile"), workdir)
   try:
     while step < last:
-      with profiler.step(step):
+      with profiler.step(step, state):
         batch = input_pipeline.to_global_batch(local_batch, spec.batch_sharding)
         state, metrics = compiled(state, batch)
       pending.append(metrics)
@@ -327,12 +336,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       if step < last:
         local_batch = next(train_iter)
   finally:
-    profiler.close()
     notice.close()
     # Lets an in-flight asynchronous save finish even when the loop fails (and the preemption
     # checkpoint land before the process exits).
     ckpt.close()
     writer.close()
+    try:
+      profiler.close()
+    except Exception:  # pylint: disable=broad-except
+      # A trace that cannot be written must not hide why the loop ended.
+      logging.exception("Could not write the profile to %s", profiler.directory)
   if preempted:
     logging.warning("Preempted at step %d: its checkpoint is in %s; run the same command to "
                     "continue. Exiting with status %d.", step, ckpt.directory,

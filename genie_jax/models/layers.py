@@ -231,7 +231,8 @@ def rope(x: jax.Array, positions: jax.Array, base: float = ROPE_BASE) -> jax.Arr
   # decoded frame's) are computed on device. XLA fuses the transcendentals into the
   # rotation and evaluates them once per element of x, forward and backward.
   xp = np if isinstance(positions, np.ndarray) else jnp
-  freq = base ** (-xp.arange(half, dtype=np.float32) / np.float32(half))
+  # One frequency table for both, so that both paths rotate by the same angles.
+  freq = xp.asarray(base ** (-np.arange(half, dtype=np.float32) / np.float32(half)))
   angle = positions.astype(np.float32)[..., None] * freq
   cos, sin = jnp.asarray(xp.cos(angle), x.dtype), jnp.asarray(xp.sin(angle), x.dtype)
   x1, x2 = x[..., :half], x[..., half:]
