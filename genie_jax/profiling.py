@@ -116,6 +116,15 @@ def _matmul_instructions(hlo_text: str) -> tuple[set[str], set[str]]:
   return names, matmuls
 
 
+def read_trace_events(trace_dir: str) -> list[dict[str, Any]]:
+  """The events of the newest `jax.profiler` trace (its trace.json.gz) under `trace_dir`."""
+  files = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
+  if not files:
+    raise RuntimeError(f"jax.profiler wrote no trace under {trace_dir}")
+  with gzip.open(max(files, key=os.path.getmtime)) as f:
+    return json.load(f)["traceEvents"]
+
+
 def step_breakdown(step: Any, state: Any, batch: Any, num_steps: int, top: int = 8
                    ) -> dict[str, Any]:
   """Where a compiled step's time goes, from XLA's own ops in a `jax.profiler` trace of
@@ -131,11 +140,7 @@ def step_breakdown(step: Any, state: Any, batch: Any, num_steps: int, top: int =
       for _ in range(num_steps):
         state, metrics = step(state, batch)
         jax.block_until_ready(metrics)
-    files = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
-    if not files:
-      raise RuntimeError(f"jax.profiler wrote no trace under {trace_dir}")
-    with gzip.open(files[0]) as f:
-      events = json.load(f)["traceEvents"]
+    events = read_trace_events(trace_dir)
   per_op: collections.Counter[str] = collections.Counter()
   for event in events:
     if event.get("ph") == "X" and event.get("name") in names:

@@ -315,7 +315,8 @@ def test_profile_traces_the_named_train_steps(tmp_path, tiny_data_dir):
   """config.profile writes a jax.profiler trace of exactly the steps it names, each step's
   annotation around the compiled train step, and a resume is not refused for it."""
   import glob  # pylint: disable=import-outside-toplevel
-  import gzip  # pylint: disable=import-outside-toplevel
+
+  from genie_jax import profiling  # pylint: disable=import-outside-toplevel
 
   config = tiny_config(tiny_data_dir, total_steps=5, eval_every_steps=0, images_every_steps=0,
                        **{"profile.start_step": 2, "profile.num_steps": 2})
@@ -327,9 +328,7 @@ def test_profile_traces_the_named_train_steps(tmp_path, tiny_data_dir):
 
   def latest_trace():
     assert glob.glob(os.path.join(profile_dir, "**", "*.xplane.pb"), recursive=True)
-    traces = glob.glob(os.path.join(profile_dir, "**", "*.trace.json.gz"), recursive=True)
-    with gzip.open(max(traces, key=os.path.getmtime)) as f:
-      events = [e for e in json.load(f)["traceEvents"] if e.get("ph") == "X"]
+    events = [e for e in profiling.read_trace_events(profile_dir) if e.get("ph") == "X"]
     steps = {int(e["args"]["step_num"]) for e in events
              if e["name"] == "train" and "step_num" in e.get("args", {})}
     return steps, events
