@@ -95,14 +95,15 @@ def _random_batch(batch_size, seed=0):
               actions=rng.integers(0, 6, (batch_size, CLIP_LEN), dtype=np.int32))
 
 
-_VARIANTS = [(c, p) for c in dynamics_lib.CONDITIONINGS for p in ("learned", "rope")]
+_VARIANTS = ([(c, p, "spatial_first") for c in dynamics_lib.CONDITIONINGS
+              for p in ("learned", "rope")] + [("additive", "learned", "temporal_first")])
 
 
-def _tiny_model(conditioning, positions="learned", **overrides):
+def _tiny_model(conditioning, positions="learned", block_order="spatial_first", **overrides):
   cfg = dynamics_lib.default_config()
   cfg.update(dict(num_layers=2, d_model=32, num_heads=2, num_codes=16, tokens_per_frame=4,
                   num_actions=5, max_frames=6, action_conditioning=conditioning,
-                  temporal_positions=positions), **overrides)
+                  temporal_positions=positions, block_order=block_order), **overrides)
   return dynamics_lib.DynamicsModel(cfg, rngs=nnx.Rngs(0))
 
 
@@ -184,9 +185,10 @@ def test_lam_actions_of_long_clips_come_from_windows(t):
 # --- The dynamics model: action alignment and causality ------------------------------------
 
 
-@pytest.mark.parametrize("conditioning,positions", _VARIANTS)
-def test_action_t_conditions_frame_t_plus_1_and_later_only(conditioning, positions):
-  model = _tiny_model(conditioning, positions)
+@pytest.mark.parametrize("conditioning,positions,block_order", _VARIANTS)
+def test_action_t_conditions_frame_t_plus_1_and_later_only(conditioning, positions,
+                                                           block_order):
+  model = _tiny_model(conditioning, positions, block_order)
   tokens, mask, actions = _random_inputs()
   base = np.asarray(_logits(model, tokens, mask, actions))
   assert base.shape == (2, 6, 4, 16)
@@ -215,9 +217,9 @@ def test_frame_0_gets_the_no_action_embedding(conditioning):
   assert np.abs(changed[:, 0] - base[:, 0]).max() > 1e-4
 
 
-@pytest.mark.parametrize("conditioning,positions", _VARIANTS)
-def test_frames_never_see_later_frames(conditioning, positions):
-  model = _tiny_model(conditioning, positions)
+@pytest.mark.parametrize("conditioning,positions,block_order", _VARIANTS)
+def test_frames_never_see_later_frames(conditioning, positions, block_order):
+  model = _tiny_model(conditioning, positions, block_order)
   tokens, mask, actions = _random_inputs()
   base = np.asarray(_logits(model, tokens, mask, actions))
   for t in range(1, tokens.shape[1]):
@@ -255,6 +257,8 @@ def test_bad_model_config_names_the_key():
     _tiny_model("additive", spatial_rope=True, tokens_per_frame=6)
   with pytest.raises(ValueError, match="spatial_rope needs a head width divisible by 4"):
     _tiny_model("additive", spatial_rope=True, d_model=36, num_heads=2)
+  with pytest.raises(ValueError, match="config.model.block_order='spatial'"):
+    _tiny_model("additive", block_order="spatial")
 
 
 # --- Restoring stages ----------------------------------------------------------------------

@@ -269,7 +269,8 @@ IMAGE, FRAMES, CODES, ACTIONS = 16, 4, 8, 3  # N = (16 / 8)^2 = 4 tokens per fra
 
 
 @functools.lru_cache  # Building modules runs op by op: slow on CPU, so build each once.
-def _world(conditioning="additive", positions="learned", sinks=0, spatial_rope=False):
+def _world(conditioning="additive", positions="learned", sinks=0, spatial_rope=False,
+           block_order="spatial_first"):
   from genie_jax.models import dynamics as dynamics_lib  # pylint: disable=g-import-not-at-top
   from genie_jax.models import lam as lam_lib  # pylint: disable=g-import-not-at-top
   from genie_jax.models import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
@@ -283,7 +284,7 @@ def _world(conditioning="additive", positions="learned", sinks=0, spatial_rope=F
   dyn_cfg.update(dict(num_layers=2, d_model=16, num_heads=2, num_codes=CODES,
                       tokens_per_frame=4, num_actions=ACTIONS, max_frames=FRAMES,
                       action_conditioning=conditioning, temporal_positions=positions,
-                      sink_frames=sinks, spatial_rope=spatial_rope))
+                      sink_frames=sinks, spatial_rope=spatial_rope, block_order=block_order))
   rngs = nnx.Rngs(0)
   return dynamics_lib.WorldModel(tokenizer_lib.Tokenizer(tok_cfg, rngs=rngs),
                                  lam_lib.LatentActionModel(lam_cfg, rngs=rngs),
@@ -295,9 +296,13 @@ def _video(batch, frames, seed=0):
   return rng.integers(0, 256, (batch, frames, IMAGE, IMAGE, 3), dtype=np.uint8)
 
 
-_CASES = [("additive", "learned", 0, False), ("prepend", "learned", 0, False),
-          ("additive", "rope", 0, False), ("prepend", "rope", 1, False),
-          ("prepend", "learned", 0, True)]
+_CASES = [("additive", "learned", 0, False, "spatial_first"),
+          ("prepend", "learned", 0, False, "spatial_first"),
+          ("additive", "rope", 0, False, "spatial_first"),
+          ("prepend", "rope", 1, False, "spatial_first"),
+          ("prepend", "learned", 0, True, "spatial_first"),
+          ("additive", "learned", 0, True, "temporal_first"),
+          ("additive", "rope", 1, False, "temporal_first")]
 
 
 @functools.lru_cache
@@ -322,12 +327,12 @@ def _cache_steps():
   return prefill, step, window
 
 
-@pytest.mark.parametrize("conditioning,positions,sinks,spatial_rope", _CASES)
+@pytest.mark.parametrize("conditioning,positions,sinks,spatial_rope,block_order", _CASES)
 def test_cached_logits_equal_the_model_on_the_window(conditioning, positions, sinks,
-                                                     spatial_rope):
+                                                     spatial_rope, block_order):
   """Within the window every cache equals the model run on the frames so far; past it, the
   learned-position cache (rebuilt) still does, and the rotary one keeps the latest frames."""
-  dynamics = _world(conditioning, positions, sinks, spatial_rope).dynamics
+  dynamics = _world(conditioning, positions, sinks, spatial_rope, block_order).dynamics
   prefill, step, window = _cache_steps()
   rng = np.random.default_rng(0)
   length = 9  # Longer than the 4-frame window: frames 4.. slide it.

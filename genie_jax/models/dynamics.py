@@ -31,6 +31,7 @@ from genie_jax import sharding
 from genie_jax.models import layers
 
 CONDITIONINGS = ("additive", "prepend")
+BLOCK_ORDERS = ("spatial_first", "temporal_first")
 
 _ACT_BTNV = ("batch", "time", "tokens", "act_vocab")
 _EMBED_STDDEV = 0.02
@@ -60,6 +61,8 @@ def default_config() -> ml_collections.ConfigDict:
     spatial_rope: also rotate spatial attention's queries and keys by each token's row and
       column (2-D RoPE, `genie_jax.models.layers.rope_2d`) on top of the learned spatial
       table; needs a square token grid and a head width divisible by 4.
+    block_order: 'spatial_first' (Genie's ST block) or 'temporal_first' (temporal attention
+      before spatial attention in every block; `genie_jax.models.layers.STBlock`).
   """
   cfg = ml_collections.ConfigDict(dict(
       num_layers=12,
@@ -74,6 +77,7 @@ def default_config() -> ml_collections.ConfigDict:
       temporal_positions="learned",
       sink_frames=0,
       spatial_rope=False,
+      block_order="spatial_first",
       **layers.TRANSFORMER_DEFAULTS,
   ))
   cfg.lock()
@@ -91,6 +95,9 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   if cfg.action_conditioning not in CONDITIONINGS:
     raise ValueError(f"config.model.action_conditioning={cfg.action_conditioning!r}; "
                      f"expected one of {list(CONDITIONINGS)}")
+  if cfg.get("block_order", "spatial_first") not in BLOCK_ORDERS:
+    raise ValueError(f"config.model.block_order={cfg.block_order!r}; expected one of "
+                     f"{list(BLOCK_ORDERS)}")
   positions, sinks = temporal_settings(cfg)
   if positions not in layers.TEMPORAL_POSITIONS:
     raise ValueError(f"config.model.temporal_positions={positions!r}; expected one of "
@@ -154,7 +161,8 @@ class DynamicsModel(nnx.Module):
         mlp_ratio=cfg.mlp_ratio, qk_norm=cfg.qk_norm_kind if cfg.qk_norm else None,
         dtype=dtype, param_dtype=param_dtype, attention_impl=cfg.attention_impl,
         temporal_positions=positions, grid=token_grid(cfg),
-        remat=cfg.remat_policy if cfg.remat else None, rngs=rngs)
+        remat=cfg.remat_policy if cfg.remat else None,
+        temporal_first=cfg.get("block_order", "spatial_first") == "temporal_first", rngs=rngs)
     self.to_logits = layers.Linear(d, cfg.num_codes, names=("embed", "vocab"), dtype=dtype,
                                    param_dtype=param_dtype, rngs=rngs)
 

@@ -512,13 +512,17 @@ class STBlock(nnx.Module):
 
   x += SpatialAttention(LN(x)); x += TemporalAttention(LN(x)); x += FFN(LN(x)). There is
   deliberately no feed-forward between the two attentions (Genie, App. F / ST-ViViT).
+  With `temporal_first` the two attentions swap places, so that within one block a token
+  can first read its own place in the past frames and then its neighbours' (what a
+  scrolled view asks for: the token one cell over, one frame back).
   """
 
   def __init__(self, d_model: int, num_heads: int, *, mlp_ratio: int = 4,
                qk_norm: str | None = None, dtype: Dtype = jnp.float32,
                param_dtype: Dtype = jnp.float32, attention_impl: str = "xla",
                rotary_time: bool = False, grid: tuple[int, int] | None = None,
-               num_tokens: int = 0, rngs: nnx.Rngs):
+               num_tokens: int = 0, temporal_first: bool = False, rngs: nnx.Rngs):
+    self.temporal_first = temporal_first
     norm = lambda: Norm(d_model, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     attention = lambda over, causal, **positions: Attention(
         d_model, num_heads, over=over, causal=causal, qk_norm=qk_norm, dtype=dtype,
@@ -532,19 +536,27 @@ class STBlock(nnx.Module):
     self.ffn = FeedForward(d_model, mlp_ratio * d_model, dtype=dtype,
                            param_dtype=param_dtype, rngs=rngs)
 
+  def _spatial(self, x_BTND: jax.Array) -> jax.Array:
+    return x_BTND + self.spatial_attention(self.spatial_norm(x_BTND))
+
   def __call__(self, x_BTND: jax.Array) -> jax.Array:
-    x_BTND = x_BTND + self.spatial_attention(self.spatial_norm(x_BTND))
+    if not self.temporal_first:
+      x_BTND = self._spatial(x_BTND)
     x_BTND = x_BTND + self.temporal_attention(self.temporal_norm(x_BTND))
+    if self.temporal_first:
+      x_BTND = self._spatial(x_BTND)
     x_BTND = x_BTND + self.ffn(self.ffn_norm(x_BTND))
     return sharding.constrain(x_BTND, _ACT_BTND)
 
-
   def call_with_kv(self, x_BTND: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """`__call__`, also returning the temporal keys/values k_BNKSE, v_BNKSE of its frames."""
-    x_BTND = x_BTND + self.spatial_attention(self.spatial_norm(x_BTND))
+    if not self.temporal_first:
+      x_BTND = self._spatial(x_BTND)
     out_BTND, k_BNKSE, v_BNKSE = self.temporal_attention.call_with_kv(
         self.temporal_norm(x_BTND))
     x_BTND = x_BTND + out_BTND
+    if self.temporal_first:
+      x_BTND = self._spatial(x_BTND)
     x_BTND = x_BTND + self.ffn(self.ffn_norm(x_BTND))
     return x_BTND, k_BNKSE, v_BNKSE
 
@@ -556,10 +568,13 @@ class STBlock(nnx.Module):
 
     Returns (x_B1ND, k_BNK1E, v_BNK1E): the output and the frame's temporal key/value.
     """
-    x_B1ND = x_B1ND + self.spatial_attention(self.spatial_norm(x_B1ND))
+    if not self.temporal_first:
+      x_B1ND = self._spatial(x_B1ND)
     out_B1ND, k_BNK1E, v_BNK1E = self.temporal_attention.attend_cached(
         self.temporal_norm(x_B1ND), k_BNKSE, v_BNKSE, valid_S, position)
     x_B1ND = x_B1ND + out_B1ND
+    if self.temporal_first:
+      x_B1ND = self._spatial(x_B1ND)
     x_B1ND = x_B1ND + self.ffn(self.ffn_norm(x_B1ND))
     return x_B1ND, k_BNK1E, v_BNK1E
 
@@ -593,6 +608,7 @@ class STTransformer(nnx.Module):
       (see above).
     remat: None, 'full' or 'dots' (see `REMAT_POLICIES`): recompute each block in the
       backward pass.
+    temporal_first: temporal attention before spatial attention in every block (`STBlock`).
   """
 
   def __init__(self, num_layers: int, d_model: int, num_heads: int, *, num_tokens: int,
@@ -600,7 +616,7 @@ class STTransformer(nnx.Module):
                dtype: Dtype = jnp.float32, param_dtype: Dtype = jnp.float32,
                attention_impl: str = "xla", temporal_positions: str = "learned",
                grid: tuple[int, int] | None = None, remat: str | None = None,
-               rngs: nnx.Rngs):
+               temporal_first: bool = False, rngs: nnx.Rngs):
     if remat is not None and remat not in REMAT_POLICIES:
       raise ValueError(f"remat={remat!r}; expected None or one of {sorted(REMAT_POLICIES)}")
     if temporal_positions not in TEMPORAL_POSITIONS:
@@ -620,7 +636,7 @@ class STTransformer(nnx.Module):
         STBlock(d_model, num_heads, mlp_ratio=mlp_ratio, qk_norm=qk_norm, dtype=dtype,
                 param_dtype=param_dtype, attention_impl=attention_impl,
                 rotary_time=temporal_positions == "rope", grid=grid,
-                num_tokens=num_tokens, rngs=rngs)
+                num_tokens=num_tokens, temporal_first=temporal_first, rngs=rngs)
         for _ in range(num_layers)])
     self.final_norm = Norm(d_model, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
