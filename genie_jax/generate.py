@@ -17,7 +17,6 @@ index drawn on each generated frame, and <out>/actions.json.
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import numpy as np
@@ -27,6 +26,7 @@ from absl import logging
 
 from genie_jax import allocator
 from genie_jax import genie as genie_lib
+from genie_jax import paths
 from genie_jax import visualize
 from genie_jax.data import input_pipeline
 
@@ -112,8 +112,7 @@ def generate(workdir: str, *, step: int | None = None, num_frames: int | None = 
   video = np.asarray(genie.rollout(prompt, action_ids, rng=jax.random.key(seed),
                                    num_steps=num_steps, temperature=temperature))
 
-  out_dir = out_dir or os.path.join(workdir, "generate")
-  os.makedirs(out_dir, exist_ok=True)
+  out_dir = out_dir or paths.join(workdir, "generate")
   files = []
   labels = [None] * prompt_frames
   for i in range(num_videos):
@@ -123,16 +122,17 @@ def generate(workdir: str, *, step: int | None = None, num_frames: int | None = 
       truth_frames = visualize.label_frames(
           clips[i, :prompt_frames + num_frames], labels + ["truth"] * num_frames, scale=scale)
       frames = visualize.side_by_side_video([frames, truth_frames])
-    path = os.path.join(out_dir, f"video_{i}")
+    path = paths.join(out_dir, f"video_{i}")
     visualize.save_gif(path + ".gif", frames)
     files.append(path + ".gif")
     if visualize.save_mp4(path + ".mp4", frames):
       files.append(path + ".mp4")
-  with open(os.path.join(out_dir, "actions.json"), "w", encoding="utf-8") as f:
-    json.dump(dict(workdir=workdir, step=genie.step, actions=actions,
-                   action_ids=action_ids.tolist(), prompt_frames=prompt_frames,
-                   num_steps=num_steps, temperature=temperature, seed=seed), f, indent=2)
-  files.append(os.path.join(out_dir, "actions.json"))
+  actions_file = paths.join(out_dir, "actions.json")
+  paths.write_text(actions_file, json.dumps(dict(
+      workdir=workdir, step=genie.step, actions=actions, action_ids=action_ids.tolist(),
+      prompt_frames=prompt_frames, num_steps=num_steps, temperature=temperature, seed=seed),
+      indent=2))
+  files.append(actions_file)
   logging.info("Wrote %d videos of %d frames to %s", num_videos, prompt_frames + num_frames,
                out_dir)
   return dict(video=video, actions=action_ids, files=files)

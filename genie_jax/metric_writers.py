@@ -7,7 +7,6 @@ so no JAX computation ever runs on one process alone.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Mapping
 
@@ -16,31 +15,52 @@ import numpy as np
 from absl import logging
 
 from genie_jax import allocator
+from genie_jax import paths
 from genie_jax import visualize
 
 
 class MetricWriter:
-  """Writes scalars to TensorBoard (tensorboardX, no TensorFlow) and workdir/metrics.jsonl."""
+  """Writes scalars to TensorBoard (tensorboardX, no TensorFlow) and workdir/metrics.jsonl.
 
-  def __init__(self, workdir: str, *, first_step: int = 0, enabled: bool | None = None):
+  The workdir may be on Cloud Storage: TensorBoard's events are then written locally and
+  uploaded (`paths.LocalMirror`), and metrics.jsonl, which Cloud Storage cannot append to,
+  is uploaded whole at most every `upload_every_s` seconds and at `flush` and `close`.
+  """
+
+  def __init__(self, workdir: str, *, first_step: int = 0, enabled: bool | None = None,
+               upload_every_s: float = 60.0):
     """Opens the writers; rows after `first_step` (left by a run that stopped after its last
     checkpoint) are dropped, so a resumed run logs every step once."""
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self.workdir = workdir
     self._tb = None
     self._jsonl = None
+    self._upload_every_s = upload_every_s
     if self.enabled:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      os.makedirs(workdir, exist_ok=True)
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"),
+      paths.path(workdir).mkdir(parents=True, exist_ok=True)
+      self._tb_dir = paths.LocalMirror(paths.join(workdir, "tensorboard"))
+      self._tb = SummaryWriter(self._tb_dir.local,
                                purge_step=first_step + 1 if first_step else None)
-      path = os.path.join(workdir, "metrics.jsonl")
-      if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-          kept = [line for line in f if json.loads(line)["step"] <= first_step]
-        with open(path, "w", encoding="utf-8") as f:
+      self._jsonl_path = paths.path(workdir) / "metrics.jsonl"
+      kept = []
+      if self._jsonl_path.exists():
+        kept = [line for line in self._jsonl_path.read_text().splitlines(keepends=True)
+                if json.loads(line)["step"] <= first_step]
+      if paths.is_remote(workdir):
+        self._lines = kept
+        self._upload()
+      else:
+        with open(self._jsonl_path, "w", encoding="utf-8") as f:
           f.writelines(kept)
-      self._jsonl = open(path, "a", encoding="utf-8")
+        self._jsonl = open(self._jsonl_path, "a", encoding="utf-8")
+
+  def _upload(self) -> None:
+    """Cloud Storage: metrics.jsonl and TensorBoard's events as they are now."""
+    self._tb.flush()
+    self._tb_dir.sync()
+    self._jsonl_path.write_text("".join(self._lines))
+    self._uploaded_at = time.monotonic()
 
   def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:
     if not self.enabled:
@@ -48,36 +68,50 @@ class MetricWriter:
     clean = {k: float(v) for k, v in scalars.items()}
     for name, value in clean.items():
       self._tb.add_scalar(name, value, step)
-    self._jsonl.write(json.dumps({"step": int(step), **clean}) + "\n")
-    self._jsonl.flush()
+    line = json.dumps({"step": int(step), **clean}) + "\n"
+    if self._jsonl is not None:
+      self._jsonl.write(line)
+      self._jsonl.flush()
+      return
+    self._lines.append(line)
+    if time.monotonic() - self._uploaded_at >= self._upload_every_s:
+      self._upload()
 
   def write_images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
     """Writes uint8 HWC images as TensorBoard images and PNGs under workdir/images/."""
     if not self.enabled:
       return
-    out_dir = os.path.join(self.workdir, "images")
-    os.makedirs(out_dir, exist_ok=True)
     for name, image_HWC in images.items():
       self._tb.add_image(name, image_HWC, step, dataformats="HWC")
-      visualize.save_png(os.path.join(out_dir, f"{name}_{step:08d}.png"), image_HWC)
+      visualize.save_png(paths.join(self.workdir, "images", f"{name}_{step:08d}.png"),
+                         image_HWC)
 
   def write_videos(self, step: int, videos: Mapping[str, np.ndarray], fps: int = 8) -> None:
     """Writes uint8 THWC videos as GIFs under workdir/images/."""
     if not self.enabled:
       return
-    out_dir = os.path.join(self.workdir, "images")
-    os.makedirs(out_dir, exist_ok=True)
     for name, video_THWC in videos.items():
-      visualize.save_gif(os.path.join(out_dir, f"{name}_{step:08d}.gif"), video_THWC, fps=fps)
+      visualize.save_gif(paths.join(self.workdir, "images", f"{name}_{step:08d}.gif"),
+                         video_THWC, fps=fps)
 
   def flush(self) -> None:
-    if self.enabled:
+    """Everything written so far is in the workdir (uploaded, on Cloud Storage)."""
+    if not self.enabled:
+      return
+    if self._jsonl is None:
+      self._upload()
+    else:
       self._tb.flush()
 
   def close(self) -> None:
-    if self.enabled:
-      self._tb.close()
+    if not self.enabled:
+      return
+    if self._jsonl is None:
+      self._upload()
+    else:
       self._jsonl.close()
+    self._tb.close()
+    self._tb_dir.close()
 
 
 class Progress:

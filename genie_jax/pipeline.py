@@ -24,7 +24,6 @@ import dataclasses
 import json
 import math
 import os
-import shutil
 import time
 
 import jax
@@ -39,6 +38,7 @@ from genie_jax import checkpointing
 from genie_jax import evaluators as evaluators_lib
 from genie_jax import evaluate as evaluate_lib
 from genie_jax import generate as generate_lib
+from genie_jax import paths
 from genie_jax import tasks
 from genie_jax import train
 from genie_jax.evaluators import controllability as controllability_lib
@@ -58,7 +58,7 @@ STAGES = ("tokenizer", "lam", "dynamics")
 def stage_configs(config: ml_collections.ConfigDict, workdir: str
                   ) -> dict[str, tuple[str, ml_collections.ConfigDict]]:
   """{stage: (its workdir, its config)}, the dynamics config pointed at the other two."""
-  dirs = {stage: os.path.join(workdir, stage) for stage in STAGES}
+  dirs = {stage: paths.join(workdir, stage) for stage in STAGES}
   dynamics = config.dynamics
   with dynamics.unlocked():
     dynamics.tokenizer_workdir = dirs["tokenizer"]
@@ -67,7 +67,7 @@ def stage_configs(config: ml_collections.ConfigDict, workdir: str
 
 
 def _finished(workdir: str, config: ml_collections.ConfigDict) -> bool:
-  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+  if not (paths.path(workdir) / "checkpoints").is_dir():
     return False
   ckpt = checkpointing.Checkpointer(workdir, config.checkpoint, read_only=True)
   try:
@@ -100,8 +100,7 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, o
     train.train_and_evaluate(stage_config, stage_dir)
     timings[f"{stage}_train_s"] = time.perf_counter() - t0
 
-  report_dir = os.path.join(workdir, "report")
-  os.makedirs(report_dir, exist_ok=True)
+  report_dir = paths.join(workdir, "report")
   metrics = {}
   for stage, (stage_dir, _) in stages.items():
     t0 = time.perf_counter()
@@ -111,33 +110,32 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, o
   t0 = time.perf_counter()
   videos = {}
   for actions in ("inferred", "random"):
-    out = os.path.join(report_dir, f"rollouts_{actions}")
+    out = paths.join(report_dir, f"rollouts_{actions}")
     result = generate_lib.generate(stages["dynamics"][0], actions=actions,
                                    num_videos=config.report.num_videos, out_dir=out,
                                    num_steps=config.dynamics.evals.controllability.maskgit_steps,
                                    temperature=config.dynamics.evals.controllability.temperature)
-    videos[actions] = [os.path.relpath(f, report_dir) for f in result["files"]
+    videos[actions] = [f"rollouts_{actions}/{os.path.basename(f)}" for f in result["files"]
                        if f.endswith(".gif")]
   timings["generate_s"] = time.perf_counter() - t0
 
   if jax.process_index() == 0:
     pictures = {}
     for stage, (stage_dir, _) in stages.items():
-      eval_dir = os.path.join(stage_dir, "eval")
-      for name in sorted(os.listdir(eval_dir)):
-        if name.endswith(".png"):
-          shutil.copy(os.path.join(eval_dir, name), os.path.join(report_dir, f"{stage}_{name}"))
-          pictures.setdefault(stage, []).append(f"{stage}_{name}")
+      for picture in sorted(paths.path(stage_dir).joinpath("eval").glob("*.png"),
+                            key=lambda p: p.name):
+        paths.write_bytes(paths.join(report_dir, f"{stage}_{picture.name}"),
+                          picture.read_bytes())
+        pictures.setdefault(stage, []).append(f"{stage}_{picture.name}")
     checks = evaluate_checks(metrics, config.report)
     report = dict(metrics=metrics, timings=timings, videos=videos, pictures=pictures,
                   checks={c.name: c.passed for c in checks},
                   check_details={c.name: dict(measured=c.measured, config=c.keys)
                                  for c in checks})
-    with open(os.path.join(report_dir, "report.json"), "w", encoding="utf-8") as f:
-      json.dump(report, f, indent=2, sort_keys=True)
-    with open(os.path.join(report_dir, "report.md"), "w", encoding="utf-8") as f:
-      f.write(render_markdown(report))
-    logging.info("Wrote %s", os.path.join(report_dir, "report.md"))
+    paths.write_text(paths.join(report_dir, "report.json"),
+                     json.dumps(report, indent=2, sort_keys=True))
+    paths.write_text(paths.join(report_dir, "report.md"), render_markdown(report))
+    logging.info("Wrote %s", paths.join(report_dir, "report.md"))
     for line in _summary_lines(report):
       logging.info("%s", line)
     return report
@@ -385,7 +383,7 @@ def run_and_check(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
   if failures and config.report.fail_on_check:
     raise SystemExit(
         f"{len(failures)} of the report's {len(report['checks'])} checks failed (the report "
-        f"is written in {os.path.join(workdir, 'report')}):\n  " + "\n  ".join(failures) +
+        f"is written in {paths.join(workdir, 'report')}):\n  " + "\n  ".join(failures) +
         "\nChange a threshold with the config.report key named; switch a check off with "
         "None (nan for a number on the command line; distinct_true_actions=\"\", "
         "require_positive_curve=False), or exit 0 with config.report.fail_on_check=False.")

@@ -8,7 +8,6 @@ optimizer state, no data iterator).
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any
 
 import jax
@@ -16,6 +15,7 @@ import ml_collections
 from flax import nnx
 
 from genie_jax import checkpointing
+from genie_jax import paths
 from genie_jax import sharding
 from genie_jax import tasks
 from genie_jax import train_state
@@ -60,7 +60,7 @@ def load_stage(workdir: str, *, step: int | None = None, mesh: jax.sharding.Mesh
       `step`) is missing.
     ValueError: naming the workdir when its stage is not `expect_stage`.
   """
-  if not os.path.isdir(workdir):
+  if not paths.path(workdir).is_dir():
     raise FileNotFoundError(f"workdir {workdir!r} does not exist (train that stage there first)")
   config = checkpointing.load_config(workdir)
   if expect_stage is not None and config.stage != expect_stage:

@@ -16,7 +16,6 @@ Faults:
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import threading
 import time
@@ -33,6 +32,7 @@ from genie_jax import checkpointing
 from genie_jax import evaluators as evaluators_lib
 from genie_jax import metric_writers
 from genie_jax import optim
+from genie_jax import paths
 from genie_jax import profiling
 from genie_jax import sharding
 from genie_jax import tasks
@@ -185,17 +185,20 @@ class StepProfiler:
         profile.all_processes or jax.process_index() == 0)
     self._first = profile.start_step if on else -1
     self._last = profile.start_step + profile.num_steps if on else -1
-    self.directory = os.path.join(workdir, "profile")
+    self.directory = paths.join(workdir, "profile")
     if on and profile.all_processes:
       # Processes on one host would write the same host-named file.
-      self.directory = os.path.join(self.directory, f"process_{jax.process_index()}")
+      self.directory = paths.join(self.directory, f"process_{jax.process_index()}")
     self._tracing = False
+    self._mirror = None
 
   def step(self, step: int, state: Any) -> Any:
     """A context for the update that takes `state` from `step` to `step + 1`."""
     if not self._tracing and self._first <= step < self._last:
       jax.block_until_ready(state)  # Earlier steps' work stays out of the trace.
-      jax.profiler.start_trace(self.directory)
+      # The profiler writes local files only; a gs:// workdir gets them at the end.
+      self._mirror = paths.LocalMirror(self.directory)
+      jax.profiler.start_trace(self._mirror.local)
       self._tracing = True
       logging.info("Tracing train steps %d..%d into %s", step + 1, self._last, self.directory)
     if self._tracing:
@@ -212,6 +215,7 @@ class StepProfiler:
     if self._tracing:
       self._tracing = False
       jax.profiler.stop_trace()
+      self._mirror.close()
       logging.info("Wrote the profile to %s", self.directory)
 
 
@@ -312,7 +316,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         if stop_on_nonfinite:
           _check_finite(pending_steps, jax.device_get(
               [{k: m[k] for k in ("loss", "grad_norm")} for m in pending]), ckpt.latest_step())
-        ckpt.save(step, state, train_iter, force=step == last or preempted)
+        saved = ckpt.save(step, state, train_iter, force=step == last or preempted)
+      else:
+        saved = False
 
       if _due(step, config.log_every_steps, last) or preempted:
         # One device->host transfer per interval; the mean smooths over the interval.
@@ -325,6 +331,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         scalars.update(progress.update(step))
         writer.write_scalars(step, scalars)
         progress.log_line(step, scalars)
+      if saved:
+        # The rows up to a checkpoint are in the workdir with it (a gs:// workdir uploads
+        # them now, not a minute later): a run resumed from it has every step logged.
+        writer.flush()
       if preempted:
         break
       if _due(step, config.images_every_steps, last):

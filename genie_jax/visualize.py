@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import imageio.v3 as iio
 import numpy as np
+
+from genie_jax import paths
 
 
 def to_uint8(x: np.ndarray) -> np.ndarray:
@@ -48,13 +51,14 @@ def side_by_side_video(videos_RTHWC: list[np.ndarray], pad: int = 1) -> np.ndarr
 
 
 def save_png(path: str, image_HWC: np.ndarray) -> None:
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  iio.imwrite(path, to_uint8(image_HWC))
+  """Writes a PNG to a local or gs:// path."""
+  paths.write_bytes(path, iio.imwrite("<bytes>", to_uint8(image_HWC), extension=".png"))
 
 
 def save_gif(path: str, video_THWC: np.ndarray, fps: int = 8) -> None:
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  iio.imwrite(path, to_uint8(video_THWC), extension=".gif", duration=1000 / fps, loop=0)
+  """Writes a looping GIF to a local or gs:// path."""
+  paths.write_bytes(path, iio.imwrite("<bytes>", to_uint8(video_THWC), extension=".gif",
+                                      duration=1000 / fps, loop=0))
 
 
 def label_frames(video_THWC: np.ndarray, labels: list[str | None], *, scale: int = 1
@@ -87,11 +91,15 @@ def save_mp4(path: str, video_THWC: np.ndarray, fps: int = 8) -> bool:
     import imageio_ffmpeg  # pylint: disable=g-import-not-at-top,unused-import
   except ImportError:
     return False
-  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   video = to_uint8(video_THWC)
   # H.264 wants even frame sides.
   video = video[:, :video.shape[1] // 2 * 2, :video.shape[2] // 2 * 2]
-  iio.imwrite(path, video, extension=".mp4", fps=fps, codec="libx264", macro_block_size=1)
+  # ffmpeg writes to a local file only.
+  with tempfile.TemporaryDirectory() as tmp:
+    local = os.path.join(tmp, "video.mp4")
+    iio.imwrite(local, video, extension=".mp4", fps=fps, codec="libx264", macro_block_size=1)
+    with open(local, "rb") as f:
+      paths.write_bytes(path, f.read())
   return True
 
 

@@ -7,6 +7,9 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Read when gcsfs is imported: its experimental file system would ask the Storage Control
+# API (gRPC to Google, not the test server of tests/gcs_server.py) for every bucket's layout.
+os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
 
 import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
 

@@ -10,7 +10,6 @@ the dynamics model.
 
 from __future__ import annotations
 
-import os
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +19,7 @@ from absl import logging
 from flax import nnx
 
 from genie_jax import checkpointing
+from genie_jax import paths
 from genie_jax import stages
 from genie_jax.models import dynamics as dynamics_lib
 from genie_jax.models import lam as lam_lib
@@ -162,7 +162,7 @@ class DynamicsTask(base.Task):
     if not workdir:
       raise ValueError(f"config.{key} is empty; set it to the workdir of a trained {stage} "
                        f"stage")
-    if not os.path.isdir(workdir):
+    if not paths.path(workdir).is_dir():
       raise ValueError(f"config.{key}={workdir!r} does not exist; train the {stage} stage "
                        f"there first")
     try:

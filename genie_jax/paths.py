@@ -1,0 +1,129 @@
+"""One path type for local folders and Cloud Storage: every file genie_jax reads or writes
+(workdirs, checkpoints, metrics, images, reports) goes through `etils.epath`, which Orbax
+also uses, so `gs://bucket/dir` and `./dir` are handled by the same code.
+
+Cloud Storage has no appends, renames of folders or local file handles, so the few places
+that need them (an appended JSON-lines file, TensorBoard's event writer, the profiler's
+trace writer) stage the files in a local folder and upload them (`LocalMirror`).
+
+gs:// paths need `gcsfs` (installed with genie_jax). Credentials are those of the machine
+(Application Default Credentials); `STORAGE_EMULATOR_HOST` points every client at a GCS
+emulator instead (tests/gcs_server.py).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+from etils import epath
+
+PathLike = str | os.PathLike
+
+# Schemes other than local paths that epath reaches.
+REMOTE_PREFIXES = ("gs://",)
+
+
+def is_remote(path: PathLike) -> bool:
+  """True for a Cloud Storage path (gs://...)."""
+  return os.fspath(path).startswith(REMOTE_PREFIXES)
+
+
+def path(p: PathLike) -> epath.Path:
+  """`p` as an epath.Path; local paths get `~` expanded and are made absolute."""
+  if is_remote(p):
+    return epath.Path(os.fspath(p))
+  return epath.Path(os.path.abspath(os.path.expanduser(os.fspath(p))))
+
+
+def join(*parts: PathLike) -> str:
+  """Joined path as a string (what logs, configs and JSON hold)."""
+  return os.fspath(epath.Path(*[os.fspath(p) for p in parts]))
+
+
+def write_text(target: PathLike, text: str) -> None:
+  """Writes `text` so that a reader never sees half of it: locally through a temporary file
+  and a rename; on Cloud Storage an object appears only once its upload is complete."""
+  target = path(target)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  if is_remote(target):
+    target.write_text(text)
+    return
+  tmp = target.parent / (target.name + ".tmp")
+  tmp.write_text(text)
+  os.replace(tmp, target)
+
+
+def write_bytes(target: PathLike, data: bytes) -> None:
+  """As `write_text`, for bytes."""
+  target = path(target)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  if is_remote(target):
+    target.write_bytes(data)
+    return
+  tmp = target.parent / (target.name + ".tmp")
+  tmp.write_bytes(data)
+  os.replace(tmp, target)
+
+
+def copy_tree(source: PathLike, target: PathLike) -> None:
+  """Copies the files under `source` to `target` (either may be remote), replacing files
+  of the same name."""
+  source, target = path(source), path(target)
+  for root, _, files in source.walk():
+    relative = os.path.relpath(os.fspath(root), os.fspath(source))
+    out_dir = target / relative if relative != "." else target
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in files:
+      (out_dir / name).write_bytes((root / name).read_bytes())
+
+
+def move_tree(source: PathLike, target: PathLike) -> None:
+  """Renames a folder; on Cloud Storage, which cannot rename, copies its files and then
+  deletes the source's."""
+  if not (is_remote(source) or is_remote(target)):
+    os.rename(os.fspath(path(source)), os.fspath(path(target)))
+    return
+  copy_tree(source, target)
+  path(source).rmtree()
+
+
+class LocalMirror:
+  """A local folder standing in for `target` for writers that speak only local paths.
+
+  For a local target it is the target itself. For a remote one it is a fresh temporary
+  folder whose files `sync` uploads (a file again whenever its size or modification time
+  changed) and `close` uploads a last time and removes.
+  """
+
+  def __init__(self, target: PathLike):
+    self.target = path(target)
+    self.remote = is_remote(target)
+    if self.remote:
+      self.local = tempfile.mkdtemp(prefix="genie_jax_mirror_")
+    else:
+      self.local = os.fspath(self.target)
+      os.makedirs(self.local, exist_ok=True)
+    self._uploaded: dict[str, tuple[int, float]] = {}
+
+  def sync(self) -> None:
+    if not self.remote:
+      return
+    for root, _, files in os.walk(self.local):
+      for name in files:
+        local = os.path.join(root, name)
+        stat = os.stat(local)
+        if self._uploaded.get(local) == (stat.st_size, stat.st_mtime):
+          continue
+        relative = os.path.relpath(local, self.local)
+        out = self.target / relative
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(local, "rb") as f:
+          out.write_bytes(f.read())
+        self._uploaded[local] = (stat.st_size, stat.st_mtime)
+
+  def close(self) -> None:
+    if self.remote:
+      self.sync()
+      shutil.rmtree(self.local, ignore_errors=True)
