@@ -8,7 +8,9 @@
 #
 # Steps (default create,copy,run,delete; also: logs):
 #   create  gcloud compute tpus tpu-vm create $TPU_NAME (--accelerator-type, --version)
-#   copy    git archive of HEAD, scp'd to every worker (--worker=all), unpacked, pip install -e .
+#   copy    git archive of HEAD, scp'd to every worker (--worker=all), unpacked, pip install -e .;
+#           with DATA_BUCKET set, also installs gcsfuse and mounts gs://DATA_BUCKET at
+#           /gcs/DATA_BUCKET on every worker
 #   run     on every worker (--worker=all): python -m genie_jax.main --config=CONFIG
 #           --workdir=WORKDIR --distributed=yes FLAGS..., output tee'd to ~/genie_train.log and
 #           streamed here. JAX finds the pod's coordinator and process ids itself.
@@ -17,11 +19,13 @@
 # Flags passed to genie_jax.main: --config=CONFIG --workdir=WORKDIR --distributed=yes FLAGS...
 # Environment: TPU_NAME (default genie-jax), ZONE (default us-central2-b), ACCELERATOR_TYPE
 #   (default v4-32), RUNTIME_VERSION (default tpu-ubuntu2204-base), PROJECT (default: gcloud's),
-#   DATA_DIR (optional: passed as --config.data.data_dir). gcloud must be logged in.
-# WORKDIR (and DATA_DIR) must be one directory that every worker sees at the same path: process
-#   0 writes config/metrics/images and generates the dataset there, every process writes its
-#   checkpoint shards. Use a shared mount (Filestore/NFS, or gcsfuse under /gcs/BUCKET): genie_jax
-#   writes these files with local file I/O, so a bare gs:// URL does not work yet.
+#   DATA_DIR (optional: passed as --config.data.data_dir), DATA_BUCKET (optional: a bucket
+#   mounted with gcsfuse; DATA_DIR then defaults to /gcs/DATA_BUCKET/data). gcloud must be
+#   logged in.
+# WORKDIR may be a gs:// URL (every worker writes its checkpoint shards there; process 0 the
+#   config, metrics and images) or a directory every worker sees at the same path. DATA_DIR
+#   must be a local or mounted path (datasets are read through local file handles): the
+#   DATA_BUCKET mount, or a shared file system; process 0 generates a missing dataset there.
 # --dry_run prints the commands instead of running them.
 set -euo pipefail
 
@@ -45,7 +49,9 @@ zone="${ZONE:-us-central2-b}"
 gcloud_args=(--zone="${zone}")
 [[ -n "${PROJECT:-}" ]] && gcloud_args+=(--project="${PROJECT}")
 main_flags=(--config="${config}" --workdir="${workdir}" --distributed=yes "$@")
-[[ -n "${DATA_DIR:-}" ]] && main_flags+=(--config.data.data_dir="${DATA_DIR}")
+data_dir="${DATA_DIR:-}"
+[[ -z "${data_dir}" && -n "${DATA_BUCKET:-}" ]] && data_dir="/gcs/${DATA_BUCKET}/data"
+[[ -n "${data_dir}" ]] && main_flags+=(--config.data.data_dir="${data_dir}")
 
 run() {  # Prints the command (quoted, as it would be typed), then runs it unless --dry_run.
   printf '%q ' "$@"; echo
@@ -57,6 +63,14 @@ on_workers() {  # ssh COMMAND on WORKERS (all, or 0).
 
 # jax[tpu] at the version setup.py pinned, so that pip does not move jax.
 install="pip install -q -e . && pip install -q \"jax[tpu]==\$(python -c 'import jax; print(jax.__version__)')\""
+# Cloud Storage FUSE from Google's apt repository, then the bucket at /gcs/DATA_BUCKET.
+mount_bucket="curl -fsSL https://packages.cloud.google.com/apt/doc/apt-key.gpg | \
+sudo gpg --batch --yes --dearmor -o /usr/share/keyrings/cloud.google.gpg && \
+echo \"deb [signed-by=/usr/share/keyrings/cloud.google.gpg] https://packages.cloud.google.com/apt \
+gcsfuse-\$(lsb_release -cs) main\" | sudo tee /etc/apt/sources.list.d/gcsfuse.list && \
+sudo apt-get update -q && sudo apt-get install -y -q gcsfuse && \
+sudo mkdir -p /gcs/${DATA_BUCKET:-} && sudo chown \$(id -u):\$(id -g) /gcs/${DATA_BUCKET:-} && \
+(mountpoint -q /gcs/${DATA_BUCKET:-} || gcsfuse --implicit-dirs ${DATA_BUCKET:-} /gcs/${DATA_BUCKET:-})"
 main_cmd="cd ~/genie_jax && python -m genie_jax.main$(printf ' %q' "${main_flags[@]}")"
 for step in ${steps//,/ }; do
   case "${step}" in
@@ -69,7 +83,10 @@ for step in ${steps//,/ }; do
       run gcloud compute tpus tpu-vm scp /tmp/genie_jax.tar.gz "${name}:~/" \
         "${gcloud_args[@]}" --worker=all
       on_workers all "mkdir -p ~/genie_jax && tar xzf ~/genie_jax.tar.gz -C ~/genie_jax && \
-cd ~/genie_jax && ${install}" ;;
+cd ~/genie_jax && ${install}"
+      if [[ -n "${DATA_BUCKET:-}" ]]; then
+        on_workers all "${mount_bucket}"
+      fi ;;
     run) on_workers all "set -o pipefail; ${main_cmd} 2>&1 | tee -a ~/genie_train.log" ;;
     logs) on_workers 0 "tail -n 200 -f ~/genie_train.log" ;;
     delete) run gcloud compute tpus tpu-vm delete "${name}" "${gcloud_args[@]}" --quiet ;;

@@ -21,9 +21,10 @@
 #   start), PROJECT and ZONE
 #   (optional, passed to xpk), DATA_DIR (optional: --config.data.data_dir). xpk, gcloud and
 #   kubectl must be installed and logged in.
-# WORKDIR and DATA_DIR must be one directory every pod sees (e.g. a gcsfuse or Filestore
-#   volume mounted in the pods): genie_jax writes config/metrics with local file I/O, so a bare
-#   gs:// URL does not work yet.
+# WORKDIR may be a gs:// URL (the pods' service account needs write access) or a volume every
+#   pod mounts. DATA_DIR must be a path in the pods (datasets are read through local file
+#   handles): mount the data bucket with GKE's Cloud Storage FUSE CSI driver, or a Filestore
+#   volume, and pass its path.
 # --dry_run prints the commands instead of running them.
 set -euo pipefail
 

@@ -61,6 +61,21 @@ def test_tpu_vm_dry_run_creates_copies_runs_on_all_workers_and_deletes():
   assert "--worker=0" in logs and "tail" in logs
 
 
+def test_tpu_vm_data_bucket_is_mounted_with_gcsfuse_and_becomes_the_data_dir():
+  proc = _run(["launch/tpu_vm.sh", "--dry_run", "--steps=copy,run", *MAIN_ARGS],
+              TPU_NAME="pod", DATA_BUCKET="my-data", DATA_DIR="")
+  assert proc.returncode == 0, proc.stderr
+  (mount,) = [shlex.split(l) for l in proc.stdout.splitlines() if "gcsfuse" in l]
+  (command,) = [a.split("=", 1)[1] for a in mount if a.startswith("--command=")]
+  assert "--worker=all" in mount
+  assert "gcsfuse --implicit-dirs my-data /gcs/my-data" in command
+  assert "apt-get install -y -q gcsfuse" in command
+  (run,) = [l for l in proc.stdout.splitlines() if "genie_jax.main" in l]
+  assert "--config.data.data_dir=/gcs/my-data/data" in _main_flags_in(run)
+  plain = _run(["launch/tpu_vm.sh", "--dry_run", "--steps=copy", *MAIN_ARGS], DATA_BUCKET="")
+  assert "gcsfuse" not in plain.stdout
+
+
 def test_xpk_dry_run_creates_a_workload():
   proc = _run(["launch/xpk.sh", "--dry_run", "--steps=create,logs,delete", *MAIN_ARGS],
               CLUSTER="c1", WORKLOAD="w1", TPU_TYPE="v5e-256", NUM_SLICES="2")
