@@ -8,18 +8,20 @@ the model from what was trained, not from flags retyped by hand.
 from __future__ import annotations
 
 import json
-import os
 import time
 from collections.abc import Callable
 from typing import Any
 
 import grain
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
+
+from genie_jax import paths
 
 CONFIG_FILE = "config.json"
 # Checkpoints that could not be restored are renamed to this prefix + "<step>_<UTC time>" in
@@ -31,6 +33,62 @@ class IncompatibleCheckpointError(ValueError):
   """The checkpoint is readable but cannot continue this run (not a damaged checkpoint)."""
 
 
+class ChecksumMismatchError(RuntimeError):
+  """Arrays restored from a checkpoint differ from the ones that were saved."""
+
+
+# A checkpoint item beside the state: one checksum per saved array (`array_checksums`).
+CHECKSUMS_ITEM = "checksums"
+
+
+def _as_uint32(x: jax.Array) -> jax.Array:
+  """The bits of every element of x, as uint32 (narrower types zero-extended)."""
+  if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+    x = jax.random.key_data(x)
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32)
+  unsigned = {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32}.get(x.dtype.itemsize)
+  if unsigned is None:
+    raise TypeError(f"no checksum for dtype {x.dtype}")
+  return jax.lax.bitcast_convert_type(x, unsigned).astype(jnp.uint32)
+
+
+def _checksum(x: jax.Array) -> jax.Array:
+  # sum_i bits_i * (2 i + 1) mod 2^32: changing one element by d changes the sum by
+  # d * (2 i + 1), never 0 mod 2^32 for d != 0 since 2 i + 1 is odd, so any change of a
+  # single element (every flipped bit within it) is caught. Integer sums do not depend on
+  # the order of the reduction, so any sharding and process count gives the same value.
+  bits = _as_uint32(x)
+  # The row-major index of every element, built without reshaping a sharded array.
+  index = jnp.zeros(bits.shape, jnp.uint32)
+  for axis, size in enumerate(bits.shape):
+    index = index * jnp.uint32(size) + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, axis)
+  return jnp.sum(bits * (index * jnp.uint32(2) + jnp.uint32(1)), dtype=jnp.uint32)
+
+
+@jax.jit
+def _checksums(tree: Any) -> Any:
+  return jax.tree.map(_checksum, tree)
+
+
+def array_checksums(tree: Any) -> dict[str, int]:
+  """{key path: uint32 checksum} of every array in `tree`, computed where the arrays are
+  (sharded or not, one or several processes), in one compiled pass."""
+  flat, _ = jax.tree_util.tree_flatten_with_path(jax.device_get(_checksums(tree)))
+  return {jax.tree_util.keystr(path): int(value) for path, value in flat}
+
+
+def verify_checksums(tree: Any, saved: dict[str, int], where: str) -> None:
+  """Raises ChecksumMismatchError naming the arrays of `tree` whose checksum is not the
+  saved one (arrays the checkpoint has no checksum for are not checked)."""
+  now = array_checksums(tree)
+  bad = sorted(k for k, v in now.items() if k in saved and saved[k] != v)
+  if bad:
+    raise ChecksumMismatchError(
+        f"{where}: {len(bad)} restored array(s) differ from what was saved (checksums): "
+        f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
+
+
 def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
   return json.loads(config.to_json_best_effort())
 
@@ -39,22 +97,18 @@ def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
   """Writes workdir/config.json (process 0 only)."""
   if jax.process_index() != 0:
     return
-  os.makedirs(workdir, exist_ok=True)
-  tmp = os.path.join(workdir, CONFIG_FILE + ".tmp")
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(config_to_dict(config), f, indent=2, sort_keys=True)
-  os.replace(tmp, os.path.join(workdir, CONFIG_FILE))
+  paths.write_text(paths.join(workdir, CONFIG_FILE),
+                   json.dumps(config_to_dict(config), indent=2, sort_keys=True))
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a workdir was trained with, locked so that typos in overrides fail."""
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
+  path = paths.path(workdir) / CONFIG_FILE
+  if not path.exists():
     raise FileNotFoundError(
         f"{path} not found: {workdir!r} is not a genie_jax workdir (train there first, or "
         "pass the workdir that holds config.json and checkpoints/)")
-  with open(path, encoding="utf-8") as f:
-    config = ml_collections.ConfigDict(json.load(f))
+  config = ml_collections.ConfigDict(json.loads(path.read_text()))
   config.lock()
   return config
 
@@ -92,11 +146,10 @@ def check_resume_config(workdir: str, config: ml_collections.ConfigDict) -> None
     ValueError: listing the keys that differ from workdir/config.json, other than
       RESUMABLE_KEYS; nothing in the workdir is touched.
   """
-  path = os.path.join(workdir, CONFIG_FILE)
-  if not os.path.exists(path):
+  path = paths.path(workdir) / CONFIG_FILE
+  if not path.exists():
     return
-  with open(path, encoding="utf-8") as f:
-    saved = _flatten(json.load(f))
+  saved = _flatten(json.loads(path.read_text()))
   new = _flatten(config_to_dict(config))
   under = lambda key, k: key == k or key.startswith(k + ".")
   skip = list(RESUMABLE_KEYS) + [
@@ -117,7 +170,7 @@ class Checkpointer:
 
   def __init__(self, workdir: str, cfg: ml_collections.ConfigDict,
                config: ml_collections.ConfigDict | None = None, *, read_only: bool = False):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.directory = paths.join(paths.path(workdir), "checkpoints")
     self._read_only = read_only
     self._config_dict = config_to_dict(config) if config is not None else None
     options = ocp.CheckpointManagerOptions(
@@ -139,7 +192,8 @@ class Checkpointer:
   def save(self, step: int, state: Any, data_iterator: Any | None = None, *,
            force: bool = False) -> bool:
     """Starts a (possibly asynchronous) save of state, iterator state and config."""
-    items = {"state": ocp.args.StandardSave(state)}
+    items = {"state": ocp.args.StandardSave(state),
+             CHECKSUMS_ITEM: ocp.args.JsonSave(array_checksums(state))}
     if self._config_dict is not None:
       items["config"] = ocp.args.JsonSave(self._config_dict)
     if data_iterator is not None:
@@ -166,7 +220,10 @@ class Checkpointer:
         other_count_state = self._iterator_state_of_other_process_count(step)
         if other_count_state is None:
           items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+      saved_checksums = self._saved_checksums(step)
       restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+      if saved_checksums is not None:
+        verify_checksums(restored["state"], saved_checksums, self._step_dir(step))
       if other_count_state is not None:
         data_iterator.set_state(other_count_state)
       return restored["state"]
@@ -219,16 +276,27 @@ class Checkpointer:
         return candidate, result
       message = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
       logging.warning("Checkpoint %s cannot be restored (%s: %s); trying the previous one",
-                      os.path.join(self.directory, str(candidate)), type(error).__name__,
+                      paths.join(self.directory, str(candidate)), type(error).__name__,
                       message)
       damaged.append((candidate, error))
     raise RuntimeError(
         f"none of the checkpoints {steps} in {self.directory} can be restored; nothing was "
         "renamed or deleted (the latest one's error is chained below)") from damaged[0][1]
 
+  def _step_dir(self, step: int) -> str:
+    return paths.join(self.directory, str(step))
+
+  def _saved_checksums(self, step: int) -> dict[str, int] | None:
+    """The step's saved array checksums; None for a checkpoint written without them."""
+    item = paths.path(self.directory) / str(step) / CHECKSUMS_ITEM
+    if not item.exists():
+      return None
+    return self.manager.restore(step, args=ocp.args.Composite(
+        **{CHECKSUMS_ITEM: ocp.args.JsonRestore()}))[CHECKSUMS_ITEM]
+
   def _set_aside(self, step: int) -> None:
     """Renames a damaged step directory out of Orbax's sight (process 0; all wait)."""
-    step_dir = os.path.join(self.directory, str(step))
+    step_dir = paths.join(self.directory, str(step))
     if self._read_only:
       logging.warning("Read-only: %s left in place", step_dir)
       return
@@ -239,9 +307,9 @@ class Checkpointer:
           np.array([now >> 16, now & 0xFFFF], np.int32))
       now = (int(high) << 16) | int(low)
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now))
-    target = os.path.join(self.directory, f"{SET_ASIDE_PREFIX}{step}_{stamp}")
+    target = paths.join(self.directory, f"{SET_ASIDE_PREFIX}{step}_{stamp}")
     if jax.process_index() == 0:
-      os.rename(step_dir, target)
+      paths.move_tree(step_dir, target)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"genie_set_aside_{step}_{now}")
     self.manager.reload()
@@ -262,15 +330,14 @@ class Checkpointer:
         process's state.
       FileNotFoundError: the step has no iterator state at all (a damaged checkpoint).
     """
-    data_dir = os.path.join(self.directory, str(step), "data")
+    data_dir = paths.path(self.directory) / str(step) / "data"
     own = f"process_{jax.process_index()}-of-{jax.process_count()}.json"
-    if not os.path.isdir(data_dir) or os.path.exists(os.path.join(data_dir, own)):
+    if not data_dir.is_dir() or (data_dir / own).exists():
       return None
     states = {}
-    for name in sorted(os.listdir(data_dir)):
-      if name.startswith("process_") and name.endswith(".json"):
-        with open(os.path.join(data_dir, name), encoding="utf-8") as f:
-          states[name] = json.load(f)
+    for file in sorted(data_dir.iterdir(), key=lambda f: f.name):
+      if file.name.startswith("process_") and file.name.endswith(".json"):
+        states[file.name] = json.loads(file.read_text())
     if not states:
       raise FileNotFoundError(f"{data_dir} holds no data iterator state ({own} expected)")
     if any(s != next(iter(states.values())) for s in states.values()):
@@ -289,8 +356,12 @@ class Checkpointer:
     restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_model)
 
     def restore_step(step):
-      return self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      saved_checksums = self._saved_checksums(step)
+      model = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
           abstract_model, restore_args=restore_args, partial_restore=True)))["state"]
+      if saved_checksums is not None:
+        verify_checksums(model, saved_checksums, self._step_dir(step))
+      return model
 
     step, model = self._restore_latest_readable(step, restore_step)
     logging.info("Restored the model of step %d from %s", step, self.directory)

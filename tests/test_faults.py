@@ -17,6 +17,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from absl import logging as absl_logging
 
@@ -293,3 +294,60 @@ def test_read_only_fallback_renames_nothing(reference_copy, absl_warnings):
   assert step == TOTAL_STEPS - CHECKPOINT_EVERY
   assert os.path.isdir(step_dir)
   assert any("Read-only" in w for w in absl_warnings)
+
+
+def _change_one_parameter_silently(workdir, step, spec, iterator):
+  """Rewrites the step's array files with one parameter element changed, as flipped bits
+  that every decoder still reads would: the files are well-formed, only a value differs."""
+  config = checkpointing.load_config(workdir)
+  ckpt = checkpointing.Checkpointer(workdir, config.checkpoint, read_only=True)
+  _, state = ckpt.restore(step, spec.abstract, iterator)
+  ckpt.close()
+  leaves, treedef = jax.tree.flatten(state["params"])
+  leaves[0] = leaves[0].at[(0,) * leaves[0].ndim].add(1.0)
+  state = {**state, "params": jax.tree.unflatten(treedef, leaves)}
+  rewritten = os.path.join(workdir, "rewritten")
+  with ocp.StandardCheckpointer() as writer:
+    writer.save(rewritten, state)
+  step_state = os.path.join(workdir, "checkpoints", str(step), "state")
+  shutil.rmtree(step_state)
+  shutil.copytree(rewritten, step_state)
+  shutil.rmtree(rewritten)
+
+
+@pytest.mark.parametrize("what", ["train_state", "model_only"])
+def test_changed_array_bytes_are_caught_and_the_previous_checkpoint_restores(
+    reference_copy, absl_warnings, what):
+  config, spec, iterator = _restore_setup(reference_copy)
+  step_dir = os.path.join(reference_copy, "checkpoints", str(TOTAL_STEPS))
+  _change_one_parameter_silently(reference_copy, TOTAL_STEPS, spec, iterator)
+  ckpt = checkpointing.Checkpointer(reference_copy, config.checkpoint, read_only=True)
+  if what == "train_state":
+    step, _ = ckpt.restore(None, spec.abstract, iterator)
+  else:
+    step, _ = ckpt.restore_model(None, {k: spec.abstract[k] for k in ("params", "model_state")})
+  ckpt.close()
+  assert step == TOTAL_STEPS - CHECKPOINT_EVERY
+  assert any(f"Checkpoint {step_dir} cannot be restored (ChecksumMismatchError: {step_dir}: "
+             "1 restored array(s) differ" in w for w in absl_warnings), absl_warnings
+
+
+def test_array_checksums_do_not_depend_on_sharding_and_see_any_one_changed_element():
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((8, 6, 4)).astype(np.float32)
+  tree = {"x": jax.numpy.asarray(x), "i": jax.numpy.arange(7), "key": jax.random.key(3),
+          "half": jax.numpy.ones((5,), jax.numpy.bfloat16), "flag": jax.numpy.ones((2,), bool)}
+  base = checkpointing.array_checksums(tree)
+  mesh = jax.make_mesh((4, 2), ("a", "b"))
+  sharded = jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("a", "b")))
+  assert checkpointing.array_checksums({**tree, "x": sharded}) == base
+  for index, bit in [((0, 0, 0), 0), ((7, 5, 3), 31), ((3, 2, 1), 17)]:
+    y = x.copy()
+    y.view(np.uint32)[index] ^= np.uint32(1 << bit)
+    assert checkpointing.array_checksums({**tree, "x": jax.numpy.asarray(y)})["['x']"] != \
+        base["['x']"], (index, bit)
+  swapped = x.copy()
+  swapped[0, 0, 0], swapped[0, 0, 1] = x[0, 0, 1], x[0, 0, 0]
+  assert checkpointing.array_checksums({**tree, "x": jax.numpy.asarray(swapped)}) != base
+  with pytest.raises(checkpointing.ChecksumMismatchError, match=r"where: 1 restored .*\['x'\]"):
+    checkpointing.verify_checksums({**tree, "x": jax.numpy.asarray(swapped)}, base, "where")
