@@ -20,6 +20,7 @@ from absl import logging
 from genie_jax import allocator
 from genie_jax import checkpointing
 from genie_jax import config_lib
+from genie_jax import distributed
 from genie_jax import evaluators as evaluators_lib
 from genie_jax import paths
 from genie_jax import sharding
@@ -33,6 +34,7 @@ def define_flags() -> None:
   """The command-line flags; defined only when this module is the program, so that other
   entry points (genie_jax.pipeline) can import `evaluate` next to their own flags."""
   allocator.define_flags()
+  distributed.define_flags()
   flags.DEFINE_string("workdir", None, "A workdir written by genie_jax.main.")
   flags.DEFINE_integer("step", None, "Checkpoint step; default: the latest.")
   flags.DEFINE_integer("num_batches", None,
@@ -95,6 +97,7 @@ def evaluate(workdir: str, *, step: int | None = None, num_batches: int | None =
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  distributed.initialize_from_flags()
   f = flags.FLAGS
   results = evaluate(f.workdir, step=f.step, num_batches=f.num_batches, out_dir=f.out,
                      eval_settings=f.eval_set)

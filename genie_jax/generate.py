@@ -25,6 +25,7 @@ from absl import flags
 from absl import logging
 
 from genie_jax import allocator
+from genie_jax import distributed
 from genie_jax import genie as genie_lib
 from genie_jax import paths
 from genie_jax import visualize
@@ -35,6 +36,7 @@ def define_flags() -> None:
   """The command-line flags; defined only when this module is the program, so that
   other entry points and tests can import it next to their own flags."""
   allocator.define_flags()
+  distributed.define_flags()
   flags.DEFINE_string("workdir", None, "A dynamics-stage workdir.")
   flags.DEFINE_integer("step", None, "Checkpoint step; default: the latest.")
   flags.DEFINE_integer(
@@ -113,7 +115,11 @@ def generate(workdir: str, *, step: int | None = None, num_frames: int | None = 
                                    num_steps=num_steps, temperature=temperature))
 
   out_dir = out_dir or paths.join(workdir, "generate")
-  files = []
+  files = [paths.join(out_dir, f"video_{i}.gif") for i in range(num_videos)]
+  files.append(paths.join(out_dir, "actions.json"))
+  if jax.process_index() != 0:
+    # Every process of a multi-process job generated the same videos; process 0 writes them.
+    return dict(video=video, actions=action_ids, files=files)
   labels = [None] * prompt_frames
   for i in range(num_videos):
     frames = visualize.label_frames(video[i], labels + [f"a={a}" for a in action_ids[i]],
@@ -124,15 +130,12 @@ def generate(workdir: str, *, step: int | None = None, num_frames: int | None = 
       frames = visualize.side_by_side_video([frames, truth_frames])
     path = paths.join(out_dir, f"video_{i}")
     visualize.save_gif(path + ".gif", frames)
-    files.append(path + ".gif")
     if visualize.save_mp4(path + ".mp4", frames):
       files.append(path + ".mp4")
-  actions_file = paths.join(out_dir, "actions.json")
-  paths.write_text(actions_file, json.dumps(dict(
+  paths.write_text(files[num_videos], json.dumps(dict(
       workdir=workdir, step=genie.step, actions=actions, action_ids=action_ids.tolist(),
       prompt_frames=prompt_frames, num_steps=num_steps, temperature=temperature, seed=seed),
       indent=2))
-  files.append(actions_file)
   logging.info("Wrote %d videos of %d frames to %s", num_videos, prompt_frames + num_frames,
                out_dir)
   return dict(video=video, actions=action_ids, files=files)
@@ -141,6 +144,7 @@ def generate(workdir: str, *, step: int | None = None, num_frames: int | None = 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  distributed.initialize_from_flags()
   try:
     f = flags.FLAGS
     result = generate(f.workdir, step=f.step, num_frames=f.num_frames, actions=f.actions,

@@ -35,6 +35,7 @@ from ml_collections import config_flags
 
 from genie_jax import allocator
 from genie_jax import checkpointing
+from genie_jax import distributed
 from genie_jax import evaluators as evaluators_lib
 from genie_jax import evaluate as evaluate_lib
 from genie_jax import generate as generate_lib
@@ -47,6 +48,7 @@ from genie_jax.evaluators import controllability as controllability_lib
 def define_flags() -> None:
   """The command-line flags (only when this module is the program; see genie_jax.evaluate)."""
   allocator.define_flags()
+  distributed.define_flags()
   config_flags.DEFINE_config_file(
       "config", None, "Pipeline config, e.g. configs/genie.py:runlocal.", lock_config=True)
   flags.DEFINE_string("workdir", None, "Root of the three stage workdirs and report.")
@@ -393,6 +395,7 @@ def run_and_check(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  distributed.initialize_from_flags()
   run_and_check(flags.FLAGS.config, flags.FLAGS.workdir)
 
 

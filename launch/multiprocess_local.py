@@ -45,7 +45,7 @@ def commands(args: argparse.Namespace, main_flags: list[str]) -> list[tuple[dict
   env = {"JAX_PLATFORMS": args.platform}
   if args.platform == "cpu":
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices_per_process}"
-  return [(env, [python, "-m", "genie_jax.main", *main_flags,
+  return [(env, [python, "-m", args.module, *main_flags,
                  f"--coordinator_address=127.0.0.1:{args.port}",
                  f"--num_processes={args.num_processes}", f"--process_id={i}"])
           for i in range(args.num_processes)]
@@ -105,13 +105,19 @@ def main() -> int:
                       help="seconds before every process is killed")
   parser.add_argument("--log_dir", default=None)
   parser.add_argument("--dry_run", action="store_true", help="print the commands only")
+  parser.add_argument("--module", default="genie_jax.main",
+                      choices=["genie_jax.main", "genie_jax.pipeline", "genie_jax.evaluate",
+                               "genie_jax.generate"],
+                      help="the entry point every process runs")
   parser.add_argument("main_flags", nargs="*", help="flags for genie_jax.main, after --")
   args = parser.parse_args()
   if args.num_processes < 1:
     parser.error(f"--num_processes={args.num_processes} must be at least 1")
-  if not any(f.startswith("--config=") for f in args.main_flags) or not any(
+  needs_config = args.module in ("genie_jax.main", "genie_jax.pipeline")
+  if (needs_config and not any(f.startswith("--config=") for f in args.main_flags)) or not any(
       f.startswith("--workdir=") for f in args.main_flags):
-    parser.error("pass at least --config=... and --workdir=... for genie_jax.main after --")
+    parser.error(f"pass at least {'--config=... and ' if needs_config else ''}--workdir=... "
+                 f"for {args.module} after --")
   if not args.port:
     args.port = free_port()
   # SIGTERM (e.g. a test's timeout) unwinds through run()'s `finally`, which kills the processes.

@@ -122,6 +122,52 @@ def test_two_processes_checkpoint_continues_in_one(tmp_path, tiny_data_dir):
                                rtol=2e-5, err_msg=workdir)
 
 
+def _flag_value(value):
+  return "nan" if value is None else value
+
+
+def test_two_process_pipeline_trains_evaluates_and_generates(tmp_path, tiny_data_dir):
+  """genie_jax.pipeline (three stages, evaluate, generate, report) as one 2-process job, then
+  genie_jax.evaluate of its dynamics stage in 2 processes against 1 process."""
+  import test_pipeline  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / "genie")
+  overrides = test_pipeline.tiny_pipeline_overrides(tiny_data_dir)
+  launcher = [sys.executable, "launch/multiprocess_local.py", "--num_processes=2",
+              "--devices_per_process=2", f"--timeout={TIMEOUT_S - 20}"]
+  with _started(launcher + [f"--log_dir={tmp_path / 'logs'}", "--module=genie_jax.pipeline",
+                            "--", "--config=configs/genie.py:runlocal,size=tiny",
+                            f"--workdir={workdir}"] +
+                [f"--config.{k}={_flag_value(v)}" for k, v in overrides.items()]) as wait:
+    wait()
+  with open(os.path.join(workdir, "report", "report.json"), encoding="utf-8") as f:
+    report = json.load(f)
+  assert all(report["checks"].values()), report["checks"]
+  for gifs in report["videos"].values():
+    assert len(gifs) == 2 and all(os.path.getsize(os.path.join(workdir, "report", g)) > 0
+                                  for g in gifs)
+
+  # The same 4 devices, as 2 processes x 2 and as 1 process x 4, side by side: each device
+  # then computes the same rows, so the metrics must agree (an untrained model's codes sit
+  # near ties, which other device counts' reduction orders could flip).
+  dynamics = os.path.join(workdir, "dynamics")
+  flags = ["--", f"--workdir={dynamics}", "--num_batches=1"]
+  with _started(launcher + [f"--log_dir={tmp_path / 'eval_logs'}", "--module=genie_jax.evaluate",
+                            *flags, f"--out={tmp_path / 'eval2'}"]) as wait_two, \
+      _started([sys.executable, "-m", "genie_jax.evaluate", *flags[1:],
+                f"--out={tmp_path / 'eval1'}"], JAX_PLATFORMS="cpu",
+               XLA_FLAGS="--xla_force_host_platform_device_count=4") as wait_one:
+    wait_two()
+    wait_one()
+  assert "Process 1 of 2" in (tmp_path / "eval_logs" / "process_1.log").read_text()
+  results = {}
+  for name in ("eval1", "eval2"):
+    with open(tmp_path / name / "metrics.json", encoding="utf-8") as f:
+      results[name] = json.load(f)
+  assert results["eval2"].keys() == results["eval1"].keys()
+  for key, value in results["eval1"].items():
+    np.testing.assert_allclose(results["eval2"][key], value, rtol=1e-4, atol=1e-5, err_msg=key)
+
+
 # --- Small pieces ---------------------------------------------------------------------------
 
 

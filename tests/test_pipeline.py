@@ -12,42 +12,49 @@ from genie_jax import pipeline
 IMAGE_SIZE, CLIP_LEN = 32, 8
 
 
-def tiny_pipeline_config(data_dir):
+def tiny_pipeline_overrides(data_dir):
+  """{dotted config key: value} that turn configs/genie.py:runlocal,size=tiny into the tiny
+  pipeline of these tests (applied in process, or passed as --config.KEY=VALUE flags)."""
   config = genie_config.get_config("runlocal,size=tiny")
+  values = {}
   for stage in pipeline.STAGES:
-    c = config[stage]
-    c.data.data_dir = data_dir
-    c.data.image_size = IMAGE_SIZE
     # The LAM learns on shorter clips than the others, as in runlocal, so that evaluation and
     # generation must read its actions of longer clips in windows.
     clip_len = 4 if stage == "lam" else CLIP_LEN
-    c.data.clip_len = clip_len
-    c.data.num_train_episodes = 8
-    c.data.num_val_episodes = 4
-    c.data.episode_len = 40
-    c.model.max_frames = clip_len
-    if "image_size" in c.model:
-      c.model.image_size = IMAGE_SIZE
-    c.batch_size = 8
-    c.total_steps = 4
-    c.log_every_steps = 2
-    c.images_every_steps = 4
-    c.eval_every_steps = 100  # Evaluated once, by the pipeline.
-    c.checkpoint.every_steps = 4
-    c.optimizer.warmup_steps = 1
-    for eval_cfg in c.evals.values():
-      eval_cfg.num_batches = 1
+    stage_values = {
+        "data.data_dir": data_dir, "data.image_size": IMAGE_SIZE, "data.clip_len": clip_len,
+        "data.num_train_episodes": 8, "data.num_val_episodes": 4, "data.episode_len": 40,
+        "model.max_frames": clip_len, "batch_size": 8, "total_steps": 4,
+        "log_every_steps": 2, "images_every_steps": 4,
+        "eval_every_steps": 100,  # Evaluated once, by the pipeline.
+        "checkpoint.every_steps": 4, "optimizer.warmup_steps": 1}
+    if "image_size" in config[stage].model:
+      stage_values["model.image_size"] = IMAGE_SIZE
+    for name in config[stage].evals:
+      stage_values[f"evals.{name}.num_batches"] = 1
+    values.update({f"{stage}.{k}": v for k, v in stage_values.items()})
   # Sampled, not runlocal's argmax: the untrained model's rollouts then differ from clip to
   # clip and action to action, so the standard error below is measured, not zero.
-  config.dynamics.evals.controllability.update(maskgit_steps=2, horizon=5, temperature=1.0)
-  config.report.num_batches = 1
-  config.report.num_videos = 2
+  values.update({"dynamics.evals.controllability.maskgit_steps": 2,
+                 "dynamics.evals.controllability.horizon": 5,
+                 "dynamics.evals.controllability.temperature": 1.0})
   # A 4-step model reaches none of the built-in world's targets: thresholds no PSNR
   # difference in [-100, 100] dB and no NMI in [0, 1] can miss, and the others off.
-  config.report.update(dict(
-      min_dtpsnr=-100.0, max_dtpsnr_stderr_fraction=None, require_positive_curve=False,
-      min_nmi=0.0, distinct_true_actions="", min_dtpsnr_true=-100.0,
-      max_rollout_gap_db=100.0, rollout_gap_frames=4))
+  values.update({f"report.{k}": v for k, v in dict(
+      num_batches=1, num_videos=2, min_dtpsnr=-100.0, max_dtpsnr_stderr_fraction=None,
+      require_positive_curve=False, min_nmi=0.0, distinct_true_actions="",
+      min_dtpsnr_true=-100.0, max_rollout_gap_db=100.0, rollout_gap_frames=4).items()})
+  return values
+
+
+def tiny_pipeline_config(data_dir):
+  config = genie_config.get_config("runlocal,size=tiny")
+  for key, value in tiny_pipeline_overrides(data_dir).items():
+    *parents, name = key.split(".")
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[name] = value
   return config
 
 

@@ -334,16 +334,18 @@ def make_eval_dataset(
   clip_len = int(data_config.clip_len)
   clips = _ClipSource(records, lengths, clip_len, stride=clip_len)
   if drop_remainder:
-    per_process = clips.num_clips // global_batch_size * local_batch
+    total = clips.num_clips // global_batch_size * global_batch_size
   else:
-    per_process = math.ceil(clips.num_clips / global_batch_size) * local_batch
-    clips = _ClipSource(records, lengths, clip_len, stride=clip_len,
-                        padded_len=per_process * process_count)
-  ds = grain.MapDataset.source(clips)
-  ds = ds[process_index * per_process:(process_index + 1) * per_process]
-  ds = ds.batch(local_batch, drop_remainder=True)
+    total = math.ceil(clips.num_clips / global_batch_size) * global_batch_size
+    clips = _ClipSource(records, lengths, clip_len, stride=clip_len, padded_len=total)
+  # As in training: global batch k holds clips [k * G, (k + 1) * G) whatever the process
+  # count, and each process reads its rows of it, so `num_batches` batches are the same
+  # clips for any number of processes.
+  ds = grain.MapDataset.range(total).batch(global_batch_size, drop_remainder=True)
   if num_batches is not None:
     ds = ds[:num_batches]
+  rows = slice(process_index * local_batch, (process_index + 1) * local_batch)
+  ds = ds.map(lambda indices: _stack([clips[i] for i in indices[rows]]))
   return _to_iter_dataset(ds, data_config)
 
 

@@ -151,7 +151,8 @@ class ControllabilityEvaluator(base.Evaluator):
     recon_BA = _psnr(jnp.clip(recon_BTHWC[:, 1:1 + h].astype(jnp.float32), 0.0, 1.0),
                      truth_BAHWC, (-3, -2, -1))
     n = self.cfg.num_videos
-    return dict(psnr_VBA=psnr_VBA, ssim_VBA=ssim_VBA, recon_BA=recon_BA, accuracy_B=accuracy_B,
+    return dict(valid_B=batch["episode_id"] >= 0,
+                psnr_VBA=psnr_VBA, ssim_VBA=ssim_VBA, recon_BA=recon_BA, accuracy_B=accuracy_B,
                 accuracy_random_B=accuracy_random_B, token_accuracy_B=token_accuracy_B,
                 videos=jnp.concatenate([truth_BAHWC[None, :n], generated_VBAHWC[:, :n]]),
                 actions_VBA=actions_VBA[:, :n])
@@ -196,7 +197,8 @@ class ControllabilityEvaluator(base.Evaluator):
     for i, batch in enumerate(batches):
       out = jax.device_get(self._rollouts(params, model_state, batch, jnp.asarray(mapping),
                                           jax.random.fold_in(rng, i)))
-      valid = np.asarray(jax.device_get(batch["episode_id"])) >= 0
+      # From the replicated outputs: the batch itself spans every process.
+      valid = out["valid_B"]
       count += int(valid.sum())
       for key in ("psnr_VBA", "ssim_VBA"):
         sums[key] = sums.get(key, 0.0) + out[key][:, valid].sum(axis=1)
