@@ -1,5 +1,6 @@
 r"""Compiles a stage's train step ahead of time for a TPU topology, on this (CPU) machine, and
 says whether it fits in HBM: the sharding and the memory plan are known before a pod is held.
+With --rollout (dynamics configs) the cached rollout of `genie_jax.genie` is compiled too.
 
   pip install --no-deps --target /tmp/libtpu_pkg "libtpu==0.0.42.*"  # jax 0.10's pin; no TPU
   PYTHONPATH=/tmp/libtpu_pkg JAX_PLATFORMS=cpu python -m genie_jax.aot \
@@ -25,6 +26,9 @@ from absl import app
 from absl import flags
 from ml_collections import config_flags
 
+from flax import nnx
+
+from genie_jax import genie as genie_lib
 from genie_jax import profiling
 from genie_jax import sharding
 from genie_jax import tasks
@@ -99,6 +103,38 @@ def compile_for(config: ml_collections.ConfigDict, devices: Sequence[jax.Device]
                    hbm_bytes=hbm_bytes if hbm_bytes is not None else HBM_BYTES.get(kind))
 
 
+def compile_rollout_for(config: ml_collections.ConfigDict, devices: Sequence[jax.Device], *,
+                        batch_size: int = 1, num_frames: int = 4, num_steps: int = 2,
+                        hbm_bytes: float | None = None) -> AotReport:
+  """Compiles the cached MaskGIT rollout (one prompt frame, `num_frames` generated) of a
+  dynamics config for `devices`, weights replicated and batch split over them as far as it
+  divides; no weights are needed (shapes only)."""
+  if config.stage != "dynamics":
+    raise ValueError(f"a rollout needs a dynamics config; config.stage={config.stage!r}")
+  task = tasks.get_task(config)
+  graphdef, abstract_state = nnx.split(nnx.eval_shape(lambda: task.make_model(nnx.Rngs(0))))
+  mesh = jax.sharding.Mesh(np.asarray(devices).reshape(-1), ("batch",))
+  replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  split = jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec("batch" if batch_size % len(devices) == 0 else None))
+  state = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
+                       abstract_state)
+  s = config.data.image_size
+  prompt = jax.ShapeDtypeStruct((batch_size, 1, s, s, 3), np.uint8, sharding=split)
+  actions = jax.ShapeDtypeStruct((batch_size, num_frames), np.int32, sharding=split)
+  rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=replicated)
+
+  def rollout(state, prompt, actions, rng):
+    return genie_lib._rollout(nnx.merge(graphdef, state), prompt, actions, rng,  # pylint: disable=protected-access
+                              num_steps=num_steps, temperature=1.0, cached=True)
+
+  compiled = jax.jit(rollout).lower(state, prompt, actions, rng).compile()
+  kind = devices[0].device_kind
+  return AotReport(mesh=dict(mesh.shape), device_kind=kind,
+                   stats=profiling.compiled_stats(compiled),
+                   hbm_bytes=hbm_bytes if hbm_bytes is not None else HBM_BYTES.get(kind))
+
+
 def topology_devices(topology: str, num_slices: int = 1) -> list[jax.Device]:
   """Compile-only devices of `num_slices` slices of the TPU `topology` (needs libtpu)."""
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
@@ -112,6 +148,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file.",
 _TOPOLOGY = flags.DEFINE_string("topology", None, "libtpu topology name, e.g. v5p:2x4x4.")
 _NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices joined by DCN.")
 _HBM_GIB = flags.DEFINE_float("hbm_gib", 0.0, "HBM per device in GiB (0: by device kind).")
+_ROLLOUT = flags.DEFINE_bool("rollout", False,
+                             "Also compile the rollout (dynamics configs), batch 1, 4 frames.")
 
 
 def main(argv):
@@ -121,6 +159,10 @@ def main(argv):
   report = compile_for(_CONFIG.value, devices, _HBM_GIB.value * 2**30 or None)
   print(f"{_CONFIG.value.stage} on {_TOPOLOGY.value} x {_NUM_SLICES.value} slice(s), "
         f"{len(devices)} devices: {report.summary()}")
+  if _ROLLOUT.value:
+    report = compile_rollout_for(_CONFIG.value, devices, hbm_bytes=_HBM_GIB.value * 2**30 or None)
+    print(f"rollout on {_TOPOLOGY.value} x {_NUM_SLICES.value} slice(s), {len(devices)} "
+          f"devices: {report.summary()}")
 
 
 if __name__ == "__main__":
