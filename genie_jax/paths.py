@@ -42,21 +42,9 @@ def join(*parts: PathLike) -> str:
   return os.fspath(epath.Path(*[os.fspath(p) for p in parts]))
 
 
-def write_text(target: PathLike, text: str) -> None:
-  """Writes `text` so that a reader never sees half of it: locally through a temporary file
-  and a rename; on Cloud Storage an object appears only once its upload is complete."""
-  target = path(target)
-  target.parent.mkdir(parents=True, exist_ok=True)
-  if is_remote(target):
-    target.write_text(text)
-    return
-  tmp = target.parent / (target.name + ".tmp")
-  tmp.write_text(text)
-  os.replace(tmp, target)
-
-
 def write_bytes(target: PathLike, data: bytes) -> None:
-  """As `write_text`, for bytes."""
+  """Writes `data` so that a reader never sees half of it: locally through a temporary file
+  and a rename; on Cloud Storage an object appears only once its upload is complete."""
   target = path(target)
   target.parent.mkdir(parents=True, exist_ok=True)
   if is_remote(target):
@@ -65,6 +53,11 @@ def write_bytes(target: PathLike, data: bytes) -> None:
   tmp = target.parent / (target.name + ".tmp")
   tmp.write_bytes(data)
   os.replace(tmp, target)
+
+
+def write_text(target: PathLike, text: str) -> None:
+  """`write_bytes` of UTF-8 text."""
+  write_bytes(target, text.encode("utf-8"))
 
 
 def copy_tree(source: PathLike, target: PathLike) -> None:
