@@ -59,7 +59,7 @@ class MetricWriter:
     """Cloud Storage: metrics.jsonl and TensorBoard's events as they are now."""
     self._tb.flush()
     self._tb_dir.sync()
-    self._jsonl_path.write_text("".join(self._lines))
+    paths.write_text(self._jsonl_path, "".join(self._lines))
     self._uploaded_at = time.monotonic()
 
   def write_scalars(self, step: int, scalars: Mapping[str, float]) -> None:

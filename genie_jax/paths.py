@@ -16,6 +16,8 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
+from collections.abc import Callable
 
 from etils import epath
 
@@ -42,14 +44,33 @@ def join(*parts: PathLike) -> str:
   return os.fspath(epath.Path(*[os.fspath(p) for p in parts]))
 
 
+# Waits between attempts of a Cloud Storage write (a server restart, a dropped connection
+# or an upload session that expired); then the error is raised, naming the object.
+RETRY_DELAYS_S = (1.0, 2.0, 4.0, 8.0)
+
+
+def _remote_write(target: epath.Path, write: Callable[[], object]) -> None:
+  for delay in RETRY_DELAYS_S + (None,):
+    try:
+      write()
+      return
+    except Exception as e:  # pylint: disable=broad-except
+      # Storage clients raise their own types (gcsfs: OSError or HttpError; aiohttp's).
+      if delay is None:
+        raise OSError(f"could not write {target} after {len(RETRY_DELAYS_S) + 1} attempts "
+                      f"({type(e).__name__}: {e})") from e
+      time.sleep(delay)
+
+
 def write_bytes(target: PathLike, data: bytes) -> None:
   """Writes `data` so that a reader never sees half of it: locally through a temporary file
-  and a rename; on Cloud Storage an object appears only once its upload is complete."""
+  and a rename; on Cloud Storage an object appears only once its upload is complete (failed
+  uploads are retried, `RETRY_DELAYS_S`)."""
   target = path(target)
-  target.parent.mkdir(parents=True, exist_ok=True)
   if is_remote(target):
-    target.write_bytes(data)
+    _remote_write(target, lambda: target.write_bytes(data))
     return
+  target.parent.mkdir(parents=True, exist_ok=True)
   tmp = target.parent / (target.name + ".tmp")
   tmp.write_bytes(data)
   os.replace(tmp, target)
@@ -109,11 +130,8 @@ class LocalMirror:
         stat = os.stat(local)
         if self._uploaded.get(local) == (stat.st_size, stat.st_mtime):
           continue
-        relative = os.path.relpath(local, self.local)
-        out = self.target / relative
-        out.parent.mkdir(parents=True, exist_ok=True)
         with open(local, "rb") as f:
-          out.write_bytes(f.read())
+          write_bytes(self.target / os.path.relpath(local, self.local), f.read())
         self._uploaded[local] = (stat.st_size, stat.st_mtime)
 
   def close(self) -> None:
