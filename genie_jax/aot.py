@@ -18,15 +18,15 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 from absl import app
 from absl import flags
-from ml_collections import config_flags
-
 from flax import nnx
+from ml_collections import config_flags
 
 from genie_jax import genie as genie_lib
 from genie_jax import profiling
@@ -97,7 +97,11 @@ def compile_for(config: ml_collections.ConfigDict, devices: Sequence[jax.Device]
   spec = train_state.make_state_spec(task, config, mesh)
   compiled = train_state.jit_train_step(task, spec, config.seed).lower(
       spec.abstract, abstract_batch(config, spec)).compile()
-  kind = devices[0].device_kind
+  return _report(compiled, mesh, hbm_bytes)
+
+
+def _report(compiled: Any, mesh: jax.sharding.Mesh, hbm_bytes: float | None) -> AotReport:
+  kind = mesh.devices.flat[0].device_kind
   return AotReport(mesh=dict(mesh.shape), device_kind=kind,
                    stats=profiling.compiled_stats(compiled),
                    hbm_bytes=hbm_bytes if hbm_bytes is not None else HBM_BYTES.get(kind))
@@ -129,10 +133,7 @@ def compile_rollout_for(config: ml_collections.ConfigDict, devices: Sequence[jax
                               num_steps=num_steps, temperature=1.0, cached=True)
 
   compiled = jax.jit(rollout).lower(state, prompt, actions, rng).compile()
-  kind = devices[0].device_kind
-  return AotReport(mesh=dict(mesh.shape), device_kind=kind,
-                   stats=profiling.compiled_stats(compiled),
-                   hbm_bytes=hbm_bytes if hbm_bytes is not None else HBM_BYTES.get(kind))
+  return _report(compiled, mesh, hbm_bytes)
 
 
 def topology_devices(topology: str, num_slices: int = 1) -> list[jax.Device]:

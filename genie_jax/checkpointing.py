@@ -220,10 +220,7 @@ class Checkpointer:
         other_count_state = self._iterator_state_of_other_process_count(step)
         if other_count_state is None:
           items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-      saved_checksums = self._saved_checksums(step)
-      restored = self.manager.restore(step, args=ocp.args.Composite(**items))
-      if saved_checksums is not None:
-        verify_checksums(restored["state"], saved_checksums, self._step_dir(step))
+      restored = self._restore_verified(step, items)
       if other_count_state is not None:
         data_iterator.set_state(other_count_state)
       return restored["state"]
@@ -276,7 +273,7 @@ class Checkpointer:
         return candidate, result
       message = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
       logging.warning("Checkpoint %s cannot be restored (%s: %s); trying the previous one",
-                      paths.join(self.directory, str(candidate)), type(error).__name__,
+                      self._step_dir(candidate), type(error).__name__,
                       message)
       damaged.append((candidate, error))
     raise RuntimeError(
@@ -286,17 +283,21 @@ class Checkpointer:
   def _step_dir(self, step: int) -> str:
     return paths.join(self.directory, str(step))
 
-  def _saved_checksums(self, step: int) -> dict[str, int] | None:
-    """The step's saved array checksums; None for a checkpoint written without them."""
-    item = paths.path(self.directory) / str(step) / CHECKSUMS_ITEM
-    if not item.exists():
-      return None
-    return self.manager.restore(step, args=ocp.args.Composite(
-        **{CHECKSUMS_ITEM: ocp.args.JsonRestore()}))[CHECKSUMS_ITEM]
+  def _restore_verified(self, step: int, items: dict[str, Any]) -> dict[str, Any]:
+    """manager.restore of `items`, with the step's array checksums in the same call when it
+    has them (checkpoints written before they existed do not), checked against
+    items['state'] as restored."""
+    checked = (paths.path(self._step_dir(step)) / CHECKSUMS_ITEM).exists()
+    if checked:
+      items = {**items, CHECKSUMS_ITEM: ocp.args.JsonRestore()}
+    restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+    if checked:
+      verify_checksums(restored["state"], restored[CHECKSUMS_ITEM], self._step_dir(step))
+    return restored
 
   def _set_aside(self, step: int) -> None:
     """Renames a damaged step directory out of Orbax's sight (process 0; all wait)."""
-    step_dir = paths.join(self.directory, str(step))
+    step_dir = self._step_dir(step)
     if self._read_only:
       logging.warning("Read-only: %s left in place", step_dir)
       return
@@ -356,12 +357,8 @@ class Checkpointer:
     restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_model)
 
     def restore_step(step):
-      saved_checksums = self._saved_checksums(step)
-      model = self.manager.restore(step, args=ocp.args.Composite(state=ocp.args.PyTreeRestore(
+      return self._restore_verified(step, dict(state=ocp.args.PyTreeRestore(
           abstract_model, restore_args=restore_args, partial_restore=True)))["state"]
-      if saved_checksums is not None:
-        verify_checksums(model, saved_checksums, self._step_dir(step))
-      return model
 
     step, model = self._restore_latest_readable(step, restore_step)
     logging.info("Restored the model of step %d from %s", step, self.directory)

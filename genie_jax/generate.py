@@ -115,8 +115,8 @@ def generate(workdir: str, *, step: int | None = None, num_frames: int | None = 
                                    num_steps=num_steps, temperature=temperature))
 
   out_dir = out_dir or paths.join(workdir, "generate")
-  files = [paths.join(out_dir, f"video_{i}.gif") for i in range(num_videos)]
-  files.append(paths.join(out_dir, "actions.json"))
+  actions_file = paths.join(out_dir, "actions.json")
+  files = [paths.join(out_dir, f"video_{i}.gif") for i in range(num_videos)] + [actions_file]
   if jax.process_index() != 0:
     # Every process of a multi-process job generated the same videos; process 0 writes them.
     return dict(video=video, actions=action_ids, files=files)
@@ -132,7 +132,7 @@ def generate(workdir: str, *, step: int | None = None, num_frames: int | None = 
     visualize.save_gif(path + ".gif", frames)
     if visualize.save_mp4(path + ".mp4", frames):
       files.append(path + ".mp4")
-  paths.write_text(files[num_videos], json.dumps(dict(
+  paths.write_text(actions_file, json.dumps(dict(
       workdir=workdir, step=genie.step, actions=actions, action_ids=action_ids.tolist(),
       prompt_frames=prompt_frames, num_steps=num_steps, temperature=temperature, seed=seed),
       indent=2))

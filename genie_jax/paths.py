@@ -87,10 +87,8 @@ def copy_tree(source: PathLike, target: PathLike) -> None:
   source, target = path(source), path(target)
   for root, _, files in source.walk():
     relative = os.path.relpath(os.fspath(root), os.fspath(source))
-    out_dir = target / relative if relative != "." else target
-    out_dir.mkdir(parents=True, exist_ok=True)
     for name in files:
-      (out_dir / name).write_bytes((root / name).read_bytes())
+      write_bytes(target / relative / name, (root / name).read_bytes())
 
 
 def move_tree(source: PathLike, target: PathLike) -> None:

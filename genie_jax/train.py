@@ -310,6 +310,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       profiler.after(step, metrics)
       pending_steps.append(step)
       preempted = notice.reached(step) and step < last
+      saved = False
       if _due(step, config.checkpoint.every_steps, last) or preempted:
         # A non-finite state never becomes a checkpoint. Saved before the next batch is
         # drawn, so the saved iterator state matches the saved train state.
@@ -317,8 +318,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
           _check_finite(pending_steps, jax.device_get(
               [{k: m[k] for k in ("loss", "grad_norm")} for m in pending]), ckpt.latest_step())
         saved = ckpt.save(step, state, train_iter, force=step == last or preempted)
-      else:
-        saved = False
 
       if _due(step, config.log_every_steps, last) or preempted:
         # One device->host transfer per interval; the mean smooths over the interval.

@@ -292,13 +292,18 @@ def make_dataset(
   if repeat:
     ds = ds.repeat()
   ds = ds.batch(global_batch_size, drop_remainder=True)
-  rows = slice(process_index * local_batch, (process_index + 1) * local_batch)
-  ds = ds.map(lambda indices: _stack([clips[i] for i in indices[rows]]))
-  return _to_iter_dataset(ds, data_config)
+  return _to_iter_dataset(_read_rows(ds, clips, process_index, local_batch), data_config)
 
 
 def _stack(examples: list[dict[str, Any]]) -> dict[str, np.ndarray]:
   return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+
+def _read_rows(batches: grain.MapDataset, clips: _ClipSource, process_index: int,
+               local_batch: int) -> grain.MapDataset:
+  """Global batches of clip indices -> this process's rows of each, read and stacked."""
+  rows = slice(process_index * local_batch, (process_index + 1) * local_batch)
+  return batches.map(lambda indices: _stack([clips[i] for i in indices[rows]]))
 
 
 def make_eval_dataset(
@@ -344,9 +349,7 @@ def make_eval_dataset(
   ds = grain.MapDataset.range(total).batch(global_batch_size, drop_remainder=True)
   if num_batches is not None:
     ds = ds[:num_batches]
-  rows = slice(process_index * local_batch, (process_index + 1) * local_batch)
-  ds = ds.map(lambda indices: _stack([clips[i] for i in indices[rows]]))
-  return _to_iter_dataset(ds, data_config)
+  return _to_iter_dataset(_read_rows(ds, clips, process_index, local_batch), data_config)
 
 
 def to_global_batch(local_batch: dict[str, np.ndarray],
