@@ -40,6 +40,9 @@ from __future__ import annotations
 import numpy as np
 
 ACTION_NAMES = ("noop", "left", "right", "up", "down", "recolour")
+# What a cell of the view shows (`BuiltinWorldEnv.view_contents`); a sprite hides what is
+# under it, in this order of precedence: agent, ball, coin.
+CONTENT_NAMES = ("floor", "wall", "obstacle", "coin", "ball", "agent")
 NUM_ACTIONS = len(ACTION_NAMES)
 NOOP, LEFT, RIGHT, UP, DOWN, RECOLOUR = range(NUM_ACTIONS)
 _MOVES = {LEFT: (-1, 0), RIGHT: (1, 0), UP: (0, -1), DOWN: (0, 1)}
@@ -182,6 +185,24 @@ class BuiltinWorldEnv:
     """The agent's world cell (x, y); the view's top-left cell is this - AGENT_VIEW_CELL."""
     return self._agent.copy()
 
+  def view_contents(self) -> np.ndarray:
+    """int32 (8, 8) [row, column]: what each cell of the last rendered view shows, as an
+    index into CONTENT_NAMES (cells beyond the world's border are wall)."""
+    s = self.world_cells
+    x_V = self._view[0] + np.arange(CELLS_PER_VIEW)
+    y_V = self._view[1] + np.arange(CELLS_PER_VIEW)
+    inside_YX = ((y_V >= 0) & (y_V < s))[:, None] & ((x_V >= 0) & (x_V < s))[None, :]
+    yc, xc = np.clip(y_V, 0, s - 1), np.clip(x_V, 0, s - 1)
+    obstacle_YX = self._obstacle[np.ix_(yc, xc)] & inside_YX
+    solid_YX = self._solid[np.ix_(yc, xc)] | ~inside_YX
+    out_YX = np.where(obstacle_YX, 2, np.where(solid_YX, 1, 0)).astype(np.int32)
+    for content, cells in ((3, self._coins), (4, self._balls), (5, [self._agent])):
+      for x, y in cells:
+        vx, vy = x - self._view[0], y - self._view[1]
+        if 0 <= vx < CELLS_PER_VIEW and 0 <= vy < CELLS_PER_VIEW:
+          out_YX[vy, vx] = content
+    return out_YX
+
   @property
   def floor_palette(self) -> np.ndarray:
     """uint8 (2, 3): this episode's two floor shades."""
@@ -224,8 +245,9 @@ class BuiltinWorldEnv:
     wall_shade = self._rng.integers(0, 2, size=(cells, cells))
     out_HWC = np.stack(self._wall_cells)[wall_shade].transpose(0, 2, 1, 3, 4).reshape(
         cells * c, cells * c, 3)
-    floor_HWC = self._palette[self._shade].repeat(c, 0).repeat(c, 1)
-    inner = slice(m * c, (m + s) * c)
+    # Inside the world's border ring, which is solid and drawn as wall like the margin.
+    floor_HWC = self._palette[self._shade[1:-1, 1:-1]].repeat(c, 0).repeat(c, 1)
+    inner = slice((m + 1) * c, (m + s - 1) * c)
     out_HWC[inner, inner] = floor_HWC
     for y, x in zip(*np.nonzero(self._obstacle)):
       out_HWC[(m + y) * c:(m + y + 1) * c, (m + x) * c:(m + x + 1) * c] = self._obstacle_cell

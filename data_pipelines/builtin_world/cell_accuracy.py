@@ -1,0 +1,133 @@
+r"""Which of the built-in world's contents a trained world model keeps in its rollouts.
+
+Plays fresh episodes of the world (seeds no dataset split uses) with the data's random
+policy, rolls a dynamics workdir out from each clip's first frame with the LAM's actions
+inferred from the clip (as the controllability evaluation does), and prints, per cell
+content of the true frames (floor, wall, obstacle, coin, ball, agent: the environment knows
+what each cell shows):
+  * the fraction of those cells whose generated token is the tokenizer's token of the true
+    frame, at generated frames 1..H;
+  * at frame 1, the model's probability of the true token in one pass with the whole frame
+    hidden (what MaskGIT's first step sees): low for a content the model never predicts;
+  * how many tokens that only this content has (e.g. ball sprites) the true and the
+    generated frames hold: a content that vanishes from rollouts has none in the latter.
+
+  python -m data_pipelines.builtin_world.cell_accuracy --workdir=workdirs/genie/dynamics
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app
+from absl import flags
+
+from data_pipelines.builtin_world import env as env_lib
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "A dynamics-stage workdir (built-in world).",
+                               required=True)
+_CLIPS = flags.DEFINE_integer("clips", 96, "Episodes played, one clip each.")
+_HORIZON = flags.DEFINE_integer("horizon", 4, "Generated frames per clip.")
+_MASKGIT_STEPS = flags.DEFINE_integer("maskgit_steps", 8, "MaskGIT steps per frame.")
+_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "Sampling temperature (0: argmax).")
+_SKIP = flags.DEFINE_integer("skip", 7, "Steps played before each clip starts, so that "
+                             "clips start inside the policy's held actions.")
+# Far from the dataset builders' episode seeds.
+_SEED_BASE = 987_654
+
+
+def play_clips(image_size: int, num_clips: int, num_frames: int, skip: int
+               ) -> tuple[np.ndarray, np.ndarray]:
+  """video_BTHWC uint8 and contents_BTN int32 (CONTENT_NAMES index per cell, raster order)
+  of `num_clips` clips of the random policy (`StickyRandomPolicy`, holds of 1-8 steps)."""
+  env = env_lib.BuiltinWorldEnv(image_size=image_size)
+  videos, contents = [], []
+  for i in range(num_clips):
+    env_seed, policy_seed = np.random.SeedSequence([_SEED_BASE, i]).spawn(2)
+    policy = env_lib.StickyRandomPolicy(policy_seed)
+    frames = [env.reset(env_seed)]
+    cells = [env.view_contents().reshape(-1)]
+    for _ in range(skip + num_frames - 1):
+      frames.append(env.step(policy(env.blocked)))
+      cells.append(env.view_contents().reshape(-1))
+    videos.append(np.stack(frames[-num_frames:]))
+    contents.append(np.stack(cells[-num_frames:]))
+  return np.stack(videos), np.stack(contents)
+
+
+def cell_accuracy(genie, video_BTHWC: np.ndarray, contents_BTN: np.ndarray, *,
+                  maskgit_steps: int, temperature: float, rng: jax.Array) -> dict:
+  """Per-content token accuracy of a rollout from frame 0 (see the module docstring).
+
+  Returns {content name: dict(cells=..., accuracy_t=[...], p_true_t1=..., only_tokens=[...],
+  only_true=[...], only_generated=[...])}; entries are NaN where a content never occurs.
+  """
+  from genie_jax import genie as genie_lib  # The world alone needs no JAX.
+
+  tokens_BTN = np.asarray(genie.tokenize(video_BTHWC))
+  actions_BA = np.asarray(genie.infer_actions(video_BTHWC))
+  if tokens_BTN.shape[2] != contents_BTN.shape[2]:
+    raise ValueError(f"the tokenizer has {tokens_BTN.shape[2]} tokens per frame; this tool "
+                     f"needs one per cell of the world's view ({contents_BTN.shape[2]})")
+  from flax import nnx
+
+  @nnx.jit
+  def run(world, tokens_BTN, actions_BA, rng):
+    rolled_BTN = genie_lib.rollout_tokens(
+        world, jnp.asarray(video_BTHWC[:, :1]), actions_BA, rng, num_steps=maskgit_steps,
+        temperature=temperature)
+    hidden_BTN = jnp.zeros(tokens_BTN[:, :2].shape, bool).at[:, 1].set(True)
+    logits_BNV = world.dynamics(tokens_BTN[:, :2], hidden_BTN, actions_BA[:, :2])[:, 1]
+    p_true_BN = jnp.take_along_axis(jax.nn.softmax(logits_BNV, -1),
+                                    tokens_BTN[:, 1, :, None], -1)[..., 0]
+    return rolled_BTN, p_true_BN
+
+  rolled_BTN, p_true_BN = map(np.asarray, run(genie.world, jnp.asarray(tokens_BTN),
+                                              jnp.asarray(actions_BA), rng))
+  horizon = rolled_BTN.shape[1] - 1
+  results = {}
+  for k, name in enumerate(env_lib.CONTENT_NAMES):
+    where_BTN = contents_BTN == k
+    # Tokens that this content alone takes in the true frames.
+    others = np.unique(tokens_BTN[~where_BTN])
+    only = np.setdiff1d(np.unique(tokens_BTN[where_BTN]), others)
+    accuracy = [float(np.mean(rolled_BTN[:, t][where_BTN[:, t]] == tokens_BTN[:, t][
+        where_BTN[:, t]])) if where_BTN[:, t].any() else float("nan")
+                for t in range(1, horizon + 1)]
+    results[name] = dict(
+        cells=int(where_BTN[:, 1].sum()), accuracy_t=accuracy,
+        p_true_t1=float(p_true_BN[where_BTN[:, 1]].mean()) if where_BTN[:, 1].any()
+        else float("nan"),
+        only_tokens=only.tolist(),
+        only_true=[int(np.isin(tokens_BTN[:, t], only).sum()) for t in range(1, horizon + 1)],
+        only_generated=[int(np.isin(rolled_BTN[:, t], only).sum())
+                        for t in range(1, horizon + 1)])
+  return results
+
+
+def main(argv):
+  del argv
+  from genie_jax import genie as genie_lib
+
+  genie = genie_lib.Genie.from_workdir(_WORKDIR.value)
+  image_size = genie.frame_shape[0]
+  video_BTHWC, contents_BTN = play_clips(image_size, _CLIPS.value, _HORIZON.value + 1,
+                                         _SKIP.value)
+  results = cell_accuracy(genie, video_BTHWC, contents_BTN,
+                          maskgit_steps=_MASKGIT_STEPS.value, temperature=_TEMPERATURE.value,
+                          rng=jax.random.key(0))
+  h = _HORIZON.value
+  print(f"{_WORKDIR.value} (step {genie.step}): {_CLIPS.value} clips, rollouts from frame 0 "
+        f"with inferred actions, {_MASKGIT_STEPS.value} MaskGIT steps, temperature "
+        f"{_TEMPERATURE.value}")
+  print("content | cells at t1 | " + " | ".join(f"token acc t{t}" for t in range(1, h + 1))
+        + " | p(true token) t1, one pass | its own tokens: in true / generated frames t1..")
+  for name, r in results.items():
+    own = ", ".join(f"{a}/{b}" for a, b in zip(r["only_true"], r["only_generated"]))
+    print(f"{name} | {r['cells']} | " + " | ".join(f"{a:.3f}" for a in r["accuracy_t"])
+          + f" | {r['p_true_t1']:.3f} | {own if r['only_tokens'] else '-'}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,98 @@
+"""The built-in world's per-cell contents and the per-content rollout accuracy tool."""
+
+import functools
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from data_pipelines.builtin_world import cell_accuracy
+from data_pipelines.builtin_world import env as env_lib
+
+IMAGE = 32
+CELL = IMAGE // env_lib.CELLS_PER_VIEW
+
+
+def _cell_pixels(frame_HWC, y, x):
+  return frame_HWC[y * CELL:(y + 1) * CELL, x * CELL:(x + 1) * CELL].reshape(-1, 3)
+
+
+def _has_colour(pixels, colours):
+  return any((pixels == np.asarray(c, np.uint8)).all(-1).any() for c in colours)
+
+
+def test_view_contents_name_what_each_cell_shows():
+  env = env_lib.BuiltinWorldEnv(image_size=IMAGE)
+  seen = set()
+  for episode in range(6):
+    frames_THWC, actions_T = env_lib.rollout(env, episode, 30)
+    # rollout leaves the env at its last frame.
+    frame_HWC, contents_YX = frames_THWC[-1], env.view_contents()
+    assert contents_YX.shape == (8, 8) and contents_YX.dtype == np.int32
+    palette = env.floor_palette
+    for y in range(8):
+      for x in range(8):
+        name = env_lib.CONTENT_NAMES[contents_YX[y, x]]
+        pixels = _cell_pixels(frame_HWC, y, x)
+        seen.add(name)
+        if name == "floor":
+          assert (pixels == pixels[0]).all() and _has_colour(pixels, palette), (y, x)
+        elif name == "ball":
+          assert _has_colour(pixels, env_lib._BALL_COLOURS), (y, x)
+        elif name == "coin":
+          assert _has_colour(pixels, [env_lib._COIN_COLOUR]), (y, x)
+        elif name == "agent":
+          assert (y, x) == env_lib.AGENT_VIEW_CELL[::-1]
+          assert _has_colour(pixels, env_lib._AGENT_COLOURS)
+        elif name == "obstacle":
+          assert _has_colour(pixels, [env_lib._OBSTACLE_COLOUR]), (y, x)
+        else:  # Wall: brick of a wall shade, never the floor's.
+          assert _has_colour(pixels, env_lib._WALL_COLOURS.astype(np.uint8)), (y, x)
+          assert not _has_colour(pixels, palette), (y, x)
+  assert {"floor", "wall", "agent"} <= seen
+
+
+@functools.lru_cache
+def _genie(patch_size):
+  from genie_jax import genie as genie_lib  # pylint: disable=g-import-not-at-top
+  from genie_jax.models import dynamics as dynamics_lib  # pylint: disable=g-import-not-at-top
+  from genie_jax.models import lam as lam_lib  # pylint: disable=g-import-not-at-top
+  from genie_jax.models import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  common = dict(image_size=IMAGE, patch_size=patch_size, max_frames=4, d_model=16,
+                num_heads=2, enc_layers=1, dec_layers=1, latent_dim=4)
+  tok_cfg = tokenizer_lib.default_config()
+  tok_cfg.update(dict(common, num_codes=8))
+  lam_cfg = lam_lib.default_config()
+  lam_cfg.update(dict(common, num_actions=3))
+  dyn_cfg = dynamics_lib.default_config()
+  dyn_cfg.update(dict(num_layers=1, d_model=16, num_heads=2, num_codes=8,
+                      tokens_per_frame=(IMAGE // patch_size) ** 2, num_actions=3, max_frames=4))
+  rngs = nnx.Rngs(0)
+  return genie_lib.Genie(dynamics_lib.WorldModel(
+      tokenizer_lib.Tokenizer(tok_cfg, rngs=rngs), lam_lib.LatentActionModel(lam_cfg, rngs=rngs),
+      dynamics_lib.DynamicsModel(dyn_cfg, rngs=rngs)))
+
+
+def test_cell_accuracy_counts_every_cell_once():
+  video_BTHWC, contents_BTN = cell_accuracy.play_clips(IMAGE, 3, 4, skip=2)
+  assert video_BTHWC.shape == (3, 4, IMAGE, IMAGE, 3) and contents_BTN.shape == (3, 4, 64)
+  results = cell_accuracy.cell_accuracy(_genie(CELL), video_BTHWC, contents_BTN,
+                                        maskgit_steps=2, temperature=0.0,
+                                        rng=jax.random.key(0))
+  assert list(results) == list(env_lib.CONTENT_NAMES)
+  assert sum(r["cells"] for r in results.values()) == 3 * 64
+  for name, r in results.items():
+    assert r["cells"] == int(np.sum(contents_BTN[:, 1] == env_lib.CONTENT_NAMES.index(name)))
+    assert len(r["accuracy_t"]) == 3
+    for value in r["accuracy_t"] + [r["p_true_t1"]]:
+      assert np.isnan(value) or 0.0 <= value <= 1.0, name
+    # A token of one content alone occurs in the true frames only where that content is.
+    assert all(n <= 3 * 64 for n in r["only_true"] + r["only_generated"])
+
+
+def test_cell_accuracy_needs_one_token_per_cell():
+  video_BTHWC, contents_BTN = cell_accuracy.play_clips(IMAGE, 1, 4, skip=0)
+  with pytest.raises(ValueError, match="16 tokens per frame.*one per cell.*64"):
+    cell_accuracy.cell_accuracy(_genie(2 * CELL), video_BTHWC, contents_BTN, maskgit_steps=1,
+                                temperature=0.0, rng=jax.random.key(0))
