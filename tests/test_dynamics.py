@@ -259,6 +259,24 @@ def test_bad_model_config_names_the_key():
     _tiny_model("additive", spatial_rope=True, d_model=36, num_heads=2)
   with pytest.raises(ValueError, match="config.model.block_order='spatial'"):
     _tiny_model("additive", block_order="spatial")
+  with pytest.raises(ValueError, match="config.model.output_head='shared'"):
+    _tiny_model("additive", output_head="shared")
+
+
+@pytest.mark.parametrize("conditioning", dynamics_lib.CONDITIONINGS)
+def test_tied_output_head_scores_outputs_against_the_token_embeddings(conditioning):
+  model = _tiny_model(conditioning, output_head="tied")
+  assert not hasattr(model, "to_logits")
+  tokens, mask, actions = _random_inputs()
+  logits = np.asarray(_logits(model, tokens, mask, actions))
+  x = model.embed(tokens, mask, model.frame_actions(actions))
+  y = np.asarray(model.transformer(x))[:, :, int(model.prepend):]
+  codes_VD = np.asarray(model.token_embed[...])[:model.num_codes]  # The [MASK] row is no output.
+  bias_V = np.asarray(model.logits_bias[...])
+  np.testing.assert_allclose(logits, y @ codes_VD.T + bias_V, rtol=1e-5, atol=1e-5)
+  untied = _tiny_model(conditioning)
+  assert (sum(p.size for p in jax.tree.leaves(nnx.state(untied, nnx.Param)))
+          - sum(p.size for p in jax.tree.leaves(nnx.state(model, nnx.Param)))) == 32 * 16
 
 
 # --- Restoring stages ----------------------------------------------------------------------

@@ -32,6 +32,7 @@ from genie_jax.models import layers
 
 CONDITIONINGS = ("additive", "prepend")
 BLOCK_ORDERS = ("spatial_first", "temporal_first")
+OUTPUT_HEADS = ("linear", "tied")
 
 _ACT_BTNV = ("batch", "time", "tokens", "act_vocab")
 _EMBED_STDDEV = 0.02
@@ -63,6 +64,9 @@ def default_config() -> ml_collections.ConfigDict:
       table; needs a square token grid and a head width divisible by 4.
     block_order: 'spatial_first' (Genie's ST block) or 'temporal_first' (temporal attention
       before spatial attention in every block; `genie_jax.models.layers.STBlock`).
+    output_head: 'linear' (a matrix of its own maps the transformer's output to the V
+      logits) or 'tied' (MaskGIT's: the logits are the output's dot products with the input
+      token embeddings, plus a bias; d_model x V fewer parameters).
   """
   cfg = ml_collections.ConfigDict(dict(
       num_layers=12,
@@ -78,6 +82,7 @@ def default_config() -> ml_collections.ConfigDict:
       sink_frames=0,
       spatial_rope=False,
       block_order="spatial_first",
+      output_head="linear",
       **layers.TRANSFORMER_DEFAULTS,
   ))
   cfg.lock()
@@ -98,6 +103,9 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   if cfg.get("block_order", "spatial_first") not in BLOCK_ORDERS:
     raise ValueError(f"config.model.block_order={cfg.block_order!r}; expected one of "
                      f"{list(BLOCK_ORDERS)}")
+  if cfg.get("output_head", "linear") not in OUTPUT_HEADS:
+    raise ValueError(f"config.model.output_head={cfg.output_head!r}; expected one of "
+                     f"{list(OUTPUT_HEADS)}")
   positions, sinks = temporal_settings(cfg)
   if positions not in layers.TEMPORAL_POSITIONS:
     raise ValueError(f"config.model.temporal_positions={positions!r}; expected one of "
@@ -163,8 +171,13 @@ class DynamicsModel(nnx.Module):
         temporal_positions=positions, grid=token_grid(cfg),
         remat=cfg.remat_policy if cfg.remat else None,
         temporal_first=cfg.get("block_order", "spatial_first") == "temporal_first", rngs=rngs)
-    self.to_logits = layers.Linear(d, cfg.num_codes, names=("embed", "vocab"), dtype=dtype,
-                                   param_dtype=param_dtype, rngs=rngs)
+    # Configs saved before the key existed have their own output matrix.
+    self.tied = cfg.get("output_head", "linear") == "tied"
+    if self.tied:
+      self.logits_bias = nnx.Param(jnp.zeros((cfg.num_codes,), param_dtype))
+    else:
+      self.to_logits = layers.Linear(d, cfg.num_codes, names=("embed", "vocab"), dtype=dtype,
+                                     param_dtype=param_dtype, rngs=rngs)
 
   @property
   def mask_token(self) -> int:
@@ -211,7 +224,13 @@ class DynamicsModel(nnx.Module):
     """float32 logits_BTNV of the N real tokens from transformer outputs y_BTMD."""
     if self.prepend:
       y_BTMD = y_BTMD[:, :, 1:]
-    logits_BTNV = self.to_logits(y_BTMD).astype(jnp.float32)
+    if self.tied:
+      # The V code embeddings (the [MASK] row is not an output).
+      codes_VD = self.token_embed[...][:self.num_codes].astype(self.dtype)
+      logits_BTNV = (jnp.einsum("btnd,vd->btnv", y_BTMD.astype(self.dtype), codes_VD)
+                     + self.logits_bias[...].astype(self.dtype)).astype(jnp.float32)
+    else:
+      logits_BTNV = self.to_logits(y_BTMD).astype(jnp.float32)
     return sharding.constrain(logits_BTNV, _ACT_BTNV)
 
   def __call__(self, tokens_BTN: jax.Array, mask_BTN: jax.Array, actions_BT: jax.Array
