@@ -1,6 +1,7 @@
 r"""Compiles a stage's train step ahead of time for a TPU topology, on this (CPU) machine, and
 says whether it fits in HBM: the sharding and the memory plan are known before a pod is held.
-With --rollout (dynamics configs) the cached rollout of `genie_jax.genie` is compiled too.
+With --rollout (dynamics configs) the cached rollout of `genie_jax.genie` is compiled too, and
+with --evaluators every per-batch function of the config's evaluators.
 
   pip install --no-deps --target /tmp/libtpu_pkg "libtpu==0.0.42.*"  # jax 0.10's pin; no TPU
   PYTHONPATH=/tmp/libtpu_pkg JAX_PLATFORMS=cpu python -m genie_jax.aot \
@@ -28,6 +29,7 @@ from absl import flags
 from flax import nnx
 from ml_collections import config_flags
 
+from genie_jax import evaluators
 from genie_jax import genie as genie_lib
 from genie_jax import profiling
 from genie_jax import sharding
@@ -136,6 +138,21 @@ def compile_rollout_for(config: ml_collections.ConfigDict, devices: Sequence[jax
   return _report(compiled, mesh, hbm_bytes)
 
 
+def compile_evaluators_for(config: ml_collections.ConfigDict, devices: Sequence[jax.Device],
+                           hbm_bytes: float | None = None) -> dict[str, AotReport]:
+  """Compiles every per-batch function of config's evaluators (`config.evals`) for
+  `devices`, on the mesh and shardings training uses; {'<evaluator>/<function>': report}."""
+  task = tasks.get_task(config)
+  mesh = sharding.mesh_from_config(config, list(devices))
+  train.check_config(config, mesh)
+  spec = train_state.make_state_spec(task, config, mesh)
+  reports = {}
+  for evaluator in evaluators.build_evaluators(config, task, spec):
+    for name, lowered in evaluator.lower(spec.abstract).items():
+      reports[f"{evaluator.name}/{name}"] = _report(lowered.compile(), mesh, hbm_bytes)
+  return reports
+
+
 def topology_devices(topology: str, num_slices: int = 1) -> list[jax.Device]:
   """Compile-only devices of `num_slices` slices of the TPU `topology` (needs libtpu)."""
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
@@ -151,6 +168,8 @@ _NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices joined by DCN.")
 _HBM_GIB = flags.DEFINE_float("hbm_gib", 0.0, "HBM per device in GiB (0: by device kind).")
 _ROLLOUT = flags.DEFINE_bool("rollout", False,
                              "Also compile the rollout (dynamics configs), batch 1, 4 frames.")
+_EVALUATORS = flags.DEFINE_bool("evaluators", False,
+                                "Also compile every evaluator's per-batch functions.")
 
 
 def main(argv):
@@ -164,6 +183,11 @@ def main(argv):
     report = compile_rollout_for(_CONFIG.value, devices, hbm_bytes=_HBM_GIB.value * 2**30 or None)
     print(f"rollout on {_TOPOLOGY.value} x {_NUM_SLICES.value} slice(s), {len(devices)} "
           f"devices: {report.summary()}")
+  if _EVALUATORS.value:
+    for name, report in compile_evaluators_for(
+        _CONFIG.value, devices, _HBM_GIB.value * 2**30 or None).items():
+      print(f"evaluator {name} on {_TOPOLOGY.value} x {_NUM_SLICES.value} slice(s), "
+            f"{len(devices)} devices: {report.summary()}")
 
 
 if __name__ == "__main__":

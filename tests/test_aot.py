@@ -100,7 +100,7 @@ def test_every_stage_and_the_rollout_lower_for_a_tpu_topology(tmp_path):
   procs = {
       stage: subprocess.Popen(
           [sys.executable, "-m", "genie_jax.aot", f"--config={config}", "--topology=v5e:2x2",
-           "--config.mesh.data=4", "--config.batch_size=8"] +
+           "--config.mesh.data=4", "--config.batch_size=8", "--evaluators"] +
           (["--rollout"] if stage == "dynamics" else []),
           cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
       for stage, config in configs.items()}
@@ -109,4 +109,27 @@ def test_every_stage_and_the_rollout_lower_for_a_tpu_topology(tmp_path):
     assert proc.returncode == 0, out[-4000:]
     assert f"{stage} on v5e:2x2 x 1 slice(s), 4 devices" in out and "TPU v5 lite" in out, out
     assert "-> FITS" in out, out
+    evaluator_lines = [l for l in out.splitlines() if l.startswith("evaluator ")]
+    # One evaluator per stage (reconstruction, latent_actions, controllability), two
+    # per-batch functions each.
+    assert len(evaluator_lines) == 2, out
+    assert all("on v5e:2x2 x 1 slice(s), 4 devices" in l and "TPU v5 lite" in l
+               for l in evaluator_lines), out
   assert "rollout on v5e:2x2 x 1 slice(s), 4 devices: mesh {'batch': 4} on TPU v5 lite" in out
+
+
+def test_evaluators_compile_for_devices_with_shapes_only(tmp_path):
+  # Every stage's evaluators on a data x fsdp x tensor mesh of the 8 fake devices.
+  for config in (tiny_config(""), _tiny_dynamics_config(tmp_path)):
+    config.mesh = dict(data=2, fsdp=2, tensor=2)
+    config.batch_size = 4
+    for eval_cfg in config.evals.values():
+      eval_cfg.batch_size = 4
+    reports = aot.compile_evaluators_for(config, jax.devices(), hbm_bytes=2**40)
+    if config.stage == "dynamics":
+      expected = {"controllability": ["infer_actions", "rollouts"]}
+    else:
+      expected = {name: ["stats", "predict"] for name in config.evals}
+    assert sorted(reports) == sorted(f"{e}/{f}" for e, fs in expected.items() for f in fs)
+    for report in reports.values():
+      assert report.mesh == dict(data=2, fsdp=2, tensor=2) and report.fits

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import ml_collections
+import numpy as np
 from flax import nnx
 
 import data_pipelines
@@ -46,6 +49,28 @@ class Evaluator:
 
   def _model(self, params, model_state) -> nnx.Module:
     return nnx.merge(self.spec.graphdef, params, model_state, copy=True)
+
+  def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
+    """One global evaluation batch (as `input_pipeline.to_global_batch` makes it), as
+    shapes with the batch sharding."""
+    b, t, s = self.batch_size, self.config.data.clip_len, self.config.data.image_size
+    index = jax.dtypes.canonicalize_dtype(np.int64)  # Episode ids, as jax holds them.
+    shapes = dict(video=((b, t, s, s, 3), np.uint8), actions=((b, t), np.int32),
+                  episode_id=((b,), index), start=((b,), np.int32))
+    return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=self.spec.batch_sharding)
+            for k, (shape, dtype) in shapes.items()}
+
+  def step_functions(self) -> dict[str, tuple[Any, tuple]]:
+    """{name: (jitted per-batch function, its arguments after (params, model_state,
+    batch) as shapes)}: what `lower` compiles ahead of time (genie_jax.aot)."""
+    return {}
+
+  def lower(self, abstract_state: dict[str, Any]) -> dict[str, jax.stages.Lowered]:
+    """Each per-batch function lowered for the spec's mesh, from shapes only."""
+    batch = self.abstract_batch()
+    return {name: fn.lower(abstract_state["params"], abstract_state["model_state"], batch,
+                           *extra)
+            for name, (fn, extra) in self.step_functions().items()}
 
 
 def true_actions_of(data_config: ml_collections.ConfigDict) -> tuple[int, list[str]]:

@@ -157,6 +157,12 @@ class ControllabilityEvaluator(base.Evaluator):
                 videos=jnp.concatenate([truth_BAHWC[None, :n], generated_VBAHWC[:, :n]]),
                 actions_VBA=actions_VBA[:, :n])
 
+  def step_functions(self):
+    mapping = jax.ShapeDtypeStruct((max(self.num_true_actions, 1),), jnp.int32,
+                                   sharding=self.replicated)
+    rng = jax.ShapeDtypeStruct((), jax.random.key(0).dtype, sharding=self.replicated)
+    return dict(infer_actions=(self._infer, ()), rollouts=(self._rollouts, (mapping, rng)))
+
   def run(self, state) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """Returns ({metric: value}, {image name: uint8 HWC picture})."""
     params, model_state = state["params"], state["model_state"]

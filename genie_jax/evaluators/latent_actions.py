@@ -58,6 +58,9 @@ class LatentActionEvaluator(base.Evaluator):
                 mse=jnp.sum(mse_BT * valid_B[:, None]),
                 frames=jnp.sum(valid_B) * t, actions=actions_BT, true_actions=true_BT)
 
+  def step_functions(self):
+    return dict(stats=(self._stats, ()), predict=(self._predict, ()))
+
   def run(self, state) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """Returns ({metric: value}, {image name: uint8 HWC picture})."""
     sums = dict(psnr=0.0, mse=0.0, frames=0.0)

@@ -75,6 +75,9 @@ class ReconstructionEvaluator(base.Evaluator):
           out["codes"], target_BTHWC)
     return stats
 
+  def step_functions(self):
+    return dict(stats=(self._stats, ()), predict=(self._predict, ()))
+
   def run(self, state) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """Returns ({metric: value}, {image name: uint8 HWC grid})."""
     totals = None
