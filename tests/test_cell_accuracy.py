@@ -96,3 +96,21 @@ def test_cell_accuracy_needs_one_token_per_cell():
   with pytest.raises(ValueError, match="16 tokens per frame.*one per cell.*64"):
     cell_accuracy.cell_accuracy(_genie(2 * CELL), video_BTHWC, contents_BTN, maskgit_steps=1,
                                 temperature=0.0, rng=jax.random.key(0))
+
+
+def test_lam_latents_clips_and_kmeans():
+  from data_pipelines.builtin_world import lam_latents  # pylint: disable=g-import-not-at-top
+  from genie_jax import action_metrics  # pylint: disable=g-import-not-at-top
+  clips, true_N = lam_latents.transitions(IMAGE, 4, episodes=2)
+  # 16 clips of 4 frames from each 64-frame episode, 3 transitions each.
+  assert clips.shape == (32, 4, IMAGE, IMAGE, 3) and true_N.shape == (96,)
+  assert set(true_N.tolist()) <= set(range(env_lib.NUM_ACTIONS))
+  # Well separated clusters are found whatever the seeding.
+  rng = np.random.default_rng(0)
+  centres_KL = rng.normal(size=(4, 8)) * 10
+  label_N = np.repeat(np.arange(4), 50)
+  x_NL = centres_KL[label_N] + rng.normal(size=(200, 8)) * 0.1
+  found_KL = lam_latents.kmeans(x_NL, 4, rng)
+  assigned_N = np.argmin(((x_NL[:, None] - found_KL[None]) ** 2).sum(-1), 1)
+  confusion = action_metrics.confusion_matrix(assigned_N, label_N, 4, 4)
+  assert action_metrics.normalized_mutual_information(confusion) == pytest.approx(1.0)

@@ -25,14 +25,20 @@ from absl import flags
 
 from data_pipelines.builtin_world import env as env_lib
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A dynamics-stage workdir (built-in world).",
-                               required=True)
-_CLIPS = flags.DEFINE_integer("clips", 96, "Episodes played, one clip each.")
-_HORIZON = flags.DEFINE_integer("horizon", 4, "Generated frames per clip.")
-_MASKGIT_STEPS = flags.DEFINE_integer("maskgit_steps", 8, "MaskGIT steps per frame.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 0.0, "Sampling temperature (0: argmax).")
-_SKIP = flags.DEFINE_integer("skip", 7, "Steps played before each clip starts, so that "
-                             "clips start inside the policy's held actions.")
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The command-line flags; defined only when this module is the program."""
+  flags.DEFINE_string("workdir", None, "A dynamics-stage workdir (built-in world).")
+  flags.DEFINE_integer("clips", 96, "Episodes played, one clip each.")
+  flags.DEFINE_integer("horizon", 4, "Generated frames per clip.")
+  flags.DEFINE_integer("maskgit_steps", 8, "MaskGIT steps per frame.")
+  flags.DEFINE_float("temperature", 0.0, "Sampling temperature (0: argmax).")
+  flags.DEFINE_integer("skip", 7, "Steps played before each clip starts, so that clips start "
+                       "inside the policy's held actions.")
+
+
 # Far from the dataset builders' episode seeds.
 _SEED_BASE = 987_654
 
@@ -110,17 +116,17 @@ def main(argv):
   del argv
   from genie_jax import genie as genie_lib
 
-  genie = genie_lib.Genie.from_workdir(_WORKDIR.value)
+  genie = genie_lib.Genie.from_workdir(FLAGS.workdir)
   image_size = genie.frame_shape[0]
-  video_BTHWC, contents_BTN = play_clips(image_size, _CLIPS.value, _HORIZON.value + 1,
-                                         _SKIP.value)
+  video_BTHWC, contents_BTN = play_clips(image_size, FLAGS.clips, FLAGS.horizon + 1,
+                                         FLAGS.skip)
   results = cell_accuracy(genie, video_BTHWC, contents_BTN,
-                          maskgit_steps=_MASKGIT_STEPS.value, temperature=_TEMPERATURE.value,
+                          maskgit_steps=FLAGS.maskgit_steps, temperature=FLAGS.temperature,
                           rng=jax.random.key(0))
-  h = _HORIZON.value
-  print(f"{_WORKDIR.value} (step {genie.step}): {_CLIPS.value} clips, rollouts from frame 0 "
-        f"with inferred actions, {_MASKGIT_STEPS.value} MaskGIT steps, temperature "
-        f"{_TEMPERATURE.value}")
+  h = FLAGS.horizon
+  print(f"{FLAGS.workdir} (step {genie.step}): {FLAGS.clips} clips, rollouts from frame 0 "
+        f"with inferred actions, {FLAGS.maskgit_steps} MaskGIT steps, temperature "
+        f"{FLAGS.temperature}")
   print("content | cells at t1 | " + " | ".join(f"token acc t{t}" for t in range(1, h + 1))
         + " | p(true token) t1, one pass | its own tokens: in true / generated frames t1..")
   for name, r in results.items():
@@ -130,4 +136,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
+  flags.mark_flags_as_required(["workdir"])
   app.run(main)
