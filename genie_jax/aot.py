@@ -36,6 +36,7 @@ from genie_jax import sharding
 from genie_jax import tasks
 from genie_jax import train
 from genie_jax import train_state
+from genie_jax.data import input_pipeline
 
 # HBM per JAX device (one chip; v4/v5p in megacore mode), by device_kind, from Google Cloud's
 # TPU system-architecture pages.
@@ -77,11 +78,17 @@ class AotReport:
 def abstract_batch(config: ml_collections.ConfigDict, spec: train_state.StateSpec
                    ) -> dict[str, jax.ShapeDtypeStruct]:
   """The global batch of the input pipeline (genie_jax/data/input_pipeline.py), as shapes."""
-  b, t, s = config.batch_size, config.data.clip_len, config.data.image_size
-  shapes = dict(video=((b, t, s, s, 3), np.uint8), actions=((b, t), np.int32),
-                start=((b,), np.int32))
   return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=spec.batch_sharding)
-          for k, (shape, dtype) in shapes.items()}
+          for k, (shape, dtype) in input_pipeline.batch_shapes(
+              config.data, config.batch_size).items()}
+
+
+def _stage_spec(config: ml_collections.ConfigDict, devices: Sequence[jax.Device]):
+  """(task, mesh, spec) of a stage config on `devices`, after the trainer's checks."""
+  task = tasks.get_task(config)
+  mesh = sharding.mesh_from_config(config, list(devices))
+  train.check_config(config, mesh)
+  return task, mesh, train_state.make_state_spec(task, config, mesh)
 
 
 def compile_for(config: ml_collections.ConfigDict, devices: Sequence[jax.Device],
@@ -93,10 +100,7 @@ def compile_for(config: ml_collections.ConfigDict, devices: Sequence[jax.Device]
     devices: e.g. `jax.experimental.topologies.get_topology_desc(...).devices`.
     hbm_bytes: memory of one device; default from `HBM_BYTES` by device kind.
   """
-  task = tasks.get_task(config)
-  mesh = sharding.mesh_from_config(config, list(devices))
-  train.check_config(config, mesh)
-  spec = train_state.make_state_spec(task, config, mesh)
+  task, mesh, spec = _stage_spec(config, devices)
   compiled = train_state.jit_train_step(task, spec, config.seed).lower(
       spec.abstract, abstract_batch(config, spec)).compile()
   return _report(compiled, mesh, hbm_bytes)
@@ -142,10 +146,7 @@ def compile_evaluators_for(config: ml_collections.ConfigDict, devices: Sequence[
                            hbm_bytes: float | None = None) -> dict[str, AotReport]:
   """Compiles every per-batch function of config's evaluators (`config.evals`) for
   `devices`, on the mesh and shardings training uses; {'<evaluator>/<function>': report}."""
-  task = tasks.get_task(config)
-  mesh = sharding.mesh_from_config(config, list(devices))
-  train.check_config(config, mesh)
-  spec = train_state.make_state_spec(task, config, mesh)
+  task, mesh, spec = _stage_spec(config, devices)
   reports = {}
   for evaluator in evaluators.build_evaluators(config, task, spec):
     for name, lowered in evaluator.lower(spec.abstract).items():

@@ -352,6 +352,19 @@ def make_eval_dataset(
   return _to_iter_dataset(_read_rows(ds, clips, process_index, local_batch), data_config)
 
 
+def batch_shapes(data_config: ml_collections.ConfigDict, global_batch_size: int, *,
+                 evaluation: bool = False) -> dict[str, tuple[tuple[int, ...], Any]]:
+  """{key: (shape, dtype)} of one global batch as `to_global_batch` gives it: training
+  batches, or evaluation batches (`evaluation`, which also carry episode_id)."""
+  b, t, s = global_batch_size, data_config.clip_len, data_config.image_size
+  shapes = dict(video=((b, t, s, s, 3), np.uint8), actions=((b, t), np.int32),
+                start=((b,), np.int32))
+  if evaluation:
+    # int64 on the host, held as jax's default integer.
+    shapes["episode_id"] = ((b,), jax.dtypes.canonicalize_dtype(np.int64))
+  return shapes
+
+
 def to_global_batch(local_batch: dict[str, np.ndarray],
                     sharding: NamedSharding) -> dict[str, jax.Array]:
   """Assembles every process's local batch into global arrays sharded along axis 0.

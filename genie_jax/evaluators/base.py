@@ -6,7 +6,6 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 from flax import nnx
 
 import data_pipelines
@@ -53,12 +52,9 @@ class Evaluator:
   def abstract_batch(self) -> dict[str, jax.ShapeDtypeStruct]:
     """One global evaluation batch (as `input_pipeline.to_global_batch` makes it), as
     shapes with the batch sharding."""
-    b, t, s = self.batch_size, self.config.data.clip_len, self.config.data.image_size
-    index = jax.dtypes.canonicalize_dtype(np.int64)  # Episode ids, as jax holds them.
-    shapes = dict(video=((b, t, s, s, 3), np.uint8), actions=((b, t), np.int32),
-                  episode_id=((b,), index), start=((b,), np.int32))
     return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=self.spec.batch_sharding)
-            for k, (shape, dtype) in shapes.items()}
+            for k, (shape, dtype) in input_pipeline.batch_shapes(
+                self.config.data, self.batch_size, evaluation=True).items()}
 
   def step_functions(self) -> dict[str, tuple[Any, tuple]]:
     """{name: (jitted per-batch function, its arguments after (params, model_state,
