@@ -74,6 +74,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # two cells on a side, so a move shows inside each token pair; patch 4 (one cell, 4x
       # the tokens) buys far fewer steps in the same time (README, "Results").
       config.model.patch_size = config.data.image_size // 4
+      # Rotary row/column angles in spatial attention: the decoder shifts the view by
+      # "the token one over" whatever its place, so a direction in the latent pays off
+      # early and the encoder keeps it apart from the other moves (README, "Results").
+      config.model.spatial_rope = True
     if not args.size:
       # 48 transitions per batch: enough for the k-means that ends the quantiser warm-up.
       config.batch_size = 16

@@ -5,6 +5,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -18,9 +19,10 @@ from genie_jax.models import lam as lam_lib
 T = 5
 
 
-def tiny_model(context_frames=1, seed=0):
+def tiny_model(context_frames=1, seed=0, spatial_rope=False):
   cfg = lam_config.get_config("size=tiny").model
   cfg.image_size, cfg.max_frames, cfg.decoder_context_frames = 16, T + 1, context_frames
+  cfg.spatial_rope = spatial_rope
   model = lam_lib.LatentActionModel(cfg, rngs=nnx.Rngs(seed))
   # The residual head starts at zero (pred = frame t); give it weights so that every input
   # path reaches the prediction.
@@ -45,9 +47,10 @@ def changed(a, b):
                                                                if i != 1)))
 
 
-@pytest.mark.parametrize("context_frames", [0, 1, 2])
-def test_prediction_of_frame_s_depends_only_on_earlier_frames(context_frames):
-  model = tiny_model(context_frames)
+@pytest.mark.parametrize("context_frames,spatial_rope", [(0, False), (1, False), (2, False),
+                                                         (1, True)])
+def test_prediction_of_frame_s_depends_only_on_earlier_frames(context_frames, spatial_rope):
+  model = tiny_model(context_frames, spatial_rope=spatial_rope)
   video = random_video()
   actions = jnp.array([[0, 1, 2, 3, 4], [5, 4, 3, 2, 1]], jnp.int32)
   pred = predict(model, video, actions)  # pred[:, t] predicts frame t+1 from frames <= t.
@@ -73,8 +76,9 @@ def test_action_t_conditions_the_prediction_of_frame_t_plus_1_and_nothing_earlie
       assert not diff[s + 1:].any(), (s, diff)
 
 
-def test_latent_action_t_sees_frames_up_to_t_plus_1_only():
-  model = tiny_model()
+@pytest.mark.parametrize("spatial_rope", [False, True])
+def test_latent_action_t_sees_frames_up_to_t_plus_1_only(spatial_rope):
+  model = tiny_model(spatial_rope=spatial_rope)
   video = random_video(t=T + 1)
   z = encode_latents(model, video)  # z[:, t]: transition frame t -> frame t+1.
   assert z.shape == (2, T, 8)
@@ -164,6 +168,30 @@ def test_bad_config_names_the_key(key, value, message):
   config[section][name] = value
   with pytest.raises(ValueError, match=message):
     tasks.get_task(config)
+
+
+def test_spatial_rope_needs_a_head_width_divisible_by_4():
+  config = lam_config.get_config("size=tiny")
+  config.model.spatial_rope, config.model.num_heads = True, 16  # head width 2
+  with pytest.raises(ValueError, match="config.model.spatial_rope"):
+    tasks.get_task(config)
+
+
+def test_spatial_rope_rotates_attention_by_row_and_column():
+  """The same weights with and without the rotary angles give different latents and
+  predictions (the key reaches both transformers), and restoring a model saved without the
+  key builds the model it was."""
+  video = random_video()
+  plain, rotary = tiny_model(), tiny_model(spatial_rope=True)
+  assert not np.allclose(encode_latents(plain, video), encode_latents(rotary, video))
+  actions = jnp.zeros((2, T), jnp.int32)
+  assert not np.allclose(predict(plain, video, actions), predict(rotary, video, actions))
+  cfg = lam_config.get_config("size=tiny").model.to_dict()
+  del cfg["spatial_rope"]
+  cfg.update(image_size=16, max_frames=T + 1)
+  old = lam_lib.LatentActionModel(ml_collections.ConfigDict(cfg), rngs=nnx.Rngs(0))
+  assert old.encoder.blocks[0].spatial_attention.grid is None
+  assert rotary.decoder.blocks[0].spatial_attention.grid is not None
 
 
 # --- Action metrics ---------------------------------------------------------------------------

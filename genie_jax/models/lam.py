@@ -36,6 +36,13 @@ together from the first step (k-means of the latents reached NMI 0.13 after 200 
 0.23 after 300 without balls); the codebook then starts from k-means of the latents, so every
 code sits on a cluster of real transitions.
 
+Why rotary row/column angles in spatial attention (`spatial_rope`, default False = Genie).
+When the agent moves, the camera scrolls: the decoder must copy every patch from its
+neighbour in the latent's direction. With a table of absolute places it learns "the token
+one over" for each place separately and slowly, so knowing the direction barely lowers its
+loss, the encoder gets little gradient to tell the directions apart, and moves of one axis
+share a latent. Attention by relative offset learns the copy once for every place.
+
 Training loss: mean((pred - frames 2..T)**2) + out['vq_loss'].
 """
 
@@ -70,6 +77,9 @@ def default_config() -> ml_collections.ConfigDict:
       instead of its code (no VQ loss); at the end the codebook is set by k-means of that
       step's latents. 0: quantised from the first step, as in Genie. See the module
       docstring.
+    spatial_rope: also rotate the spatial attention's queries and keys of encoder and
+      decoder by each token's row and column (2-D RoPE, `genie_jax.models.layers.rope_2d`);
+      needs a head width divisible by 4. See the module docstring.
   """
   # App. F gives the LAM the tokenizer's shapes except patch 16 and 6 codes: start from
   # the tokenizer's keys, its codebook size replaced by the action vocabulary.
@@ -77,7 +87,7 @@ def default_config() -> ml_collections.ConfigDict:
   del shared["num_codes"], shared["encoder_context"]
   cfg = ml_collections.ConfigDict(dict(
       shared, patch_size=16, num_actions=6, decoder_context_frames=1, predict_residual=True,
-      vq_warmup_steps=0))
+      vq_warmup_steps=0, spatial_rope=False))
   cfg.lock()
   return cfg
 
@@ -87,7 +97,7 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   # The shared keys mean what they mean for the tokenizer; num_codes is num_actions here.
   shared = {k: v for k, v in cfg.items()
             if k not in ("num_actions", "decoder_context_frames", "predict_residual",
-                         "vq_warmup_steps")}
+                         "vq_warmup_steps", "spatial_rope")}
   tokenizer_lib.validate_config(ml_collections.ConfigDict(dict(shared, num_codes=1)))
   if cfg.num_actions < 2:
     raise ValueError(f"config.model.num_actions={cfg.num_actions} must be at least 2: one "
@@ -100,6 +110,9 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   if cfg.max_frames < 2:
     raise ValueError(f"config.model.max_frames={cfg.max_frames} must be at least 2: a "
                      f"latent action needs a transition")
+  if cfg.get("spatial_rope", False) and (cfg.d_model // cfg.num_heads) % 4:
+    raise ValueError(f"config.model.spatial_rope needs a head width divisible by 4; "
+                     f"d_model={cfg.d_model} / num_heads={cfg.num_heads} is not")
 
 
 def _last_frames(x_BTND: jax.Array, k: int) -> jax.Array:
@@ -155,10 +168,13 @@ class LatentActionModel(nnx.Module):
     patch_dim = cfg.patch_size ** 2 * cfg.channels
     n = (cfg.image_size // cfg.patch_size) ** 2
     d = cfg.d_model
+    side = cfg.image_size // cfg.patch_size
+    # Configs saved before the key existed had no spatial rope.
+    grid = (side, side) if cfg.get("spatial_rope", False) else None
     transformer = lambda num_layers, num_tokens: layers.STTransformer(
         num_layers, d, cfg.num_heads, num_tokens=num_tokens, max_frames=cfg.max_frames,
         mlp_ratio=cfg.mlp_ratio, qk_norm=qk_norm, dtype=dtype, param_dtype=param_dtype,
-        attention_impl=cfg.attention_impl, remat=remat, rngs=rngs)
+        attention_impl=cfg.attention_impl, grid=grid, remat=remat, rngs=rngs)
     linear = lambda n_in, n_out, names: layers.Linear(
         n_in, n_out, names=names, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.enc_patch_embed = linear(patch_dim, d, ("patch", "embed"))
