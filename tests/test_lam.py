@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 from configs import lam as lam_config
+from data_pipelines.builtin_world import lam_probe
 from genie_jax import action_metrics
 from genie_jax import tasks
 from genie_jax import train
@@ -274,3 +275,14 @@ def test_short_training_run_learns_and_reports_latent_actions(tmp_path, tiny_dat
   assert last["latent_actions/num_transitions"] > 0
   assert last["latent_actions/psnr"] > 15.0
   assert os.listdir(os.path.join(workdir, "images"))
+
+
+def test_lam_probe_latent_separation_tells_separable_latents_from_noise():
+  rng = np.random.default_rng(0)
+  true = rng.integers(6, size=600)
+  centres = rng.normal(size=(6, 16))
+  separable = centres[true] + 0.05 * rng.normal(size=(600, 16))
+  sep = lam_probe.latent_separation(separable, true, 8, 6, rng)
+  assert sep["probe"] > 0.95 and sep["kmeans_nmi"] > 0.8 and sep["explained"] > 0.9, sep
+  noise = lam_probe.latent_separation(rng.normal(size=(600, 16)), true, 8, 6, rng)
+  assert noise["probe"] < 0.35 and noise["kmeans_nmi"] < 0.1 and noise["explained"] < 0.05, noise
