@@ -4,6 +4,8 @@ For a LAM workdir and step (e.g. the end of its quantiser warm-up, before any co
 chosen), encodes the transitions of fresh episodes of the random policy and prints:
   * the cosine between the mean latents of every two true actions (two actions whose means
     point the same way are hard for any codebook to tell apart);
+  * the NMI between the true actions and the LAM's own codes of the same transitions, and
+    each true action's most frequent code;
   * the NMI between the true actions and k-means clusters of the latents (as many clusters
     as the LAM has codes, cosine geometry when its quantiser normalises), for k-means fitted
     on few and on many latents, 10 fits each: what a codebook initialised by k-means can
@@ -89,6 +91,14 @@ def main(argv):
   print("cosine between mean latents | " + " | ".join(names))
   for a, name in enumerate(names):
     print(f"{name} | " + " | ".join(f"{c:.2f}" for c in unit_AL[a] @ unit_AL.T))
+  infer = jax.jit(lam.infer_actions)
+  codes_N = np.concatenate([np.asarray(infer(clips[i:i + 256]))
+                            for i in range(0, len(clips), 256)]).reshape(-1)
+  confusion = action_metrics.confusion_matrix(codes_N, true_N, num_codes, len(names))
+  plurality = action_metrics.plurality_latent(confusion)
+  print(f"the LAM's own codes: NMI {action_metrics.normalized_mutual_information(confusion):.3f}"
+        f"; plurality code per true action: "
+        + ", ".join(f"{name} {code}" for name, code in zip(names, plurality)))
   rng = np.random.default_rng(0)
   print("k-means on N latents | NMI mean | min | max")
   for n in map(int, FLAGS.samples):
