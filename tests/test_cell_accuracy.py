@@ -89,6 +89,22 @@ def test_cell_accuracy_counts_every_cell_once():
       assert np.isnan(value) or 0.0 <= value <= 1.0, name
     # A token of one content alone occurs in the true frames only where that content is.
     assert all(n <= 3 * 64 for n in r["only_true"] + r["only_generated"])
+    present = bool(np.any(contents_BTN == env_lib.CONTENT_NAMES.index(name)))
+    assert (r["looks"] >= 1 and r["codes"] >= 1) if present else r["looks"] == r["codes"] == 0
+  # The floor of one episode has at most its palette's two shades.
+  assert results["floor"]["looks"] <= 2 * 3
+
+
+def test_cell_looks_are_equal_exactly_for_equal_pixels():
+  video_BTHWC = np.zeros((1, 2, IMAGE, IMAGE, 3), np.uint8)
+  video_BTHWC[0, 0, :CELL, :CELL] = 200           # cell 0 of frame 0
+  video_BTHWC[0, 1, CELL:2 * CELL, :CELL] = 200   # cell 8 of frame 1: the same pixels
+  video_BTHWC[0, 1, 0, CELL] = 1                  # cell 1 of frame 1: one pixel differs
+  looks_BTN = cell_accuracy.cell_looks(video_BTHWC)
+  assert looks_BTN.shape == (1, 2, 64)
+  assert looks_BTN[0, 0, 0] == looks_BTN[0, 1, 8] != looks_BTN[0, 0, 1]
+  assert looks_BTN[0, 1, 1] not in (looks_BTN[0, 0, 0], looks_BTN[0, 0, 1])
+  assert len(np.unique(looks_BTN)) == 3
 
 
 def test_cell_accuracy_needs_one_token_per_cell():

@@ -10,7 +10,10 @@ what each cell shows):
   * at frame 1, the model's probability of the true token in one pass with the whole frame
     hidden (what MaskGIT's first step sees): low for a content the model never predicts;
   * how many tokens that only this content has (e.g. ball sprites) the true and the
-    generated frames hold: a content that vanishes from rollouts has none in the latter.
+    generated frames hold: a content that vanishes from rollouts has none in the latter;
+  * how many different looks (pixel patterns) its cells have in the true frames and how
+    many tokens the tokenizer gives them: fewer tokens than looks that matter (a ball's
+    heading) leave the world model nothing to predict them from.
 
   python -m data_pipelines.builtin_world.cell_accuracy --workdir=workdirs/genie/dynamics
 """
@@ -62,12 +65,25 @@ def play_clips(image_size: int, num_clips: int, num_frames: int, skip: int
   return np.stack(videos), np.stack(contents)
 
 
+def cell_looks(video_BTHWC: np.ndarray) -> np.ndarray:
+  """int (B, T, N): an id per cell of the view (raster order) that is equal for two cells
+  exactly when their pixels are."""
+  b, t, h, w, c = video_BTHWC.shape
+  side = h // env_lib.CELLS_PER_VIEW
+  cells = video_BTHWC.reshape(b, t, env_lib.CELLS_PER_VIEW, side, env_lib.CELLS_PER_VIEW,
+                              side, c).transpose(0, 1, 2, 4, 3, 5, 6)
+  _, ids = np.unique(cells.reshape(b * t * env_lib.CELLS_PER_VIEW ** 2, -1), axis=0,
+                     return_inverse=True)
+  return ids.reshape(b, t, env_lib.CELLS_PER_VIEW ** 2)
+
+
 def cell_accuracy(genie, video_BTHWC: np.ndarray, contents_BTN: np.ndarray, *,
                   maskgit_steps: int, temperature: float, rng: jax.Array) -> dict:
   """Per-content token accuracy of a rollout from frame 0 (see the module docstring).
 
   Returns {content name: dict(cells=..., accuracy_t=[...], p_true_t1=..., only_tokens=[...],
-  only_true=[...], only_generated=[...])}; entries are NaN where a content never occurs.
+  only_true=[...], only_generated=[...], looks=..., codes=...)}; entries are NaN where a
+  content never occurs.
   """
   from genie_jax import genie as genie_lib  # The world alone needs no JAX.
 
@@ -92,6 +108,7 @@ def cell_accuracy(genie, video_BTHWC: np.ndarray, contents_BTN: np.ndarray, *,
   rolled_BTN, p_true_BN = map(np.asarray, run(genie.world, jnp.asarray(tokens_BTN),
                                               jnp.asarray(actions_BA), rng))
   horizon = rolled_BTN.shape[1] - 1
+  looks_BTN = cell_looks(video_BTHWC)
   results = {}
   for k, name in enumerate(env_lib.CONTENT_NAMES):
     where_BTN = contents_BTN == k
@@ -108,7 +125,8 @@ def cell_accuracy(genie, video_BTHWC: np.ndarray, contents_BTN: np.ndarray, *,
         only_tokens=only.tolist(),
         only_true=[int(np.isin(tokens_BTN[:, t], only).sum()) for t in range(1, horizon + 1)],
         only_generated=[int(np.isin(rolled_BTN[:, t], only).sum())
-                        for t in range(1, horizon + 1)])
+                        for t in range(1, horizon + 1)],
+        looks=len(np.unique(looks_BTN[where_BTN])), codes=len(np.unique(tokens_BTN[where_BTN])))
   return results
 
 
@@ -128,11 +146,13 @@ def main(argv):
         f"with inferred actions, {FLAGS.maskgit_steps} MaskGIT steps, temperature "
         f"{FLAGS.temperature}")
   print("content | cells at t1 | " + " | ".join(f"token acc t{t}" for t in range(1, h + 1))
-        + " | p(true token) t1, one pass | its own tokens: in true / generated frames t1..")
+        + " | p(true token) t1, one pass | its own tokens: in true / generated frames t1.. "
+        "| looks / tokens in the true frames")
   for name, r in results.items():
     own = ", ".join(f"{a}/{b}" for a, b in zip(r["only_true"], r["only_generated"]))
     print(f"{name} | {r['cells']} | " + " | ".join(f"{a:.3f}" for a in r["accuracy_t"])
-          + f" | {r['p_true_t1']:.3f} | {own if r['only_tokens'] else '-'}")
+          + f" | {r['p_true_t1']:.3f} | {own if r['only_tokens'] else '-'}"
+          + f" | {r['looks']} / {r['codes']}")
 
 
 if __name__ == "__main__":
