@@ -39,9 +39,10 @@ code sits on a cluster of real transitions.
 Why rotary row/column angles in spatial attention (`spatial_rope`, default False = Genie).
 When the agent moves, the camera scrolls: the decoder must copy every patch from its
 neighbour in the latent's direction. With a table of absolute places it learns "the token
-one over" for each place separately and slowly, so knowing the direction barely lowers its
-loss, the encoder gets little gradient to tell the directions apart, and moves of one axis
-share a latent. Attention by relative offset learns the copy once for every place.
+one over" for each place separately and slowly, so knowing the direction lowers its loss
+far less than it could, the encoder gets little gradient to tell the directions apart, and
+whether two moves share a latent is down to the seed. Attention by relative offset learns
+the copy once for every place.
 
 Training loss: mean((pred - frames 2..T)**2) + out['vq_loss'].
 """
