@@ -91,9 +91,9 @@ def main(argv):
   print("cosine between mean latents | " + " | ".join(names))
   for a, name in enumerate(names):
     print(f"{name} | " + " | ".join(f"{c:.2f}" for c in unit_AL[a] @ unit_AL.T))
-  infer = jax.jit(lam.infer_actions)
-  codes_N = np.concatenate([np.asarray(infer(clips[i:i + 256]))
-                            for i in range(0, len(clips), 256)]).reshape(-1)
+  # The quantiser on the latents above: the codes infer_actions would give, without a
+  # second pass of the encoder.
+  codes_N = np.asarray(lam.vq(jax.numpy.asarray(z_NL), train=False)[1])
   confusion = action_metrics.confusion_matrix(codes_N, true_N, num_codes, len(names))
   plurality = action_metrics.plurality_latent(confusion)
   print(f"the LAM's own codes: NMI {action_metrics.normalized_mutual_information(confusion):.3f}"

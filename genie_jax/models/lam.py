@@ -167,9 +167,9 @@ class LatentActionModel(nnx.Module):
     self.decoder_context_frames = cfg.decoder_context_frames
     self.predict_residual = cfg.predict_residual
     patch_dim = cfg.patch_size ** 2 * cfg.channels
-    n = (cfg.image_size // cfg.patch_size) ** 2
-    d = cfg.d_model
     side = cfg.image_size // cfg.patch_size
+    n = side ** 2
+    d = cfg.d_model
     # Configs saved before the key existed had no spatial rope.
     grid = (side, side) if cfg.get("spatial_rope", False) else None
     transformer = lambda num_layers, num_tokens: layers.STTransformer(
