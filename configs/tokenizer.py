@@ -66,4 +66,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Short runs collapse onto a few codes early; a fast usage EMA restarts dead codes within
     # tens of steps instead of hundreds.
     config.model.code_usage_decay = 0.9
+    # Dead codes restart on latents far from every code, where a rare content (a small
+    # sprite) lies, rather than on the common floor (README, "Results": sprite codes).
+    config.model.code_restart_sampling = "distance"
   return config

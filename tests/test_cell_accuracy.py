@@ -90,9 +90,71 @@ def test_cell_accuracy_counts_every_cell_once():
     # A token of one content alone occurs in the true frames only where that content is.
     assert all(n <= 3 * 64 for n in r["only_true"] + r["only_generated"])
     present = bool(np.any(contents_BTN == env_lib.CONTENT_NAMES.index(name)))
-    assert (r["looks"] >= 1 and r["codes"] >= 1) if present else r["looks"] == r["codes"] == 0
+    tok = r["tokenizer"]
+    assert (tok["looks"] >= 1 and tok["codes"] >= 1) if present else (
+        tok["looks"] == tok["codes"] == 0)
   # The floor of one episode has at most its palette's two shades.
-  assert results["floor"]["looks"] <= 2 * 3
+  assert results["floor"]["tokenizer"]["looks"] <= 2 * 3
+
+
+def _ball_clips():
+  """Clips with balls in view (seeds whose first frames show one)."""
+  video_BTHWC, contents_BTN = cell_accuracy.play_clips(IMAGE, 12, 2, skip=0)
+  keep = np.any(contents_BTN == env_lib.CONTENT_NAMES.index("ball"), axis=(1, 2))
+  assert keep.sum() >= 2
+  return video_BTHWC[keep], contents_BTN[keep]
+
+
+def test_ball_headings_are_the_balls_velocities():
+  """The quarter `ball_headings` reads from a ball's pixels is the one its velocity points
+  to (checked against the world's own ball state)."""
+  env = env_lib.BuiltinWorldEnv(image_size=IMAGE)
+  checked = 0
+  for episode in range(12):
+    env.reset(episode)
+    frame_HWC = env.render()
+    cells = cell_accuracy._cells(frame_HWC[None, None])[0, 0]  # pylint: disable=protected-access
+    for xy, velocity in zip(env._balls, env._ball_v):  # pylint: disable=protected-access
+      vx, vy = np.asarray(xy) - env._view  # pylint: disable=protected-access
+      if not (0 <= vx < 8 and 0 <= vy < 8) or any(
+          np.array_equal(xy, other) for other in [env._agent]):  # pylint: disable=protected-access
+        continue
+      (quarter,) = cell_accuracy.ball_headings(cells[None, vy * 8 + vx])
+      assert quarter == 2 * (velocity[1] > 0) + (velocity[0] > 0), (episode, xy, velocity)
+      checked += 1
+  assert checked >= 3
+
+
+def test_tokenizer_cells_reads_psnr_codes_and_heading_purity():
+  video_BTHWC, contents_BTN = _ball_clips()
+  ball = env_lib.CONTENT_NAMES.index("ball")
+  cells = cell_accuracy._cells(video_BTHWC)  # pylint: disable=protected-access
+  b, t, n = contents_BTN.shape
+  # A "tokenizer" whose token is the cell's look and whose reconstruction is exact: every
+  # content's PSNR is the cap, its tokens are its looks, the heading purity is 1.
+  looks_BTN = cell_accuracy.cell_looks(video_BTHWC)
+  exact = cell_accuracy.tokenizer_cells(looks_BTN, video_BTHWC / 255.0, video_BTHWC,
+                                        contents_BTN)
+  assert sum(r["cells"] for r in exact.values()) == b * t * n
+  for name, r in exact.items():
+    if r["cells"]:
+      assert r["looks"] == r["codes"] and r["recon_psnr"] == 100.0, name
+  assert exact["ball"]["heading_purity"] == 1.0
+  assert np.isnan(exact["floor"]["heading_purity"])
+  # One token for every cell and a grey reconstruction: purity is the commonest heading's
+  # share, and the PSNR is that of grey against the cells.
+  grey = np.full(video_BTHWC.shape, 0.5, np.float32)
+  lumped = cell_accuracy.tokenizer_cells(np.zeros_like(looks_BTN), grey, video_BTHWC,
+                                         contents_BTN)
+  headings = cell_accuracy.ball_headings(cells[contents_BTN == ball])
+  assert lumped["ball"]["heading_purity"] == pytest.approx(
+      np.bincount(headings).max() / len(headings))
+  assert lumped["ball"]["codes"] == 1
+  floor = cells[contents_BTN == 0] / 255.0
+  assert lumped["floor"]["recon_psnr"] == pytest.approx(
+      -10 * np.log10(np.mean(np.square(floor - 0.5))), rel=1e-5)
+  with pytest.raises(ValueError, match="one per cell"):
+    cell_accuracy.tokenizer_cells(looks_BTN[:, :, :16], grey, video_BTHWC, contents_BTN)
 
 
 def test_cell_looks_are_equal_exactly_for_equal_pixels():

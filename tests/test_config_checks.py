@@ -62,6 +62,8 @@ TRAINER_CASES = [
     ("model.image_size", 48,
      ["config.model.image_size=48", "config.data.image_size=32",
       "set both to the dataset's frame size"]),
+    ("model.code_restart_sampling", "farthest",
+     ["config.model.code_restart_sampling='farthest'", "expected 'uniform' or 'distance'"]),
     ("stage", "tokeniser", ["config.stage='tokeniser'", "choose one of"]),
     ("total_steps", 0, ["config.total_steps=0 must be positive"]),
 ]

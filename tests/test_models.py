@@ -392,6 +392,33 @@ def test_restart_dead_codes_replaces_exactly_the_dead_rows():
   assert int(vq.restart_dead_codes(candidates, jax.random.key(5))) == 0
 
 
+@pytest.mark.parametrize("sampling", ["uniform", "distance"])
+def test_distance_restart_gives_rare_far_latents_a_code(sampling):
+  """A rare content (2 latents in 400, far from every code) gets the dead codes under
+  'distance' sampling nearly always; uniform draws land on the common cluster."""
+  hits = 0
+  for seed in range(20):
+    vq = vq_lib.VectorQuantizer(4, 2, dead_code_threshold=0.5, restart_sampling=sampling,
+                                rngs=nnx.Rngs(0))
+    vq.codebook[...] = jnp.asarray([[0.0, 0.0], [0.1, 0.0], [0.0, 0.1], [0.1, 0.1]])
+    vq.usage[...] = jnp.asarray([0.5, 0.5, 0.0, 0.0])  # codes 2 and 3 are dead
+    common = 0.05 * jax.random.normal(jax.random.key(seed), (398, 2))
+    candidates = jnp.concatenate([common, jnp.asarray([[10.0, 10.0], [-10.0, 10.0]])])
+    assert int(vq.restart_dead_codes(candidates, jax.random.key(100 + seed))) == 2
+    new = np.asarray(vq.codebook[...])[2:]
+    hits += int(np.all(np.abs(new).max(-1) > 2.0))
+  if sampling == "distance":
+    # Both far latents come first with probability ~(400 / 402) * (200 / 202).
+    assert hits >= 18
+  else:
+    assert hits == 0
+
+
+def test_restart_sampling_rejects_unknown_name():
+  with pytest.raises(ValueError, match="restart_sampling='farthest'"):
+    vq_lib.VectorQuantizer(4, 2, restart_sampling="farthest", rngs=nnx.Rngs(0))
+
+
 @pytest.mark.parametrize("normalize", [False, True])
 def test_kmeans_init_puts_one_code_on_each_cluster(normalize):
   vq = vq_lib.VectorQuantizer(4, 4, normalize=normalize, rngs=nnx.Rngs(0))

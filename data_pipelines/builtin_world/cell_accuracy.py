@@ -13,9 +13,14 @@ what each cell shows):
     generated frames hold: a content that vanishes from rollouts has none in the latter;
   * how many different looks (pixel patterns) its cells have in the true frames and how
     many tokens the tokenizer gives them: fewer tokens than looks that matter (a ball's
-    heading) leave the world model nothing to predict them from.
+    heading) leave the world model nothing to predict them from;
+  * the tokenizer's reconstruction PSNR on its cells, and for balls how often a ball's
+    token tells its heading (the heading purity: the share of ball cells whose token's
+    most common heading is theirs; 1/4 is chance).
+Given a tokenizer workdir it prints the tokenizer's columns alone.
 
   python -m data_pipelines.builtin_world.cell_accuracy --workdir=workdirs/genie/dynamics
+  python -m data_pipelines.builtin_world.cell_accuracy --workdir=workdirs/genie/tokenizer
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
   """The command-line flags; defined only when this module is the program."""
-  flags.DEFINE_string("workdir", None, "A dynamics-stage workdir (built-in world).")
+  flags.DEFINE_string("workdir", None, "A dynamics- or tokenizer-stage workdir (built-in "
+                      "world).")
   flags.DEFINE_integer("clips", 96, "Episodes played, one clip each.")
   flags.DEFINE_integer("horizon", 4, "Generated frames per clip.")
   flags.DEFINE_integer("maskgit_steps", 8, "MaskGIT steps per frame.")
@@ -77,21 +83,69 @@ def cell_looks(video_BTHWC: np.ndarray) -> np.ndarray:
   return ids.reshape(b, t, env_lib.CELLS_PER_VIEW ** 2)
 
 
+def _cells(x_BTHWC: np.ndarray) -> np.ndarray:
+  """(B, T, N, s, s, C): the view's cells in raster order."""
+  b, t, h, w, c = x_BTHWC.shape
+  n, side = env_lib.CELLS_PER_VIEW, h // env_lib.CELLS_PER_VIEW
+  return x_BTHWC.reshape(b, t, n, side, n, side, c).transpose(0, 1, 2, 4, 3, 5, 6).reshape(
+      b, t, n * n, side, side, c)
+
+
+def ball_headings(cells_MssC: np.ndarray) -> np.ndarray:
+  """int (M,) for M ball cells (uint8 pixels): the quarter (0 up-left, 1 up-right,
+  2 down-left, 3 down-right) that shows the ball's heading colour."""
+  half = cells_MssC.shape[1] // 2
+  is_heading_Mss = np.all(cells_MssC == env_lib.BALL_HEADING_COLOUR, axis=-1)
+  quarters = [is_heading_Mss[:, :half, :half], is_heading_Mss[:, :half, half:],
+              is_heading_Mss[:, half:, :half], is_heading_Mss[:, half:, half:]]
+  return np.argmax(np.stack([q.sum((1, 2)) for q in quarters], -1), -1)
+
+
+def tokenizer_cells(tokens_BTN: np.ndarray, recon_BTHWC: np.ndarray, video_BTHWC: np.ndarray,
+                    contents_BTN: np.ndarray) -> dict:
+  """Per content, over every frame: {name: dict(cells, recon_psnr, looks, codes,
+  heading_purity)} from the tokenizer's tokens and reconstruction (float, [0, 1]) of a uint8
+  clip; heading_purity is NaN but for balls, every value NaN (cells 0) where a content
+  never occurs."""
+  if tokens_BTN.shape[2] != contents_BTN.shape[2]:
+    raise ValueError(f"the tokenizer has {tokens_BTN.shape[2]} tokens per frame; this tool "
+                     f"needs one per cell of the world's view ({contents_BTN.shape[2]})")
+  looks_BTN = cell_looks(video_BTHWC)
+  true_cells = _cells(video_BTHWC)
+  error_BTN = np.mean(np.square(_cells(recon_BTHWC.astype(np.float32))
+                                - true_cells.astype(np.float32) / 255.0), axis=(3, 4, 5))
+  results = {}
+  for k, name in enumerate(env_lib.CONTENT_NAMES):
+    where_BTN = contents_BTN == k
+    n = int(where_BTN.sum())
+    purity = float("nan")
+    if name == "ball" and n:
+      headings_M, tokens_M = ball_headings(true_cells[where_BTN]), tokens_BTN[where_BTN]
+      purity = sum(np.bincount(headings_M[tokens_M == u], minlength=4).max()
+                   for u in np.unique(tokens_M)) / n
+    results[name] = dict(
+        cells=n,
+        recon_psnr=float(-10.0 * np.log10(max(error_BTN[where_BTN].mean(), 1e-10))) if n
+        else float("nan"),
+        looks=len(np.unique(looks_BTN[where_BTN])), codes=len(np.unique(tokens_BTN[where_BTN])),
+        heading_purity=purity)
+  return results
+
+
 def cell_accuracy(genie, video_BTHWC: np.ndarray, contents_BTN: np.ndarray, *,
                   maskgit_steps: int, temperature: float, rng: jax.Array) -> dict:
   """Per-content token accuracy of a rollout from frame 0 (see the module docstring).
 
   Returns {content name: dict(cells=..., accuracy_t=[...], p_true_t1=..., only_tokens=[...],
-  only_true=[...], only_generated=[...], looks=..., codes=...)}; entries are NaN where a
-  content never occurs.
+  only_true=[...], only_generated=[...], tokenizer=...)} with `tokenizer_cells`' entry for
+  the content under 'tokenizer'; entries are NaN where a content never occurs.
   """
   from genie_jax import genie as genie_lib  # The world alone needs no JAX.
 
   tokens_BTN = np.asarray(genie.tokenize(video_BTHWC))
+  tokenizer = tokenizer_cells(tokens_BTN, np.asarray(genie.detokenize(tokens_BTN)),
+                              video_BTHWC, contents_BTN)
   actions_BA = np.asarray(genie.infer_actions(video_BTHWC))
-  if tokens_BTN.shape[2] != contents_BTN.shape[2]:
-    raise ValueError(f"the tokenizer has {tokens_BTN.shape[2]} tokens per frame; this tool "
-                     f"needs one per cell of the world's view ({contents_BTN.shape[2]})")
   from flax import nnx
 
   @nnx.jit
@@ -108,7 +162,6 @@ def cell_accuracy(genie, video_BTHWC: np.ndarray, contents_BTN: np.ndarray, *,
   rolled_BTN, p_true_BN = map(np.asarray, run(genie.world, jnp.asarray(tokens_BTN),
                                               jnp.asarray(actions_BA), rng))
   horizon = rolled_BTN.shape[1] - 1
-  looks_BTN = cell_looks(video_BTHWC)
   results = {}
   for k, name in enumerate(env_lib.CONTENT_NAMES):
     where_BTN = contents_BTN == k
@@ -126,14 +179,47 @@ def cell_accuracy(genie, video_BTHWC: np.ndarray, contents_BTN: np.ndarray, *,
         only_true=[int(np.isin(tokens_BTN[:, t], only).sum()) for t in range(1, horizon + 1)],
         only_generated=[int(np.isin(rolled_BTN[:, t], only).sum())
                         for t in range(1, horizon + 1)],
-        looks=len(np.unique(looks_BTN[where_BTN])), codes=len(np.unique(tokens_BTN[where_BTN])))
+        tokenizer=tokenizer[name])
   return results
+
+
+def _tokenizer_columns(r: dict) -> str:
+  purity = "" if np.isnan(r["heading_purity"]) else f", heading purity {r['heading_purity']:.2f}"
+  return f"{r['recon_psnr']:.2f} | {r['looks']} / {r['codes']}{purity}"
+
+
+def _tokenizer_main(workdir: str) -> None:
+  from flax import nnx
+  from genie_jax import stages
+  from genie_jax.models import tokenizer as tokenizer_lib
+
+  loaded = stages.load_stage(workdir, expect_stage="tokenizer")
+  frames = min(FLAGS.horizon + 1, loaded.config.model.max_frames)
+  video_BTHWC, contents_BTN = play_clips(loaded.config.model.image_size, FLAGS.clips,
+                                         frames, FLAGS.skip)
+
+  @nnx.jit
+  def run(tokenizer, video_BTHWC):
+    tokens_BTN, _ = tokenizer.encode(tokenizer_lib.to_unit_interval(video_BTHWC))
+    return tokens_BTN, tokenizer.decode(tokens_BTN)
+
+  tokens_BTN, recon_BTHWC = map(np.asarray, run(loaded.model, jnp.asarray(video_BTHWC)))
+  results = tokenizer_cells(tokens_BTN, recon_BTHWC, video_BTHWC, contents_BTN)
+  print(f"{workdir} (step {loaded.step}): {FLAGS.clips} clips of {frames} frames, "
+        f"{len(np.unique(tokens_BTN))} of {loaded.config.model.num_codes} codes used")
+  print("content | cells | reconstruction PSNR (dB) | looks / tokens in the true frames")
+  for name, r in results.items():
+    print(f"{name} | {r['cells']} | {_tokenizer_columns(r)}")
 
 
 def main(argv):
   del argv
+  from genie_jax import checkpointing
   from genie_jax import genie as genie_lib
 
+  if checkpointing.load_config(FLAGS.workdir).stage == "tokenizer":
+    _tokenizer_main(FLAGS.workdir)
+    return
   genie = genie_lib.Genie.from_workdir(FLAGS.workdir)
   image_size = genie.frame_shape[0]
   video_BTHWC, contents_BTN = play_clips(image_size, FLAGS.clips, FLAGS.horizon + 1,
@@ -147,12 +233,12 @@ def main(argv):
         f"{FLAGS.temperature}")
   print("content | cells at t1 | " + " | ".join(f"token acc t{t}" for t in range(1, h + 1))
         + " | p(true token) t1, one pass | its own tokens: in true / generated frames t1.. "
-        "| looks / tokens in the true frames")
+        "| tokenizer: reconstruction PSNR (dB) | looks / tokens in the true frames")
   for name, r in results.items():
     own = ", ".join(f"{a}/{b}" for a, b in zip(r["only_true"], r["only_generated"]))
     print(f"{name} | {r['cells']} | " + " | ".join(f"{a:.3f}" for a in r["accuracy_t"])
           + f" | {r['p_true_t1']:.3f} | {own if r['only_tokens'] else '-'}"
-          + f" | {r['looks']} / {r['codes']}")
+          + f" | {_tokenizer_columns(r['tokenizer'])}")
 
 
 if __name__ == "__main__":

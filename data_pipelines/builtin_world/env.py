@@ -53,7 +53,7 @@ AGENT_VIEW_CELL = (CELLS_PER_VIEW // 2, CELLS_PER_VIEW // 2)
 # Saturated sprites on a darker floor, so that every object stands out for the tokenizer.
 _AGENT_COLOURS = np.array([(235, 45, 45), (255, 150, 0), (245, 245, 245)], np.uint8)
 _BALL_COLOURS = np.array([(230, 60, 230), (40, 220, 230)], np.uint8)
-_BALL_HEADING_COLOUR = np.array((255, 255, 255), np.uint8)
+BALL_HEADING_COLOUR = np.array((255, 255, 255), np.uint8)
 _COIN_COLOUR = np.array((255, 215, 0), np.uint8)
 # Two shades per palette, far enough apart that a shifted floor differs from the unshifted
 # one by much more than the tokenizer's reconstruction error.
@@ -286,7 +286,7 @@ class BuiltinWorldEnv:
     # The quarter of the ball on the side it is heading to.
     ys = slice(h, c) if velocity[1] > 0 else slice(0, h)
     xs = slice(h, c) if velocity[0] > 0 else slice(0, h)
-    sprite_HWC[ys, xs] = _BALL_HEADING_COLOUR
+    sprite_HWC[ys, xs] = BALL_HEADING_COLOUR
     return sprite_HWC
 
   def _agent_sprite(self) -> np.ndarray:

@@ -51,6 +51,8 @@ def default_config() -> ml_collections.ConfigDict:
       squared L2 distance.
     code_usage_decay: decay of the per-code usage EMA (dead-code detection).
     dead_code_threshold: a code is dead when its usage EMA is below this fraction of 1/V.
+    code_restart_sampling: which latents dead codes restart on: 'uniform' or 'distance'
+      (far from every code more likely; see `vq.VectorQuantizer`).
     qk_norm: normalise q and k per head before their dot product, as the large Genie models
       do against growing attention logits.
     qk_norm_kind: 'layernorm' (ViT-22B) or 'rmsnorm', when qk_norm.
@@ -79,6 +81,7 @@ def default_config() -> ml_collections.ConfigDict:
       vq_normalize=False,
       code_usage_decay=0.99,
       dead_code_threshold=0.1,
+      code_restart_sampling="uniform",
       **layers.TRANSFORMER_DEFAULTS,
   ))
   cfg.lock()
@@ -136,6 +139,9 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
                      f"{list(ENCODER_CONTEXTS)}")
   if not 0.0 <= cfg.code_usage_decay < 1.0:
     raise ValueError(f"config.model.code_usage_decay={cfg.code_usage_decay} must be in [0, 1)")
+  if cfg.get("code_restart_sampling", "uniform") not in ("uniform", "distance"):
+    raise ValueError(f"config.model.code_restart_sampling={cfg.code_restart_sampling!r}; "
+                     "expected 'uniform' or 'distance'")
 
 
 class Tokenizer(nnx.Module):
@@ -169,7 +175,9 @@ class Tokenizer(nnx.Module):
     self.vq = vq.VectorQuantizer(
         cfg.num_codes, cfg.latent_dim, commitment_beta=cfg.commitment_beta,
         normalize=cfg.vq_normalize, usage_decay=cfg.code_usage_decay,
-        dead_code_threshold=cfg.dead_code_threshold, param_dtype=param_dtype, rngs=rngs)
+        dead_code_threshold=cfg.dead_code_threshold,
+        restart_sampling=cfg.get("code_restart_sampling", "uniform"), param_dtype=param_dtype,
+        rngs=rngs)
     self.from_latent = linear(cfg.latent_dim, d, ("latent", "embed"))
     self.decoder = transformer(cfg.dec_layers)
     self.to_pixels = linear(d, patch_dim, ("embed", "patch"))

@@ -48,17 +48,26 @@ class VectorQuantizer(nnx.Module):
     usage_decay: decay of the per-code usage EMA.
     dead_code_threshold: a code is dead when its usage EMA falls below this fraction of
       the uniform share 1/V (e.g. 0.1: used ten times less often than uniform).
+    restart_sampling: how `restart_dead_codes` picks the latents that dead codes move to:
+      'uniform' (any latent of the batch alike) or 'distance' (with probability
+      proportional to a latent's squared distance to its nearest code, as k-means++ seeds).
+      Uniform picks land where the data is common and already well served; a content on
+      1% of the tokens (a small sprite) is then almost never given a code of its own.
   """
 
   def __init__(self, num_codes: int, code_dim: int, *, commitment_beta: float = 0.25,
                normalize: bool = False, usage_decay: float = 0.99,
-               dead_code_threshold: float = 0.1, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               dead_code_threshold: float = 0.1, restart_sampling: str = "uniform",
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
+    if restart_sampling not in ("uniform", "distance"):
+      raise ValueError(f"restart_sampling={restart_sampling!r}: expected 'uniform' or "
+                       "'distance'")
     self.num_codes = num_codes
     self.commitment_beta = commitment_beta
     self.normalize = normalize
     self.usage_decay = usage_decay
     self.dead_code_threshold = dead_code_threshold
+    self.restart_sampling = restart_sampling
     # Unit-variance codes match the encoder's latents at init (a fan-in-scaled projection of
     # a LayerNorm output), so the first batches already spread over many codes.
     self.codebook = layers.param(rngs, jax.nn.initializers.normal(1.0),
@@ -163,7 +172,8 @@ class VectorQuantizer(nnx.Module):
     return self.usage[...] < self.dead_code_threshold / self.num_codes
 
   def restart_dead_codes(self, candidates_XL: jax.Array, key: jax.Array) -> jax.Array:
-    """Moves every dead code onto a random candidate latent; returns how many moved.
+    """Moves every dead code onto a candidate latent (drawn as `restart_sampling` says);
+    returns how many moved.
 
     Candidates are encoder outputs of the current batch (e.g. the tokenizer's 'z'), so a
     restarted code lies where the encoder actually puts latents and will be chosen again.
@@ -181,8 +191,22 @@ class VectorQuantizer(nnx.Module):
     """
     candidates_XL = jax.lax.stop_gradient(candidates_XL).reshape(-1, candidates_XL.shape[-1])
     num_candidates = candidates_XL.shape[0]
-    rows_V = jax.random.choice(key, num_candidates, (self.num_codes,),
-                               replace=num_candidates < self.num_codes)
+    if self.restart_sampling == "distance" and num_candidates >= self.num_codes:
+      x_NL = candidates_XL.astype(jnp.float32)
+      if self.normalize:
+        x_NL = _l2_normalize(x_NL)
+      codes_VL = self.codes()
+      d_N = jnp.maximum(jnp.min(
+          jnp.sum(jnp.square(codes_VL), -1) - 2.0 * x_NL @ codes_VL.T, axis=-1)
+          + jnp.sum(jnp.square(x_NL), -1), 0.0)
+      # Gumbel top-k: V distinct rows drawn in proportion to d (without replacement).
+      scores_N = jnp.log(d_N + 1e-12) + jax.random.gumbel(key, d_N.shape)
+      ranked_V = jax.lax.top_k(scores_N, self.num_codes)[1]
+      # The k-th dead code takes the k-th draw, so a single dead code gets the first.
+      rows_V = ranked_V[jnp.maximum(jnp.cumsum(self.dead_codes()) - 1, 0)]
+    else:
+      rows_V = jax.random.choice(key, num_candidates, (self.num_codes,),
+                                 replace=num_candidates < self.num_codes)
     new_VL = candidates_XL[rows_V].astype(self.codebook.dtype)
     dead_V = self.dead_codes()
     self.codebook[...] = jnp.where(dead_V[:, None], new_VL, self.codebook[...])
