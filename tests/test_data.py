@@ -5,6 +5,8 @@ import json
 import os
 import re
 import shutil
+import subprocess
+import sys
 import threading
 
 import grain
@@ -552,3 +554,20 @@ def test_coinrun_generation(tmp_path):
     assert actions[-1] == -1 and ((actions[:-1] >= 0) & (actions[:-1] < 15)).all()
   assert builder.info.metadata["num_actions"] == 15
   assert len(builder.info.metadata["level_seeds"]["train"]) == 2
+
+
+def test_coinrun_generation_under_tcmalloc(tmp_path):
+  """genie_jax's entry points preload tcmalloc, under which procgen's library aborts while
+  loading; the builder plays the games in a child process started without it."""
+  pytest.importorskip("procgen")
+  from genie_jax import allocator  # pylint: disable=g-import-not-at-top
+  if not os.path.exists(allocator.TCMALLOC):
+    pytest.skip("tcmalloc is not installed")
+  env = allocator.environment("tcmalloc", dict(os.environ))
+  result = subprocess.run(
+      [sys.executable, "-m", "data_pipelines.build", "--dataset=coinrun",
+       f"--data_dir={tmp_path}", "--num_train_episodes=2", "--num_val_episodes=1",
+       "--episode_len=40", "--chunk_len=20", "--min_chunk_len=1"],
+      env=env, capture_output=True, text=True, timeout=300, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "train: " in result.stdout and "2 episodes" in result.stdout, result.stdout

@@ -13,6 +13,11 @@ held-out data is new play, not new levels). Episodes end when procgen starts a n
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
+import os
+import pickle
+import subprocess
+import sys
 from collections.abc import Iterator
 
 import numpy as np
@@ -76,56 +81,113 @@ class Coinrun(episode_builder.EpisodeDatasetBuilder):
     if not config.min_chunk_len <= config.max_episode_len:
       raise ValueError(f"max_episode_len={config.max_episode_len} is below min_chunk_len="
                        f"{config.min_chunk_len}: no episode would be kept.")
-    episode_ids = iter(episode_builder.split_episode_ids(config.num_train_episodes,
-                                                         config.num_val_episodes)[split])
+    episode_ids = episode_builder.split_episode_ids(config.num_train_episodes,
+                                                    config.num_val_episodes)[split]
     level_seeds = self.info.metadata.setdefault("level_seeds", {})[split] = []
     split_key = episode_builder.SPLITS.index(split)
     env_seed, policy_seed = np.random.SeedSequence([config.seed, split_key]).spawn(2)
-    env = _import_procgen()(
-        num=config.num_envs, env_name="coinrun", distribution_mode=config.distribution_mode,
-        start_level=config.start_level, num_levels=config.num_levels,
-        rand_seed=int(env_seed.generate_state(1)[0] % 2**31))
-    rng = np.random.default_rng(policy_seed)
+    games = dict(num_envs=config.num_envs, distribution_mode=config.distribution_mode,
+                 start_level=config.start_level, num_levels=config.num_levels,
+                 rand_seed=int(env_seed.generate_state(1)[0] % 2**31),
+                 policy_seed=policy_seed, max_episode_len=config.max_episode_len,
+                 min_chunk_len=config.min_chunk_len, num_episodes=len(episode_ids),
+                 image_size=config.image_size)
+    for episode_id, (frames, actions, level) in zip(episode_ids, _play_elsewhere(games)):
+      level_seeds.append(level)
+      yield episode_builder.Episode(episode_id, frames, actions)
 
-    n = config.num_envs
-    frames = [[] for _ in range(n)]
-    actions = [[] for _ in range(n)]
-    level = [0] * n
-    # After a truncated episode, a game is skipped until procgen starts its next episode.
-    skipping = [False] * n
+
+def _play_elsewhere(games: dict) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+  """`_play(**games)`'s episodes, played in a child process started without an LD_PRELOADed
+  allocator: procgen's library aborts while loading under tcmalloc (genie_jax's entry
+  points preload it; "free(): invalid pointer"). A plain subprocess, not multiprocessing:
+  spawn would import the caller's main module again."""
+  if importlib.util.find_spec("procgen") is None:
+    _import_procgen()  # Raises, saying how to install it.
+  env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+  process = subprocess.Popen(
+      [sys.executable, "-c", f"from {__name__} import _serve; _serve()"],
+      stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+  try:
+    pickle.dump(games, process.stdin)
+    process.stdin.close()
+    while True:
+      try:
+        item = pickle.load(process.stdout)
+      except EOFError:
+        raise RuntimeError(f"the CoinRun game process died (exit code {process.wait()}) "
+                           "before sending its episodes; its error is above") from None
+      if item is None:
+        return
+      yield item
+  finally:
+    process.kill()
+    process.wait()
+    process.stdout.close()
+
+
+def _serve() -> None:
+  """The child of `_play_elsewhere`: games from stdin, pickled episodes to stdout, then
+  None. Anything else written to stdout (procgen's or gym's notices) goes to stderr."""
+  out = os.fdopen(os.dup(1), "wb")
+  os.dup2(2, 1)
+  games = pickle.load(sys.stdin.buffer)
+  for episode in _play(**games):
+    pickle.dump(episode, out, protocol=pickle.HIGHEST_PROTOCOL)
+  pickle.dump(None, out)
+  out.close()
+
+
+def _play(*, num_envs: int, distribution_mode: str, start_level: int, num_levels: int,
+          rand_seed: int, policy_seed: np.random.SeedSequence, max_episode_len: int,
+          min_chunk_len: int, num_episodes: int, image_size: int
+          ) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
+  """(frames, actions, level seed) of the first `num_episodes` episodes that `num_envs`
+  games played by a uniform random policy finish with at least `min_chunk_len` frames."""
+  env = _import_procgen()(
+      num=num_envs, env_name="coinrun", distribution_mode=distribution_mode,
+      start_level=start_level, num_levels=num_levels, rand_seed=rand_seed)
+  rng = np.random.default_rng(policy_seed)
+
+  def frame(rgb_HWC: np.ndarray) -> np.ndarray:
+    if image_size == _NATIVE_SIZE:
+      return np.array(rgb_HWC, np.uint8)  # A copy: procgen reuses its observation buffer.
+    return np.asarray(Image.fromarray(rgb_HWC).resize((image_size, image_size),
+                                                      Image.Resampling.BICUBIC))
+
+  n, done = num_envs, 0
+  frames = [[] for _ in range(n)]
+  actions = [[] for _ in range(n)]
+  level = [0] * n
+  # After a truncated episode, a game is skipped until procgen starts its next episode.
+  skipping = [False] * n
+  _, obs, first = env.observe()
+  info = env.get_info()
+  for i in range(n):
+    frames[i].append(frame(obs["rgb"][i]))
+    level[i] = int(info[i]["level_seed"])
+  while done < num_episodes:
+    action_N = rng.integers(0, NUM_ACTIONS, size=n).astype(np.int32)
+    env.act(action_N)
     _, obs, first = env.observe()
     info = env.get_info()
     for i in range(n):
-      frames[i].append(self._frame(obs["rgb"][i]))
-      level[i] = int(info[i]["level_seed"])
-    while True:
-      action_N = rng.integers(0, NUM_ACTIONS, size=n).astype(np.int32)
-      env.act(action_N)
-      _, obs, first = env.observe()
-      info = env.get_info()
-      for i in range(n):
-        ended = bool(first[i])
-        if not skipping[i]:
-          actions[i].append(int(action_N[i]))
-          if not ended and len(frames[i]) == config.max_episode_len:
-            ended, skipping[i] = True, True
-          if ended and len(frames[i]) >= config.min_chunk_len:
-            episode_id = next(episode_ids, None)
-            if episode_id is None:
-              return
-            level_seeds.append(level[i])
-            # The action at the last frame led out of the episode; the chunker blanks it.
-            yield episode_builder.Episode(
-                episode_id, np.stack(frames[i]), np.array(actions[i][:len(frames[i])]))
-        if first[i]:
-          skipping[i] = False
-          frames[i], actions[i] = [], []
-          level[i] = int(info[i]["level_seed"])
-        if not skipping[i]:
-          frames[i].append(self._frame(obs["rgb"][i]))
-
-  def _frame(self, rgb_HWC: np.ndarray) -> np.ndarray:
-    size = self.builder_config.image_size
-    if size == _NATIVE_SIZE:
-      return np.array(rgb_HWC, np.uint8)  # A copy: procgen reuses its observation buffer.
-    return np.asarray(Image.fromarray(rgb_HWC).resize((size, size), Image.Resampling.BICUBIC))
+      ended = bool(first[i])
+      if not skipping[i]:
+        actions[i].append(int(action_N[i]))
+        if not ended and len(frames[i]) == max_episode_len:
+          ended, skipping[i] = True, True
+        if ended and len(frames[i]) >= min_chunk_len:
+          # The action at the last frame led out of the episode; the chunker blanks it.
+          yield np.stack(frames[i]), np.array(actions[i][:len(frames[i])]), level[i]
+          done += 1
+          if done == num_episodes:
+            return
+      if first[i]:
+        skipping[i] = False
+        frames[i], actions[i] = [], []
+        level[i] = int(info[i]["level_seed"])
+      if not skipping[i]:
+        frames[i].append(frame(obs["rgb"][i]))
