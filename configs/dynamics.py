@@ -67,9 +67,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # 0: Genie's clean context (what 0.2 did on the built-in world: README, "Results").
   config.context_noise = 0.0
   # The training mask (genie_jax/tasks/dynamics.py, sample_mask): what draws its own rate
-  # ('example', Genie; or 'frame') and the lowest rate, up to 1.
+  # ('example', Genie; 'frame'; or 'suffix') and the lowest rate, up to 1.
   config.mask_rate_per = "example"
   config.min_mask_rate = 0.5
+  # Cross-entropy of each masked token weighted by its code's batch frequency^-alpha
+  # (genie_jax/tasks/dynamics.py, rarity_weighted_loss); 0: Genie's plain cross-entropy.
+  config.rare_token_weight = 0.0
 
   config.data = data_pipelines.default_data_config(args.data)
 

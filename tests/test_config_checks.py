@@ -139,6 +139,7 @@ def test_dynamics_workdir_of_the_wrong_stage(tmp_path, lam_workdir):
 @pytest.mark.parametrize("key,value,pattern", [
     ("mask_rate_per", "batch", "config.mask_rate_per='batch'; expected one of"),
     ("min_mask_rate", 1.5, "config.min_mask_rate=1.5 must be in [0, 1.0]"),
+    ("rare_token_weight", -0.5, "config.rare_token_weight=-0.5 must be in [0, 1]"),
 ])
 def test_dynamics_training_mask_keys(tmp_path, lam_workdir, key, value, pattern):
   tokenizer_workdir = str(tmp_path / "tok")

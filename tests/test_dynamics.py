@@ -8,6 +8,7 @@ import shutil
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx
 
@@ -149,6 +150,39 @@ def test_per_frame_mask_rates_give_masked_frames_a_nearly_whole_past():
   assert not ((frac_BT[:, 2:] > 0.8) & (frac_BT[:, 1:-1] < 0.2)).any()
   with pytest.raises(ValueError, match="mask rates per 'batch'"):
     dynamics_task.sample_mask(jax.random.key(0), (2, 3, 4), per="batch")
+
+
+def test_suffix_masks_give_the_first_masked_frame_a_whole_past():
+  mask_BTN, rate_B = dynamics_task.sample_mask(jax.random.key(0), (256, 8, 256), per="suffix")
+  mask_BTN, rate_B = np.asarray(mask_BTN), np.asarray(rate_B)
+  assert rate_B.shape == (256,) and not mask_BTN[:, 0].any()
+  hidden_BT = mask_BTN.any(2)
+  first_B = np.argmax(hidden_BT, axis=1)
+  assert hidden_BT.any(1).all()  # Rates >= 0.5 over 256 tokens: every example hides some.
+  for b in range(256):
+    k = first_B[b]
+    assert not hidden_BT[b, :k].any() and hidden_BT[b, k:].all()
+    np.testing.assert_allclose(mask_BTN[b, k:].mean(), rate_B[b], atol=0.12)  # 4 sd, 1 frame
+  # The first masked frame is spread over 1..T-1, about a seventh of the examples each.
+  counts = np.bincount(first_B, minlength=8)
+  assert counts[0] == 0 and (counts[1:] > 256 / 7 / 2).all()
+
+
+def test_rarity_weighted_loss_weighs_rare_codes_up():
+  # 100 tokens: code 0 on 96, code 1 on 4; all masked but the first 4 of code 0.
+  tokens_BTN = jnp.zeros((1, 1, 100), jnp.int32).at[0, 0, :4].set(1)
+  mask_BTN = jnp.ones((1, 1, 100), bool).at[0, 0, 4:8].set(False)
+  logits_BTNV = jax.random.normal(jax.random.key(0), (1, 1, 100, 3))
+  ce = np.asarray(optax.softmax_cross_entropy_with_integer_labels(logits_BTNV, tokens_BTN))[0, 0]
+  mask = np.asarray(mask_BTN)[0, 0]
+  plain = dynamics_task.masked_token_metrics(logits_BTNV, tokens_BTN, mask_BTN)
+  np.testing.assert_allclose(float(dynamics_task.rarity_weighted_loss(
+      logits_BTNV, tokens_BTN, mask_BTN, 3, 0.0)), float(plain["dynamics_loss"]), rtol=1e-6)
+  w = np.where(np.arange(100) < 4, 0.04, 0.96) ** -0.5 * mask
+  np.testing.assert_allclose(float(dynamics_task.rarity_weighted_loss(
+      logits_BTNV, tokens_BTN, mask_BTN, 3, 0.5)), np.sum(ce * w) / np.sum(w), rtol=1e-5)
+  # The rare code's share of the loss: 4 of 92 masked tokens, weighted 4.9x.
+  assert np.sum(w[:4]) / np.sum(w) > 4 * np.sum(mask[:4]) / np.sum(mask)
 
 
 def test_context_noise_replaces_only_visible_tokens_at_up_to_its_rate():

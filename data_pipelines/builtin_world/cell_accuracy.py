@@ -205,8 +205,10 @@ def _tokenizer_main(workdir: str) -> None:
 
   tokens_BTN, recon_BTHWC = map(np.asarray, run(loaded.model, jnp.asarray(video_BTHWC)))
   results = tokenizer_cells(tokens_BTN, recon_BTHWC, video_BTHWC, contents_BTN)
+  mse = np.mean(np.square(recon_BTHWC - video_BTHWC / 255.0))
   print(f"{workdir} (step {loaded.step}): {FLAGS.clips} clips of {frames} frames, "
-        f"{len(np.unique(tokens_BTN))} of {loaded.config.model.num_codes} codes used")
+        f"{len(np.unique(tokens_BTN))} of {loaded.config.model.num_codes} codes used, "
+        f"reconstruction PSNR {-10 * np.log10(mse):.2f} dB")
   print("content | cells | reconstruction PSNR (dB) | looks / tokens in the true frames")
   for name, r in results.items():
     print(f"{name} | {r['cells']} | {_tokenizer_columns(r)}")

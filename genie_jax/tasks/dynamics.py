@@ -31,8 +31,9 @@ from genie_jax.tasks import lam as lam_task_lib
 _DATA_CHANNELS = 3
 # MaskGIT training mask rates (Genie): one rate per example, drawn from U[0.5, 1].
 MIN_MASK_RATE, MAX_MASK_RATE = 0.5, 1.0
-# What draws its own mask rate: each example (Genie) or each frame of each example.
-MASK_RATES_PER = ("example", "frame")
+# What draws its own mask rate: each example (Genie), each frame of each example, or each
+# example with a whole past before its first masked frame ('suffix').
+MASK_RATES_PER = ("example", "frame", "suffix")
 
 
 def sample_mask(rng: jax.Array, shape: tuple[int, int, int], *, per: str = "example",
@@ -46,16 +47,22 @@ def sample_mask(rng: jax.Array, shape: tuple[int, int, int], *, per: str = "exam
   rarely sees frame t-1 in training.
   per='frame': each frame draws its own rate (diffusion forcing's independent noise level
   per frame, for masks), so a masked frame's past is sometimes nearly whole, as in a rollout.
+  per='suffix': each example draws its rate r and a frame k uniformly from 1..T-1; frames
+  before k are whole and frames k.. are hidden at rate r, so frame k is predicted from a
+  whole past, as in a rollout, and the later frames as in Genie.
   Frame 0 is never hidden, so there is always a context frame.
   """
   if per not in MASK_RATES_PER:
     raise ValueError(f"mask rates per {per!r}; expected one of {MASK_RATES_PER}")
   b, t, n = shape
   rate_key, token_key = jax.random.split(rng)
-  rate_shape = (b,) if per == "example" else (b, t)
+  rate_shape = (b, t) if per == "frame" else (b,)
   rate = jax.random.uniform(rate_key, rate_shape, jnp.float32, min_rate, MAX_MASK_RATE)
   # (B, 1, 1) or (B, T, 1): broadcasts over the frames (per example) and the tokens.
   mask_BTN = jax.random.uniform(token_key, (b, t, n)) < rate.reshape(b, -1, 1)
+  if per == "suffix":
+    first_B = jax.random.randint(jax.random.fold_in(rate_key, 1), (b,), 1, max(t, 2))
+    mask_BTN &= (jnp.arange(t)[None, :] >= first_B[:, None])[:, :, None]
   return mask_BTN.at[:, 0].set(False), rate
 
 
@@ -90,6 +97,19 @@ def masked_token_metrics(logits_BTNV: jax.Array, tokens_BTN: jax.Array, mask_BTN
               mask_fraction=jnp.mean(weight_BTN[:, 1:]))
 
 
+def rarity_weighted_loss(logits_BTNV: jax.Array, tokens_BTN: jax.Array, mask_BTN: jax.Array,
+                         num_codes: int, alpha: float) -> jax.Array:
+  """Cross-entropy of the masked tokens, each weighted by its code's frequency in the batch
+  to the power -alpha (normalised to a mean weight of 1 over the masked tokens): a code on
+  1% of the tokens (a small sprite) weighs 10x one on 100% at alpha 0.5, instead of
+  contributing next to nothing to the loss."""
+  ce_BTN = optax.softmax_cross_entropy_with_integer_labels(logits_BTNV, tokens_BTN)
+  freq_V = jnp.bincount(tokens_BTN.reshape(-1), length=num_codes) / tokens_BTN.size
+  weight_BTN = jax.lax.stop_gradient(
+      jnp.power(jnp.maximum(freq_V[tokens_BTN], 1e-6), -alpha) * mask_BTN)
+  return jnp.sum(ce_BTN * weight_BTN) / jnp.maximum(jnp.sum(weight_BTN), 1e-6)
+
+
 class DynamicsTask(base.Task):
   """Loss = cross-entropy of the masked tokens (+ lam_loss_weight * the LAM's own loss when
   co-trained).
@@ -98,7 +118,8 @@ class DynamicsTask(base.Task):
   lam_step (0: latest checkpoint), tokenizer_model and lam_model (filled in from the
   workdirs; leave empty), cotrain_lam, lam_loss_weight, context_noise (the largest rate of
   `corrupt_context`; 0: Genie's clean context), mask_rate_per and min_mask_rate (the
-  training mask, `sample_mask`); model: see
+  training mask, `sample_mask`), rare_token_weight (alpha of `rarity_weighted_loss`; 0:
+  Genie's plain cross-entropy); model: see
   `genie_jax.models.dynamics.default_config`.
   """
 
@@ -111,6 +132,7 @@ class DynamicsTask(base.Task):
     self.context_noise = config.get("context_noise", 0.0)
     self.mask_rate_per = config.get("mask_rate_per", "example")
     self.min_mask_rate = config.get("min_mask_rate", MIN_MASK_RATE)
+    self.rare_token_weight = config.get("rare_token_weight", 0.0)
     if config.cotrain_lam:
       self.trainable = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("tokenizer")))
     else:
@@ -213,6 +235,9 @@ class DynamicsTask(base.Task):
     if self.mask_rate_per not in MASK_RATES_PER:
       raise ValueError(f"config.mask_rate_per={self.mask_rate_per!r}; expected one of "
                        f"{list(MASK_RATES_PER)}")
+    if not 0.0 <= self.rare_token_weight <= 1.0:
+      raise ValueError(f"config.rare_token_weight={self.rare_token_weight} must be in [0, 1] "
+                       "(0: plain cross-entropy)")
     if not 0.0 <= self.min_mask_rate <= MAX_MASK_RATE:
       raise ValueError(f"config.min_mask_rate={self.min_mask_rate} must be in [0, "
                        f"{MAX_MASK_RATE}]")
@@ -259,6 +284,10 @@ class DynamicsTask(base.Task):
     logits_BTNV = model.dynamics(inputs_BTN, mask_BTN, actions_BT)
     metrics = masked_token_metrics(logits_BTNV, tokens_BTN, mask_BTN)
     loss = metrics["dynamics_loss"]
+    if self.rare_token_weight:
+      loss = metrics["weighted_loss"] = rarity_weighted_loss(
+          logits_BTNV, tokens_BTN, mask_BTN, self.config.model.num_codes,
+          self.rare_token_weight)
     aux = None
     if self.config.cotrain_lam:
       # The LAM keeps learning from its own loss; the dynamics loss never reaches it (its
