@@ -71,7 +71,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.mask_rate_per = "example"
   config.min_mask_rate = 0.5
   # Cross-entropy of each masked token weighted by its code's batch frequency^-alpha
-  # (genie_jax/tasks/dynamics.py, rarity_weighted_loss); 0: Genie's plain cross-entropy.
+  # (genie_jax/tasks/dynamics.py, rarity_weights); 0: Genie's plain cross-entropy.
   config.rare_token_weight = 0.0
 
   config.data = data_pipelines.default_data_config(args.data)

@@ -176,11 +176,13 @@ def test_rarity_weighted_loss_weighs_rare_codes_up():
   ce = np.asarray(optax.softmax_cross_entropy_with_integer_labels(logits_BTNV, tokens_BTN))[0, 0]
   mask = np.asarray(mask_BTN)[0, 0]
   plain = dynamics_task.masked_token_metrics(logits_BTNV, tokens_BTN, mask_BTN)
-  np.testing.assert_allclose(float(dynamics_task.rarity_weighted_loss(
-      logits_BTNV, tokens_BTN, mask_BTN, 3, 0.0)), float(plain["dynamics_loss"]), rtol=1e-6)
+  def weighted_loss(alpha):
+    weights_BTN = dynamics_task.rarity_weights(tokens_BTN, mask_BTN, 3, alpha)
+    return float(dynamics_task.masked_token_metrics(logits_BTNV, tokens_BTN, mask_BTN,
+                                                    weights_BTN)["weighted_loss"])
+  np.testing.assert_allclose(weighted_loss(0.0), float(plain["dynamics_loss"]), rtol=1e-6)
   w = np.where(np.arange(100) < 4, 0.04, 0.96) ** -0.5 * mask
-  np.testing.assert_allclose(float(dynamics_task.rarity_weighted_loss(
-      logits_BTNV, tokens_BTN, mask_BTN, 3, 0.5)), np.sum(ce * w) / np.sum(w), rtol=1e-5)
+  np.testing.assert_allclose(weighted_loss(0.5), np.sum(ce * w) / np.sum(w), rtol=1e-5)
   # The rare code's share of the loss: 4 of 92 masked tokens, weighted 4.9x.
   assert np.sum(w[:4]) / np.sum(w) > 4 * np.sum(mask[:4]) / np.sum(mask)
 

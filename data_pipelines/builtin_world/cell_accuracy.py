@@ -71,24 +71,20 @@ def play_clips(image_size: int, num_clips: int, num_frames: int, skip: int
   return np.stack(videos), np.stack(contents)
 
 
-def cell_looks(video_BTHWC: np.ndarray) -> np.ndarray:
-  """int (B, T, N): an id per cell of the view (raster order) that is equal for two cells
-  exactly when their pixels are."""
-  b, t, h, w, c = video_BTHWC.shape
-  side = h // env_lib.CELLS_PER_VIEW
-  cells = video_BTHWC.reshape(b, t, env_lib.CELLS_PER_VIEW, side, env_lib.CELLS_PER_VIEW,
-                              side, c).transpose(0, 1, 2, 4, 3, 5, 6)
-  _, ids = np.unique(cells.reshape(b * t * env_lib.CELLS_PER_VIEW ** 2, -1), axis=0,
-                     return_inverse=True)
-  return ids.reshape(b, t, env_lib.CELLS_PER_VIEW ** 2)
-
-
 def _cells(x_BTHWC: np.ndarray) -> np.ndarray:
   """(B, T, N, s, s, C): the view's cells in raster order."""
   b, t, h, w, c = x_BTHWC.shape
   n, side = env_lib.CELLS_PER_VIEW, h // env_lib.CELLS_PER_VIEW
   return x_BTHWC.reshape(b, t, n, side, n, side, c).transpose(0, 1, 2, 4, 3, 5, 6).reshape(
       b, t, n * n, side, side, c)
+
+
+def cell_looks(video_BTHWC: np.ndarray) -> np.ndarray:
+  """int (B, T, N): an id per cell of the view (raster order) that is equal for two cells
+  exactly when their pixels are."""
+  cells = _cells(video_BTHWC)
+  _, ids = np.unique(cells.reshape(-1, cells[0, 0, 0].size), axis=0, return_inverse=True)
+  return ids.reshape(cells.shape[:3])
 
 
 def ball_headings(cells_MssC: np.ndarray) -> np.ndarray:

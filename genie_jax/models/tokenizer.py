@@ -139,7 +139,7 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
                      f"{list(ENCODER_CONTEXTS)}")
   if not 0.0 <= cfg.code_usage_decay < 1.0:
     raise ValueError(f"config.model.code_usage_decay={cfg.code_usage_decay} must be in [0, 1)")
-  if cfg.get("code_restart_sampling", "uniform") not in ("uniform", "distance"):
+  if cfg.get("code_restart_sampling", "uniform") not in vq.RESTART_SAMPLINGS:
     raise ValueError(f"config.model.code_restart_sampling={cfg.code_restart_sampling!r}; "
                      "expected 'uniform' or 'distance'")
 

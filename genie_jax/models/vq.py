@@ -21,6 +21,17 @@ def _l2_normalize(x: jax.Array) -> jax.Array:
   return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(jnp.square(x), -1, keepdims=True), 1e-12))
 
 
+# How `VectorQuantizer.restart_dead_codes` draws the latents dead codes move to.
+RESTART_SAMPLINGS = ("uniform", "distance")
+
+
+def _code_distances(x_XL: jax.Array, codes_VL: jax.Array) -> jax.Array:
+  """(..., V): squared distance of each latent to each code, less ||x||^2 (the same for
+  every code, so it does not change which code is nearest)."""
+  return (jnp.sum(jnp.square(codes_VL), -1)
+          - 2.0 * jnp.einsum("...l,vl->...v", x_XL, codes_VL))
+
+
 class VectorQuantizer(nnx.Module):
   """Nearest-codebook-entry quantiser (VQ-VAE, van den Oord et al. 2017).
 
@@ -59,7 +70,7 @@ class VectorQuantizer(nnx.Module):
                normalize: bool = False, usage_decay: float = 0.99,
                dead_code_threshold: float = 0.1, restart_sampling: str = "uniform",
                param_dtype=jnp.float32, rngs: nnx.Rngs):
-    if restart_sampling not in ("uniform", "distance"):
+    if restart_sampling not in RESTART_SAMPLINGS:
       raise ValueError(f"restart_sampling={restart_sampling!r}: expected 'uniform' or "
                        "'distance'")
     self.num_codes = num_codes
@@ -95,10 +106,7 @@ class VectorQuantizer(nnx.Module):
     if self.normalize:
       z_XL = _l2_normalize(z_XL)
     codes_VL = self.codes()
-    # ||z||^2 is the same for every code, so it does not change the argmin.
-    dist_XV = (jnp.sum(jnp.square(codes_VL), -1)
-               - 2.0 * jnp.einsum("...l,vl->...v", z_XL, codes_VL))
-    indices_X = jnp.argmin(dist_XV, axis=-1).astype(jnp.int32)
+    indices_X = jnp.argmin(_code_distances(z_XL, codes_VL), axis=-1).astype(jnp.int32)
     e_XL = jnp.take(codes_VL, indices_X, axis=0)
 
     codebook_loss = jnp.mean(jnp.square(jax.lax.stop_gradient(z_XL) - e_XL))
@@ -191,24 +199,22 @@ class VectorQuantizer(nnx.Module):
     """
     candidates_XL = jax.lax.stop_gradient(candidates_XL).reshape(-1, candidates_XL.shape[-1])
     num_candidates = candidates_XL.shape[0]
+    dead_V = self.dead_codes()
     if self.restart_sampling == "distance" and num_candidates >= self.num_codes:
       x_NL = candidates_XL.astype(jnp.float32)
       if self.normalize:
         x_NL = _l2_normalize(x_NL)
-      codes_VL = self.codes()
-      d_N = jnp.maximum(jnp.min(
-          jnp.sum(jnp.square(codes_VL), -1) - 2.0 * x_NL @ codes_VL.T, axis=-1)
-          + jnp.sum(jnp.square(x_NL), -1), 0.0)
+      d_N = jnp.maximum(jnp.min(_code_distances(x_NL, self.codes()), axis=-1)
+                        + jnp.sum(jnp.square(x_NL), -1), 0.0)
       # Gumbel top-k: V distinct rows drawn in proportion to d (without replacement).
       scores_N = jnp.log(d_N + 1e-12) + jax.random.gumbel(key, d_N.shape)
       ranked_V = jax.lax.top_k(scores_N, self.num_codes)[1]
       # The k-th dead code takes the k-th draw, so a single dead code gets the first.
-      rows_V = ranked_V[jnp.maximum(jnp.cumsum(self.dead_codes()) - 1, 0)]
+      rows_V = ranked_V[jnp.maximum(jnp.cumsum(dead_V) - 1, 0)]
     else:
       rows_V = jax.random.choice(key, num_candidates, (self.num_codes,),
                                  replace=num_candidates < self.num_codes)
     new_VL = candidates_XL[rows_V].astype(self.codebook.dtype)
-    dead_V = self.dead_codes()
     self.codebook[...] = jnp.where(dead_V[:, None], new_VL, self.codebook[...])
     self.usage[...] = jnp.where(dead_V, 1.0 / self.num_codes, self.usage[...])
     return jnp.sum(dead_V.astype(jnp.int32))

@@ -84,30 +84,32 @@ def corrupt_context(rng: jax.Array, tokens_BTN: jax.Array, mask_BTN: jax.Array,
   return jnp.where(replace_BTN & ~mask_BTN, random_BTN, tokens_BTN)
 
 
-def masked_token_metrics(logits_BTNV: jax.Array, tokens_BTN: jax.Array, mask_BTN: jax.Array
-                         ) -> dict[str, jax.Array]:
+def masked_token_metrics(logits_BTNV: jax.Array, tokens_BTN: jax.Array, mask_BTN: jax.Array,
+                         token_weight_BTN: jax.Array | None = None) -> dict[str, jax.Array]:
   """Cross-entropy and accuracy over the masked positions only, and the masked fraction of
-  frames 1..T-1."""
+  frames 1..T-1; with `token_weight_BTN` (e.g. `rarity_weights`) also 'weighted_loss', the
+  cross-entropy averaged with those weights."""
   ce_BTN = optax.softmax_cross_entropy_with_integer_labels(logits_BTNV, tokens_BTN)
   weight_BTN = mask_BTN.astype(jnp.float32)
   count = jnp.maximum(jnp.sum(weight_BTN), 1.0)
   correct_BTN = (jnp.argmax(logits_BTNV, axis=-1) == tokens_BTN).astype(jnp.float32)
-  return dict(dynamics_loss=jnp.sum(ce_BTN * weight_BTN) / count,
-              masked_accuracy=jnp.sum(correct_BTN * weight_BTN) / count,
-              mask_fraction=jnp.mean(weight_BTN[:, 1:]))
+  metrics = dict(dynamics_loss=jnp.sum(ce_BTN * weight_BTN) / count,
+                 masked_accuracy=jnp.sum(correct_BTN * weight_BTN) / count,
+                 mask_fraction=jnp.mean(weight_BTN[:, 1:]))
+  if token_weight_BTN is not None:
+    metrics["weighted_loss"] = (jnp.sum(ce_BTN * token_weight_BTN)
+                                / jnp.maximum(jnp.sum(token_weight_BTN), 1e-6))
+  return metrics
 
 
-def rarity_weighted_loss(logits_BTNV: jax.Array, tokens_BTN: jax.Array, mask_BTN: jax.Array,
-                         num_codes: int, alpha: float) -> jax.Array:
-  """Cross-entropy of the masked tokens, each weighted by its code's frequency in the batch
-  to the power -alpha (normalised to a mean weight of 1 over the masked tokens): a code on
-  1% of the tokens (a small sprite) weighs 10x one on 100% at alpha 0.5, instead of
-  contributing next to nothing to the loss."""
-  ce_BTN = optax.softmax_cross_entropy_with_integer_labels(logits_BTNV, tokens_BTN)
+def rarity_weights(tokens_BTN: jax.Array, mask_BTN: jax.Array, num_codes: int, alpha: float
+                   ) -> jax.Array:
+  """Loss weights of the masked tokens (0 elsewhere): each code's frequency in the batch to
+  the power -alpha. A code on 1% of the tokens (a small sprite) weighs 10x one on 100% at
+  alpha 0.5, instead of contributing next to nothing to the loss."""
   freq_V = jnp.bincount(tokens_BTN.reshape(-1), length=num_codes) / tokens_BTN.size
-  weight_BTN = jax.lax.stop_gradient(
+  return jax.lax.stop_gradient(
       jnp.power(jnp.maximum(freq_V[tokens_BTN], 1e-6), -alpha) * mask_BTN)
-  return jnp.sum(ce_BTN * weight_BTN) / jnp.maximum(jnp.sum(weight_BTN), 1e-6)
 
 
 class DynamicsTask(base.Task):
@@ -118,7 +120,7 @@ class DynamicsTask(base.Task):
   lam_step (0: latest checkpoint), tokenizer_model and lam_model (filled in from the
   workdirs; leave empty), cotrain_lam, lam_loss_weight, context_noise (the largest rate of
   `corrupt_context`; 0: Genie's clean context), mask_rate_per and min_mask_rate (the
-  training mask, `sample_mask`), rare_token_weight (alpha of `rarity_weighted_loss`; 0:
+  training mask, `sample_mask`), rare_token_weight (alpha of `rarity_weights`; 0:
   Genie's plain cross-entropy); model: see
   `genie_jax.models.dynamics.default_config`.
   """
@@ -282,12 +284,10 @@ class DynamicsTask(base.Task):
       inputs_BTN = corrupt_context(jax.random.fold_in(rng, 1), tokens_BTN, mask_BTN,
                                    self.context_noise, self.config.model.num_codes)
     logits_BTNV = model.dynamics(inputs_BTN, mask_BTN, actions_BT)
-    metrics = masked_token_metrics(logits_BTNV, tokens_BTN, mask_BTN)
-    loss = metrics["dynamics_loss"]
-    if self.rare_token_weight:
-      loss = metrics["weighted_loss"] = rarity_weighted_loss(
-          logits_BTNV, tokens_BTN, mask_BTN, self.config.model.num_codes,
-          self.rare_token_weight)
+    weights_BTN = rarity_weights(tokens_BTN, mask_BTN, self.config.model.num_codes,
+                                 self.rare_token_weight) if self.rare_token_weight else None
+    metrics = masked_token_metrics(logits_BTNV, tokens_BTN, mask_BTN, weights_BTN)
+    loss = metrics["weighted_loss"] if self.rare_token_weight else metrics["dynamics_loss"]
     aux = None
     if self.config.cotrain_lam:
       # The LAM keeps learning from its own loss; the dynamics loss never reaches it (its
