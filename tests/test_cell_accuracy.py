@@ -75,11 +75,14 @@ def _genie(patch_size):
 
 
 def test_cell_accuracy_counts_every_cell_once():
-  video_BTHWC, contents_BTN = cell_accuracy.play_clips(IMAGE, 3, 4, skip=2)
+  video_BTHWC, contents_BTN, new_BTN = cell_accuracy.play_clips(IMAGE, 3, 4, skip=2)
   assert video_BTHWC.shape == (3, 4, IMAGE, IMAGE, 3) and contents_BTN.shape == (3, 4, 64)
-  results = cell_accuracy.cell_accuracy(_genie(CELL), video_BTHWC, contents_BTN,
-                                        maskgit_steps=2, temperature=0.0,
-                                        rng=jax.random.key(0))
+  results, split = cell_accuracy.cell_accuracy(_genie(CELL), video_BTHWC, contents_BTN,
+                                               new_BTN, maskgit_steps=2, temperature=0.0,
+                                               rng=jax.random.key(0))
+  assert list(split["parts"]) == ["new in view"] + list(env_lib.CONTENT_NAMES)
+  assert sum(r["cells"] for r in split["parts"].values()) == 3 * 64
+  assert sum(r["share"] for r in split["parts"].values()) == pytest.approx(1.0)
   assert list(results) == list(env_lib.CONTENT_NAMES)
   assert sum(r["cells"] for r in results.values()) == 3 * 64
   for name, r in results.items():
@@ -99,7 +102,7 @@ def test_cell_accuracy_counts_every_cell_once():
 
 def _ball_clips():
   """Clips with balls in view (seeds whose first frames show one)."""
-  video_BTHWC, contents_BTN = cell_accuracy.play_clips(IMAGE, 12, 2, skip=0)
+  video_BTHWC, contents_BTN, _ = cell_accuracy.play_clips(IMAGE, 12, 2, skip=0)
   keep = np.any(contents_BTN == env_lib.CONTENT_NAMES.index("ball"), axis=(1, 2))
   assert keep.sum() >= 2
   return video_BTHWC[keep], contents_BTN[keep]
@@ -157,6 +160,47 @@ def test_tokenizer_cells_reads_psnr_codes_and_heading_purity():
     cell_accuracy.tokenizer_cells(looks_BTN[:, :, :16], grey, video_BTHWC, contents_BTN)
 
 
+def test_new_in_view_cells_are_the_row_or_column_a_move_brings_in():
+  video_BTHWC, contents_BTN, new_BTN = cell_accuracy.play_clips(IMAGE, 6, 12, skip=0)
+  cells_BTYX = cell_accuracy._cells(video_BTHWC).reshape(6, 12, 8, 8, -1)  # pylint: disable=protected-access
+  static_BTYX = np.isin(contents_BTN, [0, 1, 2]).reshape(6, 12, 8, 8)  # floor, wall, obstacle
+  assert not new_BTN[:, 0].any()
+  moves = 0
+  for b in range(6):
+    for t in range(1, 12):
+      new_YX = new_BTN[b, t].reshape(8, 8)
+      assert new_YX.sum() in (0, 8)
+      # The view moved by (dy, dx): the new row or column is on that side.
+      dy = int(new_YX[-1].all()) - int(new_YX[0].all())
+      dx = int(new_YX[:, -1].all()) - int(new_YX[:, 0].all())
+      moves += bool(new_YX.any())
+      for y in range(8):
+        for x in range(8):
+          if not new_YX[y, x] and static_BTYX[b, t, y, x] and static_BTYX[b, t - 1, y + dy,
+                                                                            x + dx]:
+            np.testing.assert_array_equal(cells_BTYX[b, t, y, x],
+                                          cells_BTYX[b, t - 1, y + dy, x + dx])
+  assert moves >= 10
+
+
+def test_error_split_shares_and_gains():
+  video_BTHWC, contents_BTN, new_BTN = cell_accuracy.play_clips(IMAGE, 4, 2, skip=3)
+  truth_BHWC = video_BTHWC[:, 1] / 255.0
+  recon_BHWC = np.clip(truth_BHWC + 0.01, 0, 1)
+  # Generated frames wrong (black) on the new cells only.
+  new_BHW = np.repeat(np.repeat(new_BTN[:, 1].reshape(4, 8, 8), CELL, 1), CELL, 2)
+  generated_BHWC = np.where(new_BHW[..., None], 0.0, recon_BHWC)
+  assert new_BTN[:, 1].any()
+  split = cell_accuracy.error_split(generated_BHWC, recon_BHWC, video_BTHWC[:, 1],
+                                    contents_BTN[:, 1], new_BTN[:, 1])
+  parts = split["parts"]
+  assert sum(r["cells"] for r in parts.values()) == 4 * 64
+  assert parts["new in view"]["share"] > 0.9
+  # Were the new cells as good as the reconstruction, the frames would be the reconstruction.
+  assert parts["new in view"]["psnr_if_recon"] == pytest.approx(split["recon_psnr"], rel=1e-5)
+  assert parts["floor"]["psnr_if_recon"] == pytest.approx(split["generated_psnr"], abs=0.05)
+
+
 def test_cell_looks_are_equal_exactly_for_equal_pixels():
   video_BTHWC = np.zeros((1, 2, IMAGE, IMAGE, 3), np.uint8)
   video_BTHWC[0, 0, :CELL, :CELL] = 200           # cell 0 of frame 0
@@ -170,10 +214,10 @@ def test_cell_looks_are_equal_exactly_for_equal_pixels():
 
 
 def test_cell_accuracy_needs_one_token_per_cell():
-  video_BTHWC, contents_BTN = cell_accuracy.play_clips(IMAGE, 1, 4, skip=0)
+  video_BTHWC, contents_BTN, new_BTN = cell_accuracy.play_clips(IMAGE, 1, 4, skip=0)
   with pytest.raises(ValueError, match="16 tokens per frame.*one per cell.*64"):
-    cell_accuracy.cell_accuracy(_genie(2 * CELL), video_BTHWC, contents_BTN, maskgit_steps=1,
-                                temperature=0.0, rng=jax.random.key(0))
+    cell_accuracy.cell_accuracy(_genie(2 * CELL), video_BTHWC, contents_BTN, new_BTN,
+                                maskgit_steps=1, temperature=0.0, rng=jax.random.key(0))
 
 
 def test_lam_latents_clips_and_kmeans():

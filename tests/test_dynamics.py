@@ -168,6 +168,21 @@ def test_suffix_masks_give_the_first_masked_frame_a_whole_past():
   assert counts[0] == 0 and (counts[1:] > 256 / 7 / 2).all()
 
 
+def test_alternate_masks_hide_every_other_frame_after_a_whole_one():
+  mask_BTN, rate_B = dynamics_task.sample_mask(jax.random.key(0), (256, 8, 256),
+                                               per="alternate")
+  mask_BTN, rate_B = np.asarray(mask_BTN), np.asarray(rate_B)
+  assert rate_B.shape == (256,) and not mask_BTN[:, 0].any()
+  hidden_BT = mask_BTN.any(2)
+  parity_B = np.argmax(hidden_BT[:, 1:3], axis=1) + 1  # The first hidden frame: 1 or 2.
+  for b in range(256):
+    hidden = (np.arange(8) % 2 == parity_B[b] % 2) & (np.arange(8) > 0)
+    np.testing.assert_array_equal(hidden_BT[b], hidden)
+    np.testing.assert_allclose(mask_BTN[b, hidden].mean(), rate_B[b], atol=0.07)  # 4 sd
+  # Either parity, about half the examples each.
+  assert 96 < np.sum(parity_B == 1) < 160
+
+
 def test_rarity_weighted_loss_weighs_rare_codes_up():
   # 100 tokens: code 0 on 96, code 1 on 4; all masked but the first 4 of code 0.
   tokens_BTN = jnp.zeros((1, 1, 100), jnp.int32).at[0, 0, :4].set(1)
@@ -490,9 +505,11 @@ def test_short_training_run_learns_and_restores(stage_workdirs, tmp_path, tiny_d
   assert losses[40] < 0.8 * losses[10], losses
   accuracy = {r["step"]: r["train/masked_accuracy"] for r in rows if "train/loss" in r}
   assert accuracy[40] > accuracy[10], accuracy
-  # U[0.5, 1] per example: 0.75 on average over frames 1..T-1.
+  # U[0.5, 1] per example: 0.75 on average over frames 1..T-1; under runlocal's alternate
+  # masks half the frames are whole.
   fractions = [r["train/mask_fraction"] for r in rows if "train/loss" in r]
-  assert 0.65 < np.mean(fractions) < 0.85, fractions
+  expected = 0.75 * (0.5 if config.mask_rate_per == "alternate" else 1.0)
+  assert abs(np.mean(fractions) - expected) < 0.1 * expected, fractions
   assert any(name.endswith(".gif") for name in os.listdir(os.path.join(workdir, "images")))
 
   # The trained world model restores from its workdir alone, earlier stages included.

@@ -17,6 +17,10 @@ what each cell shows):
   * the tokenizer's reconstruction PSNR on its cells, and for balls how often a ball's
     token tells its heading (the heading purity: the share of ball cells whose token's
     most common heading is theirs; 1/4 is chance).
+A second table splits the first generated frame's squared error into the cells the view
+newly shows (a move brings a row or column into view that no frame has shown) and the
+others by content: each part's share, and the frame's PSNR were that part as good as the
+tokenizer's reconstruction (what getting that part right would gain).
 Given a tokenizer workdir it prints the tokenizer's columns alone.
 
   python -m data_pipelines.builtin_world.cell_accuracy --workdir=workdirs/genie/dynamics
@@ -53,22 +57,42 @@ _SEED_BASE = 987_654
 
 
 def play_clips(image_size: int, num_clips: int, num_frames: int, skip: int
-               ) -> tuple[np.ndarray, np.ndarray]:
-  """video_BTHWC uint8 and contents_BTN int32 (CONTENT_NAMES index per cell, raster order)
-  of `num_clips` clips of the random policy (`StickyRandomPolicy`, holds of 1-8 steps)."""
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """video_BTHWC uint8, contents_BTN int32 (CONTENT_NAMES index per cell, raster order) and
+  new_BTN bool (cells the view did not show in the frame before; none in frame 0) of
+  `num_clips` clips of the random policy (`StickyRandomPolicy`, holds of 1-8 steps)."""
   env = env_lib.BuiltinWorldEnv(image_size=image_size)
-  videos, contents = [], []
+  videos, contents, new = [], [], []
   for i in range(num_clips):
     env_seed, policy_seed = np.random.SeedSequence([_SEED_BASE, i]).spawn(2)
     policy = env_lib.StickyRandomPolicy(policy_seed)
     frames = [env.reset(env_seed)]
     cells = [env.view_contents().reshape(-1)]
+    moves = [np.zeros(2, int)]
     for _ in range(skip + num_frames - 1):
+      before = env.agent_cell
       frames.append(env.step(policy(env.blocked)))
       cells.append(env.view_contents().reshape(-1))
+      moves.append(env.agent_cell - before)
     videos.append(np.stack(frames[-num_frames:]))
     contents.append(np.stack(cells[-num_frames:]))
-  return np.stack(videos), np.stack(contents)
+    new.append(np.stack([_new_in_view(m) for m in moves[-num_frames:]]))
+  new_BTN = np.stack(new)
+  new_BTN[:, 0] = False
+  return np.stack(videos), np.stack(contents), new_BTN
+
+
+def _new_in_view(move_xy: np.ndarray) -> np.ndarray:
+  """bool (N,): the cells a view that followed the agent by `move_xy` (one cell at most)
+  newly shows, raster order."""
+  n = env_lib.CELLS_PER_VIEW
+  new_YX = np.zeros((n, n), bool)
+  dx, dy = move_xy
+  if dx:
+    new_YX[:, -1 if dx > 0 else 0] = True
+  if dy:
+    new_YX[-1 if dy > 0 else 0, :] = True
+  return new_YX.reshape(-1)
 
 
 def _cells(x_BTHWC: np.ndarray) -> np.ndarray:
@@ -128,19 +152,46 @@ def tokenizer_cells(tokens_BTN: np.ndarray, recon_BTHWC: np.ndarray, video_BTHWC
   return results
 
 
-def cell_accuracy(genie, video_BTHWC: np.ndarray, contents_BTN: np.ndarray, *,
-                  maskgit_steps: int, temperature: float, rng: jax.Array) -> dict:
-  """Per-content token accuracy of a rollout from frame 0 (see the module docstring).
+def error_split(generated_BHWC: np.ndarray, recon_BHWC: np.ndarray, video_BHWC: np.ndarray,
+                contents_BN: np.ndarray, new_BN: np.ndarray) -> dict:
+  """The squared error of generated frames (float, [0, 1]) against the true uint8 ones, by
+  part: 'new in view' (new_BN) and each content of the other cells. {part: dict(cells,
+  share (of the whole frame's squared error), psnr_if_recon (the frames' PSNR with that
+  part's cells replaced by the tokenizer's reconstruction recon_BHWC))} under 'parts', and
+  the PSNR of the generated frames and of the reconstruction."""
+  truth = _cells(video_BHWC[:, None])[:, 0].astype(np.float32) / 255.0
+  def cell_error(x_BHWC):
+    return np.mean(np.square(_cells(x_BHWC[:, None].astype(np.float32))[:, 0] - truth),
+                   axis=(2, 3, 4))
+  generated_BN, recon_BN = cell_error(generated_BHWC), cell_error(recon_BHWC)
+  parts = {"new in view": new_BN}
+  for k, name in enumerate(env_lib.CONTENT_NAMES):
+    parts[name] = (contents_BN == k) & ~new_BN
+  psnr = lambda error_BN: float(-10.0 * np.log10(error_BN.mean()))
+  results = {}
+  for name, where_BN in parts.items():
+    results[name] = dict(cells=int(where_BN.sum()),
+                         share=float(generated_BN[where_BN].sum() / generated_BN.sum()),
+                         psnr_if_recon=psnr(np.where(where_BN, recon_BN, generated_BN)))
+  return dict(parts=results, generated_psnr=psnr(generated_BN), recon_psnr=psnr(recon_BN))
 
-  Returns {content name: dict(cells=..., accuracy_t=[...], p_true_t1=..., only_tokens=[...],
-  only_true=[...], only_generated=[...], tokenizer=...)} with `tokenizer_cells`' entry for
-  the content under 'tokenizer'; entries are NaN where a content never occurs.
+
+def cell_accuracy(genie, video_BTHWC: np.ndarray, contents_BTN: np.ndarray,
+                  new_BTN: np.ndarray, *, maskgit_steps: int, temperature: float,
+                  rng: jax.Array) -> tuple[dict, dict]:
+  """Per-content token accuracy of a rollout from frame 0 (see the module docstring), and
+  `error_split` of its first generated frame.
+
+  The first is {content name: dict(cells=..., accuracy_t=[...], p_true_t1=...,
+  only_tokens=[...], only_true=[...], only_generated=[...], tokenizer=...)} with
+  `tokenizer_cells`' entry for the content under 'tokenizer'; entries are NaN where a
+  content never occurs.
   """
   from genie_jax import genie as genie_lib  # The world alone needs no JAX.
 
   tokens_BTN = np.asarray(genie.tokenize(video_BTHWC))
-  tokenizer = tokenizer_cells(tokens_BTN, np.asarray(genie.detokenize(tokens_BTN)),
-                              video_BTHWC, contents_BTN)
+  recon_BTHWC = np.asarray(genie.detokenize(tokens_BTN))
+  tokenizer = tokenizer_cells(tokens_BTN, recon_BTHWC, video_BTHWC, contents_BTN)
   actions_BA = np.asarray(genie.infer_actions(video_BTHWC))
   from flax import nnx
 
@@ -176,7 +227,9 @@ def cell_accuracy(genie, video_BTHWC: np.ndarray, contents_BTN: np.ndarray, *,
         only_generated=[int(np.isin(rolled_BTN[:, t], only).sum())
                         for t in range(1, horizon + 1)],
         tokenizer=tokenizer[name])
-  return results
+  generated_BHWC = np.asarray(genie.detokenize(rolled_BTN[:, :2]))[:, 1]
+  return results, error_split(generated_BHWC, recon_BTHWC[:, 1], video_BTHWC[:, 1],
+                              contents_BTN[:, 1], new_BTN[:, 1])
 
 
 def _tokenizer_columns(r: dict) -> str:
@@ -191,8 +244,8 @@ def _tokenizer_main(workdir: str) -> None:
 
   loaded = stages.load_stage(workdir, expect_stage="tokenizer")
   frames = min(FLAGS.horizon + 1, loaded.config.model.max_frames)
-  video_BTHWC, contents_BTN = play_clips(loaded.config.model.image_size, FLAGS.clips,
-                                         frames, FLAGS.skip)
+  video_BTHWC, contents_BTN, _ = play_clips(loaded.config.model.image_size, FLAGS.clips,
+                                            frames, FLAGS.skip)
 
   @nnx.jit
   def run(tokenizer, video_BTHWC):
@@ -220,11 +273,11 @@ def main(argv):
     return
   genie = genie_lib.Genie.from_workdir(FLAGS.workdir)
   image_size = genie.frame_shape[0]
-  video_BTHWC, contents_BTN = play_clips(image_size, FLAGS.clips, FLAGS.horizon + 1,
-                                         FLAGS.skip)
-  results = cell_accuracy(genie, video_BTHWC, contents_BTN,
-                          maskgit_steps=FLAGS.maskgit_steps, temperature=FLAGS.temperature,
-                          rng=jax.random.key(0))
+  video_BTHWC, contents_BTN, new_BTN = play_clips(image_size, FLAGS.clips, FLAGS.horizon + 1,
+                                                  FLAGS.skip)
+  results, split = cell_accuracy(
+      genie, video_BTHWC, contents_BTN, new_BTN, maskgit_steps=FLAGS.maskgit_steps,
+      temperature=FLAGS.temperature, rng=jax.random.key(0))
   h = FLAGS.horizon
   print(f"{FLAGS.workdir} (step {genie.step}): {FLAGS.clips} clips, rollouts from frame 0 "
         f"with inferred actions, {FLAGS.maskgit_steps} MaskGIT steps, temperature "
@@ -237,6 +290,12 @@ def main(argv):
     print(f"{name} | {r['cells']} | " + " | ".join(f"{a:.3f}" for a in r["accuracy_t"])
           + f" | {r['p_true_t1']:.3f} | {own if r['only_tokens'] else '-'}"
           + f" | {_tokenizer_columns(r['tokenizer'])}")
+  print(f"the first generated frame: PSNR {split['generated_psnr']:.2f} dB, the tokenizer's "
+        f"reconstruction {split['recon_psnr']:.2f} dB")
+  print("its squared error by part (cells new in view; the others by content) | cells | "
+        "share | its PSNR were the part the tokenizer's (dB)")
+  for name, r in split["parts"].items():
+    print(f"{name} | {r['cells']} | {r['share']:.3f} | {r['psnr_if_recon']:.2f}")
 
 
 if __name__ == "__main__":

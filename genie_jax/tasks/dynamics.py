@@ -31,9 +31,10 @@ from genie_jax.tasks import lam as lam_task_lib
 _DATA_CHANNELS = 3
 # MaskGIT training mask rates (Genie): one rate per example, drawn from U[0.5, 1].
 MIN_MASK_RATE, MAX_MASK_RATE = 0.5, 1.0
-# What draws its own mask rate: each example (Genie), each frame of each example, or each
-# example with a whole past before its first masked frame ('suffix').
-MASK_RATES_PER = ("example", "frame", "suffix")
+# What draws its own mask rate: each example (Genie), each frame of each example, each
+# example with a whole past before its first masked frame ('suffix'), or each example with
+# every other frame whole ('alternate').
+MASK_RATES_PER = ("example", "frame", "suffix", "alternate")
 
 
 def sample_mask(rng: jax.Array, shape: tuple[int, int, int], *, per: str = "example",
@@ -50,6 +51,9 @@ def sample_mask(rng: jax.Array, shape: tuple[int, int, int], *, per: str = "exam
   per='suffix': each example draws its rate r and a frame k uniformly from 1..T-1; frames
   before k are whole and frames k.. are hidden at rate r, so frame k is predicted from a
   whole past, as in a rollout, and the later frames as in Genie.
+  per='alternate': each example draws its rate r and a parity; the frames of that parity
+  (from frame 1) are hidden at rate r and the others are whole, so every hidden frame is
+  predicted from a whole previous frame, as in a rollout, for half the frames' tokens.
   Frame 0 is never hidden, so there is always a context frame.
   """
   if per not in MASK_RATES_PER:
@@ -63,6 +67,9 @@ def sample_mask(rng: jax.Array, shape: tuple[int, int, int], *, per: str = "exam
   if per == "suffix":
     first_B = jax.random.randint(jax.random.fold_in(rate_key, 1), (b,), 1, max(t, 2))
     mask_BTN &= (jnp.arange(t)[None, :] >= first_B[:, None])[:, :, None]
+  if per == "alternate":
+    parity_B = jax.random.bernoulli(jax.random.fold_in(rate_key, 2), 0.5, (b,))
+    mask_BTN &= (jnp.arange(t)[None, :] % 2 == parity_B[:, None])[:, :, None]
   return mask_BTN.at[:, 0].set(False), rate
 
 
