@@ -73,6 +73,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # Cross-entropy of each masked token weighted by its code's batch frequency^-alpha
   # (genie_jax/tasks/dynamics.py, rarity_weights); 0: Genie's plain cross-entropy.
   config.rare_token_weight = 0.0
+  # Sampling adds rare_token_weight * log(code frequency) to the logits, which takes back
+  # what the weighting does to the predicted probabilities (genie_jax/genie.py,
+  # sampling_prior_weight).
+  config.unbias_sampling = True
 
   config.data = data_pipelines.default_data_config(args.data)
 
@@ -104,10 +108,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # it is, and the built-in world's balls, which move by themselves, were never learned
     # (README, "Results").
     config.mask_rate_per = "alternate"
-    # Rare codes weigh more in the loss (frequency^-0.25): with plain cross-entropy the
-    # built-in world's coins and balls, on 1-2% of the tokens, were seldom generated; higher
-    # powers made the model spray them (README, "Results").
-    config.rare_token_weight = 0.25
+    # Rare codes weigh more in the loss (frequency^-0.5; sampling takes the weighting's bias
+    # back, unbias_sampling): with plain cross-entropy the built-in world's coins and balls,
+    # on 1-2% of the tokens, were never learned (README, "Results").
+    config.rare_token_weight = 0.5
     # Peak learning rate: with temporal-first blocks 1e-3 scrolled the built-in world's view
     # better than 5e-4 in the same steps (README, "Results").
     config_lib.apply_runlocal(config, args.data, total_steps=500, lr=1e-3, end_lr=1e-4,

@@ -184,15 +184,40 @@ def cached_logits_fn(dynamics: dynamics_lib.DynamicsModel, cache: FrameCache,
           update)
 
 
+def sampling_prior_weight(config: Any) -> float:
+  """The prior weight b with which sampling adds b * log(code frequency) to the logits.
+
+  A dynamics model trained with rare codes weighted up (config.rare_token_weight = a: each
+  code's cross-entropy weighted by its frequency^-a) predicts each code's probability times
+  its weight; b = a takes that back, so that MaskGIT samples from the data's probabilities
+  (config.unbias_sampling, default True; configs without the keys give 0).
+  """
+  if config is None or not config.get("unbias_sampling", True):
+    return 0.0
+  return float(config.get("rare_token_weight", 0.0))
+
+
+def _with_prior(world: dynamics_lib.WorldModel, logits_fn, prior_weight: float):
+  """logits_fn plus prior_weight * log(code frequency), the frequencies being the
+  tokenizer's usage of its codes (kept with its codebook, `vq.VectorQuantizer`)."""
+  if not prior_weight:
+    return logits_fn
+  log_freq_V = jnp.log(jnp.maximum(world.tokenizer.vq.usage[...], 1e-6))
+  return lambda tokens_BN, mask_BN: logits_fn(tokens_BN, mask_BN) + prior_weight * log_freq_V
+
+
 def generate_next(world: dynamics_lib.WorldModel, cache: FrameCache, tokens_BLN: jax.Array,
                   actions_BL: jax.Array, n: jax.Array, g: jax.Array, rng: jax.Array, *,
-                  num_steps: int, temperature: float) -> tuple[jax.Array, FrameCache]:
+                  num_steps: int, temperature: float, prior_weight: float = 0.0
+                  ) -> tuple[jax.Array, FrameCache]:
   """Frame g's tokens (tokens_BN int32) by MaskGIT with the cache, and the cache with it
-  (arguments: `cached_logits_fn`; rng, num_steps, temperature: MaskGIT's)."""
+  (arguments: `cached_logits_fn`; rng, num_steps, temperature: MaskGIT's; prior_weight:
+  `sampling_prior_weight`)."""
   logits_fn, update = cached_logits_fn(world.dynamics, cache, tokens_BLN, actions_BL, n, g)
   b, _, n_tokens = tokens_BLN.shape
-  new_BN = maskgit.sample_frame(logits_fn, rng, batch_size=b, num_tokens=n_tokens,
-                                num_steps=num_steps, temperature=temperature)
+  new_BN = maskgit.sample_frame(_with_prior(world, logits_fn, prior_weight), rng,
+                                batch_size=b, num_tokens=n_tokens, num_steps=num_steps,
+                                temperature=temperature)
   return new_BN, update(new_BN)
 
 
@@ -220,12 +245,12 @@ def decode_frames(tokenizer: tokenizer_lib.Tokenizer, tokens_BTN: jax.Array) -> 
 
 def generate_frame(world: dynamics_lib.WorldModel, tokens_BLN: jax.Array,
                    actions_BL: jax.Array, f: jax.Array, rng: jax.Array, *, num_steps: int,
-                   temperature: float) -> jax.Array:
+                   temperature: float, prior_weight: float = 0.0) -> jax.Array:
   """Tokens of frame f (tokens_BN int32) by MaskGIT without a cache (`window_logits_fn`)."""
   b, _, n = tokens_BLN.shape
-  return maskgit.sample_frame(window_logits_fn(world.dynamics, tokens_BLN, actions_BL, f), rng,
-                              batch_size=b, num_tokens=n, num_steps=num_steps,
-                              temperature=temperature)
+  logits_fn = window_logits_fn(world.dynamics, tokens_BLN, actions_BL, f)
+  return maskgit.sample_frame(_with_prior(world, logits_fn, prior_weight), rng, batch_size=b,
+                              num_tokens=n, num_steps=num_steps, temperature=temperature)
 
 
 def _prompt_buffers(world: dynamics_lib.WorldModel, prompt_BPHWC: jax.Array, length: int
@@ -243,9 +268,11 @@ def _prompt_buffers(world: dynamics_lib.WorldModel, prompt_BPHWC: jax.Array, len
 
 def rollout_tokens(world: dynamics_lib.WorldModel, prompt_BPHWC: jax.Array,
                    actions_BA: jax.Array, rng: jax.Array, *, num_steps: int,
-                   temperature: float, cached: bool = True) -> jax.Array:
+                   temperature: float, cached: bool = True, prior_weight: float = 0.0
+                   ) -> jax.Array:
   """tokens_BTN (T = P + A) of the prompt followed by A generated frames; traceable.
-  cached=False runs the model on the whole window at every MaskGIT step (the reference)."""
+  cached=False runs the model on the whole window at every MaskGIT step (the reference);
+  prior_weight: `sampling_prior_weight`."""
   p, a = prompt_BPHWC.shape[1], actions_BA.shape[1]
   w = world.dynamics.transformer.max_frames
   tokens_BLN, actions_BL = _prompt_buffers(world, prompt_BPHWC, max(p + a, w))
@@ -254,7 +281,8 @@ def rollout_tokens(world: dynamics_lib.WorldModel, prompt_BPHWC: jax.Array,
   if not cached:
     def body(f, tokens_BLN):
       new_BN = generate_frame(world, tokens_BLN, actions_BL, f, jax.random.fold_in(rng, f),
-                              num_steps=num_steps, temperature=temperature)
+                              num_steps=num_steps, temperature=temperature,
+                              prior_weight=prior_weight)
       return jax.lax.dynamic_update_slice_in_dim(tokens_BLN, new_BN[:, None], f, axis=1)
     return jax.lax.fori_loop(p, p + a, body, tokens_BLN)[:, :p + a]
 
@@ -262,7 +290,7 @@ def rollout_tokens(world: dynamics_lib.WorldModel, prompt_BPHWC: jax.Array,
     tokens_BLN, cache = carry
     new_BN, cache = generate_next(world, cache, tokens_BLN, actions_BL, f, f,
                                   jax.random.fold_in(rng, f), num_steps=num_steps,
-                                  temperature=temperature)
+                                  temperature=temperature, prior_weight=prior_weight)
     return jax.lax.dynamic_update_slice_in_dim(tokens_BLN, new_BN[:, None], f, axis=1), cache
 
   cache = prefill_cache(world.dynamics, tokens_BLN[:, :p], actions_BL[:, :p])
@@ -270,9 +298,11 @@ def rollout_tokens(world: dynamics_lib.WorldModel, prompt_BPHWC: jax.Array,
   return tokens_BLN[:, :p + a]
 
 
-def _rollout(world, prompt_BPHWC, actions_BA, rng, *, num_steps, temperature, cached):
+def _rollout(world, prompt_BPHWC, actions_BA, rng, *, num_steps, temperature, cached,
+             prior_weight=0.0):
   tokens_BTN = rollout_tokens(world, prompt_BPHWC, actions_BA, rng, num_steps=num_steps,
-                              temperature=temperature, cached=cached)
+                              temperature=temperature, cached=cached,
+                              prior_weight=prior_weight)
   p = prompt_BPHWC.shape[1]
   generated_BAHWC = decode_frames(world.tokenizer, tokens_BTN)[:, p:]
   return jnp.concatenate([tokenizer_lib.to_unit_interval(prompt_BPHWC), generated_BAHWC], 1)
@@ -286,11 +316,12 @@ def _play_start(world, prompt_BPHWC, *, length):
 
 
 def _play_step(world, tokens_BLN, actions_BL, cache, n, g, action_B, rng, *, num_steps,
-               temperature):
+               temperature, prior_weight=0.0):
   actions_BL = jax.lax.dynamic_update_slice_in_dim(actions_BL, action_B[:, None], n - 1,
                                                    axis=1)
   new_BN, cache = generate_next(world, cache, tokens_BLN, actions_BL, n, g, rng,
-                                num_steps=num_steps, temperature=temperature)
+                                num_steps=num_steps, temperature=temperature,
+                                prior_weight=prior_weight)
   tokens_BLN = jax.lax.dynamic_update_slice_in_dim(tokens_BLN, new_BN[:, None], n, axis=1)
   return tokens_BLN, actions_BL, cache, decode_frame_at(world.tokenizer, tokens_BLN, n)
 
@@ -304,6 +335,7 @@ class Genie:
     step: the checkpoint step (None when built from a module).
     num_actions: A; actions are ints in [0, A).
     max_frames: frames the dynamics model sees at once (the window of a rollout).
+    prior_weight: `sampling_prior_weight` of the config, which rollouts and play use.
   """
 
   def __init__(self, world: dynamics_lib.WorldModel, *, config: Any = None,
@@ -311,6 +343,7 @@ class Genie:
     self.world = world
     self.config = config
     self.step = step
+    self.prior_weight = sampling_prior_weight(config)
     self.num_actions = world.dynamics.num_actions
     self.max_frames = world.dynamics.transformer.max_frames
     if self.max_frames < 2:
@@ -330,9 +363,9 @@ class Genie:
     self._tokenize = jit(lambda w, v: w.tokenizer.encode(v)[0])
     self._detokenize = jit(lambda w, t: decode_frames(w.tokenizer, t))
     self._infer_actions = jit(lambda w, v: w.lam.infer_actions(v))
-    self._rollout = jit(_rollout, static=("num_steps", "temperature", "cached"))
+    self._rollout = jit(_rollout, static=("num_steps", "temperature", "cached", "prior_weight"))
     self._play_start = jit(_play_start, static=("length",))
-    self._play_step = jit(_play_step, static=("num_steps", "temperature"))
+    self._play_step = jit(_play_step, static=("num_steps", "temperature", "prior_weight"))
 
   @classmethod
   def from_workdir(cls, dynamics_workdir: str, *, step: int | None = None) -> Genie:
@@ -406,7 +439,7 @@ class Genie:
       raise ValueError(f"actions must be (B={prompt.shape[0]}, A); got {actions.shape}")
     return self._rollout(self._state, prompt, jnp.asarray(actions), rng,
                          num_steps=int(num_steps), temperature=float(temperature),
-                         cached=cached)
+                         cached=cached, prior_weight=self.prior_weight)
 
   def start(self, prompt_BPHWC, *, rng: jax.Array | None = None, num_steps: int = 25,
             temperature: float = 1.0) -> PlaySession:
@@ -427,7 +460,8 @@ class PlaySession:
                num_steps: int, temperature: float):
     self._genie = genie
     self._rng = rng
-    self._static = dict(num_steps=int(num_steps), temperature=float(temperature))
+    self._static = dict(num_steps=int(num_steps), temperature=float(temperature),
+                        prior_weight=genie.prior_weight)
     self._length = max(genie.max_frames, genie.tokenizer_frames)
     self._tokens_BLN, self._actions_BL, self._cache = genie._play_start(  # pylint: disable=protected-access
         genie._state, prompt_BPHWC, length=self._length)  # pylint: disable=protected-access

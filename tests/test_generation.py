@@ -7,6 +7,7 @@ import os
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 from flax import nnx
@@ -467,6 +468,50 @@ def test_rollout_compiles_once_and_matches_play(positions, sinks):
     reference = genie.rollout(prompt, actions, rng=jax.random.key(0), num_steps=3,
                               temperature=0.0, cached=False)
     np.testing.assert_allclose(reference, video, atol=1e-5)
+
+
+def test_sampling_takes_back_the_rare_code_weighting():
+  from genie_jax import genie as genie_lib  # pylint: disable=g-import-not-at-top
+  from genie_jax import visualize  # pylint: disable=g-import-not-at-top
+  weighted = ml_collections.ConfigDict(dict(rare_token_weight=0.5, unbias_sampling=True))
+  assert genie_lib.sampling_prior_weight(weighted) == 0.5
+  for config in (None, ml_collections.ConfigDict(dict(rare_token_weight=0.0)),
+                 ml_collections.ConfigDict(dict(rare_token_weight=0.5, unbias_sampling=False))):
+    assert genie_lib.sampling_prior_weight(config) == 0.0
+  prompt, actions = _video(2, 1), np.random.default_rng(2).integers(0, ACTIONS, (2, 3))
+  plain_BTN = np.asarray(genie_lib.rollout_tokens(_world(), jnp.asarray(prompt),
+                                                  jnp.asarray(actions), jax.random.key(0),
+                                                  num_steps=2, temperature=0.0))
+  # Skewed code frequencies: a code the plain model does not generate on most tokens.
+  common = int(np.setdiff1d(np.arange(CODES), plain_BTN[:, 1:])[0])
+  usage_V = np.full(CODES, 0.02 / (CODES - 1), np.float32)
+  usage_V[common] = 0.98
+
+  def world_with_usage(logit_shift_V=None):
+    world = _world()
+    world.tokenizer.vq.usage[...] = jnp.asarray(usage_V)
+    if logit_shift_V is not None:
+      world.dynamics.to_logits.bias[...] += logit_shift_V
+    return world
+
+  sample = lambda genie: genie.rollout(prompt, actions, rng=jax.random.key(0), num_steps=2,
+                                       temperature=0.0)
+  genie = genie_lib.Genie(world_with_usage(), config=weighted)
+  video = sample(genie)
+  # The same as a model whose logits carry 0.5 * log(frequency) sampled without the prior.
+  shifted = genie_lib.Genie(world_with_usage(0.5 * np.log(usage_V)))
+  np.testing.assert_allclose(video, sample(shifted), atol=1e-5)
+  # It moves the sampled tokens towards the common code.
+  weighted_BTN = np.asarray(genie_lib.rollout_tokens(
+      world_with_usage(), jnp.asarray(prompt), jnp.asarray(actions), jax.random.key(0),
+      num_steps=2, temperature=0.0, prior_weight=0.5))
+  assert np.sum(weighted_BTN[:, 1:] == common) > np.sum(plain_BTN[:, 1:] == common) == 0
+  # Play samples the same way.
+  session = genie.start(prompt, num_steps=2, temperature=0.0)
+  for i in range(actions.shape[1]):
+    session.step(actions[:, i])
+  np.testing.assert_allclose(session.frames.astype(int),
+                             visualize.to_uint8(np.asarray(video)).astype(int), atol=1)
 
 
 def test_genie_rejects_bad_actions_and_prompts():

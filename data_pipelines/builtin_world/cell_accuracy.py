@@ -44,6 +44,7 @@ def define_flags() -> None:
   """The command-line flags; defined only when this module is the program."""
   flags.DEFINE_string("workdir", None, "A dynamics- or tokenizer-stage workdir (built-in "
                       "world).")
+  flags.DEFINE_integer("step", None, "The checkpoint's step; the latest if not given.")
   flags.DEFINE_integer("clips", 96, "Episodes played, one clip each.")
   flags.DEFINE_integer("horizon", 4, "Generated frames per clip.")
   flags.DEFINE_integer("maskgit_steps", 8, "MaskGIT steps per frame.")
@@ -199,7 +200,7 @@ def cell_accuracy(genie, video_BTHWC: np.ndarray, contents_BTN: np.ndarray,
   def run(world, tokens_BTN, actions_BA, rng):
     rolled_BTN = genie_lib.rollout_tokens(
         world, jnp.asarray(video_BTHWC[:, :1]), actions_BA, rng, num_steps=maskgit_steps,
-        temperature=temperature)
+        temperature=temperature, prior_weight=genie.prior_weight)
     hidden_BTN = jnp.zeros(tokens_BTN[:, :2].shape, bool).at[:, 1].set(True)
     logits_BNV = world.dynamics(tokens_BTN[:, :2], hidden_BTN, actions_BA[:, :2])[:, 1]
     p_true_BN = jnp.take_along_axis(jax.nn.softmax(logits_BNV, -1),
@@ -242,7 +243,7 @@ def _tokenizer_main(workdir: str) -> None:
   from genie_jax import stages
   from genie_jax.models import tokenizer as tokenizer_lib
 
-  loaded = stages.load_stage(workdir, expect_stage="tokenizer")
+  loaded = stages.load_stage(workdir, step=FLAGS.step, expect_stage="tokenizer")
   frames = min(FLAGS.horizon + 1, loaded.config.model.max_frames)
   video_BTHWC, contents_BTN, _ = play_clips(loaded.config.model.image_size, FLAGS.clips,
                                             frames, FLAGS.skip)
@@ -271,7 +272,7 @@ def main(argv):
   if checkpointing.load_config(FLAGS.workdir).stage == "tokenizer":
     _tokenizer_main(FLAGS.workdir)
     return
-  genie = genie_lib.Genie.from_workdir(FLAGS.workdir)
+  genie = genie_lib.Genie.from_workdir(FLAGS.workdir, step=FLAGS.step)
   image_size = genie.frame_shape[0]
   video_BTHWC, contents_BTN, new_BTN = play_clips(image_size, FLAGS.clips, FLAGS.horizon + 1,
                                                   FLAGS.skip)

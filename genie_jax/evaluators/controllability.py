@@ -73,6 +73,7 @@ class ControllabilityEvaluator(base.Evaluator):
     self.horizon = self.check_config(name, eval_cfg, config)
     self.num_true_actions, self.true_action_names = base.true_actions_of(config.data)
     self.num_actions = config.model.num_actions
+    self.prior_weight = genie_lib.sampling_prior_weight(config)
     self._infer = jax.jit(self._infer_actions, out_shardings=self.replicated)
     self._rollouts = jax.jit(self._batch_rollouts, out_shardings=self.replicated)
 
@@ -137,7 +138,8 @@ class ControllabilityEvaluator(base.Evaluator):
       v = actions_VBA.shape[0]
       rolled = genie_lib.rollout_tokens(
           world, jnp.tile(prompt_BPHWC, (v, 1, 1, 1, 1)), actions_VBA.reshape(v * b, h),
-          sample_key, num_steps=self.cfg.maskgit_steps, temperature=self.cfg.temperature)
+          sample_key, num_steps=self.cfg.maskgit_steps, temperature=self.cfg.temperature,
+          prior_weight=self.prior_weight)
       token_accuracy_B = jnp.mean(rolled[:b, 1] == tokens_BTN[:, 1], axis=-1)
       generated_VBAHWC = genie_lib.decode_frames(world.tokenizer, rolled)[:, 1:].reshape(
           (v, b) + video_BTHWC[:, 1:1 + h].shape[1:])
