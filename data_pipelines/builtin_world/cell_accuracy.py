@@ -104,6 +104,13 @@ def _cells(x_BTHWC: np.ndarray) -> np.ndarray:
       b, t, n * n, side, side, c)
 
 
+def _cell_errors(x_BTHWC: np.ndarray, video_BTHWC: np.ndarray) -> np.ndarray:
+  """(B, T, N): the mean squared error of each cell of frames x (float, [0, 1]) against the
+  uint8 video's."""
+  return np.mean(np.square(_cells(x_BTHWC.astype(np.float32))
+                           - _cells(video_BTHWC).astype(np.float32) / 255.0), axis=(3, 4, 5))
+
+
 def cell_looks(video_BTHWC: np.ndarray) -> np.ndarray:
   """int (B, T, N): an id per cell of the view (raster order) that is equal for two cells
   exactly when their pixels are."""
@@ -133,8 +140,7 @@ def tokenizer_cells(tokens_BTN: np.ndarray, recon_BTHWC: np.ndarray, video_BTHWC
                      f"needs one per cell of the world's view ({contents_BTN.shape[2]})")
   looks_BTN = cell_looks(video_BTHWC)
   true_cells = _cells(video_BTHWC)
-  error_BTN = np.mean(np.square(_cells(recon_BTHWC.astype(np.float32))
-                                - true_cells.astype(np.float32) / 255.0), axis=(3, 4, 5))
+  error_BTN = _cell_errors(recon_BTHWC, video_BTHWC)
   results = {}
   for k, name in enumerate(env_lib.CONTENT_NAMES):
     where_BTN = contents_BTN == k
@@ -160,11 +166,8 @@ def error_split(generated_BHWC: np.ndarray, recon_BHWC: np.ndarray, video_BHWC: 
   share (of the whole frame's squared error), psnr_if_recon (the frames' PSNR with that
   part's cells replaced by the tokenizer's reconstruction recon_BHWC))} under 'parts', and
   the PSNR of the generated frames and of the reconstruction."""
-  truth = _cells(video_BHWC[:, None])[:, 0].astype(np.float32) / 255.0
-  def cell_error(x_BHWC):
-    return np.mean(np.square(_cells(x_BHWC[:, None].astype(np.float32))[:, 0] - truth),
-                   axis=(2, 3, 4))
-  generated_BN, recon_BN = cell_error(generated_BHWC), cell_error(recon_BHWC)
+  generated_BN, recon_BN = (_cell_errors(x_BHWC[:, None], video_BHWC[:, None])[:, 0]
+                            for x_BHWC in (generated_BHWC, recon_BHWC))
   parts = {"new in view": new_BN}
   for k, name in enumerate(env_lib.CONTENT_NAMES):
     parts[name] = (contents_BN == k) & ~new_BN
