@@ -81,6 +81,12 @@ _POSITIONS = flags.DEFINE_string(
     "temporal_positions", None, "Override the dynamics model's temporal_positions (learned: "
     "the cache is rebuilt past the window; rope: it rolls).")
 _SINKS = flags.DEFINE_integer("sink_frames", None, "Override the dynamics' sink_frames.")
+_TOKENIZER_POSITIONS = flags.DEFINE_string(
+    "tokenizer_positions", None, "Override the tokenizer's temporal_positions (learned: each "
+    "frame past the decoder's window is decoded from the window ending at it; rope: the "
+    "decoder's cache rolls).")
+_TOKENIZER_SINKS = flags.DEFINE_integer("tokenizer_sinks", None,
+                                        "Override the tokenizer's sink_frames.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Where the built-in world is prepared "
                                 "(default: the data config's).")
 
@@ -96,6 +102,10 @@ def _configs(shape: str, root: str) -> dict:
     if shape == "readme":
       configs["tokenizer"].model.update(_README, enc_layers=4, dec_layers=4)
       configs["lam"].model.update(_README, enc_layers=4, dec_layers=4, num_actions=6)
+  for key, value in (("temporal_positions", _TOKENIZER_POSITIONS.value),
+                     ("sink_frames", _TOKENIZER_SINKS.value)):
+    if value is not None:
+      configs["tokenizer"].model[key] = value
   for stage in ("tokenizer", "lam"):
     checkpointing.save_config(os.path.join(root, stage), configs[stage])
   if shape != "runlocal":

@@ -89,12 +89,27 @@ class FrameCache(NamedTuple):
   frame_S: jax.Array
 
 
-def _slot(dynamics: dynamics_lib.DynamicsModel, g: jax.Array) -> jax.Array:
-  """The cache slot of frame g: its index until the cache is full; then, under rotary
-  positions, the ring after the sink slots (the learned-position cache is rebuilt)."""
-  slots = dynamics.transformer.max_frames - 1
-  sinks = getattr(dynamics, "sink_frames", 0)
+def _ring_slot(max_frames: int, sinks: int, g: jax.Array) -> jax.Array:
+  """The cache slot of frame g in a cache of max_frames - 1 slots: its index until the
+  cache is full; then the ring after the sink slots."""
+  slots = max_frames - 1
   return jnp.where(g < slots, g, sinks + (g - sinks) % (slots - sinks))
+
+
+def _rolling_context(transformer, sinks: int, cache: FrameCache, g: jax.Array):
+  """(kv, valid_S, position) with which frame g attends to a rolling cache of rotary keys,
+  the keys rotated to their positions. Rotary angles depend on differences only: positions
+  are frame indices counted from the window's start (angles of indices in the millions, in
+  float32, would lose the differences), the sink frames just before the oldest ring frame."""
+  w = transformer.max_frames
+  shift = jnp.maximum(g - (w - 1), 0)
+  key_positions_S = jnp.where(jnp.arange(w - 1) < sinks, cache.frame_S, cache.frame_S - shift)
+  return (transformer.rotate_cache(cache.kv, key_positions_S), cache.frame_S >= 0, g - shift)
+
+
+def _slot(dynamics: dynamics_lib.DynamicsModel, g: jax.Array) -> jax.Array:
+  """The dynamics cache slot of frame g (the learned-position cache is rebuilt once full)."""
+  return _ring_slot(dynamics.transformer.max_frames, getattr(dynamics, "sink_frames", 0), g)
 
 
 def prefill_cache(dynamics: dynamics_lib.DynamicsModel, tokens_BPN: jax.Array,
@@ -122,14 +137,8 @@ def _attention_context(dynamics: dynamics_lib.DynamicsModel, cache: FrameCache,
   w = dynamics.transformer.max_frames
   slots_S = jnp.arange(w - 1)
   if dynamics.transformer.temporal_positions == "rope":
-    # Rotary angles depend on differences only: positions are frame indices counted from
-    # the window's start (angles of indices in the millions, in float32, would lose the
-    # differences), the sink frames just before the oldest ring frame.
-    sinks = getattr(dynamics, "sink_frames", 0)
-    shift = jnp.maximum(g - (w - 1), 0)
-    key_positions_S = jnp.where(slots_S < sinks, cache.frame_S, cache.frame_S - shift)
-    return (dynamics.transformer.rotate_cache(cache.kv, key_positions_S), cache.frame_S >= 0,
-            g - shift)
+    return _rolling_context(dynamics.transformer, getattr(dynamics, "sink_frames", 0), cache,
+                            g)
 
   def appended():
     return cache.kv, slots_S < g, g
@@ -230,13 +239,63 @@ def decode_frame_at(tokenizer: tokenizer_lib.Tokenizer, tokens_BLN: jax.Array, f
   return jax.lax.dynamic_index_in_dim(video_BTHWC, f - start, axis=1, keepdims=False)
 
 
+def streams(tokenizer: tokenizer_lib.Tokenizer) -> bool:
+  """Whether the tokenizer's decoder keeps a rolling cache of past frames (rotary temporal
+  positions): each frame then decodes in one single-frame pass, however long the video."""
+  return tokenizer.decoder.temporal_positions == "rope"
+
+
+def decode_next(tokenizer: tokenizer_lib.Tokenizer, cache: FrameCache, tokens_BN: jax.Array,
+                g: jax.Array) -> tuple[jax.Array, FrameCache]:
+  """Frame g (float [0, 1], BHWC) decoded with a streaming decoder's cache of the frames
+  before it (`stream_decode`), and the cache with frame g; g may be traced."""
+  decoder, sinks = tokenizer.decoder, tokenizer.sink_frames
+  kv, valid_S, position = _rolling_context(decoder, sinks, cache, g)
+  y_B1ND, frame_kv = decoder.decode_frame(tokenizer.decoder_input(tokens_BN[:, None]), kv,
+                                          position, valid_S)
+  slot = _ring_slot(decoder.max_frames, sinks, g)
+  cache = FrameCache(decoder.write_cache(cache.kv, frame_kv, slot),
+                     cache.frame_S.at[slot].set(g))
+  return jnp.clip(tokenizer.pixels(y_B1ND)[:, 0], 0.0, 1.0), cache
+
+
+def stream_decode(tokenizer: tokenizer_lib.Tokenizer, tokens_BTN: jax.Array
+                  ) -> tuple[jax.Array, FrameCache]:
+  """video_BTHWC float [0, 1] of a streaming decoder (`streams`) and its cache after the
+  last frame: the first max_frames - 1 frames in one pass, then one frame at a time. Within
+  the window this is `tokenizer.decode`; past it, the streaming model's output."""
+  decoder = tokenizer.decoder
+  slots = decoder.max_frames - 1
+  t = tokens_BTN.shape[1]
+  p = min(t, slots)
+  x_BSND = tokenizer.decoder_input(tokens_BTN[:, :p])
+  # Slots after the p frames hold zeros; causal attention keeps them out of the outputs.
+  x_BSND = jnp.pad(x_BSND, [(0, 0), (0, slots - p), (0, 0), (0, 0)])
+  y_BSND, kv = decoder.prefill(x_BSND)
+  head_BPHWC = jnp.clip(tokenizer.pixels(y_BSND[:, :p]), 0.0, 1.0)
+  cache = FrameCache(kv, jnp.where(jnp.arange(slots) < p, jnp.arange(slots), -1))
+  if t == p:
+    return head_BPHWC, cache
+
+  def body(cache, g):
+    frame_BHWC, cache = decode_next(
+        tokenizer, cache, jax.lax.dynamic_index_in_dim(tokens_BTN, g, 1, keepdims=False), g)
+    return cache, frame_BHWC
+
+  cache, tail_TBHWC = jax.lax.scan(body, cache, jnp.arange(p, t))
+  return jnp.concatenate([head_BPHWC, jnp.moveaxis(tail_TBHWC, 0, 1)], axis=1), cache
+
+
 def decode_frames(tokenizer: tokenizer_lib.Tokenizer, tokens_BTN: jax.Array) -> jax.Array:
-  """video_BTHWC float [0, 1] of any number of frames; the causal decoder sees at most its
-  max_frames, so frames beyond that are decoded from the window ending at them."""
+  """video_BTHWC float [0, 1] of any number of frames. The causal decoder sees at most its
+  max_frames: a streaming decoder (`streams`) rolls its cache past them; otherwise frames
+  beyond them are decoded from the window ending at them."""
   t_max = tokenizer.decoder.max_frames
   t = tokens_BTN.shape[1]
   if t <= t_max:
     return tokenizer.decode(tokens_BTN)
+  if streams(tokenizer):
+    return stream_decode(tokenizer, tokens_BTN)[0]
   head_BTHWC = tokenizer.decode(tokens_BTN[:, :t_max])
   tail_TBHWC = jax.lax.map(lambda f: decode_frame_at(tokenizer, tokens_BTN, f),
                            jnp.arange(t_max, t))
@@ -309,21 +368,30 @@ def _rollout(world, prompt_BPHWC, actions_BA, rng, *, num_steps, temperature, ca
 
 
 def _play_start(world, prompt_BPHWC, *, length):
+  """Buffers and caches of a play session: (tokens_BLN, actions_BL, (dynamics cache,
+  streaming decoder's cache or None))."""
   tokens_BLN, actions_BL = _prompt_buffers(world, prompt_BPHWC, length)
   p = prompt_BPHWC.shape[1]
-  return tokens_BLN, actions_BL, prefill_cache(world.dynamics, tokens_BLN[:, :p],
-                                               actions_BL[:, :p])
+  decoder_cache = (stream_decode(world.tokenizer, tokens_BLN[:, :p])[1]
+                   if streams(world.tokenizer) else None)
+  return tokens_BLN, actions_BL, (prefill_cache(world.dynamics, tokens_BLN[:, :p],
+                                                actions_BL[:, :p]), decoder_cache)
 
 
-def _play_step(world, tokens_BLN, actions_BL, cache, n, g, action_B, rng, *, num_steps,
+def _play_step(world, tokens_BLN, actions_BL, caches, n, g, action_B, rng, *, num_steps,
                temperature, prior_weight=0.0):
+  cache, decoder_cache = caches
   actions_BL = jax.lax.dynamic_update_slice_in_dim(actions_BL, action_B[:, None], n - 1,
                                                    axis=1)
   new_BN, cache = generate_next(world, cache, tokens_BLN, actions_BL, n, g, rng,
                                 num_steps=num_steps, temperature=temperature,
                                 prior_weight=prior_weight)
   tokens_BLN = jax.lax.dynamic_update_slice_in_dim(tokens_BLN, new_BN[:, None], n, axis=1)
-  return tokens_BLN, actions_BL, cache, decode_frame_at(world.tokenizer, tokens_BLN, n)
+  if decoder_cache is None:
+    frame_BHWC = decode_frame_at(world.tokenizer, tokens_BLN, n)
+  else:
+    frame_BHWC, decoder_cache = decode_next(world.tokenizer, decoder_cache, new_BN, g)
+  return tokens_BLN, actions_BL, (cache, decoder_cache), frame_BHWC
 
 
 class Genie:
@@ -453,7 +521,8 @@ class PlaySession:
   """Frame-by-frame play from a prompt (see `Genie.start`); one compiled step for all frames.
 
   Holds a buffer of the last max(dynamics, tokenizer) max_frames frames' tokens (older
-  frames, which neither model sees any more, are dropped) and the dynamics model's cache.
+  frames, which neither model sees any more, are dropped), the dynamics model's cache and,
+  for a streaming decoder, the decoder's.
   """
 
   def __init__(self, genie: Genie, prompt_BPHWC: jax.Array, *, rng: jax.Array,

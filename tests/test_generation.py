@@ -271,14 +271,16 @@ IMAGE, FRAMES, CODES, ACTIONS = 16, 4, 8, 3  # N = (16 / 8)^2 = 4 tokens per fra
 
 @functools.lru_cache  # Building modules runs op by op: slow on CPU, so build each once.
 def _world(conditioning="additive", positions="learned", sinks=0, spatial_rope=False,
-           block_order="spatial_first"):
+           block_order="spatial_first", tokenizer_positions="learned", tokenizer_sinks=0,
+           decoder_layers=1):
   from genie_jax.models import dynamics as dynamics_lib  # pylint: disable=g-import-not-at-top
   from genie_jax.models import lam as lam_lib  # pylint: disable=g-import-not-at-top
   from genie_jax.models import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   common = dict(image_size=IMAGE, patch_size=8, max_frames=FRAMES, d_model=16, num_heads=2,
                 enc_layers=1, dec_layers=1, latent_dim=4)
   tok_cfg = tokenizer_lib.default_config()
-  tok_cfg.update(dict(common, num_codes=CODES))
+  tok_cfg.update(dict(common, num_codes=CODES, temporal_positions=tokenizer_positions,
+                      sink_frames=tokenizer_sinks, dec_layers=decoder_layers))
   lam_cfg = lam_lib.default_config()
   lam_cfg.update(dict(common, num_actions=ACTIONS))
   dyn_cfg = dynamics_lib.default_config()
@@ -436,11 +438,16 @@ def test_rolling_cache_logits_do_not_depend_on_how_long_it_has_run():
                              logits(dynamics, cache, jnp.int32(10)), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("positions,sinks", [("learned", 0), ("rope", 1)])
-def test_rollout_compiles_once_and_matches_play(positions, sinks):
+@pytest.mark.parametrize("positions,sinks,tokenizer_positions",
+                         [("learned", 0, "learned"), ("rope", 1, "learned"),
+                          ("rope", 1, "rope")])
+def test_rollout_compiles_once_and_matches_play(positions, sinks, tokenizer_positions):
   from genie_jax import genie as genie_lib  # pylint: disable=g-import-not-at-top
   from genie_jax import visualize  # pylint: disable=g-import-not-at-top
-  genie = genie_lib.Genie(_world("additive", positions, sinks))
+  tokenizer_sinks = int(tokenizer_positions == "rope")
+  genie = genie_lib.Genie(_world("additive", positions, sinks,
+                                 tokenizer_positions=tokenizer_positions,
+                                 tokenizer_sinks=tokenizer_sinks))
   prompt = _video(2, 2)
   num = 6  # 2 + 6 = 8 frames: past both 4-frame windows (dynamics and tokenizer decoder).
   actions = np.random.default_rng(1).integers(0, ACTIONS, (2, num))
@@ -468,6 +475,51 @@ def test_rollout_compiles_once_and_matches_play(positions, sinks):
     reference = genie.rollout(prompt, actions, rng=jax.random.key(0), num_steps=3,
                               temperature=0.0, cached=False)
     np.testing.assert_allclose(reference, video, atol=1e-5)
+
+
+@pytest.mark.parametrize("sinks", [0, 1])
+def test_streaming_decoder_equals_the_decoder_in_the_window_and_a_masked_reference_past_it(
+    sinks):
+  """A rotary decoder's rolling cache: frames within the window equal `Tokenizer.decode`;
+  past it, a reference that keeps every frame's keys/values in its own slot and masks all
+  but the sink and the latest frames gives the same frames, and the cache holds them."""
+  from genie_jax import genie as genie_lib  # pylint: disable=g-import-not-at-top
+  # Two blocks: with one, a frame's keys/values would not depend on the frames before it.
+  tokenizer = _world(tokenizer_positions="rope", tokenizer_sinks=sinks,
+                     decoder_layers=2).tokenizer
+  length = 10
+  tokens = jnp.asarray(np.random.default_rng(5).integers(0, CODES, (2, length, 4)), jnp.int32)
+  video, cache = nnx.jit(genie_lib.stream_decode)(tokenizer, tokens)
+  assert video.shape == (2, length, IMAGE, IMAGE, 3)
+  np.testing.assert_allclose(video[:, :FRAMES], nnx.jit(lambda t, x: t.decode(x))(
+      tokenizer, tokens[:, :FRAMES]), atol=1e-5)
+  slots = FRAMES - 1
+  assert (set(np.asarray(cache.frame_S).tolist())
+          == set(range(sinks)) | set(range(length - (slots - sinks), length)))
+
+  @nnx.jit
+  def reference(tokenizer):
+    decoder = tokenizer.decoder
+    x = tokenizer.decoder_input(tokens)
+    shape = (2, 4, 2, length, 8)  # (B, N, K, S, E): every frame in its own slot.
+    kv = [(jnp.zeros(shape), jnp.zeros(shape))] * 2
+    frames = jnp.arange(length)
+    out = []
+    for g in range(length):
+      shift = max(g - slots, 0)
+      visible = (frames < g) & ((frames < sinks) | (frames >= g - (slots - sinks)))
+      positions = jnp.where(frames < sinks, frames, frames - shift)
+      y, frame_kv = decoder.decode_frame(x[:, g:g + 1], decoder.rotate_cache(kv, positions),
+                                         g - shift, visible)
+      kv = decoder.write_cache(kv, frame_kv, g)
+      out.append(jnp.clip(tokenizer.pixels(y), 0.0, 1.0))
+    return jnp.concatenate(out, axis=1)
+
+  expected = reference(tokenizer)
+  np.testing.assert_allclose(video, expected, atol=1e-5)
+  # Past the window the output is the streaming model's, not the window's (not vacuous).
+  window = nnx.jit(lambda t, x: t.decode(x))(tokenizer, tokens[:, length - FRAMES:])
+  assert not np.allclose(video[:, -1], window[:, -1], atol=1e-4)
 
 
 def test_sampling_takes_back_the_rare_code_weighting():

@@ -40,8 +40,9 @@ evaluate = nnx.jit(lambda model, video: model(video, train=False))
 # --- Causality ----------------------------------------------------------------------------
 
 
-def test_tokenizer_is_causal_in_time():
-  model = tokenizer_lib.Tokenizer(tiny_config(), rngs=nnx.Rngs(0))
+@pytest.mark.parametrize("positions", ["learned", "rope"])
+def test_tokenizer_is_causal_in_time(positions):
+  model = tokenizer_lib.Tokenizer(tiny_config(temporal_positions=positions), rngs=nnx.Rngs(0))
   video = random_video()
   out = evaluate(model, video)
   for t in range(T - 1):
@@ -283,6 +284,10 @@ def test_config_errors_name_the_key():
     tokenizer_lib.Tokenizer(tiny_config(num_heads=3), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match=r"config.model.attention_impl='flash'"):
     tokenizer_lib.Tokenizer(tiny_config(attention_impl="flash"), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"config.model.sink_frames=1 needs temporal_positions"):
+    tokenizer_lib.Tokenizer(tiny_config(sink_frames=1), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"config.model.temporal_positions='alibi'"):
+    tokenizer_lib.Tokenizer(tiny_config(temporal_positions="alibi"), rngs=nnx.Rngs(0))
   with pytest.raises(AttributeError):  # Locked: a typo cannot add a key.
     tiny_config().pach_size = 2
 

@@ -106,16 +106,7 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   if cfg.get("output_head", "linear") not in OUTPUT_HEADS:
     raise ValueError(f"config.model.output_head={cfg.output_head!r}; expected one of "
                      f"{list(OUTPUT_HEADS)}")
-  positions, sinks = temporal_settings(cfg)
-  if positions not in layers.TEMPORAL_POSITIONS:
-    raise ValueError(f"config.model.temporal_positions={positions!r}; expected one of "
-                     f"{list(layers.TEMPORAL_POSITIONS)}")
-  if positions == "rope" and (cfg.d_model // cfg.num_heads) % 2:
-    raise ValueError(f"config.model.temporal_positions='rope' needs an even head width; "
-                     f"d_model={cfg.d_model} / num_heads={cfg.num_heads} is odd")
-  if sinks and positions != "rope":
-    raise ValueError(f"config.model.sink_frames={sinks} needs temporal_positions='rope' (a "
-                     f"learned table ties cached keys to their place in the window)")
+  layers.validate_temporal_settings(cfg)
   grid = token_grid(cfg)
   if grid is not None:
     if grid[0] * grid[1] != cfg.tokens_per_frame:
@@ -124,9 +115,6 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
     if (cfg.d_model // cfg.num_heads) % 4:
       raise ValueError(f"config.model.spatial_rope needs a head width divisible by 4; "
                        f"d_model={cfg.d_model} / num_heads={cfg.num_heads} is not")
-  if not 0 <= sinks <= cfg.max_frames - 2:
-    raise ValueError(f"config.model.sink_frames={sinks} must be in [0, max_frames - 2="
-                     f"{cfg.max_frames - 2}]: the cache keeps at least the latest frame")
 
 
 def token_grid(cfg: ml_collections.ConfigDict) -> tuple[int, int] | None:
@@ -136,12 +124,6 @@ def token_grid(cfg: ml_collections.ConfigDict) -> tuple[int, int] | None:
     return None
   side = math.isqrt(cfg.tokens_per_frame)
   return side, side
-
-
-def temporal_settings(cfg: ml_collections.ConfigDict) -> tuple[str, int]:
-  """(temporal_positions, sink_frames); configs saved before the keys existed are Genie's
-  learned positions without sinks."""
-  return cfg.get("temporal_positions", "learned"), cfg.get("sink_frames", 0)
 
 
 class DynamicsModel(nnx.Module):
@@ -154,7 +136,7 @@ class DynamicsModel(nnx.Module):
     self.num_actions = cfg.num_actions
     self.tokens_per_frame = cfg.tokens_per_frame
     self.prepend = cfg.action_conditioning == "prepend"
-    positions, self.sink_frames = temporal_settings(cfg)
+    positions, self.sink_frames = layers.temporal_settings(cfg)
     self.dtype = dtype
     d = cfg.d_model
     embed_init = jax.nn.initializers.normal(_EMBED_STDDEV)

@@ -417,15 +417,19 @@ class Attention(nnx.Module):
     if self.rotary:
       position_1 = jnp.reshape(position, (1,))
       new_key_BNK1E, query_BNK1E = rope(k_BNK1E, position_1), rope(q_BNK1E, position_1)
-    keys = jnp.concatenate([k_BNKSE.astype(self.dtype), new_key_BNK1E], axis=3)
-    values = jnp.concatenate([v_BNKSE.astype(self.dtype), v_BNK1E], axis=3)
-    logits = jnp.einsum("bnkqe,bnkse->bnkqs", query_BNK1E, keys,
-                        preferred_element_type=jnp.float32)
+    # The cached and the new keys/values enter as two terms, not one concatenation: that
+    # would copy the whole cache at every call.
+    cached_logits = jnp.einsum("bnkqe,bnkse->bnkqs", query_BNK1E, k_BNKSE.astype(self.dtype),
+                               preferred_element_type=jnp.float32)
+    own_logit = jnp.einsum("bnkqe,bnkqe->bnkq", query_BNK1E, new_key_BNK1E,
+                           preferred_element_type=jnp.float32)[..., None]
+    logits = jnp.concatenate([jnp.where(valid_S, cached_logits, -jnp.inf), own_logit], -1)
     # The new frame always sees itself (the last slot), so no row is fully masked.
-    visible = jnp.concatenate([valid_S, jnp.ones((1,), bool)])
-    probs = jax.nn.softmax(jnp.where(visible, logits, -jnp.inf), axis=-1)
-    o_BNK1E = jnp.einsum("bnkqs,bnkse->bnkqe", probs.astype(self.dtype), values,
-                         preferred_element_type=jnp.float32).astype(self.dtype)
+    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    s = k_BNKSE.shape[3]
+    o_BNK1E = (jnp.einsum("bnkqs,bnkse->bnkqe", probs[..., :s], v_BNKSE.astype(self.dtype),
+                          preferred_element_type=jnp.float32)
+               + probs[..., s:] * v_BNK1E).astype(self.dtype)
     o_B1NKE = jnp.transpose(o_BNK1E, _FROM_HEADS["time"])
     out_B1ND = dense(o_B1NKE, self.out_kernel[...].astype(self.dtype),
                      self.out_bias[...].astype(self.dtype), in_axes=2)
@@ -505,6 +509,30 @@ def validate_transformer_config(cfg) -> None:
       jnp.dtype(cfg[key])
     except TypeError as e:
       raise ValueError(f"config.model.{key}={cfg[key]!r} is not a dtype name") from e
+
+
+def temporal_settings(cfg) -> tuple[str, int]:
+  """(temporal_positions, sink_frames) of a model config; configs saved before the keys
+  existed are Genie's learned positions without sinks."""
+  return cfg.get("temporal_positions", "learned"), cfg.get("sink_frames", 0)
+
+
+def validate_temporal_settings(cfg) -> None:
+  """Raises ValueError naming the config.model key when temporal_positions / sink_frames
+  cannot work with the config's max_frames and head width."""
+  positions, sinks = temporal_settings(cfg)
+  if positions not in TEMPORAL_POSITIONS:
+    raise ValueError(f"config.model.temporal_positions={positions!r}; expected one of "
+                     f"{list(TEMPORAL_POSITIONS)}")
+  if positions == "rope" and (cfg.d_model // cfg.num_heads) % 2:
+    raise ValueError(f"config.model.temporal_positions='rope' needs an even head width; "
+                     f"d_model={cfg.d_model} / num_heads={cfg.num_heads} is odd")
+  if sinks and positions != "rope":
+    raise ValueError(f"config.model.sink_frames={sinks} needs temporal_positions='rope' (a "
+                     f"learned table ties cached keys to their place in the window)")
+  if not 0 <= sinks <= cfg.max_frames - 2:
+    raise ValueError(f"config.model.sink_frames={sinks} must be in [0, max_frames - 2="
+                     f"{cfg.max_frames - 2}]: the cache keeps at least the latest frame")
 
 
 class STBlock(nnx.Module):

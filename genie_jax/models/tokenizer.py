@@ -35,7 +35,8 @@ def default_config() -> ml_collections.ConfigDict:
     image_size: frame height = width in pixels.
     patch_size: side p of the square patches; N = (image_size / p)^2 tokens per frame.
     channels: C, colour channels of the frames.
-    max_frames: the longest clip T the learned temporal positions cover.
+    max_frames: the longest clip T the model sees at once (past it, a rollout's decoder
+      sees the latest max_frames frames).
     d_model: D, width of both ST-transformers.
     num_heads: K attention heads (D must divide by K).
     mlp_ratio: feed-forward width F = mlp_ratio * D.
@@ -63,6 +64,14 @@ def default_config() -> ml_collections.ConfigDict:
     remat_policy: 'full' keeps only block inputs; 'dots' also keeps the outputs of the
       projection and feed-forward matmuls and recomputes the attention probabilities.
     attention_impl: 'xla' (any backend) or 'cudnn' (NVIDIA GPU, bf16, fused kernel).
+    temporal_positions: 'learned' (Genie: a table added to the tokens) or 'rope' (rotary
+      angles in temporal attention), in the encoder and the decoder. Decides what decoding
+      past max_frames costs (`genie_jax.genie.decode_frames`): under 'learned' each later
+      frame is decoded from a pass over the max_frames frames ending at it; under 'rope'
+      the decoder's keys/values of past frames are kept and roll, one single-frame pass per
+      frame.
+    sink_frames: under 'rope', how many first frames the decoder's rolling cache keeps for
+      good (as `genie_jax.models.dynamics.default_config`'s).
   """
   cfg = ml_collections.ConfigDict(dict(
       image_size=64,
@@ -82,6 +91,8 @@ def default_config() -> ml_collections.ConfigDict:
       code_usage_decay=0.99,
       dead_code_threshold=0.1,
       code_restart_sampling="uniform",
+      temporal_positions="learned",
+      sink_frames=0,
       **layers.TRANSFORMER_DEFAULTS,
   ))
   cfg.lock()
@@ -125,6 +136,7 @@ def to_unit_interval(video: jax.Array) -> jax.Array:
 def validate_config(cfg: ml_collections.ConfigDict) -> None:
   """Raises ValueError, naming the config.model key, for a config the model cannot use."""
   layers.validate_transformer_config(cfg)
+  layers.validate_temporal_settings(cfg)
   for key in ("image_size", "patch_size", "channels", "max_frames", "latent_dim", "num_codes"):
     if cfg[key] < 1:
       raise ValueError(f"config.model.{key}={cfg[key]} must be positive")
@@ -153,6 +165,7 @@ class Tokenizer(nnx.Module):
     remat = cfg.remat_policy if cfg.remat else None
     attention_impl = cfg.attention_impl
     dtype, param_dtype = jnp.dtype(cfg.dtype), jnp.dtype(cfg.param_dtype)
+    positions, self.sink_frames = layers.temporal_settings(cfg)
     self.image_size = cfg.image_size
     self.patch_size = cfg.patch_size
     self.channels = cfg.channels
@@ -161,7 +174,8 @@ class Tokenizer(nnx.Module):
     transformer = lambda num_layers: layers.STTransformer(
         num_layers, d, cfg.num_heads, num_tokens=self.tokens_per_frame,
         max_frames=cfg.max_frames, mlp_ratio=cfg.mlp_ratio, qk_norm=qk_norm, dtype=dtype,
-        param_dtype=param_dtype, attention_impl=attention_impl, remat=remat, rngs=rngs)
+        param_dtype=param_dtype, attention_impl=attention_impl,
+        temporal_positions=positions, remat=remat, rngs=rngs)
     linear = lambda n_in, n_out, names: layers.Linear(
         n_in, n_out, names=names, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
     self.patch_embed = linear(patch_dim, d, ("patch", "embed"))
@@ -210,8 +224,15 @@ class Tokenizer(nnx.Module):
 
   def decode_latents(self, zq_BTNL: jax.Array) -> jax.Array:
     """Pixels in [0, 1] scale (float32, not clipped) from quantised latents zq_BTNL."""
-    x_BTND = self.decoder(self.from_latent(zq_BTNL))
-    patches_BTNP = self.to_pixels(x_BTND).astype(jnp.float32)
+    return self.pixels(self.decoder(self.from_latent(zq_BTNL)))
+
+  def decoder_input(self, indices_BTN: jax.Array) -> jax.Array:
+    """The decoder's input x_BTND for tokens (what `decode` feeds `self.decoder`)."""
+    return self.from_latent(self.vq.lookup(indices_BTN))
+
+  def pixels(self, y_BTND: jax.Array) -> jax.Array:
+    """Pixels in [0, 1] scale (float32, not clipped) from the decoder's output y_BTND."""
+    patches_BTNP = self.to_pixels(y_BTND).astype(jnp.float32)
     x_BTHWC = layers.unpatchify(patches_BTNP, self.patch_size, self.image_size,
                                 self.image_size)
     return (x_BTHWC + 1.0) * 0.5
@@ -247,7 +268,7 @@ class Tokenizer(nnx.Module):
 
   def decode(self, indices_BTN: jax.Array) -> jax.Array:
     """Frames from tokens: float32 video_BTHWC in [0, 1] (clipped)."""
-    return jnp.clip(self.decode_latents(self.vq.lookup(indices_BTN)), 0.0, 1.0)
+    return jnp.clip(self.pixels(self.decoder(self.decoder_input(indices_BTN))), 0.0, 1.0)
 
   def restart_dead_codes(self, z_BTNL: jax.Array, key: jax.Array) -> jax.Array:
     """Restarts dead codes from this batch's latents `z`; returns how many (see vq)."""
