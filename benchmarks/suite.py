@@ -3,6 +3,8 @@ r"""Every stage's train step, the rollout and the input pipeline, timed on this 
   python benchmarks/suite.py                                   # runlocal + readme shapes
   python benchmarks/suite.py --only=train --shapes=readme --steps=5
   python benchmarks/suite.py --only=rollout --shapes=appf --rollout_frames=16,64
+  python benchmarks/suite.py --only=rollout --temporal_positions=rope --sink_frames=1 \
+      --tokenizer_positions=rope --tokenizer_sinks=1     # streaming: both caches roll
   python benchmarks/suite.py --malloc=system                   # glibc's malloc as it comes
   python benchmarks/suite.py --only=train --breakdown          # and where each step's time goes
 
@@ -68,12 +70,14 @@ _SHAPES = flags.DEFINE_list("shapes", ["runlocal", "readme"], f"Of {list(SHAPES)
 _STAGES = flags.DEFINE_list("stages", list(STAGES), "Train steps of these stages.")
 _STEPS = flags.DEFINE_integer("steps", 3, "Timed train steps (after one warm-up step).")
 _BREAKDOWN = flags.DEFINE_bool(
-    "breakdown", False, "After each train row, where its step's time goes: XLA's ops from a "
-    "jax.profiler trace of --steps more steps, matmuls apart from the rest by kind (XLA:CPU, "
-    "whose trace names the HLO ops).")
+    "breakdown", False, "After each train and rollout row, where its time goes: XLA's ops "
+    "from a jax.profiler trace of --steps more steps (a rollout of up to 20 frames, per "
+    "generated frame), "
+    "matmuls apart from the rest by kind (XLA:CPU, whose trace names the HLO ops).")
 _BATCH = flags.DEFINE_integer("batch_size", 0, "Batch of every stage's train step and input "
                               "rows (0: the shape's; e.g. Genie's own batches on an "
                               "accelerator at --shapes=appf).", lower_bound=0)
+_BREAKDOWN_FRAMES = 20  # Frames of the rollout --breakdown traces (past a 16-frame window).
 _FRAMES = flags.DEFINE_list("rollout_frames", ["16", "64"], "Generated frames per rollout.")
 _MASKGIT = flags.DEFINE_integer("maskgit_steps", 25, "MaskGIT steps per generated frame.")
 _INPUT_BATCHES = flags.DEFINE_integer("input_batches", 50, "Timed input batches.")
@@ -154,11 +158,11 @@ def bench_train(config, peak: float) -> dict[str, float]:
   return result
 
 
-def _breakdown_lines(b: dict) -> list[str]:
+def _breakdown_lines(b: dict, per: str) -> list[str]:
   total = b["total_ms"]
   kinds = ", ".join(f"{k} {v:.1f} ({v / total:.0%})" for k, v in b["kinds"].most_common(6))
   top = ", ".join(f"{k} {v:.1f}" for k, v in b["top"])
-  return [f"    XLA ops, ms per step (traced; sum {total:.1f}): {kinds}",
+  return [f"    XLA ops, ms per {per} (traced; sum {total:.1f}): {kinds}",
           f"    largest ops: {top}"]
 
 
@@ -181,8 +185,20 @@ def bench_rollout(config, num_frames: int, peak: float) -> dict[str, float]:
     jax.block_until_ready(genie.rollout(prompt, actions, rng=jax.random.key(i),
                                         num_steps=_MASKGIT.value))
     times.append(time.perf_counter() - t0)
-  return dict(compile_s=times[0] - times[1], ms=1e3 * times[1] / num_frames,
-              rate=b * num_frames / times[1], unit="frames/s", batch=b)
+  result = dict(compile_s=times[0] - times[1], ms=1e3 * times[1] / num_frames,
+                rate=b * num_frames / times[1], unit="frames/s", batch=b)
+  if _BREAKDOWN.value:
+    # The profiler keeps a bounded number of events: a long rollout's trace loses ops.
+    traced = min(num_frames, _BREAKDOWN_FRAMES)
+    args = (genie._state, jax.numpy.asarray(prompt),  # pylint: disable=protected-access
+            jax.numpy.asarray(actions[:, :traced], np.int32), jax.random.key(0))
+    compiled = genie._rollout.lower(  # pylint: disable=protected-access
+        *args, num_steps=_MASKGIT.value, temperature=1.0, cached=True,
+        prior_weight=genie.prior_weight).compile()
+    run = lambda: jax.block_until_ready(compiled(*args))
+    run()
+    result["breakdown"] = profiling.op_breakdown(compiled, run, 1, per=traced)
+  return result
 
 
 def bench_input(config) -> dict[str, float]:
@@ -236,11 +252,13 @@ def main(argv):
           r = bench_train(configs[stage], peak)
           print(_row("train", stage, shape, r), flush=True)
           if "breakdown" in r:
-            print("\n".join(_breakdown_lines(r["breakdown"])), flush=True)
+            print("\n".join(_breakdown_lines(r["breakdown"], "step")), flush=True)
       if "rollout" in _ONLY.value:
         for n in _FRAMES.value:
           r = bench_rollout(configs["dynamics"], int(n), peak)
           print(_row("rollout", f"{n} frames, {_MASKGIT.value} steps", shape, r), flush=True)
+          if "breakdown" in r:
+            print("\n".join(_breakdown_lines(r["breakdown"], "frame")), flush=True)
       if "input" in _ONLY.value and shape == "runlocal":
         for stage in STAGES:
           print(_row("input", f"{stage} batches", shape, bench_input(configs[stage])),

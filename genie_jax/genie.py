@@ -23,6 +23,9 @@ once w - 1 frames are cached depends on the model's temporal positions:
            ones computed when those frames were new, so the output is the streaming model's,
            not the model run on the window.
 Within the window both equal the model run on the frames so far (tests/test_generation.py).
+The tokenizer's decoder, causal in time too, makes the same choice for decoding past its own
+window (`decode_frames`): learned positions decode each later frame from the window ending at
+it; rotary ones keep a rolling cache of the decoder's keys/values (`stream_decode`).
 
 Everything per frame and per step runs inside one compiled program: a whole rollout is one
 jitted call (a fori_loop over frames around a fori_loop over steps), and a PlaySession

@@ -127,24 +127,35 @@ def read_trace_events(trace_dir: str) -> list[dict[str, Any]]:
 
 def step_breakdown(step: Any, state: Any, batch: Any, num_steps: int, top: int = 8
                    ) -> dict[str, Any]:
-  """Where a compiled step's time goes, from XLA's own ops in a `jax.profiler` trace of
-  `num_steps` calls (after the caller's warm-up): ms per step of the ops that are matmuls
-  (a dot, or a fusion holding one), of all other ops by kind (the op's name without its
-  number: 'multiply_reduce_fusion', 'transpose', ...), and the `top` single ops. For XLA:CPU,
-  whose trace events carry the HLO instructions' names (a GPU's carry its kernels'). Their
-  sum is not the step's time: the runtime works between ops, and may run independent ops at
-  once."""
-  names, matmuls = _matmul_instructions(step.as_text())
+  """Where a compiled train step's time goes (`op_breakdown` of `num_steps` steps from
+  `state` on `batch`), in ms per step."""
+  def run():
+    nonlocal state
+    state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+  return op_breakdown(step, run, num_steps, top=top)
+
+
+def op_breakdown(compiled: Any, run: Any, num_calls: int, per: float = 1.0, top: int = 8
+                 ) -> dict[str, Any]:
+  """Where a compiled program's time goes, from XLA's own ops in a `jax.profiler` trace of
+  `num_calls` calls of `run()` (which calls `compiled` and blocks; after the caller's
+  warm-up): ms per call / `per` (e.g. per generated frame) of the ops that are matmuls (a
+  dot, or a fusion holding one), of all other ops by kind (the op's name without its
+  number: 'multiply_reduce_fusion', 'transpose', ...), and the `top` single ops. For
+  XLA:CPU, whose trace events carry the HLO instructions' names (a GPU's carry its
+  kernels'). Their sum is not the call's time: the runtime works between ops, and may run
+  independent ops at once."""
+  names, matmuls = _matmul_instructions(compiled.as_text())
   with tempfile.TemporaryDirectory() as trace_dir:
     with jax.profiler.trace(trace_dir):
-      for _ in range(num_steps):
-        state, metrics = step(state, batch)
-        jax.block_until_ready(metrics)
+      for _ in range(num_calls):
+        run()
     events = read_trace_events(trace_dir)
   per_op: collections.Counter[str] = collections.Counter()
   for event in events:
     if event.get("ph") == "X" and event.get("name") in names:
-      per_op[event["name"]] += event.get("dur", 0) / 1e3 / num_steps
+      per_op[event["name"]] += event.get("dur", 0) / 1e3 / num_calls / per
   kinds: collections.Counter[str] = collections.Counter()
   for name, ms in per_op.items():
     kinds["matmul" if name in matmuls else re.sub(r"\.\d+$", "", name)] += ms
