@@ -71,9 +71,9 @@ _STAGES = flags.DEFINE_list("stages", list(STAGES), "Train steps of these stages
 _STEPS = flags.DEFINE_integer("steps", 3, "Timed train steps (after one warm-up step).")
 _BREAKDOWN = flags.DEFINE_bool(
     "breakdown", False, "After each train and rollout row, where its time goes: XLA's ops "
-    "from a jax.profiler trace of --steps more steps (a rollout of up to 20 frames, per "
-    "generated frame), "
-    "matmuls apart from the rest by kind (XLA:CPU, whose trace names the HLO ops).")
+    "from a jax.profiler trace (train: --steps more steps; rollout: one call of a rollout of "
+    "up to 20 frames, per generated frame), matmuls apart from the rest by kind (XLA:CPU, "
+    "whose trace names the HLO ops).")
 _BATCH = flags.DEFINE_integer("batch_size", 0, "Batch of every stage's train step and input "
                               "rows (0: the shape's; e.g. Genie's own batches on an "
                               "accelerator at --shapes=appf).", lower_bound=0)

@@ -128,6 +128,15 @@ RESUMABLE_KEYS = ("total_steps", "log_every_steps", "images_every_steps", "num_i
 # fresh config (not filled in yet) or a workdir written before the keys existed still matches.
 DERIVED_KEYS = ("tokenizer_model", "lam_model")
 
+# Model keys added after some workdirs were written, with the value such a workdir's model
+# has (the model reads a missing key as this): a saved config without the key matches a new
+# config that holds this value.
+LATER_MODEL_KEYS = {
+    "model.temporal_positions": "learned", "model.sink_frames": 0,
+    "model.encoder_context": "clip", "model.code_restart_sampling": "uniform",
+    "model.spatial_rope": False, "model.block_order": "spatial_first",
+    "model.output_head": "linear"}
+
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
   flat = {}
@@ -157,7 +166,8 @@ def check_resume_config(workdir: str, config: ml_collections.ConfigDict) -> None
       if not (any(under(key, k) for key in saved) and any(under(key, k) for key in new))]
   changed = sorted(
       key for key in set(saved) | set(new)
-      if saved.get(key) != new.get(key) and not any(under(key, k) for k in skip))
+      if saved.get(key, LATER_MODEL_KEYS.get(key)) != new.get(key)
+      and not any(under(key, k) for k in skip))
   if changed:
     details = "; ".join(f"config.{k}: {saved.get(k)!r} -> {new.get(k)!r}" for k in changed)
     raise ValueError(

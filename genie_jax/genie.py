@@ -82,10 +82,11 @@ def window_logits_fn(dynamics: dynamics_lib.DynamicsModel, tokens_BLN: jax.Array
 
 
 class FrameCache(NamedTuple):
-  """The dynamics model's temporal keys/values of past frames (see the module docstring).
+  """A causal transformer's (the dynamics model's or the tokenizer decoder's) temporal
+  keys/values of past frames (see the module docstring).
 
-  kv: per block (k_BNKSE, v_BNKSE), S = max_frames - 1 slots (the dynamics model's layout;
-    a stand-in model may hold anything its `decode_frame` reads).
+  kv: per block (k_BNKSE, v_BNKSE), S = max_frames - 1 slots (`STTransformer`'s layout; a
+    stand-in model may hold anything its `decode_frame` reads).
   frame_S: the frame index each slot holds; -1 while empty.
   """
   kv: Any
@@ -244,8 +245,10 @@ def decode_frame_at(tokenizer: tokenizer_lib.Tokenizer, tokens_BLN: jax.Array, f
 
 def streams(tokenizer: tokenizer_lib.Tokenizer) -> bool:
   """Whether the tokenizer's decoder keeps a rolling cache of past frames (rotary temporal
-  positions): each frame then decodes in one single-frame pass, however long the video."""
-  return tokenizer.decoder.temporal_positions == "rope"
+  positions): each frame then decodes in one single-frame pass, however long the video.
+  A one-frame decoder has no past to cache: it decodes every frame alone either way."""
+  return (tokenizer.decoder.temporal_positions == "rope"
+          and tokenizer.decoder.max_frames >= 2)
 
 
 def decode_next(tokenizer: tokenizer_lib.Tokenizer, cache: FrameCache, tokens_BN: jax.Array,

@@ -2,6 +2,7 @@
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -290,6 +291,15 @@ def test_config_errors_name_the_key():
     tokenizer_lib.Tokenizer(tiny_config(temporal_positions="alibi"), rngs=nnx.Rngs(0))
   with pytest.raises(AttributeError):  # Locked: a typo cannot add a key.
     tiny_config().pach_size = 2
+
+
+def test_configs_saved_before_the_temporal_keys_build_genies_tokenizer():
+  old = ml_collections.ConfigDict({k: v for k, v in tiny_config().items()
+                                   if k not in ("temporal_positions", "sink_frames")})
+  model = tokenizer_lib.Tokenizer(old, rngs=nnx.Rngs(0))
+  assert model.decoder.temporal_positions == "learned" and model.sink_frames == 0
+  # An image tokenizer (one frame) has no past: no sink check to fail.
+  assert tokenizer_lib.Tokenizer(tiny_config(max_frames=1), rngs=nnx.Rngs(0)).sink_frames == 0
 
 
 def test_default_config_is_genie_appendix_f():

@@ -215,6 +215,17 @@ def test_resume_compares_derived_keys_only_where_both_configs_hold_them(tmp_path
     checkpointing.check_resume_config(str(tmp_path), changed)
 
 
+def test_resume_reads_a_model_key_added_later_as_what_the_model_assumed(tmp_path):
+  checkpointing.save_config(str(tmp_path), ml_collections.ConfigDict(
+      dict(seed=0, model=dict(d_model=32))))
+  later = dict(d_model=32, temporal_positions="learned", sink_frames=0)
+  checkpointing.check_resume_config(str(tmp_path), ml_collections.ConfigDict(
+      dict(seed=0, model=later)))
+  with pytest.raises(ValueError, match=r"config.model.temporal_positions: None -> 'rope'"):
+    checkpointing.check_resume_config(str(tmp_path), ml_collections.ConfigDict(
+        dict(seed=0, model=dict(later, temporal_positions="rope"))))
+
+
 def test_restore_onto_other_meshes(trained_workdir):
   config = checkpointing.load_config(trained_workdir)
   task = tasks.get_task(config)

@@ -419,17 +419,17 @@ class Attention(nnx.Module):
       new_key_BNK1E, query_BNK1E = rope(k_BNK1E, position_1), rope(q_BNK1E, position_1)
     # The cached and the new keys/values enter as two terms, not one concatenation: that
     # would copy the whole cache at every call.
-    cached_logits = jnp.einsum("bnkqe,bnkse->bnkqs", query_BNK1E, k_BNKSE.astype(self.dtype),
-                               preferred_element_type=jnp.float32)
-    own_logit = jnp.einsum("bnkqe,bnkqe->bnkq", query_BNK1E, new_key_BNK1E,
+    cached_BNK1S = jnp.einsum("bnkqe,bnkse->bnkqs", query_BNK1E, k_BNKSE.astype(self.dtype),
+                              preferred_element_type=jnp.float32)
+    own_BNK11 = jnp.einsum("bnkqe,bnkqe->bnkq", query_BNK1E, new_key_BNK1E,
                            preferred_element_type=jnp.float32)[..., None]
-    logits = jnp.concatenate([jnp.where(valid_S, cached_logits, -jnp.inf), own_logit], -1)
-    # The new frame always sees itself (the last slot), so no row is fully masked.
-    probs = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    # The new frame always sees itself (the last column), so no row is fully masked.
+    probs = jax.nn.softmax(
+        jnp.concatenate([jnp.where(valid_S, cached_BNK1S, -jnp.inf), own_BNK11], -1), axis=-1)
     s = k_BNKSE.shape[3]
-    o_BNK1E = (jnp.einsum("bnkqs,bnkse->bnkqe", probs[..., :s], v_BNKSE.astype(self.dtype),
-                          preferred_element_type=jnp.float32)
-               + probs[..., s:] * v_BNK1E).astype(self.dtype)
+    o_BNK1E = (jnp.einsum("bnkqs,bnkse->bnkqe", probs[..., :s].astype(self.dtype),
+                          v_BNKSE.astype(self.dtype), preferred_element_type=jnp.float32)
+               + probs[..., s:] * v_BNK1E.astype(jnp.float32)).astype(self.dtype)
     o_B1NKE = jnp.transpose(o_BNK1E, _FROM_HEADS["time"])
     out_B1ND = dense(o_B1NKE, self.out_kernel[...].astype(self.dtype),
                      self.out_bias[...].astype(self.dtype), in_axes=2)
@@ -530,7 +530,7 @@ def validate_temporal_settings(cfg) -> None:
   if sinks and positions != "rope":
     raise ValueError(f"config.model.sink_frames={sinks} needs temporal_positions='rope' (a "
                      f"learned table ties cached keys to their place in the window)")
-  if not 0 <= sinks <= cfg.max_frames - 2:
+  if sinks < 0 or (sinks and sinks > cfg.max_frames - 2):
     raise ValueError(f"config.model.sink_frames={sinks} must be in [0, max_frames - 2="
                      f"{cfg.max_frames - 2}]: the cache keeps at least the latest frame")
 

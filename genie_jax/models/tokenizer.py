@@ -35,8 +35,8 @@ def default_config() -> ml_collections.ConfigDict:
     image_size: frame height = width in pixels.
     patch_size: side p of the square patches; N = (image_size / p)^2 tokens per frame.
     channels: C, colour channels of the frames.
-    max_frames: the longest clip T the model sees at once (past it, a rollout's decoder
-      sees the latest max_frames frames).
+    max_frames: the longest clip T the model sees at once (a longer video is decoded as
+      `temporal_positions` says).
     d_model: D, width of both ST-transformers.
     num_heads: K attention heads (D must divide by K).
     mlp_ratio: feed-forward width F = mlp_ratio * D.
@@ -66,10 +66,12 @@ def default_config() -> ml_collections.ConfigDict:
     attention_impl: 'xla' (any backend) or 'cudnn' (NVIDIA GPU, bf16, fused kernel).
     temporal_positions: 'learned' (Genie: a table added to the tokens) or 'rope' (rotary
       angles in temporal attention), in the encoder and the decoder. Decides what decoding
-      past max_frames costs (`genie_jax.genie.decode_frames`): under 'learned' each later
-      frame is decoded from a pass over the max_frames frames ending at it; under 'rope'
-      the decoder's keys/values of past frames are kept and roll, one single-frame pass per
-      frame.
+      past max_frames does (`genie_jax.genie.decode_frames`): under 'learned' each later
+      frame is decoded from a pass over the max_frames frames ending at it (the output the
+      model was trained for); under 'rope' the decoder's keys/values of past frames are
+      kept and roll, one single-frame pass per frame, and the keys of cached frames are the
+      ones computed when those frames were new (the streaming model's output, not the
+      model run on the window).
     sink_frames: under 'rope', how many first frames the decoder's rolling cache keeps for
       good (as `genie_jax.models.dynamics.default_config`'s).
   """
@@ -136,10 +138,10 @@ def to_unit_interval(video: jax.Array) -> jax.Array:
 def validate_config(cfg: ml_collections.ConfigDict) -> None:
   """Raises ValueError, naming the config.model key, for a config the model cannot use."""
   layers.validate_transformer_config(cfg)
-  layers.validate_temporal_settings(cfg)
   for key in ("image_size", "patch_size", "channels", "max_frames", "latent_dim", "num_codes"):
     if cfg[key] < 1:
       raise ValueError(f"config.model.{key}={cfg[key]} must be positive")
+  layers.validate_temporal_settings(cfg)
   for key in ("enc_layers", "dec_layers"):
     if cfg[key] < 0:
       raise ValueError(f"config.model.{key}={cfg[key]} must not be negative")
