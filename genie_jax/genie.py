@@ -116,6 +116,17 @@ def _slot(dynamics: dynamics_lib.DynamicsModel, g: jax.Array) -> jax.Array:
   return _ring_slot(dynamics.transformer.max_frames, getattr(dynamics, "sink_frames", 0), g)
 
 
+def _prefill(transformer, x_BPMD: jax.Array) -> tuple[jax.Array, FrameCache]:
+  """(y_BSMD, the cache holding P <= max_frames - 1 frames) of a transformer's inputs."""
+  p = x_BPMD.shape[1]
+  slots = transformer.max_frames - 1
+  # Slots after the P frames hold zeros until written; causal attention keeps them out of
+  # the P frames' keys/values and outputs.
+  x_BSMD = jnp.pad(x_BPMD, [(0, 0), (0, slots - p)] + [(0, 0)] * (x_BPMD.ndim - 2))
+  y_BSMD, kv = transformer.prefill(x_BSMD)
+  return y_BSMD, FrameCache(kv, jnp.where(jnp.arange(slots) < p, jnp.arange(slots), -1))
+
+
 def prefill_cache(dynamics: dynamics_lib.DynamicsModel, tokens_BPN: jax.Array,
                   actions_BP: jax.Array) -> FrameCache:
   """The cache holding frames 0..P-1 (P <= max_frames - 1); actions as `window_logits_fn`."""
@@ -126,11 +137,7 @@ def prefill_cache(dynamics: dynamics_lib.DynamicsModel, tokens_BPN: jax.Array,
                      f"most max_frames - 1 = {slots}")
   x_BPMD = dynamics.embed(tokens_BPN, jnp.zeros_like(tokens_BPN, bool),
                           dynamics.frame_actions(actions_BP))
-  # Frames after the prompt are zeros until generated; causal attention keeps them out of
-  # the prompt's keys/values.
-  x_BSMD = jnp.pad(x_BPMD, [(0, 0), (0, slots - p)] + [(0, 0)] * (x_BPMD.ndim - 2))
-  _, kv = dynamics.transformer.prefill(x_BSMD)
-  return FrameCache(kv, jnp.where(jnp.arange(slots) < p, jnp.arange(slots), -1))
+  return _prefill(dynamics.transformer, x_BPMD)[1]
 
 
 def _attention_context(dynamics: dynamics_lib.DynamicsModel, cache: FrameCache,
@@ -270,16 +277,10 @@ def stream_decode(tokenizer: tokenizer_lib.Tokenizer, tokens_BTN: jax.Array
   """video_BTHWC float [0, 1] of a streaming decoder (`streams`) and its cache after the
   last frame: the first max_frames - 1 frames in one pass, then one frame at a time. Within
   the window this is `tokenizer.decode`; past it, the streaming model's output."""
-  decoder = tokenizer.decoder
-  slots = decoder.max_frames - 1
   t = tokens_BTN.shape[1]
-  p = min(t, slots)
-  x_BSND = tokenizer.decoder_input(tokens_BTN[:, :p])
-  # Slots after the p frames hold zeros; causal attention keeps them out of the outputs.
-  x_BSND = jnp.pad(x_BSND, [(0, 0), (0, slots - p), (0, 0), (0, 0)])
-  y_BSND, kv = decoder.prefill(x_BSND)
+  p = min(t, tokenizer.decoder.max_frames - 1)
+  y_BSND, cache = _prefill(tokenizer.decoder, tokenizer.decoder_input(tokens_BTN[:, :p]))
   head_BPHWC = jnp.clip(tokenizer.pixels(y_BSND[:, :p]), 0.0, 1.0)
-  cache = FrameCache(kv, jnp.where(jnp.arange(slots) < p, jnp.arange(slots), -1))
   if t == p:
     return head_BPHWC, cache
 

@@ -270,7 +270,7 @@ class Tokenizer(nnx.Module):
 
   def decode(self, indices_BTN: jax.Array) -> jax.Array:
     """Frames from tokens: float32 video_BTHWC in [0, 1] (clipped)."""
-    return jnp.clip(self.pixels(self.decoder(self.decoder_input(indices_BTN))), 0.0, 1.0)
+    return jnp.clip(self.decode_latents(self.vq.lookup(indices_BTN)), 0.0, 1.0)
 
   def restart_dead_codes(self, z_BTNL: jax.Array, key: jax.Array) -> jax.Array:
     """Restarts dead codes from this batch's latents `z`; returns how many (see vq)."""
