@@ -239,7 +239,8 @@ def main(argv):
   peak = profiling.matmul_peak_flops()
   print(f"{jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()}), "
         f"{os.cpu_count()} cores, jax {jax.__version__}, float32, malloc "
-        f"{allocator.in_use()}, matmul peak {peak / 1e9:.1f} GFLOP/s")
+        f"{allocator.in_use()}, cpu dots {flags.FLAGS.cpu_dots}, matmul peak {peak / 1e9:.1f} "
+        "GFLOP/s")
   header = ("| kind | what | shape | batch | compile s | ms (per step / frame / batch) | "
             "rate | GFLOP/step | MFU | peak RSS MiB |")
   print(header)

@@ -102,7 +102,7 @@ def main(argv):
   peak = profiling.matmul_peak_flops()
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()} "
         f"({jax.default_backend()}), jax {jax.__version__}, dtype {_DTYPE.value}, "
-        f"remat {_REMAT.value}, malloc {malloc}")
+        f"remat {_REMAT.value}, malloc {malloc}, cpu dots {flags.FLAGS.cpu_dots}")
   print(f"float32 matmul peak measured: {peak / 1e9:.1f} GFLOP/s")
   columns = ("shape", "batch", "params_m", "compile_s", "step_s", "steps_per_s", "images_per_s",
              "gflop_per_step", "mfu", "xla_peak_mib", "rss_peak_mib", "first_loss", "last_loss")

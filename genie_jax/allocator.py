@@ -14,6 +14,12 @@ entry point re-executes itself once with the environment below:
 
 `auto` (the default) takes tcmalloc where it is installed and glibc's tuned malloc otherwise.
 The default comes from $GENIE_JAX_MALLOC where set. README "Benchmark" compares them.
+
+The same entry point also picks XLA:CPU's matmul library (`--cpu_dots`), which must be set
+before the CPU backend starts: `eigen` hands XLA:CPU's dots to Eigen and only its
+reductions to YNNPACK (`--xla_cpu_experimental_ynn_fusion_type=reduce`); `xla` leaves
+XLA's default, under which YNNPACK also takes the dots and runs a batched matmul (the
+attention's) on one thread. Other backends ignore it.
 """
 
 from __future__ import annotations
@@ -37,7 +43,17 @@ _ENV = "GENIE_JAX_MALLOC"
 _REEXECUTED = "_GENIE_JAX_MALLOC_REEXECUTED"
 
 
+CPU_DOTS = ("eigen", "xla")
+_YNN_FLAG = "--xla_cpu_experimental_ynn_fusion_type"
+_CPU_DOTS_XLA_FLAGS = {"eigen": f"{_YNN_FLAG}=reduce", "xla": ""}
+
+
 def define_flags() -> None:
+  if "cpu_dots" not in flags.FLAGS:
+    flags.DEFINE_enum(
+        "cpu_dots", "eigen", list(CPU_DOTS),
+        "XLA:CPU's matmul library: eigen (Eigen's dots, YNNPACK's reductions) or xla (XLA's "
+        f"default). A {_YNN_FLAG} already in $XLA_FLAGS wins.")
   if "malloc" not in flags.FLAGS:
     default = os.environ.get(_ENV, "auto")
     if default not in CHOICES:
@@ -122,11 +138,37 @@ def use(name: str) -> None:
   os.execve(sys.executable, [sys.executable] + argv[1:], env)
 
 
+def xla_flags(cpu_dots: str, current: str) -> str:
+  """$XLA_FLAGS (`current`) with the setting `cpu_dots` names, unless it sets that already."""
+  if cpu_dots not in CPU_DOTS:
+    raise ValueError(f"cpu_dots={cpu_dots!r}: expected one of {', '.join(CPU_DOTS)}")
+  extra = _CPU_DOTS_XLA_FLAGS[cpu_dots]
+  if not extra or _YNN_FLAG in current:
+    return current
+  return f"{current} {extra}".strip()
+
+
+def use_cpu_dots(cpu_dots: str) -> None:
+  """Sets $XLA_FLAGS for `cpu_dots`; before JAX starts its backends, which read it once."""
+  if jax_backends_started():
+    raise RuntimeError("use_cpu_dots must run before JAX initialises its backends")
+  flags_now = xla_flags(cpu_dots, os.environ.get("XLA_FLAGS", ""))
+  if flags_now:
+    os.environ["XLA_FLAGS"] = flags_now
+
+
+def jax_backends_started() -> bool:
+  from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
+  return bool(getattr(xla_bridge, "_backends", None))  # pylint: disable=protected-access
+
+
 def entry_point(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:
-  """`main` for `app.run`, starting with the allocator `--malloc` names."""
+  """`main` for `app.run`, starting with the allocator `--malloc` names and XLA:CPU's
+  matmul library `--cpu_dots` names."""
   def wrapped(argv: list[str]) -> Any:
     use(flags.FLAGS.malloc)
-    logging.info("Host allocator: %s", in_use())
+    use_cpu_dots(flags.FLAGS.cpu_dots)
+    logging.info("Host allocator: %s; XLA_FLAGS=%s", in_use(), os.environ.get("XLA_FLAGS", ""))
     return main(argv)
   return wrapped
 

@@ -90,3 +90,51 @@ def test_a_loader_that_drops_the_setting_does_not_loop(tmp_path):
   started, (name, *_) = _result(out)
   assert name == "system" and len(started) == 1
   assert "re-executed process runs with system" in out.stderr
+
+
+_DOTS_PROGRAM = textwrap.dedent("""\
+    import os
+    from absl import app
+    from genie_jax import allocator
+
+    def main(argv):
+      import jax
+      import jax.numpy as jnp
+      x = jnp.ones((4, 64, 32))
+      hlo = jax.jit(lambda a: a @ jnp.swapaxes(a, 1, 2)).lower(x).compile().as_text()
+      print("RESULT", os.environ.get("XLA_FLAGS", ""), "__ynn_fusion" in hlo, sep="|")
+
+    if __name__ == "__main__":
+      allocator.define_flags()
+      app.run(allocator.entry_point(main))
+    """)
+
+
+@pytest.mark.parametrize("args,env_flags,ynn_dots", [
+    (["--cpu_dots=eigen"], "", False),
+    ([], "", False),  # eigen is the default
+    (["--cpu_dots=xla"], "", True),
+    # The user's own setting of the same XLA flag wins.
+    (["--cpu_dots=eigen"], "--xla_cpu_experimental_ynn_fusion_type=dot", True),
+])
+def test_cpu_dots_reach_xla_before_the_backend_starts(tmp_path, args, env_flags, ynn_dots):
+  program = tmp_path / "dots.py"
+  program.write_text(_DOTS_PROGRAM)
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"GENIE_JAX_MALLOC": "system"}
+  if env_flags:
+    env["XLA_FLAGS"] = env_flags
+  out = subprocess.run([sys.executable, str(program), *args], env=env, capture_output=True,
+                       text=True, timeout=120)
+  assert out.returncode == 0, out.stderr
+  (result,) = [line.split("|")[1:] for line in out.stdout.splitlines()
+               if line.startswith("RESULT")]
+  assert result[1] == str(ynn_dots), result
+  assert result[0].count("ynn_fusion_type") == (0 if args == ["--cpu_dots=xla"] else 1)
+
+
+def test_cpu_dots_flags_compose_with_the_users_and_bad_values_are_named():
+  assert allocator.xla_flags("eigen", "--a=1") == (
+      "--a=1 --xla_cpu_experimental_ynn_fusion_type=reduce")
+  assert allocator.xla_flags("xla", "--a=1") == "--a=1"
+  with pytest.raises(ValueError, match="cpu_dots='mkl'"):
+    allocator.xla_flags("mkl", "")

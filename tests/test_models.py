@@ -179,6 +179,20 @@ def test_layer_norm_vjp_matches_autodiff():
   _check_vjp(lambda *a: layers.layer_norm(1e-6, *a), reference, (x, scale, bias), atol=1e-4)
 
 
+@pytest.mark.parametrize("rows", [8, layers._TALL_MIN_ROWS])
+def test_dense_with_a_tall_kernel_matches_matmul(rows):
+  # A kernel with more rows than columns goes through its transposed copy on XLA:CPU once
+  # x has enough rows; value and gradients are the plain matmul's either way.
+  keys = jax.random.split(jax.random.key(0), 3)
+  x = jax.random.normal(keys[0], (2, rows // 2, 24))
+  kernel = jax.random.normal(keys[1], (24, 8))
+  bias = jax.random.normal(keys[2], (8,))
+  reference = lambda x, kernel, bias: x @ kernel + bias
+  _check_vjp(layers.dense, reference, (x, kernel, bias), atol=1e-4)
+  lowered = jax.jit(layers.dense).lower(x, kernel, bias).as_text()
+  assert ("optimization_barrier" in lowered) == (rows >= layers._TALL_MIN_ROWS)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_attention_core_vjp_matches_autodiff(causal):
   def reference(q, k, v):

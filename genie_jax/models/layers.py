@@ -77,6 +77,20 @@ def _fan_in_init(in_axes: Sequence[int]) -> Callable[..., jax.Array]:
       1.0, "fan_in", "truncated_normal", in_axis=tuple(in_axes), out_axis=())
 
 
+# Below this many rows (one generated frame's tokens) the transposed copy of k costs more
+# than the dot it speeds up, and no gradient is taken there.
+_TALL_MIN_ROWS = 2048
+
+
+def _matmul_tall_cpu(x2d: jax.Array, k2d: jax.Array) -> jax.Array:
+  # x @ k with k [K, N], K > N, against k held transposed: its gradient then comes out of
+  # the backward pass as the wide dy^T x ([N, K]) and is transposed after, where XLA:CPU
+  # would compute x^T dy ([K, N], a long contraction into few columns) at half speed.
+  # The barrier keeps XLA from folding the transposes back into the dots.
+  kt = jax.lax.optimization_barrier(k2d.T)
+  return jax.lax.dot_general(x2d, kt, (((1,), (1,)), ((), ())))
+
+
 def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None, *,
           in_axes: int = 1) -> jax.Array:
   """Contracts the last `in_axes` axes of x with the first ones of kernel (+ bias).
@@ -88,7 +102,11 @@ def dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None = None, *,
   """
   lead, contracted = x.shape[:x.ndim - in_axes], x.shape[x.ndim - in_axes:]
   out_axes = kernel.shape[in_axes:]
-  y = x.reshape(-1, math.prod(contracted)) @ kernel.reshape(math.prod(contracted), -1)
+  x2d, k2d = x.reshape(-1, math.prod(contracted)), kernel.reshape(math.prod(contracted), -1)
+  if k2d.shape[0] > k2d.shape[1] and x2d.shape[0] >= _TALL_MIN_ROWS:
+    y = jax.lax.platform_dependent(x2d, k2d, cpu=_matmul_tall_cpu, default=jnp.matmul)
+  else:
+    y = x2d @ k2d
   if bias is not None:
     y = y + bias.reshape(-1)
   return y.reshape(*lead, *out_axes)
