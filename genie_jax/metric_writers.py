@@ -1,4 +1,5 @@
-"""Metrics out of the trainer: TensorBoard events, a JSON-lines file, images and a progress line.
+"""Metrics out of the trainer: TensorBoard events, a JSON-lines file, images, optionally
+Weights & Biases, and a progress line.
 
 Only process 0 writes; every process calls these functions with the same (replicated) values,
 so no JAX computation ever runs on one process alone.
@@ -6,9 +7,14 @@ so no JAX computation ever runs on one process alone.
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+import secrets
+import tempfile
 import time
 from collections.abc import Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -17,6 +23,71 @@ from absl import logging
 from genie_jax import allocator
 from genie_jax import paths
 from genie_jax import visualize
+
+
+WANDB_MODES = ("online", "offline")
+# The workdir's W&B run: its id, so that a resumed run continues the same W&B run.
+WANDB_RUN_FILE = "wandb_run.json"
+
+
+def check_wandb_config(cfg: Any) -> None:
+  """Raises ValueError naming the config.wandb key that cannot work (before any work)."""
+  if cfg is None or not cfg.enabled:
+    return
+  if cfg.mode not in WANDB_MODES:
+    raise ValueError(f"config.wandb.mode={cfg.mode!r}; expected one of {list(WANDB_MODES)}")
+  if importlib.util.find_spec("wandb") is None:
+    raise ValueError("config.wandb.enabled=True needs the wandb package: pip install "
+                     "'genie_jax[wandb]' (or leave config.wandb.enabled False)")
+
+
+class WandbRun:
+  """The workdir's Weights & Biases run: scalars, images and GIF videos at their steps.
+
+  The run's id is kept in WORKDIR/wandb_run.json, so a resumed job logs into the same run
+  (steps W&B already holds are dropped by W&B, as TensorBoard's are purged by ours).
+  """
+
+  def __init__(self, workdir: str, cfg: Any, run_config: Mapping[str, Any] | None):
+    import wandb  # pylint: disable=g-import-not-at-top
+    self._wandb = wandb
+    id_path = paths.path(workdir) / WANDB_RUN_FILE
+    if id_path.exists():
+      run_id = json.loads(id_path.read_text())["id"]
+    else:
+      run_id = secrets.token_hex(6)  # W&B run ids: lower-case letters and digits.
+      paths.write_text(id_path, json.dumps({"id": run_id}))
+    if paths.is_remote(workdir):
+      local = tempfile.mkdtemp(prefix="genie_jax_wandb_")
+      if cfg.mode == "offline":
+        logging.warning("W&B offline files go to the local folder %s (the workdir is on Cloud "
+                        "Storage); `wandb sync` them from this machine.", local)
+    else:
+      local = os.path.join(workdir, "wandb")
+      os.makedirs(local, exist_ok=True)
+    self._scratch = tempfile.mkdtemp(prefix="genie_jax_wandb_media_")
+    self.run = wandb.init(
+        project=cfg.project or None, entity=cfg.entity or None,
+        name=cfg.name or os.path.basename(workdir.rstrip("/")), group=cfg.group or None,
+        tags=list(cfg.tags) or None, mode=cfg.mode, dir=local, id=run_id, resume="allow",
+        config=dict(run_config or {}))
+
+  def scalars(self, step: int, scalars: Mapping[str, float]) -> None:
+    self.run.log(dict(scalars), step=int(step))
+
+  def images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
+    self.run.log({k: self._wandb.Image(v) for k, v in images.items()}, step=int(step))
+
+  def videos(self, step: int, videos: Mapping[str, np.ndarray], fps: int) -> None:
+    logged = {}
+    for name, video_THWC in videos.items():
+      gif = os.path.join(self._scratch, f"{name}_{step:08d}.gif")
+      visualize.save_gif(gif, video_THWC, fps=fps)
+      logged[name] = self._wandb.Video(gif, format="gif")
+    self.run.log(logged, step=int(step))
+
+  def close(self) -> None:
+    self.run.finish()
 
 
 class MetricWriter:
@@ -28,13 +99,16 @@ class MetricWriter:
   """
 
   def __init__(self, workdir: str, *, first_step: int = 0, enabled: bool | None = None,
-               upload_every_s: float = 60.0):
+               upload_every_s: float = 60.0, wandb_config: Any = None,
+               run_config: Mapping[str, Any] | None = None):
     """Opens the writers; rows after `first_step` (left by a run that stopped after its last
-    checkpoint) are dropped, so a resumed run logs every step once."""
+    checkpoint) are dropped, so a resumed run logs every step once. With
+    `wandb_config.enabled` (config.wandb) also a W&B run whose config is `run_config`."""
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self.workdir = workdir
     self._tb = None
     self._jsonl = None
+    self._wandb = None
     self._upload_every_s = upload_every_s
     if self.enabled:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
@@ -54,6 +128,9 @@ class MetricWriter:
         with open(self._jsonl_path, "w", encoding="utf-8") as f:
           f.writelines(kept)
         self._jsonl = open(self._jsonl_path, "a", encoding="utf-8")
+    if self.enabled and wandb_config is not None and wandb_config.enabled:
+      check_wandb_config(wandb_config)
+      self._wandb = WandbRun(workdir, wandb_config, run_config)
 
   def _upload(self) -> None:
     """Cloud Storage: metrics.jsonl and TensorBoard's events as they are now."""
@@ -68,6 +145,8 @@ class MetricWriter:
     clean = {k: float(v) for k, v in scalars.items()}
     for name, value in clean.items():
       self._tb.add_scalar(name, value, step)
+    if self._wandb is not None:
+      self._wandb.scalars(step, clean)
     line = json.dumps({"step": int(step), **clean}) + "\n"
     if self._jsonl is not None:
       self._jsonl.write(line)
@@ -85,6 +164,8 @@ class MetricWriter:
       self._tb.add_image(name, image_HWC, step, dataformats="HWC")
       visualize.save_png(paths.join(self.workdir, "images", f"{name}_{step:08d}.png"),
                          image_HWC)
+    if self._wandb is not None:
+      self._wandb.images(step, images)
 
   def write_videos(self, step: int, videos: Mapping[str, np.ndarray], fps: int = 8) -> None:
     """Writes uint8 THWC videos as GIFs under workdir/images/."""
@@ -93,6 +174,8 @@ class MetricWriter:
     for name, video_THWC in videos.items():
       visualize.save_gif(paths.join(self.workdir, "images", f"{name}_{step:08d}.gif"),
                          video_THWC, fps=fps)
+    if self._wandb is not None:
+      self._wandb.videos(step, videos, fps)
 
   def flush(self) -> None:
     """Everything written so far is in the workdir (uploaded, on Cloud Storage)."""
@@ -112,6 +195,8 @@ class MetricWriter:
       self._jsonl.close()
     self._tb.close()
     self._tb_dir.close()
+    if self._wandb is not None:
+      self._wandb.close()
 
 
 class Progress:

@@ -46,12 +46,14 @@ import jax
 import numpy as np
 
 from genie_jax import allocator
+from genie_jax import distributed
 
 
 def define_flags() -> None:
   """The command-line flags; defined only when this module is the program, so that
   other entry points and tests can import it next to their own flags."""
   allocator.define_flags()
+  distributed.define_flags()
   flags.DEFINE_string("workdir", None, "A dynamics workdir written by genie_jax.main.")
   flags.DEFINE_integer("port", 8000, "Port to serve the page on.")
   flags.DEFINE_string("host", "127.0.0.1", "Address to serve on (0.0.0.0: all).")
@@ -372,6 +374,14 @@ def main(argv):
     arrow_actions = tuple(int(a) for a in flags.FLAGS.arrow_actions)
   except ValueError as e:
     raise app.UsageError(f"--arrow_actions={flags.FLAGS.arrow_actions}: {e}") from e
+  # The same distributed flags as every entry point; the page is served by one process.
+  single = ("play serves one page from one process; run it on one host with "
+            "--distributed=no (the workdir may be on gs://)")
+  if (distributed.num_processes_requested(flags.FLAGS) or 1) > 1:
+    raise app.UsageError(single)
+  distributed.initialize_from_flags()
+  if jax.process_count() > 1:
+    raise app.UsageError(f"{single}; this job has {jax.process_count()} processes")
   world = load_world(flags.FLAGS.workdir, step=flags.FLAGS.step,
                      temperature=flags.FLAGS.temperature, seed=flags.FLAGS.seed)
   prompts_BTHWC = load_prompts(flags.FLAGS.workdir, flags.FLAGS.num_prompts)

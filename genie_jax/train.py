@@ -59,6 +59,7 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
       raise ValueError(f"config.{key}={value} must be positive")
   optim.learning_rate_schedule(config.optimizer, config.total_steps)
   sharding.check_model_split(config.model, mesh, train_state.rules_of(config))
+  metric_writers.check_wandb_config(config.get("wandb"))
   profile = config.get("profile")
   if profile is not None:
     for key in ("start_step", "num_steps"):
@@ -279,7 +280,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   visualize_fn = jax.jit(
       lambda s, b: task.visualize(spec.model(s), jax.tree.map(lambda x: x[:n_images], b)),
       out_shardings=sharding.replicated(mesh))
-  writer = metric_writers.MetricWriter(workdir, first_step=first_step)
+  writer = metric_writers.MetricWriter(workdir, first_step=first_step,
+                                       wandb_config=config.get("wandb"),
+                                       run_config=checkpointing.config_to_dict(config))
   progress = metric_writers.Progress(first_step, config.total_steps, config.batch_size)
 
   def run_evals(step):

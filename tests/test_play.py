@@ -247,6 +247,16 @@ def test_bad_arrow_actions():
     play.Game(FakeWorld(), make_prompts(), arrow_actions=(0, 1, 2, 6))
 
 
+def test_play_takes_the_distributed_flags_and_serves_from_one_process(tmp_path):
+  import sys  # pylint: disable=import-outside-toplevel
+  out = subprocess.run(
+      [sys.executable, "-m", "genie_jax.play", f"--workdir={tmp_path / 'none'}",
+       "--num_processes=2", "--coordinator_address=127.0.0.1:1", "--malloc=system"],
+      capture_output=True, text=True, timeout=120)
+  assert out.returncode != 0
+  assert "serves one page from one process" in out.stderr and "--distributed=no" in out.stderr
+
+
 # --- The page in a real browser ----------------------------------------------------------
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -1,0 +1,85 @@
+r"""The single XLA:CPU ops behind `--cpu_dots` and `layers.dense`'s tall kernels, timed alone.
+
+  python benchmarks/cpu_ops.py                    # --cpu_dots=eigen, the default
+  python benchmarks/cpu_ops.py --cpu_dots=xla     # XLA's default dot library
+
+One row per op at the README "Benchmark" tokenizer's sizes (16384 tokens, d 256, FFN 1024,
+256 attention products of 256 x 64 by 64 x 256): best-of-7 milliseconds, GFLOP/s, and the
+process's CPU time over wall time while it runs (2.0: both cores of a 2-core machine busy).
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+from absl import app
+from absl import flags
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from genie_jax import allocator
+from genie_jax.models import layers
+# pylint: enable=g-import-not-at-top,wrong-import-position
+
+_REPEATS = 7
+
+
+def _cpu_seconds() -> float:
+  usage = resource.getrusage(resource.RUSAGE_SELF)
+  return usage.ru_utime + usage.ru_stime
+
+
+def _time(fn, *args) -> tuple[float, float]:
+  """(best seconds of `_REPEATS` calls, CPU time over wall time across them)."""
+  jax.block_until_ready(fn(*args))
+  best, cpu0, wall0 = float("inf"), _cpu_seconds(), time.perf_counter()
+  for _ in range(_REPEATS):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    best = min(best, time.perf_counter() - t0)
+  return best, (_cpu_seconds() - cpu0) / (time.perf_counter() - wall0)
+
+
+def _ops():
+  m, d, f, g, s, e = 16384, 256, 1024, 256, 256, 64
+  ones = lambda *shape: jnp.ones(shape, jnp.float32)
+  contract_rows = lambda a, b: jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())))
+  return [
+      ("2-D matmul x @ W (feed-forward up)", jax.jit(lambda x, w: x @ w),
+       (ones(m, d), ones(d, f)), 2 * m * d * f),
+      ("batched matmul q k^T (spatial attention)",
+       jax.jit(lambda q, k: jnp.einsum("gse,gte->gst", q, k)), (ones(g, s, e), ones(g, s, e)),
+       2 * g * s * s * e),
+      ("weight gradient x^T dy into [1024, 256]", jax.jit(contract_rows),
+       (ones(m, f), ones(m, d)), 2 * m * f * d),
+      ("weight gradient dy^T x into [256, 1024]", jax.jit(contract_rows),
+       (ones(m, d), ones(m, f)), 2 * m * f * d),
+      ("feed-forward down projection, forward and backward (layers.dense)",
+       jax.jit(jax.grad(lambda x, w: jnp.sum(layers.dense(x, w)), argnums=(0, 1))),
+       (ones(m, f), ones(f, d)), 3 * 2 * m * f * d),
+      ("column sum over 16384 rows", jax.jit(lambda x: jnp.sum(x, axis=0)), (ones(m, f),),
+       m * f),
+  ]
+
+
+def main(argv):
+  del argv
+  print(f"{jax.devices()[0].device_kind} ({jax.default_backend()}), {os.cpu_count()} cores, "
+        f"jax {jax.__version__}, malloc {allocator.in_use()}, cpu dots "
+        f"{flags.FLAGS.cpu_dots}")
+  print("| op | ms | GFLOP/s | CPU time / wall time |")
+  print("|---|---|---|---|")
+  for name, fn, args, flop in _ops():
+    seconds, busy = _time(fn, *args)
+    print(f"| {name} | {1e3 * seconds:.2f} | {flop / seconds / 1e9:.0f} | {busy:.2f} |",
+          flush=True)
+
+
+if __name__ == "__main__":
+  allocator.define_flags()
+  app.run(allocator.entry_point(main))
