@@ -45,6 +45,11 @@ def _time(fn, *args) -> tuple[float, float]:
   return best, (_cpu_seconds() - cpu0) / (time.perf_counter() - wall0)
 
 
+def _value_and_vjp(fn, cotangent, *args):
+  value, vjp = jax.vjp(fn, *args)
+  return value, vjp(cotangent)
+
+
 def _ops():
   m, d, f, g, s, e = 16384, 256, 1024, 256, 256, 64
   ones = lambda *shape: jnp.ones(shape, jnp.float32)
@@ -60,8 +65,9 @@ def _ops():
       ("weight gradient dy^T x into [256, 1024]", jax.jit(contract_rows),
        (ones(m, d), ones(m, f)), 2 * m * f * d),
       ("feed-forward down projection, forward and backward (layers.dense)",
-       jax.jit(jax.grad(lambda x, w: jnp.sum(layers.dense(x, w)), argnums=(0, 1))),
-       (ones(m, f), ones(f, d)), 3 * 2 * m * f * d),
+       jax.jit(lambda x, w, dy: _value_and_vjp(layers.dense, dy, x, w)),
+       (ones(m, f), ones(f, d), jax.random.normal(jax.random.key(0), (m, d))),
+       3 * 2 * m * f * d),
       ("column sum over 16384 rows", jax.jit(lambda x: jnp.sum(x, axis=0)), (ones(m, f),),
        m * f),
   ]
