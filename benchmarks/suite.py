@@ -241,6 +241,9 @@ def main(argv):
         f"{os.cpu_count()} cores, jax {jax.__version__}, float32, malloc "
         f"{allocator.in_use()}, cpu dots {flags.FLAGS.cpu_dots}, matmul peak {peak / 1e9:.1f} "
         "GFLOP/s")
+  if _BREAKDOWN.value and jax.default_backend() == "cpu" and flags.FLAGS.cpu_dots == "eigen":
+    print("note: Eigen's 2-D dots leave no trace events; the breakdowns' matmuls are the "
+          "batched ones only (--cpu_dots=xla traces every dot)")
   header = ("| kind | what | shape | batch | compile s | ms (per step / frame / batch) | "
             "rate | GFLOP/step | MFU | peak RSS MiB |")
   print(header)

@@ -159,7 +159,7 @@ def use_cpu_dots(cpu_dots: str) -> None:
 
 def jax_backends_started() -> bool:
   from jax._src import xla_bridge  # pylint: disable=g-import-not-at-top
-  return bool(getattr(xla_bridge, "_backends", None))  # pylint: disable=protected-access
+  return xla_bridge.backends_are_initialized()
 
 
 def entry_point(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:

@@ -109,9 +109,9 @@ def base_config() -> ml_collections.ConfigDict:
   # plugin or xprof; num_steps=0: none. Process 0 only, unless all_processes.
   config.profile = ml_collections.ConfigDict(dict(start_step=10, num_steps=0,
                                                   all_processes=False))
-  # Weights & Biases beside TensorBoard (process 0; `pip install 'genie_jax[wandb]'`).
-  # mode "offline" writes the run under WORKDIR/wandb (a local folder where the workdir is on
-  # Cloud Storage) for `wandb sync`. Empty strings: W&B's defaults; name: the workdir's.
+  # Weights & Biases beside TensorBoard (process 0; needs the wandb package: the [wandb]
+  # extra). mode "offline" writes each job's run under WORKDIR/wandb for `wandb sync`, one
+  # group per workdir. Empty strings: W&B's defaults; name: the workdir's last two folders.
   config.wandb = ml_collections.ConfigDict(dict(
       enabled=False, mode="online", project="genie_jax", entity="", name="", group="",
       tags=[]))

@@ -11,6 +11,8 @@ import importlib.util
 import json
 import os
 import secrets
+import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Mapping
@@ -38,39 +40,46 @@ def check_wandb_config(cfg: Any) -> None:
     raise ValueError(f"config.wandb.mode={cfg.mode!r}; expected one of {list(WANDB_MODES)}")
   if importlib.util.find_spec("wandb") is None:
     raise ValueError("config.wandb.enabled=True needs the wandb package: pip install "
-                     "'genie_jax[wandb]' (or leave config.wandb.enabled False)")
+                     "wandb==0.31.0 (pip install -e '.[wandb]' in a checkout), or leave "
+                     "config.wandb.enabled False")
 
 
 class WandbRun:
   """The workdir's Weights & Biases run: scalars, images and GIF videos at their steps.
 
-  The run's id is kept in WORKDIR/wandb_run.json, so a resumed job logs into the same run
-  (steps W&B already holds are dropped by W&B, as TensorBoard's are purged by ours).
+  Online, the run's id is kept in WORKDIR/wandb_run.json, so a resumed job logs into the same
+  run (steps W&B already holds are dropped by W&B, as TensorBoard's are purged by ours).
+  Offline runs cannot be resumed by W&B: each job writes a run of its own, all in one group
+  (default: the workdir), each synced with `wandb sync`. The local files of a workdir on Cloud
+  Storage are copied into WORKDIR/wandb when the writer closes.
   """
 
   def __init__(self, workdir: str, cfg: Any, run_config: Mapping[str, Any] | None):
     import wandb  # pylint: disable=g-import-not-at-top
     self._wandb = wandb
-    id_path = paths.path(workdir) / WANDB_RUN_FILE
-    if id_path.exists():
-      run_id = json.loads(id_path.read_text())["id"]
+    self._workdir = workdir
+    # Default name: the workdir's last two folders (a pipeline's "genie/tokenizer").
+    label = "/".join(workdir.rstrip("/").split("/")[-2:])
+    run_id = secrets.token_hex(6)  # W&B run ids: lower-case letters and digits.
+    if cfg.mode == "online":
+      id_path = paths.path(workdir) / WANDB_RUN_FILE
+      if id_path.exists():
+        run_id = json.loads(id_path.read_text())["id"]
+      else:
+        paths.write_text(id_path, json.dumps({"id": run_id}))
+    self._remote = paths.is_remote(workdir)
+    if self._remote:
+      self._local = tempfile.mkdtemp(prefix="genie_jax_wandb_")
     else:
-      run_id = secrets.token_hex(6)  # W&B run ids: lower-case letters and digits.
-      paths.write_text(id_path, json.dumps({"id": run_id}))
-    if paths.is_remote(workdir):
-      local = tempfile.mkdtemp(prefix="genie_jax_wandb_")
-      if cfg.mode == "offline":
-        logging.warning("W&B offline files go to the local folder %s (the workdir is on Cloud "
-                        "Storage); `wandb sync` them from this machine.", local)
-    else:
-      local = os.path.join(workdir, "wandb")
-      os.makedirs(local, exist_ok=True)
+      self._local = os.path.join(workdir, "wandb")
+      os.makedirs(self._local, exist_ok=True)
+    self._offline = cfg.mode == "offline"
     self._scratch = tempfile.mkdtemp(prefix="genie_jax_wandb_media_")
     self.run = wandb.init(
-        project=cfg.project or None, entity=cfg.entity or None,
-        name=cfg.name or os.path.basename(workdir.rstrip("/")), group=cfg.group or None,
-        tags=list(cfg.tags) or None, mode=cfg.mode, dir=local, id=run_id, resume="allow",
-        config=dict(run_config or {}))
+        project=cfg.project or None, entity=cfg.entity or None, name=cfg.name or label,
+        group=cfg.group or (label if self._offline else None), tags=list(cfg.tags) or None,
+        mode=cfg.mode, dir=self._local, id=run_id,
+        resume=None if self._offline else "allow", config=dict(run_config or {}))
 
   def scalars(self, step: int, scalars: Mapping[str, float]) -> None:
     self.run.log(dict(scalars), step=int(step))
@@ -83,11 +92,17 @@ class WandbRun:
     for name, video_THWC in videos.items():
       gif = os.path.join(self._scratch, f"{name}_{step:08d}.gif")
       visualize.save_gif(gif, video_THWC, fps=fps)
-      logged[name] = self._wandb.Video(gif, format="gif")
+      # Apart from the image of the same name at the same step (the trainer logs both).
+      logged[f"{name}_video"] = self._wandb.Video(gif, format="gif")
     self.run.log(logged, step=int(step))
 
-  def close(self) -> None:
-    self.run.finish()
+  def close(self, exit_code: int = 0) -> None:
+    self.run.finish(exit_code=exit_code)
+    shutil.rmtree(self._scratch, ignore_errors=True)
+    if self._remote:
+      if self._offline:
+        paths.copy_tree(self._local, paths.join(self._workdir, "wandb"))
+      shutil.rmtree(self._local, ignore_errors=True)
 
 
 class MetricWriter:
@@ -196,7 +211,8 @@ class MetricWriter:
     self._tb.close()
     self._tb_dir.close()
     if self._wandb is not None:
-      self._wandb.close()
+      # Called from the trainer's `finally`: a failing run is marked failed in W&B.
+      self._wandb.close(exit_code=1 if sys.exc_info()[0] is not None else 0)
 
 
 class Progress:

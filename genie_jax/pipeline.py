@@ -39,6 +39,7 @@ from genie_jax import distributed
 from genie_jax import evaluators as evaluators_lib
 from genie_jax import evaluate as evaluate_lib
 from genie_jax import generate as generate_lib
+from genie_jax import metric_writers
 from genie_jax import paths
 from genie_jax import tasks
 from genie_jax import train
@@ -89,6 +90,7 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, o
     if stage != "dynamics":
       tasks.get_task(stage_config)
     evaluators_lib.check_configs(stage_config)
+    metric_writers.check_wandb_config(stage_config.get("wandb"))
     # A stage workdir is reused or continued only with the config it was trained with (a
     # finished 256-code tokenizer must not stand in for the 64 codes asked for).
     checkpointing.check_resume_config(stage_dir, stage_config)

@@ -377,7 +377,9 @@ def main(argv):
   # The same distributed flags as every entry point; the page is served by one process.
   single = ("play serves one page from one process; run it on one host with "
             "--distributed=no (the workdir may be on gs://)")
-  if (distributed.num_processes_requested(flags.FLAGS) or 1) > 1:
+  if flags.FLAGS.distributed != "no" and (
+      (distributed.num_processes_requested(flags.FLAGS) or 1) > 1
+      or distributed.cluster_detected()):
     raise app.UsageError(single)
   distributed.initialize_from_flags()
   if jax.process_count() > 1:

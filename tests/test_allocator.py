@@ -95,14 +95,16 @@ def test_a_loader_that_drops_the_setting_does_not_loop(tmp_path):
 _DOTS_PROGRAM = textwrap.dedent("""\
     import os
     from absl import app
+    import jax
+    import jax.numpy as jnp
     from genie_jax import allocator
 
     def main(argv):
-      import jax
-      import jax.numpy as jnp
       x = jnp.ones((4, 64, 32))
       hlo = jax.jit(lambda a: a @ jnp.swapaxes(a, 1, 2)).lower(x).compile().as_text()
-      print("RESULT", os.environ.get("XLA_FLAGS", ""), "__ynn_fusion" in hlo, sep="|")
+      sums = jax.jit(lambda a: jnp.sum(a, axis=(0, 1))).lower(x).compile().as_text()
+      print("RESULT", os.environ.get("XLA_FLAGS", ""), "__ynn_fusion" in hlo,
+            "__ynn_fusion" in sums, sep="|")
 
     if __name__ == "__main__":
       allocator.define_flags()
@@ -129,6 +131,8 @@ def test_cpu_dots_reach_xla_before_the_backend_starts(tmp_path, args, env_flags,
   (result,) = [line.split("|")[1:] for line in out.stdout.splitlines()
                if line.startswith("RESULT")]
   assert result[1] == str(ynn_dots), result
+  if not env_flags:
+    assert result[2] == "True", result  # Reductions stay with YNNPACK either way.
   assert result[0].count("ynn_fusion_type") == (0 if args == ["--cpu_dots=xla"] else 1)
 
 

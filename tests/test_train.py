@@ -139,20 +139,6 @@ def test_data_parallel_fsdp_and_tensor_parallel_match_one_device(tmp_path):
   assert base[-1] < base[0]
 
 
-def test_transposed_tall_kernels_shard_like_the_rest(tmp_path, monkeypatch):
-  # Every tall kernel through its transposed copy (layers.dense), whatever the row count.
-  from genie_jax.models import layers  # pylint: disable=import-outside-toplevel
-  monkeypatch.setattr(layers, "_TALL_MIN_ROWS", 0)
-  config = tiny_config(str(tmp_path))
-  devices = jax.devices()
-  base, base_params, _ = _losses_on_mesh(config, dict(data=1, fsdp=1, tensor=1), devices[:1])
-  for mesh_shape in (dict(data=1, fsdp=8, tensor=1), dict(data=2, fsdp=2, tensor=2)):
-    losses, params, _ = _losses_on_mesh(config, mesh_shape, devices)
-    np.testing.assert_allclose(losses, base, rtol=2e-5, err_msg=str(mesh_shape))
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5),
-                 params, base_params)
-
-
 # --- Checkpoints and exact resume -----------------------------------------------------------
 
 

@@ -77,8 +77,8 @@ def _fan_in_init(in_axes: Sequence[int]) -> Callable[..., jax.Array]:
       1.0, "fan_in", "truncated_normal", in_axis=tuple(in_axes), out_axis=())
 
 
-# Below this many rows (one generated frame's tokens) the transposed copy of k costs more
-# than the dot it speeds up, and no gradient is taken there.
+# Below this many rows (a generated frame is 256 rows per clip) the transposed copy of k
+# costs more than the dot it speeds up, and no gradient is taken there.
 _TALL_MIN_ROWS = 2048
 
 
