@@ -87,11 +87,13 @@ class WandbRun:
   def images(self, step: int, images: Mapping[str, np.ndarray]) -> None:
     self.run.log({k: self._wandb.Image(v) for k, v in images.items()}, step=int(step))
 
-  def videos(self, step: int, videos: Mapping[str, np.ndarray], fps: int) -> None:
+  def videos(self, step: int, gifs: Mapping[str, bytes]) -> None:
+    """Encoded GIFs (`visualize.gif_bytes`), which W&B reads from a local file."""
     logged = {}
-    for name, video_THWC in videos.items():
+    for name, data in gifs.items():
       gif = os.path.join(self._scratch, f"{name}_{step:08d}.gif")
-      visualize.save_gif(gif, video_THWC, fps=fps)
+      with open(gif, "wb") as f:
+        f.write(data)
       # Apart from the image of the same name at the same step (the trainer logs both).
       logged[f"{name}_video"] = self._wandb.Video(gif, format="gif")
     self.run.log(logged, step=int(step))
@@ -118,7 +120,8 @@ class MetricWriter:
                run_config: Mapping[str, Any] | None = None):
     """Opens the writers; rows after `first_step` (left by a run that stopped after its last
     checkpoint) are dropped, so a resumed run logs every step once. With
-    `wandb_config.enabled` (config.wandb) also a W&B run whose config is `run_config`."""
+    `wandb_config.enabled` (config.wandb, checked before any work by `check_wandb_config`)
+    also a W&B run whose config is `run_config`."""
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self.workdir = workdir
     self._tb = None
@@ -144,7 +147,6 @@ class MetricWriter:
           f.writelines(kept)
         self._jsonl = open(self._jsonl_path, "a", encoding="utf-8")
     if self.enabled and wandb_config is not None and wandb_config.enabled:
-      check_wandb_config(wandb_config)
       self._wandb = WandbRun(workdir, wandb_config, run_config)
 
   def _upload(self) -> None:
@@ -186,11 +188,11 @@ class MetricWriter:
     """Writes uint8 THWC videos as GIFs under workdir/images/."""
     if not self.enabled:
       return
-    for name, video_THWC in videos.items():
-      visualize.save_gif(paths.join(self.workdir, "images", f"{name}_{step:08d}.gif"),
-                         video_THWC, fps=fps)
+    gifs = {name: visualize.gif_bytes(video_THWC, fps) for name, video_THWC in videos.items()}
+    for name, data in gifs.items():
+      paths.write_bytes(paths.join(self.workdir, "images", f"{name}_{step:08d}.gif"), data)
     if self._wandb is not None:
-      self._wandb.videos(step, videos, fps)
+      self._wandb.videos(step, gifs)
 
   def flush(self) -> None:
     """Everything written so far is in the workdir (uploaded, on Cloud Storage)."""

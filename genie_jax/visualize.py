@@ -55,10 +55,15 @@ def save_png(path: str, image_HWC: np.ndarray) -> None:
   paths.write_bytes(path, iio.imwrite("<bytes>", to_uint8(image_HWC), extension=".png"))
 
 
+def gif_bytes(video_THWC: np.ndarray, fps: int = 8) -> bytes:
+  """A looping GIF of the video, encoded."""
+  return iio.imwrite("<bytes>", to_uint8(video_THWC), extension=".gif", duration=1000 / fps,
+                     loop=0)
+
+
 def save_gif(path: str, video_THWC: np.ndarray, fps: int = 8) -> None:
   """Writes a looping GIF to a local or gs:// path."""
-  paths.write_bytes(path, iio.imwrite("<bytes>", to_uint8(video_THWC), extension=".gif",
-                                      duration=1000 / fps, loop=0))
+  paths.write_bytes(path, gif_bytes(video_THWC, fps))
 
 
 def label_frames(video_THWC: np.ndarray, labels: list[str | None], *, scale: int = 1
