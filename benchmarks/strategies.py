@@ -115,6 +115,7 @@ def measure(config, name: str) -> dict[str, float]:
   config.mesh_dcn = mesh_dcn or dict(data=1, fsdp=1, tensor=1)
   devices = jax.devices()[:1] if name == "1dev" else jax.devices()
   task = tasks.get_task(config)
+  config = task.config
   mesh = sharding.mesh_from_config(config, devices)
   train.check_config(config, mesh)
   spec = train_state.make_state_spec(task, config, mesh)

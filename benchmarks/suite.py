@@ -167,9 +167,7 @@ def _breakdown_lines(b: dict, per: str) -> list[str]:
 
 
 def _genie(config) -> genie_lib.Genie:
-  task = tasks.get_task(config)
-  task.validate()
-  return genie_lib.Genie(task.make_model(nnx.Rngs(0)))
+  return genie_lib.Genie(tasks.get_task(config).make_model(nnx.Rngs(0)))
 
 
 def bench_rollout(config, num_frames: int, peak: float) -> dict[str, float]:

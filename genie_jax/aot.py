@@ -84,11 +84,12 @@ def abstract_batch(config: ml_collections.ConfigDict, spec: train_state.StateSpe
 
 
 def _stage_spec(config: ml_collections.ConfigDict, devices: Sequence[jax.Device]):
-  """(task, mesh, spec) of a stage config on `devices`, after the trainer's checks."""
+  """(task, mesh, spec) of a stage config on `devices`, after the trainer's checks; the
+  task's config is the one filled in from the stages it builds on."""
   task = tasks.get_task(config)
-  mesh = sharding.mesh_from_config(config, list(devices))
-  train.check_config(config, mesh)
-  return task, mesh, train_state.make_state_spec(task, config, mesh)
+  mesh = sharding.mesh_from_config(task.config, list(devices))
+  train.check_config(task.config, mesh)
+  return task, mesh, train_state.make_state_spec(task, task.config, mesh)
 
 
 def compile_for(config: ml_collections.ConfigDict, devices: Sequence[jax.Device],
@@ -102,7 +103,7 @@ def compile_for(config: ml_collections.ConfigDict, devices: Sequence[jax.Device]
   """
   task, mesh, spec = _stage_spec(config, devices)
   compiled = train_state.jit_train_step(task, spec, config.seed).lower(
-      spec.abstract, abstract_batch(config, spec)).compile()
+      spec.abstract, abstract_batch(task.config, spec)).compile()
   return _report(compiled, mesh, hbm_bytes)
 
 
@@ -148,7 +149,7 @@ def compile_evaluators_for(config: ml_collections.ConfigDict, devices: Sequence[
   `devices`, on the mesh and shardings training uses; {'<evaluator>/<function>': report}."""
   task, mesh, spec = _stage_spec(config, devices)
   reports = {}
-  for evaluator in evaluators.build_evaluators(config, task, spec):
+  for evaluator in evaluators.build_evaluators(task.config, task, spec):
     for name, lowered in evaluator.lower(spec.abstract).items():
       reports[f"{evaluator.name}/{name}"] = _report(lowered.compile(), mesh, hbm_bytes)
   return reports

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grain
@@ -123,11 +123,6 @@ RESUMABLE_KEYS = ("total_steps", "log_every_steps", "images_every_steps", "num_i
                   "profile", "wandb")
 
 
-# Keys a task fills in from elsewhere when it starts (the dynamics task: its stages' model
-# configs, read from their workdirs): compared only where both configs hold them, so that a
-# fresh config (not filled in yet) or a workdir written before the keys existed still matches.
-DERIVED_KEYS = ("tokenizer_model", "lam_model")
-
 # Model keys added after some workdirs were written, with the value such a workdir's model
 # has (the model reads a missing key as this): a saved config without the key matches a new
 # config that holds this value.
@@ -148,8 +143,13 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
   return flat
 
 
-def check_resume_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+def check_resume_config(workdir: str, config: ml_collections.ConfigDict,
+                        derived_keys: Sequence[str] = ()) -> None:
   """Refuses to continue a workdir with a config that changes what was trained.
+
+  `derived_keys` (`tasks.derived_keys`: what a stage takes from the stages it builds on) are
+  compared only where both configs hold them, so that a workdir written before they were
+  saved still matches.
 
   Raises:
     ValueError: listing the keys that differ from workdir/config.json, other than
@@ -162,7 +162,7 @@ def check_resume_config(workdir: str, config: ml_collections.ConfigDict) -> None
   new = _flatten(config_to_dict(config))
   under = lambda key, k: key == k or key.startswith(k + ".")
   skip = list(RESUMABLE_KEYS) + [
-      k for k in DERIVED_KEYS
+      k for k in derived_keys
       if not (any(under(key, k) for key in saved) and any(under(key, k) for key in new))]
   changed = sorted(
       key for key in set(saved) | set(new)

@@ -22,10 +22,10 @@ from genie_jax import checkpointing
 from genie_jax import config_lib
 from genie_jax import distributed
 from genie_jax import evaluators as evaluators_lib
+from genie_jax import model_spec
 from genie_jax import paths
 from genie_jax import sharding
 from genie_jax import tasks
-from genie_jax import train_state
 from genie_jax import visualize
 
 
@@ -73,11 +73,14 @@ def evaluate(workdir: str, *, step: int | None = None, num_batches: int | None =
         eval_cfg.num_batches = num_batches
     apply_eval_settings(config, eval_settings or [])
   task = tasks.get_task(config)
+  config = task.config
   mesh = sharding.mesh_from_config(config)
-  spec = train_state.make_state_spec(task, config, mesh)
+  spec = model_spec.make_model_spec(task, config, mesh)
   ckpt = checkpointing.Checkpointer(workdir, config.checkpoint, read_only=True)
-  step, state = ckpt.restore(step, spec.abstract)
-  ckpt.close()
+  try:
+    step, state = ckpt.restore_model(step, spec.abstract)
+  finally:
+    ckpt.close()
 
   out_dir = out_dir or paths.join(workdir, "eval")
   results: dict[str, float] = {"step": step}

@@ -55,18 +55,36 @@ def define_flags() -> None:
   flags.DEFINE_string("workdir", None, "Root of the three stage workdirs and report.")
   flags.mark_flags_as_required(["config", "workdir"])
 
-STAGES = ("tokenizer", "lam", "dynamics")
+
+def stage_names(config: ml_collections.ConfigDict) -> list[str]:
+  """The pipeline config's stage sections (those holding a `stage` key), every one after
+  the stages it builds on (`Task.depends_on`)."""
+  return tasks.stage_order({name: value.stage for name, value in config.items()
+                            if isinstance(value, ml_collections.ConfigDict) and "stage" in value})
 
 
 def stage_configs(config: ml_collections.ConfigDict, workdir: str
                   ) -> dict[str, tuple[str, ml_collections.ConfigDict]]:
-  """{stage: (its workdir, its config)}, the dynamics config pointed at the other two."""
-  dirs = {stage: paths.join(workdir, stage) for stage in STAGES}
-  dynamics = config.dynamics
-  with dynamics.unlocked():
-    dynamics.tokenizer_workdir = dirs["tokenizer"]
-    dynamics.lam_workdir = dirs["lam"]
-  return {stage: (dirs[stage], config[stage]) for stage in STAGES}
+  """{stage: (its workdir WORKDIR/<stage>, its config)} in training order, each stage's
+  config pointed at the workdirs of the stages it builds on."""
+  names = stage_names(config)
+  dirs = {name: paths.join(workdir, name) for name in names}
+  for name in names:
+    stage_config = config[name]
+    with stage_config.unlocked():
+      for dep in tasks.task_class(stage_config.stage).depends_on:
+        stage_config[dep.workdir_key] = dirs[dep.name]
+  return {name: (dirs[name], config[name]) for name in names}
+
+
+def _upstream_models(stages: dict[str, tuple[str, ml_collections.ConfigDict]], name: str
+                     ) -> dict[str, ml_collections.ConfigDict]:
+  """The model configs of the stages `name` builds on that have no trained workdir yet: the
+  pipeline's own (a trained one's config.json is read, as training will read it)."""
+  stage_config = stages[name][1]
+  return {dep.name: stages[dep.name][1].model
+          for dep in tasks.task_class(stage_config.stage).depends_on
+          if not (paths.path(stages[dep.name][0]) / checkpointing.CONFIG_FILE).exists()}
 
 
 def _finished(workdir: str, config: ml_collections.ConfigDict) -> bool:
@@ -83,17 +101,16 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, o
   """Trains what is not trained yet, evaluates everything, writes WORKDIR/report."""
   check_report_config(config)
   stages = stage_configs(config, workdir)
-  # What can be checked before stage 1 trains is checked now: the report's thresholds, the
-  # stage-1/2 tasks, every evaluator's settings. (The dynamics task itself needs the trained
-  # stages' configs.)
+  # Everything that can be checked before the first stage trains is checked now: the report's
+  # thresholds, every stage's task (a later stage's on the configs of the stages it builds
+  # on), every evaluator's settings.
   for stage, (stage_dir, stage_config) in stages.items():
-    if stage != "dynamics":
-      tasks.get_task(stage_config)
-    evaluators_lib.check_configs(stage_config)
-    metric_writers.check_wandb_config(stage_config.get("wandb"))
+    resolved = tasks.get_task(stage_config, _upstream_models(stages, stage)).config
+    evaluators_lib.check_configs(resolved)
+    metric_writers.check_wandb_config(resolved.get("wandb"))
     # A stage workdir is reused or continued only with the config it was trained with (a
     # finished 256-code tokenizer must not stand in for the 64 codes asked for).
-    checkpointing.check_resume_config(stage_dir, stage_config)
+    checkpointing.check_resume_config(stage_dir, resolved, tasks.derived_keys((resolved.stage,)))
   timings = {}
   for stage, (stage_dir, stage_config) in stages.items():
     if _finished(stage_dir, stage_config):

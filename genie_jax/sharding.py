@@ -186,6 +186,13 @@ def _device_array(devices: list[jax.Device], sizes: list[int]) -> np.ndarray:
     return np.asarray(devices).reshape(sizes)
 
 
+def rules_of(config: Any) -> tuple[tuple[str, MeshAxes], ...]:
+  """config.sharding.rules as a tuple of (logical name, mesh axes) (JSON turns tuples into
+  lists)."""
+  return tuple((name, tuple(axes) if isinstance(axes, list) else axes)
+               for name, axes in config.sharding.rules)
+
+
 def logical_to_spec(names: Sequence[str | None], rules: Rules) -> P:
   """Maps logical axis names to a PartitionSpec over mesh axes with `rules`."""
   table = dict(rules)

@@ -1,8 +1,8 @@
 """Restoring a trained stage from its workdir, for later stages, generation and play.
 
 The model is rebuilt from the config saved beside the checkpoint (workdir/config.json), never
-from the caller's flags, and only its weights and state are read from the checkpoint (no
-optimizer state, no data iterator).
+from the caller's flags, and only its weights and state are read from the checkpoint: no
+optimizer is built, and no optimizer state or data iterator is read.
 """
 
 from __future__ import annotations
@@ -12,13 +12,14 @@ from typing import Any
 
 import jax
 import ml_collections
+from absl import logging
 from flax import nnx
 
 from genie_jax import checkpointing
+from genie_jax import model_spec
 from genie_jax import paths
 from genie_jax import sharding
 from genie_jax import tasks
-from genie_jax import train_state
 
 
 @dataclasses.dataclass(frozen=True)
@@ -28,13 +29,13 @@ class LoadedStage:
   Attributes:
     config: the (locked) config it was trained with, from workdir/config.json.
     task: its Task, built from `config`.
-    spec: the StateSpec of `config` on the mesh it was loaded onto.
+    spec: the ModelSpec of `config` on the mesh it was loaded onto.
     model: the nnx module with the restored weights.
     step: the checkpoint step restored.
   """
   config: ml_collections.ConfigDict
   task: tasks.Task
-  spec: train_state.StateSpec
+  spec: model_spec.ModelSpec
   model: nnx.Module
   step: int
 
@@ -67,7 +68,8 @@ def load_stage(workdir: str, *, step: int | None = None, mesh: jax.sharding.Mesh
     raise ValueError(f"workdir {workdir!r} holds a {config.stage!r} stage "
                      f"(config.stage in its config.json), not the {expect_stage!r} stage expected")
   task = tasks.get_task(config)
-  spec = train_state.make_state_spec(task, config, mesh or default_mesh())
+  config = task.config
+  spec = model_spec.make_model_spec(task, config, mesh or default_mesh())
   ckpt = checkpointing.Checkpointer(workdir, config.checkpoint, read_only=True)
   try:
     available = ckpt.all_steps()
@@ -76,15 +78,14 @@ def load_stage(workdir: str, *, step: int | None = None, mesh: jax.sharding.Mesh
     if step is not None and step not in available:
       raise FileNotFoundError(f"workdir {workdir!r} has no checkpoint of step {step}; it has "
                               f"steps {sorted(available)}")
-    abstract = {k: spec.abstract[k] for k in ("params", "model_state")}
-    step, restored = ckpt.restore_model(step, abstract)
+    step, restored = ckpt.restore_model(step, spec.abstract)
   finally:
     ckpt.close()
   model = spec.model(restored)
   return LoadedStage(config=config, task=task, spec=spec, model=model, step=step)
 
 
-def graft(state: dict[str, Any], spec: train_state.StateSpec, path: str,
+def graft(state: dict[str, Any], spec: model_spec.ModelSpec, path: str,
           source: nnx.Module) -> dict[str, Any]:
   """Copies every variable of `source` into the submodule `path` of the state's model.
 
@@ -104,3 +105,21 @@ def graft(state: dict[str, Any], spec: train_state.StateSpec, path: str,
   return dict(state,
               params=jax.device_put(params, spec.shardings["params"]),
               model_state=jax.device_put(model_state, spec.shardings["model_state"]))
+
+
+def init_from_dependencies(task: tasks.Task, state: dict[str, Any], spec: model_spec.ModelSpec
+                           ) -> dict[str, Any]:
+  """A fresh train state with the weights of every stage the task builds on
+  (`task.depends_on`) grafted in, each restored from its workdir at its configured step
+  onto the state's mesh.
+
+  The trainer calls this on a fresh start only, never on resume (the checkpoint then holds
+  them).
+  """
+  for dep in task.depends_on:
+    workdir = task.config[dep.workdir_key]
+    loaded = load_stage(workdir, step=task.config.get(dep.step_key) or None, mesh=spec.mesh,
+                        expect_stage=dep.stage)
+    state = graft(state, spec, dep.name, loaded.model)
+    logging.info("Initialised %s from %s, step %d", dep.name, workdir, loaded.step)
+  return state

@@ -35,6 +35,7 @@ from genie_jax import optim
 from genie_jax import paths
 from genie_jax import profiling
 from genie_jax import sharding
+from genie_jax import stages
 from genie_jax import tasks
 from genie_jax import train_state
 from genie_jax import visualize
@@ -58,7 +59,7 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
     if value <= 0:
       raise ValueError(f"config.{key}={value} must be positive")
   optim.learning_rate_schedule(config.optimizer, config.total_steps)
-  sharding.check_model_split(config.model, mesh, train_state.rules_of(config))
+  sharding.check_model_split(config.model, mesh, sharding.rules_of(config))
   metric_writers.check_wandb_config(config.get("wandb"))
   profile = config.get("profile")
   if profile is not None:
@@ -237,11 +238,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     The last logged training metrics (handy for tests and sweeps).
   """
   # --- Task and config checks: everything that can be wrong is found before work starts.
+  # The task's config holds what it takes from the stages it builds on; it is the one saved.
   task = tasks.get_task(config)
+  config = task.config
   mesh = sharding.mesh_from_config(config, devices)
   check_config(config, mesh)
   check_fault_config(config)
-  checkpointing.check_resume_config(workdir, config)
+  checkpointing.check_resume_config(workdir, config, tasks.derived_keys((config.stage,)))
   logging.info("Mesh %s over %d devices in %d processes", dict(mesh.shape), mesh.size,
                jax.process_count())
 
@@ -264,7 +267,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     _, state = ckpt.restore(None, spec.abstract, train_iter)
   else:
     # Earlier stages' weights enter on a fresh start only: on resume the checkpoint has them.
-    state = task.init_from_pretrained(spec.init(jax.random.key(config.seed)), spec)
+    state = stages.init_from_dependencies(task, spec.init(jax.random.key(config.seed)), spec)
   first_step = int(jax.device_get(state["step"]))
 
   # --- The update step, compiled once; its cost is printed before training starts.

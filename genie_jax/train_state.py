@@ -3,10 +3,8 @@ evaluator and the benchmark.
 
 State layout (a plain dict, so Orbax saves it as a tree):
   step         int32 scalar, replicated
-  params       nnx.State of the model's trainable variables (`Task.trainable`, by default
-               every nnx.Param)
-  model_state  nnx.State of the model's other variables (e.g. codebook usage, frozen
-               pretrained weights)
+  params,
+  model_state  the model's variables, as genie_jax/model_spec.py lays them out
   opt_state    optax state; parameter-shaped parts sharded like the parameters
 """
 
@@ -23,82 +21,52 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
+from genie_jax import model_spec
 from genie_jax import optim
 from genie_jax import sharding
 from genie_jax.tasks.base import Task
 
 
 @dataclasses.dataclass(frozen=True)
-class StateSpec:
-  """Everything needed to create, restore, shard and update a train state."""
-  graphdef: Any
-  tx: optax.GradientTransformation
-  schedule: optax.Schedule
-  mesh: Mesh
-  rules: tuple
-  shardings: dict[str, Any]
-  abstract: dict[str, Any]  # jax.ShapeDtypeStruct leaves with their shardings.
-  init: Callable[[jax.Array], dict[str, Any]]
-  trainable: Any = nnx.Param  # nnx filter of the variables in state['params'].
-
-  @property
-  def batch_sharding(self) -> NamedSharding:
-    """Sharding of the leading (example) axis of every batch entry."""
-    return sharding.named_sharding(self.mesh, self.rules, ("batch",))
-
-  def model(self, state: dict[str, Any]) -> nnx.Module:
-    return nnx.merge(self.graphdef, state["params"], state["model_state"], copy=True)
-
-  def split(self, model: nnx.Module) -> tuple[nnx.State, nnx.State]:
-    """(params, model_state) of `model`: its trainable variables and all the others."""
-    _, params, model_state = nnx.split(model, self.trainable, ...)
-    return params, model_state
-
-
-def rules_of(config: ml_collections.ConfigDict) -> tuple:
-  """config.sharding.rules as a tuple of (logical name, mesh axes) (JSON turns tuples into
-  lists)."""
-  return tuple((name, tuple(axes) if isinstance(axes, list) else axes)
-               for name, axes in config.sharding.rules)
+class StateSpec(model_spec.ModelSpec):
+  """Everything needed to create, restore, shard and update a train state: the model's spec
+  with the optimizer, and 'step' and 'opt_state' in `shardings` and `abstract`."""
+  tx: optax.GradientTransformation = None
+  schedule: optax.Schedule = None
+  init: Callable[[jax.Array], dict[str, Any]] = None
 
 
 def make_state_spec(task: Task, config: ml_collections.ConfigDict, mesh: Mesh) -> StateSpec:
   """Shapes and shardings of the train state, from jax.eval_shape (nothing is allocated)."""
-  rules = rules_of(config)
+  model = model_spec.make_model_spec(task, config, mesh)
   tx, schedule = optim.make_optimizer(config.optimizer, config.total_steps)
-
-  def create(key):
-    model = task.make_model(nnx.Rngs(key))
-    graphdef, params, model_state = nnx.split(model, task.trainable, ...)
-    state = dict(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
-                 opt_state=tx.init(params))
-    return graphdef, state
-
-  graphdef, shapes = nnx.eval_shape(lambda: create(jax.random.key(0)))
   replicated = sharding.replicated(mesh)
-
-  def fit(shape_tree, sharding_tree):
-    return jax.tree.map(lambda x, s: sharding.fit_spec_to_shape(s, x.shape), shape_tree,
-                        sharding_tree)
-
-  param_shardings = fit(shapes["params"],
-                        sharding.state_shardings(shapes["params"], mesh, rules))
+  opt_shapes = jax.eval_shape(tx.init, model.abstract["params"])
   shardings = dict(
+      model.shardings,
       step=replicated,
-      params=param_shardings,
-      model_state=fit(shapes["model_state"],
-                      sharding.state_shardings(shapes["model_state"], mesh, rules)),
       opt_state=optax.tree_map_params(
-          tx, lambda _, s: s, shapes["opt_state"], param_shardings,
+          tx, lambda _, s: s, opt_shapes, model.shardings["params"],
           transform_non_params=lambda _: replicated,
           is_leaf=lambda x: isinstance(x, NamedSharding)),
   )
-  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          shapes, shardings)
-  init = jax.jit(lambda key: create(key)[1], out_shardings=shardings)
-  return StateSpec(graphdef=graphdef, tx=tx, schedule=schedule, mesh=mesh, rules=rules,
-                   shardings=shardings, abstract=abstract, init=init,
-                   trainable=task.trainable)
+  abstract = dict(
+      model.abstract,
+      step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+      opt_state=jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                             opt_shapes, shardings["opt_state"]))
+
+  def create(key):
+    graphdef, params, model_state = nnx.split(task.make_model(nnx.Rngs(key)), task.trainable,
+                                              ...)
+    del graphdef
+    return dict(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
+                opt_state=tx.init(params))
+
+  init = jax.jit(create, out_shardings=shardings)
+  fields = {f.name: getattr(model, f.name) for f in dataclasses.fields(model)}
+  return StateSpec(**dict(fields, shardings=shardings, abstract=abstract), tx=tx,
+                   schedule=schedule, init=init)
 
 
 NONFINITE_POLICIES = ("stop", "skip")

@@ -11,10 +11,108 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # API (gRPC to Google, not the test server of tests/gcs_server.py) for every bucket's layout.
 os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
 
-import pytest  # pylint: disable=g-import-not-at-top,wrong-import-position
+# pylint: disable=g-import-not-at-top,wrong-import-position
+import json
+
+import pytest
+
+from configs import genie as genie_config
+from configs import tokenizer as tokenizer_config
+from genie_jax import pipeline
 
 
 @pytest.fixture(scope="session")
 def tiny_data_dir(tmp_path_factory):
   """A TFDS data_dir shared by the tests that build the tiny builtin dataset."""
   return str(tmp_path_factory.mktemp("tfds"))
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(data_dir, **overrides):
+  """Tiny tokenizer on a tiny builtin-world dataset (32x32 frames, 8-frame clips)."""
+  config = tokenizer_config.get_config("size=tiny,runlocal")
+  config.data.data_dir = data_dir
+  config.data.image_size = 32
+  config.data.clip_len = 8
+  config.data.num_train_episodes = 8
+  config.data.num_val_episodes = 4
+  config.data.episode_len = 40
+  config.model.image_size = 32
+  config.model.max_frames = 8
+  config.batch_size = 8
+  config.total_steps = 6
+  config.log_every_steps = 1
+  config.images_every_steps = 3
+  config.eval_every_steps = 3
+  config.evals.reconstruction.num_batches = 1
+  config.checkpoint.every_steps = 3
+  config.checkpoint.max_to_keep = 5
+  config.optimizer.warmup_steps = 2
+  for key, value in overrides.items():
+    target = config
+    *path, last = key.split(".")
+    for part in path:
+      target = target[part]
+    target[last] = value
+  return config
+
+
+def read_metrics(workdir, key="train/loss"):
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    rows = [json.loads(line) for line in f]
+  return {row["step"]: row[key] for row in rows if key in row}
+
+
+# --- The tiny pipeline (configs/genie.py:runlocal,size=tiny at 32x32) ----------------------
+
+# The pipeline's stages in training order, from the stages each builds on.
+STAGES = pipeline.stage_names(genie_config.get_config("runlocal"))
+IMAGE_SIZE, CLIP_LEN = 32, 8
+
+
+def tiny_pipeline_overrides(data_dir):
+  """{dotted config key: value} that turn configs/genie.py:runlocal,size=tiny into the tiny
+  pipeline of these tests (applied in process, or passed as --config.KEY=VALUE flags)."""
+  config = genie_config.get_config("runlocal,size=tiny")
+  values = {}
+  for stage in STAGES:
+    # The LAM learns on shorter clips than the others, as in runlocal, so that evaluation and
+    # generation must read its actions of longer clips in windows.
+    clip_len = 4 if stage == "lam" else CLIP_LEN
+    stage_values = {
+        "data.data_dir": data_dir, "data.image_size": IMAGE_SIZE, "data.clip_len": clip_len,
+        "data.num_train_episodes": 8, "data.num_val_episodes": 4, "data.episode_len": 40,
+        "model.max_frames": clip_len, "batch_size": 8, "total_steps": 4,
+        "log_every_steps": 2, "images_every_steps": 4,
+        "eval_every_steps": 100,  # Evaluated once, by the pipeline.
+        "checkpoint.every_steps": 4, "optimizer.warmup_steps": 1}
+    if "image_size" in config[stage].model:
+      stage_values["model.image_size"] = IMAGE_SIZE
+    for name in config[stage].evals:
+      stage_values[f"evals.{name}.num_batches"] = 1
+    values.update({f"{stage}.{k}": v for k, v in stage_values.items()})
+  # Sampled, not runlocal's argmax: the untrained model's rollouts then differ from clip to
+  # clip and action to action, so the standard error below is measured, not zero.
+  values.update({"dynamics.evals.controllability.maskgit_steps": 2,
+                 "dynamics.evals.controllability.horizon": 5,
+                 "dynamics.evals.controllability.temperature": 1.0})
+  # A 4-step model reaches none of the built-in world's targets: thresholds no PSNR
+  # difference in [-100, 100] dB and no NMI in [0, 1] can miss, and the others off.
+  values.update({f"report.{k}": v for k, v in dict(
+      num_batches=1, num_videos=2, min_dtpsnr=-100.0, max_dtpsnr_stderr_fraction=None,
+      require_positive_curve=False, min_nmi=0.0, distinct_true_actions="",
+      min_dtpsnr_true=-100.0, max_rollout_gap_db=100.0, rollout_gap_frames=4).items()})
+  return values
+
+
+def tiny_pipeline_config(data_dir):
+  config = genie_config.get_config("runlocal,size=tiny")
+  for key, value in tiny_pipeline_overrides(data_dir).items():
+    *parents, name = key.split(".")
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[name] = value
+  return config

@@ -12,7 +12,7 @@ from configs import lam as lam_config
 from configs import tokenizer as tokenizer_config
 from genie_jax import aot
 from genie_jax import checkpointing
-from test_train import REPO, tiny_config
+from conftest import REPO, tiny_config
 
 # A folder holding the libtpu wheel (pip install --no-deps --target DIR "libtpu==0.0.42.*"),
 # kept out of the test environment: with libtpu importable, jax looks for a TPU at start-up.

@@ -11,7 +11,7 @@ from configs import lam as lam_config
 from configs import tokenizer as tokenizer_config
 from genie_jax import checkpointing
 from genie_jax import train
-from test_train import tiny_config
+from conftest import tiny_config
 
 
 @pytest.fixture(autouse=True)

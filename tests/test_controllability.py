@@ -18,9 +18,9 @@ from flax import nnx
 from configs import dynamics as dynamics_config
 from configs import genie as genie_config
 from genie_jax import action_metrics
+from genie_jax import model_spec
 from genie_jax import pipeline
 from genie_jax import sharding
-from genie_jax import train_state
 from genie_jax.evaluators import base
 from genie_jax.evaluators import controllability
 from genie_jax.models import dynamics as dynamics_lib
@@ -177,9 +177,8 @@ def _evaluate(tmp_path, uses_actions):
   graphdef, params, model_state = nnx.split(world, nnx.Param, ...)
   mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
   # The evaluator reads the graph, the mesh and the sharding rules of a spec only.
-  spec = train_state.StateSpec(graphdef=graphdef, tx=None, schedule=None, mesh=mesh,
-                               rules=train_state.rules_of(config), shardings=None,
-                               abstract=None, init=None)
+  spec = model_spec.ModelSpec(graphdef=graphdef, mesh=mesh, rules=sharding.rules_of(config),
+                              shardings=None, abstract=None, trainable=nnx.Param)
   evaluator = _InMemoryEvaluator(
       "controllability", config.evals.controllability, config,
       dynamics_task.DynamicsTask(config), spec, batches=_clips(num_true))

@@ -16,6 +16,7 @@ from configs import dynamics as dynamics_config
 from configs import lam as lam_config
 from configs import tokenizer as tokenizer_config
 from genie_jax import checkpointing
+from genie_jax import optim
 from genie_jax import sharding
 from genie_jax import stages
 from genie_jax import tasks
@@ -62,8 +63,8 @@ def _save_stage(workdir, config, seed):
     return (1.0 + 0.1 * rng.standard_normal(x.shape)).astype(x.dtype)  # Scales, biases.
 
   state = jax.tree.map(fill, spec.abstract)
-  checkpointing.save_config(workdir, config)
-  ckpt = checkpointing.Checkpointer(workdir, config.checkpoint, config)
+  checkpointing.save_config(workdir, task.config)
+  ckpt = checkpointing.Checkpointer(workdir, config.checkpoint, task.config)
   ckpt.save(5, jax.device_put(state, spec.shardings), force=True)
   ckpt.close()
   return state
@@ -349,6 +350,33 @@ def test_load_stage_round_trip(stage_workdirs):
   assert tokens_BTN.shape == (2, CLIP_LEN, 16)
 
 
+def test_a_trained_world_model_restores_by_itself_without_an_optimizer(stage_workdirs,
+                                                                       tmp_path, monkeypatch):
+  dyn_dir = str(tmp_path / "dyn")
+  saved = _save_stage(dyn_dir, _dynamics_config(stage_workdirs), seed=3)
+  # Its config.json holds the model configs of the stages it builds on, and restoring reads
+  # the model's weights only: the stage workdirs are not read, no optimizer is built.
+  moved = {name: stage_workdirs[name] + "_moved" for name in ("tokenizer", "lam")}
+  for name, path in moved.items():
+    os.rename(stage_workdirs[name], path)
+  try:
+    monkeypatch.setattr(optim, "make_optimizer", _no_optimizer)
+    mesh = sharding.make_mesh(dict(data=1, fsdp=4, tensor=2), jax.devices())
+    loaded = stages.load_stage(dyn_dir, mesh=mesh, expect_stage="dynamics")
+  finally:
+    for name, path in moved.items():
+      os.rename(path, stage_workdirs[name])
+  assert loaded.step == 5 and loaded.config.model.num_codes == 32
+  _, params, model_state = nnx.split(loaded.model, loaded.spec.trainable, ...)
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), saved["params"])
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(model_state),
+               saved["model_state"])
+
+
+def _no_optimizer(*args, **kwargs):
+  raise AssertionError(f"an optimizer was built: make_optimizer{args, kwargs}")
+
+
 def test_load_stage_errors_name_the_workdir(stage_workdirs, tmp_path):
   missing = str(tmp_path / "missing")
   with pytest.raises(FileNotFoundError, match="missing"):
@@ -371,9 +399,13 @@ def test_load_stage_errors_name_the_workdir(stage_workdirs, tmp_path):
 
 def test_task_takes_vocab_tokens_and_actions_from_the_stage_workdirs(stage_workdirs):
   config = _dynamics_config(stage_workdirs)
-  tasks.get_task(config)
+  resolved = tasks.get_task(config).config
+  assert (resolved.model.num_codes, resolved.model.tokens_per_frame,
+          resolved.model.num_actions) == (32, 16, 6)
+  # Derived before the task is built, in a copy: the caller's config is left as it was.
   assert (config.model.num_codes, config.model.tokens_per_frame,
-          config.model.num_actions) == (32, 16, 6)
+          config.model.num_actions) == (0, 0, 0)
+  assert resolved.is_locked == config.is_locked and not config.tokenizer_model
   config = _dynamics_config(stage_workdirs)
   config.model.num_codes = 64
   with pytest.raises(ValueError, match="config.model.num_codes=64 differs"):
@@ -422,7 +454,7 @@ def test_refuses_a_tokenizer_whose_config_does_not_match_the_data(stage_workdirs
 def _init_and_train(config, mesh, steps):
   task = tasks.get_task(config)
   spec = train_state.make_state_spec(task, config, mesh)
-  state = task.init_from_pretrained(spec.init(jax.random.key(0)), spec)
+  state = stages.init_from_dependencies(task, spec.init(jax.random.key(0)), spec)
   initial = jax.device_get(state)
   step_fn = train_state.jit_train_step(task, spec, config.seed)
   for i in range(steps):
@@ -452,7 +484,7 @@ def test_grafting_puts_the_saved_weights_in_with_the_state_shardings(stage_workd
   task = tasks.get_task(config)
   spec = train_state.make_state_spec(
       task, config, sharding.make_mesh(dict(data=2, fsdp=4, tensor=1), jax.devices()))
-  state = task.init_from_pretrained(spec.init(jax.random.key(0)), spec)
+  state = stages.init_from_dependencies(task, spec.init(jax.random.key(0)), spec)
   # Only the dynamics model is trained, so only it has optimizer state.
   assert set(state["params"].keys()) == {"dynamics"}
   assert {"tokenizer", "lam"} <= set(state["model_state"].keys())

@@ -28,7 +28,7 @@ from genie_jax import tasks
 from genie_jax import train
 from genie_jax import train_state
 from genie_jax.data import input_pipeline
-from test_train import REPO, read_metrics, tiny_config
+from conftest import REPO, read_metrics, tiny_config
 
 SCRIPT = os.path.join(REPO, "launch", "fault_injection.py")
 TOTAL_STEPS = 16

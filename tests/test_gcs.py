@@ -14,6 +14,7 @@ import pytest
 
 from genie_jax import paths
 import gcs_server
+from conftest import STAGES
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "launch"))
@@ -112,15 +113,15 @@ def test_storage_outage_during_a_save_then_the_losses_of_an_undisturbed_run(
 def test_pipeline_with_its_workdir_on_gcs(gcs, tiny_data_dir):
   from genie_jax import generate as generate_lib  # pylint: disable=g-import-not-at-top
   from genie_jax import pipeline  # pylint: disable=g-import-not-at-top
-  import test_pipeline  # pylint: disable=g-import-not-at-top
+  import conftest  # pylint: disable=g-import-not-at-top
 
   workdir = f"{URL}/genie"
-  report = pipeline.run_pipeline(test_pipeline.tiny_pipeline_config(tiny_data_dir), workdir)
+  report = pipeline.run_pipeline(conftest.tiny_pipeline_config(tiny_data_dir), workdir)
   root = paths.path(workdir)
   on_gcs = json.loads((root / "report" / "report.json").read_text())
   assert on_gcs["checks"] == report["checks"]
   assert "Delta_t PSNR" in (root / "report" / "report.md").read_text()
-  for stage in pipeline.STAGES:
+  for stage in STAGES:
     metrics = json.loads((root / stage / "eval" / "metrics.json").read_text())
     assert metrics["step"] == 4, stage
   dyn_config = json.loads((root / "dynamics" / "config.json").read_text())

@@ -26,7 +26,7 @@ import data_pipelines
 from genie_jax import checkpointing
 from genie_jax import distributed
 from genie_jax import train
-from test_train import REPO, read_metrics, tiny_config
+from conftest import REPO, read_metrics, tiny_config
 
 FIRST_STEPS = 2  # Trained by 2 processes, checkpointed at the end.
 TOTAL_STEPS = 4  # Continued in 1 process.
@@ -129,9 +129,9 @@ def _flag_value(value):
 def test_two_process_pipeline_trains_evaluates_and_generates(tmp_path, tiny_data_dir):
   """genie_jax.pipeline (three stages, evaluate, generate, report) as one 2-process job, then
   genie_jax.evaluate of its dynamics stage in 2 processes against 1 process."""
-  import test_pipeline  # pylint: disable=g-import-not-at-top
+  import conftest  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path / "genie")
-  overrides = test_pipeline.tiny_pipeline_overrides(tiny_data_dir)
+  overrides = conftest.tiny_pipeline_overrides(tiny_data_dir)
   launcher = [sys.executable, "launch/multiprocess_local.py", "--num_processes=2",
               "--devices_per_process=2", f"--timeout={TIMEOUT_S - 20}"]
   with _started(launcher + [f"--log_dir={tmp_path / 'logs'}", "--module=genie_jax.pipeline",

@@ -8,55 +8,8 @@ import pytest
 
 from configs import genie as genie_config
 from genie_jax import pipeline
-
-IMAGE_SIZE, CLIP_LEN = 32, 8
-
-
-def tiny_pipeline_overrides(data_dir):
-  """{dotted config key: value} that turn configs/genie.py:runlocal,size=tiny into the tiny
-  pipeline of these tests (applied in process, or passed as --config.KEY=VALUE flags)."""
-  config = genie_config.get_config("runlocal,size=tiny")
-  values = {}
-  for stage in pipeline.STAGES:
-    # The LAM learns on shorter clips than the others, as in runlocal, so that evaluation and
-    # generation must read its actions of longer clips in windows.
-    clip_len = 4 if stage == "lam" else CLIP_LEN
-    stage_values = {
-        "data.data_dir": data_dir, "data.image_size": IMAGE_SIZE, "data.clip_len": clip_len,
-        "data.num_train_episodes": 8, "data.num_val_episodes": 4, "data.episode_len": 40,
-        "model.max_frames": clip_len, "batch_size": 8, "total_steps": 4,
-        "log_every_steps": 2, "images_every_steps": 4,
-        "eval_every_steps": 100,  # Evaluated once, by the pipeline.
-        "checkpoint.every_steps": 4, "optimizer.warmup_steps": 1}
-    if "image_size" in config[stage].model:
-      stage_values["model.image_size"] = IMAGE_SIZE
-    for name in config[stage].evals:
-      stage_values[f"evals.{name}.num_batches"] = 1
-    values.update({f"{stage}.{k}": v for k, v in stage_values.items()})
-  # Sampled, not runlocal's argmax: the untrained model's rollouts then differ from clip to
-  # clip and action to action, so the standard error below is measured, not zero.
-  values.update({"dynamics.evals.controllability.maskgit_steps": 2,
-                 "dynamics.evals.controllability.horizon": 5,
-                 "dynamics.evals.controllability.temperature": 1.0})
-  # A 4-step model reaches none of the built-in world's targets: thresholds no PSNR
-  # difference in [-100, 100] dB and no NMI in [0, 1] can miss, and the others off.
-  values.update({f"report.{k}": v for k, v in dict(
-      num_batches=1, num_videos=2, min_dtpsnr=-100.0, max_dtpsnr_stderr_fraction=None,
-      require_positive_curve=False, min_nmi=0.0, distinct_true_actions="",
-      min_dtpsnr_true=-100.0, max_rollout_gap_db=100.0, rollout_gap_frames=4).items()})
-  return values
-
-
-def tiny_pipeline_config(data_dir):
-  config = genie_config.get_config("runlocal,size=tiny")
-  for key, value in tiny_pipeline_overrides(data_dir).items():
-    *parents, name = key.split(".")
-    node = config
-    for parent in parents:
-      node = node[parent]
-    node[name] = value
-  return config
-
+from genie_jax import tasks
+from conftest import STAGES, tiny_pipeline_config
 
 @pytest.fixture(scope="module")
 def pipeline_run(tmp_path_factory, tiny_data_dir):
@@ -68,7 +21,7 @@ def pipeline_run(tmp_path_factory, tiny_data_dir):
 
 def test_stages_are_chained_and_the_report_is_written(pipeline_run):
   workdir, _, report = pipeline_run
-  for stage in pipeline.STAGES:
+  for stage in STAGES:
     assert os.path.exists(os.path.join(workdir, stage, "eval", "metrics.json")), stage
   with open(os.path.join(workdir, "dynamics", "config.json"), encoding="utf-8") as f:
     dyn_config = json.load(f)
@@ -119,7 +72,7 @@ def test_rerun_skips_finished_stages_and_a_missed_threshold_fails_the_command(pi
   # One rerun for both (evaluating and generating again is most of this file's time).
   workdir, config, _ = pipeline_run
   mtimes = {stage: os.path.getmtime(os.path.join(workdir, stage, "metrics.jsonl"))
-            for stage in pipeline.STAGES}
+            for stage in STAGES}
   report_json = os.path.join(workdir, "report", "report.json")
   os.remove(report_json)
   strict = copy.deepcopy(config)
@@ -146,7 +99,7 @@ def test_rerun_skips_finished_stages_and_a_missed_threshold_fails_the_command(pi
   assert report["videos"] and report["pictures"]
 
   assert not any(k.endswith("_train_s") for k in report["timings"])
-  for stage in pipeline.STAGES:
+  for stage in STAGES:
     assert os.path.getmtime(os.path.join(workdir, stage, "metrics.jsonl")) == mtimes[stage]
 
 
@@ -230,23 +183,66 @@ def test_bad_evaluator_settings_name_the_key(tiny_data_dir, tmp_path):
     pipeline.run_pipeline(config, str(tmp_path))
 
 
+def test_the_dynamics_config_is_checked_before_the_first_stage_trains(tiny_data_dir, tmp_path):
+  config = tiny_pipeline_config(tiny_data_dir)
+  # Its sizes come from the tokenizer and LAM sections, before either is trained.
+  config.dynamics.model.num_codes = 7
+  with pytest.raises(ValueError, match=r"config.model.num_codes=7 differs from "
+                                       f"{config.tokenizer.model.num_codes}"):
+    pipeline.run_pipeline(config, str(tmp_path))
+  config.dynamics.model.num_codes = 0
+  config.dynamics.mask_rate_per = "batch"
+  with pytest.raises(ValueError, match=r"config.mask_rate_per='batch'"):
+    pipeline.run_pipeline(config, str(tmp_path))
+  assert not os.listdir(tmp_path)
+
+
+class _Builds(tasks.Task):
+  """A stand-in stage that builds on the stage named by its subclass."""
+
+  def make_model(self, rngs):
+    raise NotImplementedError
+
+  def loss(self, model, batch, rng):
+    raise NotImplementedError
+
+
+def test_stages_train_after_the_stages_they_build_on(monkeypatch):
+  assert pipeline.stage_names(genie_config.get_config("runlocal")) == [
+      "tokenizer", "lam", "dynamics"]
+  order = tasks.stage_order(dict(dynamics="dynamics", lam="lam", tokenizer="tokenizer"))
+  assert order.index("dynamics") > max(order.index("lam"), order.index("tokenizer"))
+  with pytest.raises(ValueError, match="stage 'dynamics' builds on a 'lam' stage, which is "
+                                       "not among"):
+    tasks.stage_order(dict(tokenizer="tokenizer", dynamics="dynamics"))
+
+  builds_on = dict(a=("b",), b=("c",), c=("a",), d=())
+  classes = {name: type(name, (_Builds,), dict(depends_on=tuple(
+      tasks.Dependency(dep, dep) for dep in deps))) for name, deps in builds_on.items()}
+  monkeypatch.setattr(tasks, "task_class", classes.__getitem__)
+  with pytest.raises(ValueError, match="stages a -> b -> c -> a build on each other"):
+    tasks.stage_order(dict(a="a", b="b", c="c"))
+  classes["c"].depends_on = ()
+  assert tasks.stage_order(dict(d="d", a="a", b="b", c="c")) == ["d", "c", "b", "a"]
+
+
 def test_a_stage_trained_with_another_config_is_refused_before_any_training(pipeline_run,
                                                                             tmp_path):
   workdir, config, _ = pipeline_run
   changed = copy.deepcopy(config)
   changed.lam.model.num_actions = 5
   mtimes = {stage: os.path.getmtime(os.path.join(workdir, stage, "metrics.jsonl"))
-            for stage in pipeline.STAGES}
+            for stage in STAGES}
   with pytest.raises(ValueError, match=r"lam.*config.model.num_actions: 6 -> 5"):
     pipeline.run_pipeline(changed, workdir)
-  for stage in pipeline.STAGES:
+  for stage in STAGES:
     assert os.path.getmtime(os.path.join(workdir, stage, "metrics.jsonl")) == mtimes[stage]
 
 
 def test_runlocal_is_one_recipe_and_video_dir_reaches_every_stage():
   builtin = genie_config.get_config("runlocal")
   videos = genie_config.get_config("runlocal,data=video_folder,video_dir=/some/videos")
-  for stage in pipeline.STAGES:
+  for stage in STAGES:
     assert videos[stage].data.video_dir == "/some/videos"
     assert builtin[stage].data.video_dir == ""
     # Only what follows from the frame size differs between datasets.
@@ -256,4 +252,4 @@ def test_runlocal_is_one_recipe_and_video_dir_reaches_every_stage():
   assert videos.lam.model.num_actions == builtin.lam.model.num_actions == 8
   assert (videos.lam.model.patch_size, builtin.lam.model.patch_size) == (16, 8)
   full_size = genie_config.get_config("data=video_folder,video_dir=/some/videos")
-  assert all(full_size[stage].data.video_dir == "/some/videos" for stage in pipeline.STAGES)
+  assert all(full_size[stage].data.video_dir == "/some/videos" for stage in STAGES)

@@ -23,7 +23,7 @@ from genie_jax import sharding
 from genie_jax import tasks
 from genie_jax import train
 from genie_jax import train_state
-from test_train import tiny_config
+from conftest import tiny_config
 
 IMAGE_SIZE, CLIP_LEN, BATCH, STEPS = 16, 4, 8, 3
 
@@ -89,6 +89,7 @@ def make_spec(config, mesh_shape, mesh_dcn, devices):
   config.mesh = mesh_shape
   config.mesh_dcn = mesh_dcn or dict(data=1, fsdp=1, tensor=1)
   task = tasks.get_task(config)
+  config = task.config
   mesh = sharding.mesh_from_config(config, devices)
   train.check_config(config, mesh)
   return task, train_state.make_state_spec(task, config, mesh)

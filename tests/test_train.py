@@ -14,48 +14,12 @@ import pytest
 from configs import tokenizer as tokenizer_config
 from genie_jax import checkpointing
 from genie_jax import evaluate
+from genie_jax import optim
 from genie_jax import sharding
 from genie_jax import tasks
 from genie_jax import train
 from genie_jax import train_state
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def tiny_config(data_dir, **overrides):
-  """Tiny tokenizer on a tiny builtin-world dataset (32x32 frames, 8-frame clips)."""
-  config = tokenizer_config.get_config("size=tiny,runlocal")
-  config.data.data_dir = data_dir
-  config.data.image_size = 32
-  config.data.clip_len = 8
-  config.data.num_train_episodes = 8
-  config.data.num_val_episodes = 4
-  config.data.episode_len = 40
-  config.model.image_size = 32
-  config.model.max_frames = 8
-  config.batch_size = 8
-  config.total_steps = 6
-  config.log_every_steps = 1
-  config.images_every_steps = 3
-  config.eval_every_steps = 3
-  config.evals.reconstruction.num_batches = 1
-  config.checkpoint.every_steps = 3
-  config.checkpoint.max_to_keep = 5
-  config.optimizer.warmup_steps = 2
-  for key, value in overrides.items():
-    target = config
-    *path, last = key.split(".")
-    for part in path:
-      target = target[part]
-    target[last] = value
-  return config
-
-
-def read_metrics(workdir, key="train/loss"):
-  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
-    rows = [json.loads(line) for line in f]
-  return {row["step"]: row[key] for row in rows if key in row}
-
+from conftest import REPO, read_metrics, tiny_config
 
 def random_batch(config, seed=0):
   rng = np.random.default_rng(seed)
@@ -201,18 +165,20 @@ def test_resume_refuses_a_changed_config(trained_workdir, tmp_path, tiny_data_di
 
 
 def test_resume_compares_derived_keys_only_where_both_configs_hold_them(tmp_path):
+  assert "tokenizer_model" in tasks.derived_keys()
+  derived = tasks.derived_keys()
   saved = ml_collections.ConfigDict(dict(seed=0, tokenizer_model=dict(num_codes=64)))
   checkpointing.save_config(str(tmp_path), saved)
   # Not filled in yet (a fresh config), or written before the key existed: no difference.
   checkpointing.check_resume_config(
-      str(tmp_path), ml_collections.ConfigDict(dict(seed=0, tokenizer_model={})))
+      str(tmp_path), ml_collections.ConfigDict(dict(seed=0, tokenizer_model={})), derived)
   checkpointing.save_config(str(tmp_path), ml_collections.ConfigDict(dict(seed=0)))
-  checkpointing.check_resume_config(str(tmp_path), saved)
+  checkpointing.check_resume_config(str(tmp_path), saved, derived)
   # Both hold it and it differs: the stage the run was built on changed.
   checkpointing.save_config(str(tmp_path), saved)
   changed = ml_collections.ConfigDict(dict(seed=0, tokenizer_model=dict(num_codes=256)))
   with pytest.raises(ValueError, match=r"config.tokenizer_model.num_codes: 64 -> 256"):
-    checkpointing.check_resume_config(str(tmp_path), changed)
+    checkpointing.check_resume_config(str(tmp_path), changed, derived)
 
 
 def test_resume_reads_a_model_key_added_later_as_what_the_model_assumed(tmp_path):
@@ -247,7 +213,7 @@ def test_restore_onto_other_meshes(trained_workdir):
 # --- A real short run: the loss falls, validation PSNR rises, evaluate reports it -----------
 
 
-def test_short_training_run_learns_then_evaluates(tmp_path, tiny_data_dir):
+def test_short_training_run_learns_then_evaluates(tmp_path, tiny_data_dir, monkeypatch):
   # Patch 4 and width 64 learn visibly within 120 steps; a fast usage EMA lets dead codes
   # restart within the run. Genie's encoder context: with 'patch' (runlocal's) a grid cell's
   # content is one code, and the tiny world has fewer distinct cells than codes.
@@ -272,6 +238,8 @@ def test_short_training_run_learns_then_evaluates(tmp_path, tiny_data_dir):
   assert os.listdir(os.path.join(workdir, "tensorboard"))
   assert any(name.endswith(".gif") for name in os.listdir(os.path.join(workdir, "images")))
 
+  # Evaluation restores the model's weights only: no optimizer is built (nor its state read).
+  monkeypatch.setattr(optim, "make_optimizer", _no_optimizer)
   results = evaluate.evaluate(workdir)
   with open(os.path.join(workdir, "eval", "metrics.json"), encoding="utf-8") as f:
     saved = json.load(f)
@@ -287,6 +255,10 @@ def test_short_training_run_learns_then_evaluates(tmp_path, tiny_data_dir):
                             eval_settings=["num_images=1"], num_batches=1)
   assert other["reconstruction/num_frames"] < saved["reconstruction/num_frames"]
   assert os.path.exists(tmp_path / "other" / "metrics.json")
+
+
+def _no_optimizer(*args, **kwargs):
+  raise AssertionError(f"an optimizer was built: make_optimizer{args, kwargs}")
 
 
 def test_eval_settings_are_typed_and_unknown_keys_named():

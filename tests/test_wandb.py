@@ -11,8 +11,8 @@ import pytest
 
 from genie_jax import metric_writers
 from genie_jax import train
-from test_train import read_metrics
-from test_train import tiny_config
+from conftest import read_metrics
+from conftest import tiny_config
 
 _BLOCK = 32768  # W&B's run file: a LevelDB-style log of protobuf records in 32 KiB blocks.
 _FILE_HEADER = 7  # ":W&B", magic, version.

@@ -9,8 +9,8 @@ import ml_collections
 from flax import nnx
 
 import data_pipelines
+from genie_jax import model_spec
 from genie_jax import sharding
-from genie_jax import train_state
 from genie_jax.data import input_pipeline
 
 
@@ -27,7 +27,7 @@ class Evaluator:
   drop_remainder = True
 
   def __init__(self, name: str, eval_cfg: ml_collections.ConfigDict,
-               config: ml_collections.ConfigDict, task, spec: train_state.StateSpec):
+               config: ml_collections.ConfigDict, task, spec: model_spec.ModelSpec):
     self.name = name
     self.cfg = eval_cfg
     self.config = config

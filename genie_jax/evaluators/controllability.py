@@ -46,8 +46,9 @@ import numpy as np
 
 from genie_jax import action_metrics
 from genie_jax import genie as genie_lib
+from genie_jax import metrics as metrics_lib
+from genie_jax import model_spec
 from genie_jax import sharding
-from genie_jax import train_state
 from genie_jax import visualize
 from genie_jax.data import input_pipeline
 from genie_jax.evaluators import base
@@ -57,18 +58,13 @@ from genie_jax.tasks import dynamics as dynamics_task
 _VARIANTS = ("inferred", "random", "true")
 
 
-def _psnr(a, b, axes):
-  # Capped at 100 dB (MSE 1e-10), as the other evaluators.
-  return -10.0 * jnp.log10(jnp.maximum(jnp.mean(jnp.square(a - b), axis=axes), 1e-10))
-
-
 class ControllabilityEvaluator(base.Evaluator):
   """Streams `num_batches` of the evaluation split; see the module docstring."""
 
   drop_remainder = False
 
   def __init__(self, name: str, eval_cfg: ml_collections.ConfigDict,
-               config: ml_collections.ConfigDict, task, spec: train_state.StateSpec):
+               config: ml_collections.ConfigDict, task, spec: model_spec.ModelSpec):
     super().__init__(name, eval_cfg, config, task, spec)
     self.horizon = self.check_config(name, eval_cfg, config)
     self.num_true_actions, self.true_action_names = base.true_actions_of(config.data)
@@ -122,7 +118,7 @@ class ControllabilityEvaluator(base.Evaluator):
 
       def accuracy(actions_BT):
         logits_BTNV = world.dynamics(tokens_BTN, mask_BTN, actions_BT)
-        correct_BTN = (jnp.argmax(logits_BTNV, -1) == tokens_BTN) & mask_BTN
+        correct_BTN = metrics_lib.masked_correct(logits_BTNV, tokens_BTN, mask_BTN)
         return jnp.sum(correct_BTN, (1, 2)) / masked_B
 
       accuracy_B = accuracy(inferred_BT)
@@ -145,13 +141,13 @@ class ControllabilityEvaluator(base.Evaluator):
           (v, b) + video_BTHWC[:, 1:1 + h].shape[1:])
     generated_VBAHWC = jnp.clip(generated_VBAHWC.astype(jnp.float32), 0.0, 1.0)
     truth_BAHWC = video_BTHWC[:, 1:1 + h]
-    psnr_VBA = _psnr(generated_VBAHWC, truth_BAHWC[None], (-3, -2, -1))
+    psnr_VBA = metrics_lib.frame_psnr(generated_VBAHWC, truth_BAHWC[None])
     image_shape = truth_BAHWC.shape[2:]
     ssim_VBA = pix.ssim(generated_VBAHWC.reshape((-1,) + image_shape),
                         jnp.tile(truth_BAHWC[None], (v, 1, 1, 1, 1, 1)).reshape(
                             (-1,) + image_shape)).reshape(psnr_VBA.shape)
-    recon_BA = _psnr(jnp.clip(recon_BTHWC[:, 1:1 + h].astype(jnp.float32), 0.0, 1.0),
-                     truth_BAHWC, (-3, -2, -1))
+    recon_BA = metrics_lib.frame_psnr(
+        jnp.clip(recon_BTHWC[:, 1:1 + h].astype(jnp.float32), 0.0, 1.0), truth_BAHWC)
     n = self.cfg.num_videos
     return dict(valid_B=batch["episode_id"] >= 0,
                 psnr_VBA=psnr_VBA, ssim_VBA=ssim_VBA, recon_BA=recon_BA, accuracy_B=accuracy_B,

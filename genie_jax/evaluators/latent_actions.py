@@ -21,8 +21,9 @@ import ml_collections
 import numpy as np
 
 from genie_jax import action_metrics
+from genie_jax import metrics as metrics_lib
+from genie_jax import model_spec
 from genie_jax import sharding
-from genie_jax import train_state
 from genie_jax import visualize
 from genie_jax.data import input_pipeline
 from genie_jax.evaluators import base
@@ -34,7 +35,7 @@ class LatentActionEvaluator(base.Evaluator):
   drop_remainder = False
 
   def __init__(self, name: str, eval_cfg: ml_collections.ConfigDict,
-               config: ml_collections.ConfigDict, task, spec: train_state.StateSpec):
+               config: ml_collections.ConfigDict, task, spec: model_spec.ModelSpec):
     super().__init__(name, eval_cfg, config, task, spec)
     self.num_true_actions, self.true_action_names = base.true_actions_of(config.data)
     self._stats = jax.jit(self._batch_stats, out_shardings=self.replicated)
@@ -47,9 +48,8 @@ class LatentActionEvaluator(base.Evaluator):
   def _batch_stats(self, params, model_state, batch):
     out = self._predict_next(params, model_state, batch)
     valid_B = (batch["episode_id"] >= 0).astype(jnp.float32)
-    mse_BT = jnp.mean(jnp.square(out["target"] - out["pred"]), axis=(-3, -2, -1))
-    # A perfect frame would give an infinite PSNR; 100 dB caps it (MSE 1e-10).
-    psnr_BT = -10.0 * jnp.log10(jnp.maximum(mse_BT, 1e-10))
+    mse_BT = metrics_lib.frame_mse(out["target"], out["pred"])
+    psnr_BT = metrics_lib.psnr_of_mse(mse_BT)
     t = mse_BT.shape[1]
     # Padding rows get the latent action -1, which the host-side counting skips.
     actions_BT = jnp.where(valid_B[:, None] > 0, out["actions"], -1)

@@ -19,8 +19,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from genie_jax import metrics as metrics_lib
+from genie_jax import model_spec
 from genie_jax import sharding
-from genie_jax import train_state
 from genie_jax import visualize
 from genie_jax.data import input_pipeline
 from genie_jax.evaluators import base
@@ -47,7 +48,7 @@ class ReconstructionEvaluator(base.Evaluator):
   """Streams the whole evaluation split (or `num_batches` of it) once per run."""
 
   def __init__(self, name: str, eval_cfg: ml_collections.ConfigDict,
-               config: ml_collections.ConfigDict, task, spec: train_state.StateSpec):
+               config: ml_collections.ConfigDict, task, spec: model_spec.ModelSpec):
     super().__init__(name, eval_cfg, config, task, spec)
     self._stats = jax.jit(self._batch_stats, out_shardings=self.replicated)
     self._predict = jax.jit(self._reconstruct, out_shardings=self.replicated)
@@ -64,9 +65,8 @@ class ReconstructionEvaluator(base.Evaluator):
     # dm-pix works on batches of images (I = B*T): fold time into the batch.
     target_IHWC, recon_IHWC = (x.reshape(b * t, h, w, c) for x in (target_BTHWC, recon_BTHWC))
     ssim_BT = pix.ssim(target_IHWC, recon_IHWC).reshape(b, t)
-    mse_BT = jnp.mean(jnp.square(target_BTHWC - recon_BTHWC), axis=(-3, -2, -1))
-    # A perfect frame would give an infinite PSNR; 100 dB caps it (MSE 1e-10).
-    psnr_BT = -10.0 * jnp.log10(jnp.maximum(mse_BT, 1e-10))
+    mse_BT = metrics_lib.frame_mse(target_BTHWC, recon_BTHWC)
+    psnr_BT = metrics_lib.psnr_of_mse(mse_BT)
     counts_V = jnp.bincount(out["codes"].reshape(-1), length=out["num_codes"])
     stats = dict(psnr=jnp.sum(psnr_BT), ssim=jnp.sum(ssim_BT), mse=jnp.sum(mse_BT),
                  frames=jnp.float32(b * t), code_counts=counts_V)

@@ -1,13 +1,18 @@
 """What a training stage is: a model factory, a loss, and how to look at the model.
 
 The shared trainer (genie_jax/train.py) owns everything else: mesh, input, sharding, optimizer,
-checkpoints, logging and the loop. Adding a stage means adding one Task subclass, registering
-it in genie_jax/tasks/__init__.py and writing one config.
+checkpoints, logging and the loop, and the stages a task builds on (`depends_on`): their
+configs are read and its sizes derived before the task is built (`tasks.resolve_config`), and
+their weights grafted into its first train state (`stages.init_from_dependencies`). Adding a
+stage means adding one Task subclass, registering it in genie_jax/tasks/__init__.py and
+writing one config.
 """
 
 from __future__ import annotations
 
 import abc
+import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -15,8 +20,35 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from genie_jax import metrics as metrics_lib
+
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
+
+
+@dataclasses.dataclass(frozen=True)
+class Dependency:
+  """A trained stage that a task builds on, held in its model as the submodule `name`.
+
+  The dependent stage's config names it by three keys: `<name>_workdir` (where it was
+  trained), `<name>_step` (its checkpoint; 0: the latest) and `<name>_model` (its model
+  config; left empty, `tasks.resolve_config` fills it in, and config.json saves it, so that a
+  trained workdir rebuilds every model by itself).
+  """
+  name: str
+  stage: str  # The config.stage its workdir must hold.
+
+  @property
+  def workdir_key(self) -> str:
+    return f"{self.name}_workdir"
+
+  @property
+  def step_key(self) -> str:
+    return f"{self.name}_step"
+
+  @property
+  def model_key(self) -> str:
+    return f"{self.name}_model"
 
 
 class Task(abc.ABC):
@@ -28,6 +60,19 @@ class Task(abc.ABC):
   """
 
   trainable: Any = nnx.Param
+  depends_on: tuple[Dependency, ...] = ()
+
+  @classmethod
+  def derive_config(cls, config: ml_collections.ConfigDict,
+                    upstream: Mapping[str, ml_collections.ConfigDict]) -> dict[str, Any]:
+    """What the config takes from the model configs of the stages it builds on.
+
+    A pure function: {dotted config key: value} from `upstream` ({dependency name: its model
+    config}) and `config`. A key left 0 in the config takes the value; any other value must
+    equal it (`tasks.resolve_config`).
+    """
+    del config, upstream
+    return {}
 
   def __init__(self, config: ml_collections.ConfigDict):
     self.config = config
@@ -52,19 +97,6 @@ class Task(abc.ABC):
       (scalar loss, scalar metrics, aux passed to `after_update`).
     """
 
-  def init_from_pretrained(self, state: dict[str, Any], spec: Any) -> dict[str, Any]:
-    """Puts pretrained weights (e.g. earlier stages) into a freshly initialised train state.
-
-    Called by the trainer on a fresh start only, never on resume (the checkpoint then holds
-    them). Must keep the shardings of `spec.shardings`.
-
-    Args:
-      state: the train state of `spec` (genie_jax.train_state.StateSpec).
-      spec: its StateSpec (mesh, shardings, graphdef).
-    """
-    del spec
-    return state
-
   def after_update(self, model: nnx.Module, aux: Any, rng: jax.Array) -> Metrics:
     """Runs on the updated model inside the train step (e.g. dead-code restart)."""
     del model, aux, rng
@@ -84,9 +116,9 @@ def pixel_vq_loss(pred_BTHWC: jax.Array, target_BTHWC: jax.Array, vq_out: dict[s
   `vq_out` holds the quantiser's 'vq_loss', 'codebook_loss', 'commitment_loss', 'usage' and
   'perplexity'. PSNR is the mean of per-frame PSNRs, as the evaluators report it.
   """
-  mse_BT = jnp.mean(jnp.square(pred_BTHWC.astype(jnp.float32) - target_BTHWC), axis=(2, 3, 4))
+  mse_BT = metrics_lib.frame_mse(pred_BTHWC.astype(jnp.float32), target_BTHWC)
   mse = jnp.mean(mse_BT)
-  psnr = jnp.mean(-10.0 * jnp.log10(jnp.maximum(mse_BT, 1e-10)))
+  psnr = jnp.mean(metrics_lib.psnr_of_mse(mse_BT))
   metrics = dict(mse=mse, psnr=psnr, vq_loss=vq_out["vq_loss"],
                  codebook_loss=vq_out["codebook_loss"],
                  commitment_loss=vq_out["commitment_loss"], codebook_usage=vq_out["usage"],

@@ -1,9 +1,9 @@
 """Stage 3: the MaskGIT dynamics model on frozen stage-1/2 models (Genie section 2.1).
 
-The config names the tokenizer and LAM workdirs only; both models are rebuilt from the
-configs saved there (whose model configs are then kept in config.tokenizer_model and
-config.lam_model, see `DynamicsTask._stage_config`) and their weights are grafted into a
-fresh train state (`init_from_pretrained`). They live in the train state's model_state (no
+It builds on a tokenizer and a LAM (`depends_on`): the config names their workdirs, both
+models are rebuilt from the model configs saved there (kept in config.tokenizer_model and
+config.lam_model by `tasks.resolve_config`) and their weights grafted into a fresh train
+state (`stages.init_from_dependencies`). They live in the train state's model_state (no
 gradient, no optimizer state), unless config.cotrain_lam makes the LAM trainable alongside
 the dynamics model.
 """
@@ -15,12 +15,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
-from absl import logging
 from flax import nnx
 
-from genie_jax import checkpointing
-from genie_jax import paths
-from genie_jax import stages
+from genie_jax import metrics as metrics_lib
 from genie_jax.models import dynamics as dynamics_lib
 from genie_jax.models import lam as lam_lib
 from genie_jax.models import tokenizer as tokenizer_lib
@@ -99,9 +96,9 @@ def masked_token_metrics(logits_BTNV: jax.Array, tokens_BTN: jax.Array, mask_BTN
   ce_BTN = optax.softmax_cross_entropy_with_integer_labels(logits_BTNV, tokens_BTN)
   weight_BTN = mask_BTN.astype(jnp.float32)
   count = jnp.maximum(jnp.sum(weight_BTN), 1.0)
-  correct_BTN = (jnp.argmax(logits_BTNV, axis=-1) == tokens_BTN).astype(jnp.float32)
+  correct_BTN = metrics_lib.masked_correct(logits_BTNV, tokens_BTN, mask_BTN)
   metrics = dict(dynamics_loss=jnp.sum(ce_BTN * weight_BTN) / count,
-                 masked_accuracy=jnp.sum(correct_BTN * weight_BTN) / count,
+                 masked_accuracy=jnp.sum(correct_BTN) / count,
                  mask_fraction=jnp.mean(weight_BTN[:, 1:]))
   if token_weight_BTN is not None:
     metrics["weighted_loss"] = (jnp.sum(ce_BTN * token_weight_BTN)
@@ -125,18 +122,25 @@ class DynamicsTask(base.Task):
 
   Config keys (besides the trainer's): tokenizer_workdir, tokenizer_step, lam_workdir,
   lam_step (0: latest checkpoint), tokenizer_model and lam_model (filled in from the
-  workdirs; leave empty), cotrain_lam, lam_loss_weight, context_noise (the largest rate of
+  workdirs; leave empty: `base.Dependency`), cotrain_lam, lam_loss_weight, context_noise (the largest rate of
   `corrupt_context`; 0: Genie's clean context), mask_rate_per and min_mask_rate (the
   training mask, `sample_mask`), rare_token_weight (alpha of `rarity_weights`; 0:
   Genie's plain cross-entropy); model: see
   `genie_jax.models.dynamics.default_config`.
   """
 
+  depends_on = (base.Dependency("tokenizer", "tokenizer"), base.Dependency("lam", "lam"))
+
+  @classmethod
+  def derive_config(cls, config, upstream):
+    del config
+    tokenizer, lam = upstream["tokenizer"], upstream["lam"]
+    return {"model.num_codes": tokenizer.num_codes,
+            "model.tokens_per_frame": (tokenizer.image_size // tokenizer.patch_size) ** 2,
+            "model.num_actions": lam.num_actions}
+
   def __init__(self, config):
     super().__init__(config)
-    self.tokenizer_config = None  # The stage configs, read in `validate`.
-    self.lam_config = None
-    self._lam_task = None
     # Dynamics workdirs saved before the key existed trained on a clean context.
     self.context_noise = config.get("context_noise", 0.0)
     self.mask_rate_per = config.get("mask_rate_per", "example")
@@ -146,85 +150,37 @@ class DynamicsTask(base.Task):
       self.trainable = nnx.All(nnx.Param, nnx.Not(nnx.PathContains("tokenizer")))
     else:
       self.trainable = nnx.All(nnx.Param, nnx.PathContains("dynamics"))
+    # Its loss reads config.model only.
+    self._lam_task = lam_task_lib.LatentActionTask(
+        ml_collections.ConfigDict(dict(stage="lam", model=config.lam_model.to_dict())))
 
-  def _stage_config(self, key: str, stage: str):
-    """The stage-1/2 config this dynamics model is built on: {stage, model}.
-
-    Read from the stage's workdir on a fresh start, and kept in config.<stage>_model, which
-    config.json saves: a trained dynamics workdir then rebuilds all three models by itself
-    (evaluation, generation and play need the stage workdirs no more, so relative stage
-    paths need not resolve), and resuming after a stage's model config changed in its
-    workdir is refused. Workdirs written before these keys existed read the stage workdirs.
-    """
-    workdir = self.config[key]
-    snapshot_key = f"{stage}_model"
-    snapshot = self.config.get(snapshot_key)
-    if snapshot:
-      stage_config = ml_collections.ConfigDict(dict(stage=stage, model=snapshot.to_dict()))
-      where = f"config.{snapshot_key} (saved from {workdir!r})"
-    else:
-      stage_config = self._read_stage_config(key, stage)
-      where = f"config.{key}={workdir!r}"
-      with self.config.unlocked():
-        self.config[snapshot_key] = ml_collections.ConfigDict(stage_config.model.to_dict())
-    data = self.config.data
-    if stage_config.model.image_size != data.image_size:
+  def _check_stage(self, name: str) -> None:
+    """The stage `name` fits the data: frame size, channels and (the tokenizer, whose tokens
+    depend on the whole past) clip length."""
+    config, data = self.config, self.config.data
+    model = config[f"{name}_model"]
+    where = f"config.{name}_workdir={config.get(f'{name}_workdir')!r}"
+    if model.image_size != data.image_size:
       raise ValueError(
-          f"{where}: its {stage} has model.image_size="
-          f"{stage_config.model.image_size} but config.data.image_size={data.image_size}; "
-          f"use a {stage} trained on frames of this size")
+          f"{where}: its {name} has model.image_size={model.image_size} but "
+          f"config.data.image_size={data.image_size}; use a {name} trained on frames of "
+          f"this size")
     # The LAM, whose actions depend on a transition's frames only, may see the clip in
-    # windows (`LatentActionModel.infer_actions`); the tokenizer's tokens depend on the whole
-    # past.
-    if stage == "tokenizer" and stage_config.model.max_frames < data.clip_len:
+    # windows (`LatentActionModel.infer_actions`).
+    if name == "tokenizer" and model.max_frames < data.clip_len:
       raise ValueError(
-          f"{where}: its {stage} has model.max_frames="
-          f"{stage_config.model.max_frames} < config.data.clip_len={data.clip_len}; use "
-          f"shorter clips or a {stage} trained on clips this long")
-    if stage_config.model.channels != _DATA_CHANNELS:
+          f"{where}: its {name} has model.max_frames={model.max_frames} < "
+          f"config.data.clip_len={data.clip_len}; use shorter clips or a {name} trained on "
+          f"clips this long")
+    if model.channels != _DATA_CHANNELS:
       raise ValueError(
-          f"{where}: its {stage} has model.channels="
-          f"{stage_config.model.channels} but config.data.name={data.name!r} frames have "
-          f"{_DATA_CHANNELS}")
-    return stage_config
-
-  def _read_stage_config(self, key: str, stage: str):
-    workdir = self.config[key]
-    if not workdir:
-      raise ValueError(f"config.{key} is empty; set it to the workdir of a trained {stage} "
-                       f"stage")
-    if not paths.path(workdir).is_dir():
-      raise ValueError(f"config.{key}={workdir!r} does not exist; train the {stage} stage "
-                       f"there first")
-    try:
-      stage_config = checkpointing.load_config(workdir)
-    except FileNotFoundError as e:
-      raise ValueError(f"config.{key}={workdir!r} holds no config.json: {e}") from e
-    if stage_config.stage != stage:
-      raise ValueError(f"config.{key}={workdir!r} holds a {stage_config.stage!r} stage, not "
-                       f"a {stage!r} stage")
-    return stage_config
-
-  def _take(self, key: str, value: int, source: str) -> None:
-    # 0 means "from the stage workdirs"; anything else must agree with them.
-    model = self.config.model
-    if model[key] == 0:
-      model[key] = value
-    elif model[key] != value:
-      raise ValueError(f"config.model.{key}={model[key]} differs from {source}={value}; "
-                       f"leave it 0 to take it from there")
+          f"{where}: its {name} has model.channels={model.channels} but "
+          f"config.data.name={data.name!r} frames have {_DATA_CHANNELS}")
 
   def validate(self) -> None:
     config = self.config
-    self.tokenizer_config = self._stage_config("tokenizer_workdir", "tokenizer")
-    self.lam_config = self._stage_config("lam_workdir", "lam")
-    tok_model = self.tokenizer_config.model
-    self._take("num_codes", tok_model.num_codes,
-               "config.tokenizer_workdir's model.num_codes")
-    self._take("tokens_per_frame", (tok_model.image_size // tok_model.patch_size) ** 2,
-               "config.tokenizer_workdir's tokens per frame")
-    self._take("num_actions", self.lam_config.model.num_actions,
-               "config.lam_workdir's model.num_actions")
+    for dep in self.depends_on:
+      self._check_stage(dep.name)
     if config.data.clip_len > config.model.max_frames:
       raise ValueError(
           f"config.data.clip_len={config.data.clip_len} exceeds config.model.max_frames="
@@ -232,11 +188,11 @@ class DynamicsTask(base.Task):
     if config.data.clip_len < 2:
       raise ValueError(f"config.data.clip_len={config.data.clip_len}: the dynamics model "
                        f"needs clips of at least 2 frames")
-    if config.cotrain_lam and self.lam_config.model.max_frames < config.data.clip_len:
+    if config.cotrain_lam and config.lam_model.max_frames < config.data.clip_len:
       raise ValueError(
           f"config.cotrain_lam=True needs a LAM for clips of config.data.clip_len="
           f"{config.data.clip_len} frames, but config.lam_workdir={config.lam_workdir!r} has "
-          f"model.max_frames={self.lam_config.model.max_frames}")
+          f"model.max_frames={config.lam_model.max_frames}")
     if config.lam_loss_weight < 0:
       raise ValueError(f"config.lam_loss_weight={config.lam_loss_weight} must not be negative")
     if not 0.0 <= self.context_noise < 1.0:
@@ -251,24 +207,12 @@ class DynamicsTask(base.Task):
       raise ValueError(f"config.min_mask_rate={self.min_mask_rate} must be in [0, "
                        f"{MAX_MASK_RATE}]")
     dynamics_lib.validate_config(config.model)
-    # Its loss reads config.model only, which the saved {stage, model} holds.
-    self._lam_task = lam_task_lib.LatentActionTask(self.lam_config)
 
   def make_model(self, rngs):
     return dynamics_lib.WorldModel(
-        tokenizer=tokenizer_lib.Tokenizer(self.tokenizer_config.model, rngs=rngs),
-        lam=lam_lib.LatentActionModel(self.lam_config.model, rngs=rngs),
+        tokenizer=tokenizer_lib.Tokenizer(self.config.tokenizer_model, rngs=rngs),
+        lam=lam_lib.LatentActionModel(self.config.lam_model, rngs=rngs),
         dynamics=dynamics_lib.DynamicsModel(self.config.model, rngs=rngs))
-
-  def init_from_pretrained(self, state, spec):
-    for name, key, step_key, stage in (("tokenizer", "tokenizer_workdir", "tokenizer_step",
-                                        "tokenizer"),
-                                       ("lam", "lam_workdir", "lam_step", "lam")):
-      loaded = stages.load_stage(self.config[key], step=self.config[step_key] or None,
-                                 mesh=spec.mesh, expect_stage=stage)
-      state = stages.graft(state, spec, name, loaded.model)
-      logging.info("Initialised %s from %s, step %d", name, self.config[key], loaded.step)
-    return state
 
   def tokens_and_actions(self, model: dynamics_lib.WorldModel, video_BTHWC: jax.Array
                          ) -> tuple[jax.Array, jax.Array]:
