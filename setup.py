@@ -45,8 +45,8 @@ setuptools.setup(
     description=__doc__,
     packages=setuptools.find_packages(include=["genie_jax", "genie_jax.*", "data_pipelines",
                                                "data_pipelines.*", "configs"]),
-    # The play page (genie_jax.play).
-    package_data={"genie_jax": ["static/*.html"]},
+    # The play page (genie_jax.cli.play).
+    package_data={"genie_jax.inference": ["static/*.html"]},
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require=EXTRAS,

@@ -37,17 +37,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import dynamics as dynamics_config
 from configs import lam as lam_config
 from configs import tokenizer as tokenizer_config
-from genie_jax import checkpointing
 from genie_jax import profiling
 from genie_jax import sharding
 from genie_jax import tasks
-from genie_jax import train
-from genie_jax import train_state
+from genie_jax.training import checkpointing
+from genie_jax.training import train_state
+from genie_jax.training import trainer
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 # name -> (config.mesh, config.mesh_dcn). size=cpu models have 4 heads: tensor <= 4.
 STRATEGIES = {
-    "1dev": (dict(data=1, fsdp=1, tensor=1), None),
+    "1dev": (sharding.single_device_mesh_shape(), None),
     "dp8": (dict(data=8, fsdp=1, tensor=1), None),
     "fsdp8": (dict(data=1, fsdp=8, tensor=1), None),
     "dp2_tp4": (dict(data=2, fsdp=1, tensor=4), None),
@@ -112,12 +112,12 @@ def measure(config, name: str) -> dict[str, float]:
   mesh_shape, mesh_dcn = STRATEGIES[name]
   config = config.copy_and_resolve_references()
   config.mesh = mesh_shape
-  config.mesh_dcn = mesh_dcn or dict(data=1, fsdp=1, tensor=1)
+  config.mesh_dcn = mesh_dcn or sharding.single_device_mesh_shape()
   devices = jax.devices()[:1] if name == "1dev" else jax.devices()
   task = tasks.get_task(config)
   config = task.config
   mesh = sharding.mesh_from_config(config, devices)
-  train.check_config(config, mesh)
+  trainer.check_config(config, mesh)
   spec = train_state.make_state_spec(task, config, mesh)
   state = jax.device_put(host_state(spec.abstract), spec.shardings)
   held = sharding.bytes_per_device({k: state[k] for k in ("params", "opt_state")})

@@ -50,14 +50,14 @@ from configs import genie as genie_config
 from configs import lam as lam_config
 from configs import tokenizer as tokenizer_config
 from genie_jax import allocator
-from genie_jax import checkpointing
-from genie_jax import genie as genie_lib
-from genie_jax import pipeline
 from genie_jax import profiling
 from genie_jax import sharding
 from genie_jax import tasks
-from genie_jax import train_state
 from genie_jax.data import input_pipeline
+from genie_jax.inference import genie as genie_lib
+from genie_jax.training import checkpointing
+from genie_jax.training import pipeline
+from genie_jax.training import train_state
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
 STAGES = ("tokenizer", "lam", "dynamics")
@@ -124,7 +124,7 @@ def _configs(shape: str, root: str) -> dict:
       configs["dynamics"].model[key] = value
   batch = _BATCH.value or dict(runlocal=None, readme=4, appf=2)[shape]
   for config in configs.values():
-    config.mesh = dict(data=1, fsdp=1, tensor=1)
+    config.mesh = sharding.single_device_mesh_shape()
     if batch:
       config.batch_size = batch
   return configs

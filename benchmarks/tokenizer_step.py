@@ -27,7 +27,7 @@ from genie_jax import allocator
 from genie_jax import profiling
 from genie_jax import sharding
 from genie_jax import tasks
-from genie_jax import train_state
+from genie_jax.training import train_state
 
 # name -> (config arguments, overrides). 16-frame clips; 64x64 frames except `runlocal`.
 SHAPES = {
@@ -63,7 +63,7 @@ def bench_shape(name: str, peak: float) -> dict[str, float]:
   config.model.remat = _REMAT.value
   if _ENCODER_CONTEXT.value:
     config.model.encoder_context = _ENCODER_CONTEXT.value
-  config.mesh = dict(data=1, fsdp=1, tensor=1)
+  config.mesh = sharding.single_device_mesh_shape()
 
   task = tasks.get_task(config)
   spec = train_state.make_state_spec(task, config, sharding.make_mesh(config.mesh,

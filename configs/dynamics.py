@@ -16,10 +16,10 @@ Arguments (after the colon, comma separated):
 
 Examples:
   # After configs/tokenizer.py:runlocal and configs/lam.py:runlocal (about 8 min on 2 CPUs):
-  python -m genie_jax.main --config=configs/dynamics.py:runlocal,tokenizer_workdir=workdirs/tok,lam_workdir=workdirs/lam \
+  python -m genie_jax.cli.train --config=configs/dynamics.py:runlocal,tokenizer_workdir=workdirs/tok,lam_workdir=workdirs/lam \
       --workdir=workdirs/dyn
   # CoinRun at App. F shapes on an accelerator:
-  python -m genie_jax.main --config=configs/dynamics.py:data=coinrun,tokenizer_workdir=workdirs/tok_cr,lam_workdir=workdirs/lam_cr \
+  python -m genie_jax.cli.train --config=configs/dynamics.py:data=coinrun,tokenizer_workdir=workdirs/tok_cr,lam_workdir=workdirs/lam_cr \
       --workdir=workdirs/dyn_cr
 """
 
@@ -74,7 +74,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # (genie_jax/tasks/dynamics.py, rarity_weights); 0: Genie's plain cross-entropy.
   config.rare_token_weight = 0.0
   # Sampling adds rare_token_weight * log(code frequency) to the logits, which takes back
-  # what the weighting does to the predicted probabilities (genie_jax/genie.py,
+  # what the weighting does to the predicted probabilities (genie_jax/inference/genie.py,
   # sampling_prior_weight).
   config.unbias_sampling = True
 

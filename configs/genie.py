@@ -1,7 +1,7 @@
 r"""The whole Genie pipeline: tokenizer -> LAM -> dynamics -> evaluation -> report.
 
 One config holding the three stage configs (each exactly what configs/<stage>.py gives) and
-the report settings. `python -m genie_jax.pipeline` trains the stages in WORKDIR/tokenizer,
+the report settings. `python -m genie_jax.cli.pipeline` trains the stages in WORKDIR/tokenizer,
 WORKDIR/lam and WORKDIR/dynamics (the dynamics config is pointed at the first two), then
 evaluates them and writes WORKDIR/report/.
 
@@ -15,12 +15,12 @@ Arguments (after the colon, comma separated):
 
 Examples:
   # The README's main job: the whole pipeline on the built-in world, generated locally.
-  python -m genie_jax.pipeline --config=configs/genie.py:runlocal --workdir=workdirs/genie
+  python -m genie_jax.cli.pipeline --config=configs/genie.py:runlocal --workdir=workdirs/genie
   # The same on CoinRun (procgen, see data_pipelines/coinrun):
-  python -m genie_jax.pipeline --config=configs/genie.py:runlocal,data=coinrun \
+  python -m genie_jax.cli.pipeline --config=configs/genie.py:runlocal,data=coinrun \
       --workdir=workdirs/genie_coinrun
   # Your videos (no actions needed): the recipe for a new dataset is in README "Data".
-  python -m genie_jax.pipeline --config=configs/genie.py:runlocal,data=video_folder,video_dir=./videos \
+  python -m genie_jax.cli.pipeline --config=configs/genie.py:runlocal,data=video_folder,video_dir=./videos \
       --workdir=workdirs/genie_videos
   # Override any stage's key:
   ... --config.dynamics.total_steps=2000 --config.lam.model.num_actions=8
@@ -51,12 +51,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.report = ml_collections.ConfigDict(dict(
       # Evaluation batches per stage (0 = the whole validation split).
       num_batches=0,
-      # Rollout GIFs written by genie_jax.generate: how many clips, and with which actions.
+      # Rollout GIFs written by genie_jax.cli.generate: how many clips, and with which actions.
       num_videos=4,
       # The report's checks. Each threshold's check is switched off by None (or, for a
       # number on the command line, where None cannot be written, by nan). The defaults are
       # the targets for the built-in world. When a check fails, `python -m
-      # genie_jax.pipeline` writes the whole report, logs the failed checks with their
+      # genie_jax.cli.pipeline` writes the whole report, logs the failed checks with their
       # measured values, then exits non-zero (unless fail_on_check=False).
       fail_on_check=True,
       # Genie's controllability metric, Delta_t PSNR at t = dt (controllability/dtpsnr), dB,
@@ -82,7 +82,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       rollout_gap_frames=4,
   ))
   if args.runlocal:
-    # 192 clips, for the report and for `genie_jax.evaluate` on the dynamics workdir alike:
+    # 192 clips, for the report and for `genie_jax.cli.evaluate` on the dynamics workdir alike:
     # once the actions matter, Delta_t PSNR varies a lot from clip to clip, and the
     # standard-error check needs the clips (README, "Results").
     config.report.num_batches = 24

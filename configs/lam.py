@@ -16,9 +16,9 @@ Arguments (after the colon, comma separated):
 
 Examples:
   # Default data, CPU-sized (a few minutes on 2 cores):
-  python -m genie_jax.main --config=configs/lam.py:runlocal --workdir=workdirs/lam
+  python -m genie_jax.cli.train --config=configs/lam.py:runlocal --workdir=workdirs/lam
   # CoinRun at App. F shapes on an accelerator:
-  python -m genie_jax.main --config=configs/lam.py:data=coinrun --workdir=workdirs/lam_cr
+  python -m genie_jax.cli.train --config=configs/lam.py:data=coinrun --workdir=workdirs/lam_cr
 """
 
 import ml_collections

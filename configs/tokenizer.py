@@ -14,9 +14,9 @@ Arguments (after the colon, comma separated):
 
 Examples:
   # Default data, CPU-sized (the README's main job):
-  python -m genie_jax.main --config=configs/tokenizer.py:runlocal --workdir=workdirs/tok
+  python -m genie_jax.cli.train --config=configs/tokenizer.py:runlocal --workdir=workdirs/tok
   # CoinRun at App. F shapes on an accelerator:
-  python -m genie_jax.main --config=configs/tokenizer.py:data=coinrun --workdir=workdirs/tok_cr
+  python -m genie_jax.cli.train --config=configs/tokenizer.py:data=coinrun --workdir=workdirs/tok_cr
 """
 
 import ml_collections

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import ml_collections
 
-from genie_jax import optim
 from genie_jax import sharding
+from genie_jax.training import optim
 
 
 def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
@@ -80,10 +80,10 @@ def base_config() -> ml_collections.ConfigDict:
   config.total_steps = 300_000
 
   # Mesh axes (outer to inner) and the logical-axis rules: DP, FSDP or TP is the mesh shape.
-  config.mesh = dict(data=-1, fsdp=1, tensor=1)
+  config.mesh = sharding.default_mesh_shape()
   # Multi-slice jobs: config.mesh is one slice's mesh (ICI) and mesh_dcn the mesh of slices
   # (DCN); each axis has size mesh * mesh_dcn. All ones: one slice.
-  config.mesh_dcn = dict(data=1, fsdp=1, tensor=1)
+  config.mesh_dcn = sharding.single_device_mesh_shape()
   config.sharding = ml_collections.ConfigDict()
   config.sharding.rules = [list(rule) for rule in sharding.DEFAULT_RULES]
 

@@ -1,5 +1,5 @@
 """A model's variables as shapes and shardings on a mesh, with no optimizer: what restoring
-weights for inference needs, and what the train state (genie_jax/train_state.py) builds on.
+weights for inference needs, and what the train state (genie_jax/training/train_state.py) builds on.
 
 Layout (plain dicts of nnx.State, as the train state and its checkpoints hold them):
   params       the model's trainable variables (`Task.trainable`, by default every nnx.Param)
@@ -66,9 +66,11 @@ def abstract_model(task: Task) -> tuple[Any, dict[str, Any]]:
 
 
 def make_model_spec(task: Task, config: ml_collections.ConfigDict, mesh: Mesh) -> ModelSpec:
-  """Shapes and shardings of the task's model on `mesh`, by config.sharding.rules."""
+  """Shapes and shardings of the task's model on `mesh`, by config.sharding.rules; a mesh
+  axis that would split none of the weights it is meant to is refused (`check_split`)."""
   rules = sharding.rules_of(config)
   graphdef, shapes = abstract_model(task)
+  sharding.check_split(shapes, mesh, rules)
   shardings = {k: _fit(shapes[k], sharding.state_shardings(shapes[k], mesh, rules))
                for k in MODEL_KEYS}
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import glob
 import gzip
 import json
@@ -15,6 +16,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
+from absl import logging
+
+from genie_jax import paths
 
 
 def compiled_stats(compiled: Any) -> dict[str, float]:
@@ -160,3 +165,47 @@ def op_breakdown(compiled: Any, run: Any, num_calls: int, per: float = 1.0, top:
   for name, ms in per_op.items():
     kinds["matmul" if name in matmuls else re.sub(r"\.\d+$", "", name)] += ms
   return dict(total_ms=sum(per_op.values()), kinds=kinds, top=per_op.most_common(top))
+
+
+class StepProfiler:
+  """Traces the train steps config.profile names into WORKDIR/profile (jax.profiler), each
+  step annotated with its number, so that the profile tools show where one step's time goes.
+  A run resumed inside the window traces the rest of it."""
+
+  def __init__(self, profile: ml_collections.ConfigDict | None, workdir: str):
+    on = profile is not None and profile.num_steps > 0 and (
+        profile.all_processes or jax.process_index() == 0)
+    self._first = profile.start_step if on else -1
+    self._last = profile.start_step + profile.num_steps if on else -1
+    self.directory = paths.join(workdir, "profile")
+    if on and profile.all_processes:
+      # Processes on one host would write the same host-named file.
+      self.directory = paths.join(self.directory, f"process_{jax.process_index()}")
+    self._tracing = False
+    self._mirror = None
+
+  def step(self, step: int, state: Any) -> Any:
+    """A context for the update that takes `state` from `step` to `step + 1`."""
+    if not self._tracing and self._first <= step < self._last:
+      jax.block_until_ready(state)  # Earlier steps' work stays out of the trace.
+      # The profiler writes local files only; a gs:// workdir gets them at the end.
+      self._mirror = paths.LocalMirror(self.directory)
+      jax.profiler.start_trace(self._mirror.local)
+      self._tracing = True
+      logging.info("Tracing train steps %d..%d into %s", step + 1, self._last, self.directory)
+    if self._tracing:
+      return jax.profiler.StepTraceAnnotation("train", step_num=step + 1)
+    return contextlib.nullcontext()
+
+  def after(self, step: int, metrics: Any) -> None:
+    """Ends the trace once step `step` (just made) is the last traced one and has run."""
+    if self._tracing and step >= self._last:
+      jax.block_until_ready(metrics)
+      self.close()
+
+  def close(self) -> None:
+    if self._tracing:
+      self._tracing = False
+      jax.profiler.stop_trace()
+      self._mirror.close()
+      logging.info("Wrote the profile to %s", self.directory)

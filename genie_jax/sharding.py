@@ -12,6 +12,7 @@ activations.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import contextvars
 import math
@@ -50,6 +51,33 @@ DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("positions", None),
     ("qkv", None),
 )
+
+def _axes_of(rules: Rules, logical: str) -> tuple[str, ...]:
+  """The mesh axes the rules map a logical name to (a tuple, possibly empty)."""
+  axes = dict(rules)[logical]
+  return (axes,) if isinstance(axes, str) else tuple(axes or ())
+
+
+def single_device_mesh_shape() -> dict[str, int]:
+  """Every mesh axis of size 1."""
+  return {name: 1 for name in MESH_AXES}
+
+
+def default_mesh_shape(rules: Rules = DEFAULT_RULES) -> dict[str, int]:
+  """All devices on the first mesh axis the batch is split over (weights replicated,
+  batches split), every other axis 1."""
+  return dict(single_device_mesh_shape(), **{_axes_of(rules, "batch")[0]: -1})
+
+
+def data_parallel_axes(rules: Rules) -> tuple[str, ...]:
+  """The mesh axes a batch is split over."""
+  return _axes_of(rules, "batch")
+
+
+def data_parallel_size(mesh: Mesh, rules: Rules) -> int:
+  """How many ways a batch is split: the product of `data_parallel_axes` on the mesh."""
+  return math.prod(mesh.shape[a] for a in data_parallel_axes(rules))
+
 
 def _axis_sizes(shape: Mapping[str, int], key: str) -> list[int]:
   """The sizes of `shape` in `MESH_AXES` order (1 where missing); unknown axes are an error."""
@@ -257,26 +285,33 @@ def bytes_per_device(tree: Any) -> dict[jax.Device, int]:
   return held
 
 
-def check_model_split(model_config: Mapping[str, Any], mesh: Mesh, rules: Rules) -> None:
-  """Raises ValueError, naming the keys, when a sharded mesh axis does not divide the model
-  dimension it is meant to split (attention heads, model width).
+def check_split(abstract_state: Any, mesh: Mesh, rules: Rules) -> None:
+  """Raises ValueError, naming the mesh keys, when a sharded mesh axis does not divide the
+  dimension it is meant to split in most (by bytes) of the weights that carry it.
 
-  `fit_spec_to_shape` replicates such a dimension rather than failing, so FSDP or TP would
-  then cost devices and communication and save no memory.
+  `fit_spec_to_shape` replicates a dimension an axis does not divide (a small bias is
+  fine), so an axis that divides none of, say, the attention heads would cost devices and
+  communication and save no memory.
   """
-  table = dict(rules)
-  for logical, model_key in (("heads", "num_heads"), ("embed", "d_model")):
-    axes = table.get(logical)
-    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+  logical = nnx.get_partition_spec(abstract_state)
+  bytes_by_name: dict[str, collections.Counter] = {}
+  for x, names in zip(jax.tree.leaves(abstract_state),
+                      jax.tree.leaves(logical, is_leaf=lambda v: isinstance(v, P))):
+    for dim, name in zip(x.shape, tuple(names)):
+      if name is not None and math.prod(mesh.shape[a] for a in _axes_of(rules, name)) > 1:
+        bytes_by_name.setdefault(name, collections.Counter())[dim] += x.size * x.dtype.itemsize
+  for name, by_dim in bytes_by_name.items():
+    axes = _axes_of(rules, name)
     size = math.prod(mesh.shape[a] for a in axes)
-    dim = model_config.get(model_key)
-    if size > 1 and dim is not None and dim % size:
+    unsplit = sum(b for dim, b in by_dim.items() if dim % size)
+    if 2 * unsplit > sum(by_dim.values()):
+      dim = max(by_dim, key=by_dim.get)  # The size that holds most of those bytes.
       divisors = [d for d in range(1, dim + 1) if dim % d == 0]
       mesh_keys = " x ".join(f"config.mesh.{a}" for a in axes)
       raise ValueError(
-          f"{mesh_keys} = {size} does not divide config.model.{model_key}={dim}, so the "
-          f"{logical!r} axis of the weights would not be split; choose {mesh_keys} among "
-          f"{divisors} (or put the other devices on config.mesh.data)")
+          f"{mesh_keys} = {size} does not divide the {name!r} axis of the weights "
+          f"({', '.join(str(d) for d in sorted(by_dim))}), so it would not be split; choose "
+          f"{mesh_keys} among {divisors} (or put the other devices on config.mesh.data)")
 
 
 # Active (mesh, rules) for activation constraints inside model code.

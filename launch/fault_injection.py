@@ -5,7 +5,7 @@ r"""Breaks a tiny training job on purpose and checks that nothing is lost.
       [--scenarios=kill9,sigterm,corrupt] [--num_processes=1] [--devices_per_process=1]
       [--seed=N] [--timeout=300]
 
-Runs the same genie_jax.main command (tiny tokenizer, tiny builtin_world data, one log row per
+Runs the same genie_jax.cli.train command (tiny tokenizer, tiny builtin_world data, one log row per
 step) in ROOT/faulty, disturbed by each scenario in turn, then once more to the end:
 
   kill9    kill -9 (every process) once a random step is logged; the next run must restore the
@@ -44,7 +44,7 @@ SCENARIOS = ("kill9", "sigterm", "corrupt")
 
 def main_flags(data_dir: str, workdir: str, total_steps: int, checkpoint_every: int,
                **overrides) -> list[str]:
-  """genie_jax.main flags of the tiny job (tests/test_train.py's tiny_config, without images
+  """genie_jax.cli.train flags of the tiny job (tests/test_train.py's tiny_config, without images
   and evaluations, keeping every checkpoint)."""
   values = {
       "data.data_dir": data_dir, "data.image_size": 32, "data.clip_len": 8,
@@ -74,7 +74,7 @@ class Job:
            "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}",
            **(env or {})}
     if num_processes == 1:
-      argvs = [(env, [sys.executable, "-m", "genie_jax.main", *flags])]
+      argvs = [(env, [sys.executable, "-m", "genie_jax.cli.train", *flags])]
     else:
       mpl = _multiprocess_local()
       args = argparse.Namespace(num_processes=num_processes, port=mpl.free_port(),

@@ -6,7 +6,7 @@
 #   launch/local.sh configs/tokenizer.py:data=coinrun,runlocal workdirs/tok_coinrun \
 #       --config.total_steps=2000
 #
-# Flags passed to genie_jax.main: --config=CONFIG --workdir=WORKDIR and every extra argument.
+# Flags passed to genie_jax.cli.train: --config=CONFIG --workdir=WORKDIR and every extra argument.
 # Environment: PYTHON (default: python). Re-running the same command resumes from the latest
 # checkpoint; the evaluation writes WORKDIR/eval/metrics.json and a PNG of reconstructions.
 set -euo pipefail
@@ -20,5 +20,5 @@ workdir="$2"
 shift 2
 python="${PYTHON:-python}"
 
-"${python}" -m genie_jax.main --config="${config}" --workdir="${workdir}" "$@"
-"${python}" -m genie_jax.evaluate --workdir="${workdir}"
+"${python}" -m genie_jax.cli.train --config="${config}" --workdir="${workdir}" "$@"
+"${python}" -m genie_jax.cli.evaluate --workdir="${workdir}"

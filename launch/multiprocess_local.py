@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-r"""Runs N genie_jax.main processes on this machine as one multi-process JAX job.
+r"""Runs N genie_jax.cli.train processes on this machine as one multi-process JAX job.
 
   launch/multiprocess_local.py [--num_processes=2] [--devices_per_process=4] [--port=0]
       [--timeout=600] [--log_dir=DIR] [--platform=cpu] [--dry_run] -- MAIN_FLAGS...
@@ -7,7 +7,7 @@ r"""Runs N genie_jax.main processes on this machine as one multi-process JAX job
   launch/multiprocess_local.py --num_processes=2 -- \
       --config=configs/tokenizer.py:runlocal --workdir=workdirs/tok_2proc
 
-Each process runs `python -m genie_jax.main MAIN_FLAGS --coordinator_address=127.0.0.1:PORT
+Each process runs `python -m genie_jax.cli.train MAIN_FLAGS --coordinator_address=127.0.0.1:PORT
 --num_processes=N --process_id=I` (process 0 hosts JAX's coordinator; a free port is picked
 when --port=0). Environment given to each process: JAX_PLATFORMS=<--platform> and, on cpu,
 XLA_FLAGS=--xla_force_host_platform_device_count=<--devices_per_process> (CPU collectives use
@@ -105,15 +105,15 @@ def main() -> int:
                       help="seconds before every process is killed")
   parser.add_argument("--log_dir", default=None)
   parser.add_argument("--dry_run", action="store_true", help="print the commands only")
-  parser.add_argument("--module", default="genie_jax.main",
-                      choices=["genie_jax.main", "genie_jax.pipeline", "genie_jax.evaluate",
-                               "genie_jax.generate"],
+  parser.add_argument("--module", default="genie_jax.cli.train",
+                      choices=["genie_jax.cli.train", "genie_jax.cli.pipeline", "genie_jax.cli.evaluate",
+                               "genie_jax.cli.generate"],
                       help="the entry point every process runs")
-  parser.add_argument("main_flags", nargs="*", help="flags for genie_jax.main, after --")
+  parser.add_argument("main_flags", nargs="*", help="flags for genie_jax.cli.train, after --")
   args = parser.parse_args()
   if args.num_processes < 1:
     parser.error(f"--num_processes={args.num_processes} must be at least 1")
-  needs_config = args.module in ("genie_jax.main", "genie_jax.pipeline")
+  needs_config = args.module in ("genie_jax.cli.train", "genie_jax.cli.pipeline")
   if (needs_config and not any(f.startswith("--config=") for f in args.main_flags)) or not any(
       f.startswith("--workdir=") for f in args.main_flags):
     parser.error(f"pass at least {'--config=... and ' if needs_config else ''}--workdir=... "

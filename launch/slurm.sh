@@ -6,11 +6,11 @@
 #   NODES=4 GPUS_PER_NODE=8 launch/slurm.sh configs/tokenizer.py:data=coinrun \
 #       /shared/workdirs/tok_cr --config.total_steps=20000
 #
-# The job runs, on every task: python -m genie_jax.main --config=CONFIG --workdir=WORKDIR
+# The job runs, on every task: python -m genie_jax.cli.train --config=CONFIG --workdir=WORKDIR
 #   --distributed=yes FLAGS...; JAX reads the coordinator, process count and ids from SLURM's
 #   environment (SLURM_JOB_NODELIST, SLURM_NTASKS, SLURM_PROCID, SLURM_LOCALID) and gives each
 #   process its own GPU.
-# Flags passed to genie_jax.main: --config=CONFIG --workdir=WORKDIR --distributed=yes FLAGS...
+# Flags passed to genie_jax.cli.train: --config=CONFIG --workdir=WORKDIR --distributed=yes FLAGS...
 # Environment: NODES (default 1), GPUS_PER_NODE (default 8), PARTITION, ACCOUNT, TIME (default
 #   24:00:00), CPUS_PER_TASK (default 8), JOB_NAME (default genie-jax), DATA_DIR (optional:
 #   --config.data.data_dir), SETUP (optional shell line run before training, e.g.
@@ -52,7 +52,7 @@ ${ACCOUNT:+#SBATCH --account=${ACCOUNT}}
 set -euo pipefail
 cd $(printf '%q' "${repo}")
 ${setup}
-srun python -m genie_jax.main$(printf ' %q' "${main_flags[@]}")
+srun python -m genie_jax.cli.train$(printf ' %q' "${main_flags[@]}")
 "
 
 echo "${script}"

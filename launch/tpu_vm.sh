@@ -11,12 +11,12 @@
 #   copy    git archive of HEAD, scp'd to every worker (--worker=all), unpacked, pip install -e .;
 #           with DATA_BUCKET set, also installs gcsfuse and mounts gs://DATA_BUCKET at
 #           /gcs/DATA_BUCKET on every worker
-#   run     on every worker (--worker=all): python -m genie_jax.main --config=CONFIG
+#   run     on every worker (--worker=all): python -m genie_jax.cli.train --config=CONFIG
 #           --workdir=WORKDIR --distributed=yes FLAGS..., output tee'd to ~/genie_train.log and
 #           streamed here. JAX finds the pod's coordinator and process ids itself.
 #   logs    tail -f ~/genie_train.log on worker 0
 #   delete  gcloud compute tpus tpu-vm delete $TPU_NAME --quiet
-# Flags passed to genie_jax.main: --config=CONFIG --workdir=WORKDIR --distributed=yes FLAGS...
+# Flags passed to genie_jax.cli.train: --config=CONFIG --workdir=WORKDIR --distributed=yes FLAGS...
 # Environment: TPU_NAME (default genie-jax), ZONE (default us-central2-b), ACCELERATOR_TYPE
 #   (default v4-32), RUNTIME_VERSION (default tpu-ubuntu2204-base), PROJECT (default: gcloud's),
 #   DATA_DIR (optional: passed as --config.data.data_dir), DATA_BUCKET (optional: a bucket
@@ -71,7 +71,7 @@ gcsfuse-\$(lsb_release -cs) main\" | sudo tee /etc/apt/sources.list.d/gcsfuse.li
 sudo apt-get update -q && sudo apt-get install -y -q gcsfuse && \
 sudo mkdir -p /gcs/${DATA_BUCKET:-} && sudo chown \$(id -u):\$(id -g) /gcs/${DATA_BUCKET:-} && \
 (mountpoint -q /gcs/${DATA_BUCKET:-} || gcsfuse --implicit-dirs ${DATA_BUCKET:-} /gcs/${DATA_BUCKET:-})"
-main_cmd="cd ~/genie_jax && python -m genie_jax.main$(printf ' %q' "${main_flags[@]}")"
+main_cmd="cd ~/genie_jax && python -m genie_jax.cli.train$(printf ' %q' "${main_flags[@]}")"
 for step in ${steps//,/ }; do
   case "${step}" in
     create)

@@ -8,12 +8,12 @@
 # Steps (default create,logs; also: list, delete):
 #   create  xpk workload create --cluster=$CLUSTER --workload=$WORKLOAD --tpu-type=$TPU_TYPE
 #           --num-slices=$NUM_SLICES --base-docker-image=$BASE_IMAGE --script-dir=<this repo>
-#           --command="pip install -e . && python -m genie_jax.main ..."
+#           --command="pip install -e . && python -m genie_jax.cli.train ..."
 #           (xpk builds an image holding the repository on top of BASE_IMAGE)
 #   logs    kubectl logs -f of the workload's pods (worker 0 of slice 0 carries the progress)
 #   list    xpk workload list --cluster=$CLUSTER
 #   delete  xpk workload delete --cluster=$CLUSTER --workload=$WORKLOAD
-# Flags passed to genie_jax.main: --config=CONFIG --workdir=WORKDIR --distributed=yes FLAGS...
+# Flags passed to genie_jax.cli.train: --config=CONFIG --workdir=WORKDIR --distributed=yes FLAGS...
 #   (JAX reads the TPU pod / multi-slice topology from the environment GKE gives each pod.)
 # Environment: CLUSTER (required), WORKLOAD (default genie-jax-$USER), TPU_TYPE (default
 #   v5p-64), NUM_SLICES (default 1; >1 makes a multi-slice job), BASE_IMAGE (default
@@ -65,7 +65,7 @@ for step in ${steps//,/ }; do
       run xpk workload create "${xpk_args[@]}" --workload="${workload}" \
         --tpu-type="${TPU_TYPE:-v5p-64}" --num-slices="${NUM_SLICES:-1}" \
         --base-docker-image="${BASE_IMAGE:-python:3.11-slim}" --script-dir="${repo}" \
-        --command="${install} && python -m genie_jax.main$(printf ' %q' "${main_flags[@]}")" ;;
+        --command="${install} && python -m genie_jax.cli.train$(printf ' %q' "${main_flags[@]}")" ;;
     logs)
       run kubectl logs -f --max-log-requests=64 --prefix \
         --selector="jobset.sigs.k8s.io/jobset-name=${workload}" ;;

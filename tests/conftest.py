@@ -18,7 +18,7 @@ import pytest
 
 from configs import genie as genie_config
 from configs import tokenizer as tokenizer_config
-from genie_jax import pipeline
+from genie_jax.training import pipeline
 
 
 @pytest.fixture(scope="session")

@@ -10,8 +10,8 @@ import pytest
 
 from configs import lam as lam_config
 from configs import tokenizer as tokenizer_config
-from genie_jax import aot
-from genie_jax import checkpointing
+from genie_jax.training import aot
+from genie_jax.training import checkpointing
 from conftest import REPO, tiny_config
 
 # A folder holding the libtpu wheel (pip install --no-deps --target DIR "libtpu==0.0.42.*"),
@@ -81,7 +81,7 @@ def _tiny_dynamics_config(tmp_path):
                     reason="set GENIE_LIBTPU_DIR to a folder with the libtpu wheel installed "
                            "(pip install --no-deps --target DIR; .ci/run does)")
 def test_every_stage_and_the_rollout_lower_for_a_tpu_topology(tmp_path):
-  """genie_jax.aot with libtpu, one process per stage side by side: a change that breaks
+  """genie_jax.cli.aot with libtpu, one process per stage side by side: a change that breaks
   lowering for TPU (an op, a sharding, a Pallas kernel) fails here, without a TPU."""
   dirs = _tiny_stage_workdirs(tmp_path)
   configs = {
@@ -99,7 +99,7 @@ def test_every_stage_and_the_rollout_lower_for_a_tpu_topology(tmp_path):
   env.pop("XLA_FLAGS", None)
   procs = {
       stage: subprocess.Popen(
-          [sys.executable, "-m", "genie_jax.aot", f"--config={config}", "--topology=v5e:2x2",
+          [sys.executable, "-m", "genie_jax.cli.aot", f"--config={config}", "--topology=v5e:2x2",
            "--config.mesh.data=4", "--config.batch_size=8", "--evaluators"] +
           (["--rollout"] if stage == "dynamics" else []),
           cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -55,7 +55,7 @@ def test_view_contents_name_what_each_cell_shows():
 
 @functools.lru_cache
 def _genie(patch_size):
-  from genie_jax import genie as genie_lib  # pylint: disable=g-import-not-at-top
+  from genie_jax.inference import genie as genie_lib  # pylint: disable=g-import-not-at-top
   from genie_jax.models import dynamics as dynamics_lib  # pylint: disable=g-import-not-at-top
   from genie_jax.models import lam as lam_lib  # pylint: disable=g-import-not-at-top
   from genie_jax.models import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top

@@ -9,8 +9,9 @@ import pytest
 from configs import dynamics as dynamics_config
 from configs import lam as lam_config
 from configs import tokenizer as tokenizer_config
-from genie_jax import checkpointing
-from genie_jax import train
+from genie_jax.training import checkpointing
+from genie_jax.training import train_state
+from genie_jax.training import trainer
 from conftest import tiny_config
 
 
@@ -20,8 +21,8 @@ def no_model_or_compile(monkeypatch):
   def reached(*args, **kwargs):
     del args, kwargs
     raise AssertionError("the config checks let the trainer reach the model and compiler")
-  monkeypatch.setattr(train.train_state, "make_state_spec", reached)
-  monkeypatch.setattr(train.train_state, "jit_train_step", reached)
+  monkeypatch.setattr(trainer.train_state, "make_state_spec", reached)
+  monkeypatch.setattr(trainer.train_state, "jit_train_step", reached)
 
 
 def _set(config, key, value):
@@ -37,7 +38,7 @@ def _fails(config, tmp_path, *patterns):
   written nothing."""
   workdir = tmp_path / "work"
   with pytest.raises(ValueError) as info:
-    train.train_and_evaluate(config, str(workdir))
+    trainer.train_and_evaluate(config, str(workdir))
   for pattern in patterns:
     assert pattern in str(info.value), (pattern, str(info.value))
   assert not workdir.exists()
@@ -77,19 +78,26 @@ def test_bad_trainer_config(tmp_path, key, value, patterns):
   _fails(config, tmp_path, *patterns)
 
 
-def test_tensor_parallel_must_divide_heads(tmp_path):
+# The model split is checked on the weights' shapes (jax.eval_shape: nothing allocated, no
+# compile), so these reach the model's shapes.
+_MAKE_STATE_SPEC = train_state.make_state_spec
+
+
+def test_tensor_parallel_must_divide_heads(tmp_path, monkeypatch):
+  monkeypatch.setattr(trainer.train_state, "make_state_spec", _MAKE_STATE_SPEC)
   # 4-way tensor parallelism of a 2-head model would replicate the heads.
   config = tiny_config(str(tmp_path / "data"))
   config.mesh = dict(data=2, fsdp=1, tensor=4)
-  _fails(config, tmp_path, "config.mesh.tensor = 4 does not divide config.model.num_heads=2",
+  _fails(config, tmp_path, "config.mesh.tensor = 4 does not divide the 'heads' axis of the weights (2)",
          "choose config.mesh.tensor among [1, 2]")
 
 
-def test_fsdp_must_divide_model_width(tmp_path):
+def test_fsdp_must_divide_model_width(tmp_path, monkeypatch):
+  monkeypatch.setattr(trainer.train_state, "make_state_spec", _MAKE_STATE_SPEC)
   config = tiny_config(str(tmp_path / "data"))
   config.model.d_model = 36
   config.mesh = dict(data=1, fsdp=8, tensor=1)
-  _fails(config, tmp_path, "config.mesh.fsdp = 8 does not divide config.model.d_model=36",
+  _fails(config, tmp_path, "config.mesh.fsdp = 8 does not divide the 'embed' axis of the weights",
          "choose config.mesh.fsdp among [1, 2, 3, 4, 6, 9, 12, 18, 36]")
 
 
@@ -157,5 +165,5 @@ def test_checks_run_before_the_workdir_is_touched(tmp_path):
   workdir.mkdir()
   (workdir / "marker").write_text("x")
   with pytest.raises(ValueError, match="config.batch_size=12"):
-    train.train_and_evaluate(config, str(workdir))
+    trainer.train_and_evaluate(config, str(workdir))
   assert os.listdir(workdir) == ["marker"]

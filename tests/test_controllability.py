@@ -5,7 +5,7 @@ The stand-in world has a known action effect: the tokenizer is an exact codec (a
 grid of grey patches, one per token, code v = grey level 17 v), the LAM reads the action off
 two frames' tokens, and the dynamics model predicts frame t+1's tokens as (frame t's tokens +
 action) mod V, or, in the stand-in that ignores its actions, as frame t's tokens. The real
-ControllabilityEvaluator.run drives it, rollouts through genie_jax.genie included; only the
+ControllabilityEvaluator.run drives it, rollouts through genie_jax.inference.genie included; only the
 clips come from memory instead of a TFDS dataset.
 """
 
@@ -19,13 +19,13 @@ from configs import dynamics as dynamics_config
 from configs import genie as genie_config
 from genie_jax import action_metrics
 from genie_jax import model_spec
-from genie_jax import pipeline
 from genie_jax import sharding
 from genie_jax.evaluators import base
 from genie_jax.evaluators import controllability
 from genie_jax.models import dynamics as dynamics_lib
 from genie_jax.models import tokenizer as tokenizer_lib
 from genie_jax.tasks import dynamics as dynamics_task
+from genie_jax.training import pipeline
 
 # 64 tokens per frame: enough that sampling almost never gets a whole frame right, whose
 # PSNR would jump to the 100 dB cap and swamp the per-clip statistics.
@@ -97,7 +97,7 @@ class _OffsetLAM(nnx.Module):
 
 class _OffsetDynamics(nnx.Module):
   """Stands in for the dynamics model, with its call signature and the parts generation
-  calls (`genie_jax.genie.generate_next`): frame t+1 = (frame t + action) mod V, or
+  calls (`genie_jax.inference.genie.generate_next`): frame t+1 = (frame t + action) mod V, or
   frame t when `uses_actions` is False. The prediction reads the previous frame, never the
   masked frame itself, as a perfect dynamics model may."""
 

@@ -15,16 +15,16 @@ from flax import nnx
 from configs import dynamics as dynamics_config
 from configs import lam as lam_config
 from configs import tokenizer as tokenizer_config
-from genie_jax import checkpointing
-from genie_jax import optim
 from genie_jax import sharding
-from genie_jax import stages
 from genie_jax import tasks
-from genie_jax import train
-from genie_jax import train_state
+from genie_jax.inference import stages
 from genie_jax.models import dynamics as dynamics_lib
 from genie_jax.models import lam as lam_lib
 from genie_jax.tasks import dynamics as dynamics_task
+from genie_jax.training import checkpointing
+from genie_jax.training import optim
+from genie_jax.training import train_state
+from genie_jax.training import trainer
 
 IMAGE_SIZE, CLIP_LEN = 32, 8
 
@@ -529,7 +529,7 @@ def test_short_training_run_learns_and_restores(stage_workdirs, tmp_path, tiny_d
   config.optimizer.lr, config.optimizer.end_lr = 1e-3, 1e-4
   config.mesh = dict(data=1, fsdp=1, tensor=1)
   workdir = str(tmp_path / "dyn")
-  train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+  trainer.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
 
   with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
     rows = [json.loads(line) for line in f]

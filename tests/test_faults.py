@@ -22,12 +22,13 @@ import pytest
 from absl import logging as absl_logging
 
 import data_pipelines
-from genie_jax import checkpointing
 from genie_jax import sharding
 from genie_jax import tasks
-from genie_jax import train
-from genie_jax import train_state
 from genie_jax.data import input_pipeline
+from genie_jax.training import checkpointing
+from genie_jax.training import preemption
+from genie_jax.training import train_state
+from genie_jax.training import trainer
 from conftest import REPO, read_metrics, tiny_config
 
 SCRIPT = os.path.join(REPO, "launch", "fault_injection.py")
@@ -118,7 +119,7 @@ def test_nonfinite_stop_names_the_step_and_keeps_the_last_good_checkpoint(
   config.checkpoint.every_steps = 2
   workdir = str(tmp_path / "stop")
   with pytest.raises(FloatingPointError, match=r"loss is nan.* at step 5 .*checkpoint is step 4"):
-    train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+    trainer.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
   ckpt = checkpointing.Checkpointer(workdir, config.checkpoint, read_only=True)
   assert ckpt.all_steps() == [2, 4]
   assert sorted(read_metrics(workdir)) == [3]
@@ -129,7 +130,7 @@ def test_nonfinite_skip_drops_the_update_and_counts_it(tmp_path, tiny_data_dir, 
   config = _nan_config(tiny_data_dir, total_steps=4, nonfinite="skip")
   config.checkpoint.every_steps = 2
   workdir = str(tmp_path / "skip")
-  train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+  trainer.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
   skipped = read_metrics(workdir, "train/skipped_updates")
   assert skipped == {1: 0, 2: 0, 3: 1, 4: 0}
   norms = read_metrics(workdir, "train/param_norm")
@@ -143,7 +144,7 @@ def test_nonfinite_skip_drops_the_update_and_counts_it(tmp_path, tiny_data_dir, 
 def test_bad_nonfinite_setting_fails_before_work(tmp_path, tiny_data_dir):
   config = _nan_config(str(tmp_path / "data"), nonfinite="ignore")
   with pytest.raises(ValueError, match="config.nonfinite='ignore'"):
-    train.train_and_evaluate(config, str(tmp_path / "work"), devices=jax.devices()[:1])
+    trainer.train_and_evaluate(config, str(tmp_path / "work"), devices=jax.devices()[:1])
   assert not os.path.exists(tmp_path / "data")
 
 
@@ -152,7 +153,7 @@ def test_bad_nonfinite_setting_fails_before_work(tmp_path, tiny_data_dir):
 
 def test_sigterm_sets_the_flag_and_the_handler_is_restored():
   previous = signal.getsignal(signal.SIGTERM)
-  notice = train.PreemptionNotice(manager=None, check_every_steps=10)
+  notice = preemption.PreemptionNotice(manager=None, check_every_steps=10)
   assert not notice.uses_jax_service
   assert not notice.reached(1)
   os.kill(os.getpid(), signal.SIGTERM)  # Handled in this (main) thread: the test lives on.

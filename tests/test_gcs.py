@@ -39,7 +39,7 @@ def loopback_only(gcs):
 
 
 def _main(gcs, flags, log, env):
-  return subprocess.Popen([sys.executable, "-m", "genie_jax.main", *flags], cwd=REPO,
+  return subprocess.Popen([sys.executable, "-m", "genie_jax.cli.train", *flags], cwd=REPO,
                           env={**os.environ, **gcs.env(), **env}, stdout=open(log, "w"),
                           stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -111,8 +111,8 @@ def test_storage_outage_during_a_save_then_the_losses_of_an_undisturbed_run(
 
 
 def test_pipeline_with_its_workdir_on_gcs(gcs, tiny_data_dir):
-  from genie_jax import generate as generate_lib  # pylint: disable=g-import-not-at-top
-  from genie_jax import pipeline  # pylint: disable=g-import-not-at-top
+  from genie_jax.inference import generate as generate_lib  # pylint: disable=g-import-not-at-top
+  from genie_jax.training import pipeline  # pylint: disable=g-import-not-at-top
   import conftest  # pylint: disable=g-import-not-at-top
 
   workdir = f"{URL}/genie"

@@ -311,7 +311,7 @@ _CASES = [("additive", "learned", 0, False, "spatial_first"),
 @functools.lru_cache
 def _cache_steps():
   """Jitted steps of a cache test: the logits of frame f and the cache with frame f."""
-  from genie_jax import genie as genie_lib  # pylint: disable=g-import-not-at-top
+  from genie_jax.inference import genie as genie_lib  # pylint: disable=g-import-not-at-top
 
   @nnx.jit
   def prefill(dynamics, tokens, actions):
@@ -414,7 +414,7 @@ def test_rolling_cache_equals_an_unbounded_cache_masked_to_the_window():
 def test_rolling_cache_logits_do_not_depend_on_how_long_it_has_run():
   """A play session millions of frames in gives the logits it gave at frame 10: rotary
   angles are taken from positions within the window, not from frame indices."""
-  from genie_jax import genie as genie_lib  # pylint: disable=g-import-not-at-top
+  from genie_jax.inference import genie as genie_lib  # pylint: disable=g-import-not-at-top
   dynamics = _world("additive", "rope", 1).dynamics
   prefill, step, _ = _cache_steps()
   rng = np.random.default_rng(4)
@@ -442,7 +442,7 @@ def test_rolling_cache_logits_do_not_depend_on_how_long_it_has_run():
                          [("learned", 0, "learned"), ("rope", 1, "learned"),
                           ("rope", 1, "rope")])
 def test_rollout_compiles_once_and_matches_play(positions, sinks, tokenizer_positions):
-  from genie_jax import genie as genie_lib  # pylint: disable=g-import-not-at-top
+  from genie_jax.inference import genie as genie_lib  # pylint: disable=g-import-not-at-top
   from genie_jax import visualize  # pylint: disable=g-import-not-at-top
   tokenizer_sinks = int(tokenizer_positions == "rope")
   genie = genie_lib.Genie(_world("additive", positions, sinks,
@@ -483,7 +483,7 @@ def test_streaming_decoder_equals_the_decoder_in_the_window_and_a_masked_referen
   """A rotary decoder's rolling cache: frames within the window equal `Tokenizer.decode`;
   past it, a reference that keeps every frame's keys/values in its own slot and masks all
   but the sink and the latest frames gives the same frames, and the cache holds them."""
-  from genie_jax import genie as genie_lib  # pylint: disable=g-import-not-at-top
+  from genie_jax.inference import genie as genie_lib  # pylint: disable=g-import-not-at-top
   # Two blocks: with one, a frame's keys/values would not depend on the frames before it.
   tokenizer = _world(tokenizer_positions="rope", tokenizer_sinks=sinks,
                      decoder_layers=2).tokenizer
@@ -523,7 +523,7 @@ def test_streaming_decoder_equals_the_decoder_in_the_window_and_a_masked_referen
 
 
 def test_sampling_takes_back_the_rare_code_weighting():
-  from genie_jax import genie as genie_lib  # pylint: disable=g-import-not-at-top
+  from genie_jax.inference import genie as genie_lib  # pylint: disable=g-import-not-at-top
   from genie_jax import visualize  # pylint: disable=g-import-not-at-top
   weighted = ml_collections.ConfigDict(dict(rare_token_weight=0.5, unbias_sampling=True))
   assert genie_lib.sampling_prior_weight(weighted) == 0.5
@@ -567,7 +567,7 @@ def test_sampling_takes_back_the_rare_code_weighting():
 
 
 def test_genie_rejects_bad_actions_and_prompts():
-  from genie_jax import genie as genie_lib  # pylint: disable=g-import-not-at-top
+  from genie_jax.inference import genie as genie_lib  # pylint: disable=g-import-not-at-top
   genie = genie_lib.Genie(_world())
   prompt = _video(1, 1)
   with pytest.raises(ValueError, match=r"action 3 is out of range.*\[0, 3\)"):
@@ -586,10 +586,10 @@ def test_genie_rejects_bad_actions_and_prompts():
 def _save_stage(workdir, config, seed):
   """A stage workdir as the trainer leaves it (config.json + a checkpoint), with random
   weights instead of training (fast)."""
-  from genie_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from genie_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
   from genie_jax import sharding  # pylint: disable=g-import-not-at-top
   from genie_jax import tasks  # pylint: disable=g-import-not-at-top
-  from genie_jax import train_state  # pylint: disable=g-import-not-at-top
+  from genie_jax.training import train_state  # pylint: disable=g-import-not-at-top
   task = tasks.get_task(config)
   spec = train_state.make_state_spec(
       task, config, sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1]))
@@ -605,7 +605,7 @@ def dynamics_workdir(tmp_path_factory, tiny_data_dir):
   from configs import dynamics as dynamics_config  # pylint: disable=g-import-not-at-top
   from configs import lam as lam_config  # pylint: disable=g-import-not-at-top
   from configs import tokenizer as tokenizer_config  # pylint: disable=g-import-not-at-top
-  from genie_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from genie_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
 
   def tiny(config):
     config.data.update(dict(data_dir=tiny_data_dir, image_size=32, clip_len=8,
@@ -630,8 +630,8 @@ def dynamics_workdir(tmp_path_factory, tiny_data_dir):
 
 
 def test_genie_from_workdir_rollout_and_generate_cli(dynamics_workdir, tmp_path):
-  from genie_jax import generate  # pylint: disable=g-import-not-at-top
-  from genie_jax import genie as genie_lib  # pylint: disable=g-import-not-at-top
+  from genie_jax.inference import generate  # pylint: disable=g-import-not-at-top
+  from genie_jax.inference import genie as genie_lib  # pylint: disable=g-import-not-at-top
   genie = genie_lib.Genie.from_workdir(dynamics_workdir)
   assert genie.step == 2 and genie.max_frames == 8
   video = np.asarray(np.random.default_rng(0).integers(0, 256, (1, 3, 32, 32, 3)), np.uint8)

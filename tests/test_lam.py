@@ -14,8 +14,8 @@ from configs import lam as lam_config
 from data_pipelines.builtin_world import lam_probe
 from genie_jax import action_metrics
 from genie_jax import tasks
-from genie_jax import train
 from genie_jax.models import lam as lam_lib
+from genie_jax.training import trainer
 
 T = 5
 
@@ -260,7 +260,7 @@ def test_short_training_run_learns_and_reports_latent_actions(tmp_path, tiny_dat
   config.evals.latent_actions.num_batches = 1
   config.mesh = dict(data=1, fsdp=1, tensor=1)
   workdir = str(tmp_path / "lam")
-  train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+  trainer.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
 
   with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
     rows = [json.loads(line) for line in f]

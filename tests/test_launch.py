@@ -26,18 +26,18 @@ def test_scripts_are_executable_with_usage(script):
   proc = _run([path, "-h"])
   assert proc.returncode in (0, 2)
   usage = proc.stdout + proc.stderr
-  assert "genie_jax.main" in usage and "--config" in usage and "nvironment" in usage, usage
+  assert "genie_jax.cli.train" in usage and "--config" in usage and "nvironment" in usage, usage
 
 
 def _main_flags_in(argv):
-  """Checks the genie_jax.main flags in an argv list, or in a shell command line (such as an
+  """Checks the genie_jax.cli.train flags in an argv list, or in a shell command line (such as an
   ssh --command or xpk --command value), as the shell would split it."""
   if isinstance(argv, str):
     argv = shlex.split(argv)
   command = [a.split("=", 1)[1] for a in argv if a.startswith("--command=")]
   if command:
     argv = shlex.split(command[0])
-  main = argv[argv.index("genie_jax.main") + 1:]
+  main = argv[argv.index("genie_jax.cli.train") + 1:]
   # The workdir has a space: it must arrive as one argument.
   for flag in ("--config=configs/tokenizer.py:data=coinrun", "--workdir=/shared/work dir",
                "--config.total_steps=7", "--distributed=yes"):
@@ -53,7 +53,7 @@ def test_tpu_vm_dry_run_creates_copies_runs_on_all_workers_and_deletes():
   assert lines[0].startswith("gcloud compute tpus tpu-vm create pod --zone=z1")
   assert "--accelerator-type=v5p-64" in lines[0]
   assert any("tpu-vm scp" in l and "--worker=all" in l for l in lines)
-  (run,) = [l for l in lines if "genie_jax.main" in l]
+  (run,) = [l for l in lines if "genie_jax.cli.train" in l]
   assert "tpu-vm ssh pod" in run and "--worker=all" in run
   assert "--config.data.data_dir=/shared/tfds" in _main_flags_in(run)
   assert lines[-1].startswith("gcloud compute tpus tpu-vm delete pod --zone=z1")
@@ -70,7 +70,7 @@ def test_tpu_vm_data_bucket_is_mounted_with_gcsfuse_and_becomes_the_data_dir():
   assert "--worker=all" in mount
   assert "gcsfuse --implicit-dirs my-data /gcs/my-data" in command
   assert "apt-get install -y -q gcsfuse" in command
-  (run,) = [l for l in proc.stdout.splitlines() if "genie_jax.main" in l]
+  (run,) = [l for l in proc.stdout.splitlines() if "genie_jax.cli.train" in l]
   assert "--config.data.data_dir=/gcs/my-data/data" in _main_flags_in(run)
   plain = _run(["launch/tpu_vm.sh", "--dry_run", "--steps=copy", *MAIN_ARGS], DATA_BUCKET="")
   assert "gcsfuse" not in plain.stdout
@@ -98,7 +98,7 @@ def test_slurm_dry_run_prints_an_sbatch_script_with_one_process_per_gpu():
                     "--partition=gpu"):
     assert f"#SBATCH {directive}\n" in out
   (srun,) = [l for l in out.splitlines() if l.startswith("srun ")]
-  assert srun.startswith("srun python -m genie_jax.main ")
+  assert srun.startswith("srun python -m genie_jax.cli.train ")
   _main_flags_in(srun)
   assert "sbatch" in out.splitlines()[-1]
 
@@ -112,6 +112,6 @@ def test_multiprocess_local_dry_run_gives_each_process_the_coordinator():
   assert len(lines) == 3
   for i, line in enumerate(lines):
     assert line.startswith("JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=2")
-    assert "-m genie_jax.main" in line and "--workdir=/tmp/w" in line
+    assert "-m genie_jax.cli.train" in line and "--workdir=/tmp/w" in line
     assert line.endswith(f"--coordinator_address=127.0.0.1:12345 --num_processes=3 "
                          f"--process_id={i}")

@@ -2,7 +2,7 @@
 continues in 1 process x 8 devices and in 1 process x 1 device with the losses of an
 uninterrupted 1-process run.
 
-The 2-process job runs through launch/multiprocess_local.py and genie_jax.main (coordinator on
+The 2-process job runs through launch/multiprocess_local.py and genie_jax.cli.train (coordinator on
 127.0.0.1, gloo collectives), with images and an evaluation at its last step, so the
 process-0-only writing is exercised too. Subprocesses run while this process trains the
 reference (and one continuation), to use both cores; every one has a timeout and is killed on
@@ -23,9 +23,9 @@ import pytest
 from absl import flags
 
 import data_pipelines
-from genie_jax import checkpointing
 from genie_jax import distributed
-from genie_jax import train
+from genie_jax.training import checkpointing
+from genie_jax.training import trainer
 from conftest import REPO, read_metrics, tiny_config
 
 FIRST_STEPS = 2  # Trained by 2 processes, checkpointed at the end.
@@ -34,7 +34,7 @@ TIMEOUT_S = 240
 
 
 def _main_flags(data_dir, workdir, **overrides):
-  """genie_jax.main flags giving tiny_config(data_dir, **overrides) in `workdir`."""
+  """genie_jax.cli.train flags giving tiny_config(data_dir, **overrides) in `workdir`."""
   values = {
       "data.data_dir": data_dir, "data.image_size": 32, "data.clip_len": 8,
       "data.num_train_episodes": 8, "data.num_val_episodes": 4, "data.episode_len": 40,
@@ -87,7 +87,7 @@ def test_two_processes_checkpoint_continues_in_one(tmp_path, tiny_data_dir):
                               images_every_steps=FIRST_STEPS, eval_every_steps=FIRST_STEPS,
                               **{"checkpoint.every_steps": FIRST_STEPS})]) as wait:
     # Meanwhile, the uninterrupted run: 1 process, 8 devices.
-    train.train_and_evaluate(tiny_config(tiny_data_dir, **CONTINUATION), reference)
+    trainer.train_and_evaluate(tiny_config(tiny_data_dir, **CONTINUATION), reference)
     wait()
   expected = read_metrics(reference)
   assert sorted(expected) == list(range(1, TOTAL_STEPS + 1))
@@ -102,15 +102,15 @@ def test_two_processes_checkpoint_continues_in_one(tmp_path, tiny_data_dir):
   np.testing.assert_allclose([first[s] for s in sorted(first)],
                              [expected[s] for s in sorted(first)], rtol=2e-5)
 
-  # Continued by genie_jax.main in 1 process x 1 device, and here in 1 process x 8 devices.
+  # Continued by genie_jax.cli.train in 1 process x 1 device, and here in 1 process x 8 devices.
   one_device, eight_devices = str(tmp_path / "one_device"), str(tmp_path / "eight_devices")
   shutil.copytree(two, one_device)
   shutil.copytree(two, eight_devices)
-  with _started([sys.executable, "-m", "genie_jax.main",
+  with _started([sys.executable, "-m", "genie_jax.cli.train",
                  *_main_flags(tiny_data_dir, one_device, **CONTINUATION)],
                 JAX_PLATFORMS="cpu",
                 XLA_FLAGS="--xla_force_host_platform_device_count=1") as wait:
-    train.train_and_evaluate(tiny_config(tiny_data_dir, **CONTINUATION), eight_devices,
+    trainer.train_and_evaluate(tiny_config(tiny_data_dir, **CONTINUATION), eight_devices,
                              devices=jax.devices())
     out = wait()
   assert "over 1 devices in 1 processes" in out
@@ -127,14 +127,14 @@ def _flag_value(value):
 
 
 def test_two_process_pipeline_trains_evaluates_and_generates(tmp_path, tiny_data_dir):
-  """genie_jax.pipeline (three stages, evaluate, generate, report) as one 2-process job, then
-  genie_jax.evaluate of its dynamics stage in 2 processes against 1 process."""
+  """genie_jax.cli.pipeline (three stages, evaluate, generate, report) as one 2-process job, then
+  genie_jax.cli.evaluate of its dynamics stage in 2 processes against 1 process."""
   import conftest  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path / "genie")
   overrides = conftest.tiny_pipeline_overrides(tiny_data_dir)
   launcher = [sys.executable, "launch/multiprocess_local.py", "--num_processes=2",
               "--devices_per_process=2", f"--timeout={TIMEOUT_S - 20}"]
-  with _started(launcher + [f"--log_dir={tmp_path / 'logs'}", "--module=genie_jax.pipeline",
+  with _started(launcher + [f"--log_dir={tmp_path / 'logs'}", "--module=genie_jax.cli.pipeline",
                             "--", "--config=configs/genie.py:runlocal,size=tiny",
                             f"--workdir={workdir}"] +
                 [f"--config.{k}={_flag_value(v)}" for k, v in overrides.items()]) as wait:
@@ -151,9 +151,9 @@ def test_two_process_pipeline_trains_evaluates_and_generates(tmp_path, tiny_data
   # near ties, which other device counts' reduction orders could flip).
   dynamics = os.path.join(workdir, "dynamics")
   flags = ["--", f"--workdir={dynamics}", "--num_batches=1"]
-  with _started(launcher + [f"--log_dir={tmp_path / 'eval_logs'}", "--module=genie_jax.evaluate",
+  with _started(launcher + [f"--log_dir={tmp_path / 'eval_logs'}", "--module=genie_jax.cli.evaluate",
                             *flags, f"--out={tmp_path / 'eval2'}"]) as wait_two, \
-      _started([sys.executable, "-m", "genie_jax.evaluate", *flags[1:],
+      _started([sys.executable, "-m", "genie_jax.cli.evaluate", *flags[1:],
                 f"--out={tmp_path / 'eval1'}"], JAX_PLATFORMS="cpu",
                XLA_FLAGS="--xla_force_host_platform_device_count=4") as wait_one:
     wait_two()

@@ -6,8 +6,8 @@ import pytest
 from flax import nnx
 
 from configs import tokenizer as tokenizer_config
-from genie_jax import optim
 from genie_jax.models import tokenizer as tokenizer_lib
+from genie_jax.training import optim
 
 
 def schedule(**overrides):

@@ -1,4 +1,4 @@
-"""Stage 1 -> 2 -> 3 -> evaluate -> report, chained with tiny configs (genie_jax.pipeline)."""
+"""Stage 1 -> 2 -> 3 -> evaluate -> report, chained with tiny configs (genie_jax.cli.pipeline)."""
 
 import copy
 import json
@@ -7,8 +7,8 @@ import os
 import pytest
 
 from configs import genie as genie_config
-from genie_jax import pipeline
 from genie_jax import tasks
+from genie_jax.training import pipeline
 from conftest import STAGES, tiny_pipeline_config
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""genie_jax.play: the JSON API, one generation at a time, and the page played in Chromium."""
+"""genie_jax.cli.play: the JSON API, one generation at a time, and the page played in Chromium."""
 
 import base64
 import json
@@ -20,10 +20,10 @@ import data_pipelines
 from configs import dynamics as dynamics_config
 from configs import lam as lam_config
 from configs import tokenizer as tokenizer_config
-from genie_jax import checkpointing
-from genie_jax import genie as genie_lib
-from genie_jax import play
 from genie_jax import tasks
+from genie_jax.inference import genie as genie_lib
+from genie_jax.inference import play
+from genie_jax.training import checkpointing
 
 NUM_ACTIONS = 6
 ARROW_ACTIONS = (5, 4, 3, 0)  # Left, Right, Up, Down: not the identity, so the mapping shows.
@@ -250,7 +250,7 @@ def test_bad_arrow_actions():
 def test_play_takes_the_distributed_flags_and_serves_from_one_process(tmp_path):
   import sys  # pylint: disable=import-outside-toplevel
   out = subprocess.run(
-      [sys.executable, "-m", "genie_jax.play", f"--workdir={tmp_path / 'none'}",
+      [sys.executable, "-m", "genie_jax.cli.play", f"--workdir={tmp_path / 'none'}",
        "--num_processes=2", "--coordinator_address=127.0.0.1:1", "--malloc=system"],
       capture_output=True, text=True, timeout=120)
   assert out.returncode != 0

@@ -18,11 +18,11 @@ import pytest
 from configs import dynamics as dynamics_config
 from configs import lam as lam_config
 from configs import tokenizer as tokenizer_config
-from genie_jax import checkpointing
 from genie_jax import sharding
 from genie_jax import tasks
-from genie_jax import train
-from genie_jax import train_state
+from genie_jax.training import checkpointing
+from genie_jax.training import train_state
+from genie_jax.training import trainer
 from conftest import tiny_config
 
 IMAGE_SIZE, CLIP_LEN, BATCH, STEPS = 16, 4, 8, 3
@@ -91,7 +91,7 @@ def make_spec(config, mesh_shape, mesh_dcn, devices):
   task = tasks.get_task(config)
   config = task.config
   mesh = sharding.mesh_from_config(config, devices)
-  train.check_config(config, mesh)
+  trainer.check_config(config, mesh)
   return task, train_state.make_state_spec(task, config, mesh)
 
 
@@ -234,9 +234,9 @@ def test_trainer_builds_its_mesh_from_mesh_and_mesh_dcn(tmp_path, monkeypatch):
     meshes.append(mesh)
     raise InterruptedError("stopped after the config checks")
 
-  monkeypatch.setattr(train.train_state, "make_state_spec", stop)
+  monkeypatch.setattr(trainer.train_state, "make_state_spec", stop)
   with pytest.raises(InterruptedError):
-    train.train_and_evaluate(config, str(tmp_path / "work"))
+    trainer.train_and_evaluate(config, str(tmp_path / "work"))
   assert dict(meshes[0].shape) == dict(data=2, fsdp=2, tensor=2)
   ids = np.vectorize(lambda d: d.id)(meshes[0].devices)
   assert set(ids[0].ravel()) == {d.id for d in jax.devices()[:4]}

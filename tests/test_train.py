@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 
 from configs import tokenizer as tokenizer_config
-from genie_jax import checkpointing
-from genie_jax import evaluate
-from genie_jax import optim
 from genie_jax import sharding
 from genie_jax import tasks
-from genie_jax import train
-from genie_jax import train_state
+from genie_jax.inference import evaluate
+from genie_jax.training import checkpointing
+from genie_jax.training import optim
+from genie_jax.training import train_state
+from genie_jax.training import trainer
 from conftest import REPO, read_metrics, tiny_config
 
 def random_batch(config, seed=0):
@@ -33,7 +33,7 @@ def random_batch(config, seed=0):
 
 def test_locked_config_rejects_unknown_key(tmp_path):
   proc = subprocess.run(
-      [sys.executable, "-m", "genie_jax.main", "--config=configs/tokenizer.py:size=tiny",
+      [sys.executable, "-m", "genie_jax.cli.train", "--config=configs/tokenizer.py:size=tiny",
        "--config.model.d_modle=64", f"--workdir={tmp_path}"],
       cwd=REPO, capture_output=True, text=True, timeout=120)
   assert proc.returncode != 0
@@ -58,7 +58,7 @@ def test_bad_config_fails_before_work(tmp_path, key, value, message):
   target = config.model if key.startswith("model.") else config
   target[key.split(".")[-1]] = value
   with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
-    train.train_and_evaluate(config, str(tmp_path / "work"))
+    trainer.train_and_evaluate(config, str(tmp_path / "work"))
   assert not os.path.exists(tmp_path / "data")  # Failed before generating any data.
 
 
@@ -110,7 +110,7 @@ def test_data_parallel_fsdp_and_tensor_parallel_match_one_device(tmp_path):
 def trained_workdir(tmp_path_factory, tiny_data_dir):
   """6 steps on 8 devices (data parallel), checkpoints at steps 3 and 6."""
   workdir = str(tmp_path_factory.mktemp("work") / "tok")
-  train.train_and_evaluate(tiny_config(tiny_data_dir), workdir)
+  trainer.train_and_evaluate(tiny_config(tiny_data_dir), workdir)
   return workdir
 
 
@@ -139,7 +139,7 @@ def test_resume_is_exact(trained_workdir, tmp_path, tiny_data_dir):
     for row in rows:
       f.write(json.dumps(dict(row, marker=1) if row["step"] <= 3 else row) + "\n")
 
-  train.train_and_evaluate(tiny_config(tiny_data_dir), resumed)
+  trainer.train_and_evaluate(tiny_config(tiny_data_dir), resumed)
 
   with open(path, encoding="utf-8") as f:
     rows = [json.loads(line) for line in f if "train/loss" in line]
@@ -156,7 +156,7 @@ def test_resume_refuses_a_changed_config(trained_workdir, tmp_path, tiny_data_di
   before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
   config = tiny_config(tiny_data_dir, **{"model.d_model": 64, "seed": 1})
   with pytest.raises(ValueError, match=r"config.model.d_model: 32 -> 64.*config.seed: 0 -> 1"):
-    train.train_and_evaluate(config, workdir)
+    trainer.train_and_evaluate(config, workdir)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
   assert checkpointing.load_config(workdir).model.d_model == 32
   # Schedules and intervals may change: that continues the run.
@@ -225,7 +225,7 @@ def test_short_training_run_learns_then_evaluates(tmp_path, tiny_data_dir, monke
   config.mesh = dict(data=1, fsdp=1, tensor=1)
   config.evals.reconstruction.num_batches = 2
   workdir = str(tmp_path / "tok")
-  train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+  trainer.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
 
   losses = read_metrics(workdir)
   assert losses[120] < 0.5 * losses[10], losses
@@ -305,7 +305,7 @@ def test_profile_traces_the_named_train_steps(tmp_path, tiny_data_dir):
                        **{"profile.start_step": 2, "profile.num_steps": 2})
   config.mesh = dict(data=1, fsdp=1, tensor=1)
   workdir = str(tmp_path / "tok")
-  train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+  trainer.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
 
   profile_dir = os.path.join(workdir, "profile")
 
@@ -323,7 +323,7 @@ def test_profile_traces_the_named_train_steps(tmp_path, tiny_data_dir):
   # Resumed from step 5 inside a window of steps 5..7: the rest of the window is traced.
   config.total_steps = 8
   config.profile.start_step, config.profile.num_steps = 4, 3
-  train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+  trainer.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
   assert max(read_metrics(workdir)) == 8
   assert latest_trace()[0] == {6, 7}
 
@@ -332,5 +332,5 @@ def test_profile_traces_the_named_train_steps(tmp_path, tiny_data_dir):
 def test_negative_profile_steps_fail_before_work(tmp_path, key):
   config = tiny_config(str(tmp_path / "data"), **{f"profile.{key}": -1})
   with pytest.raises(ValueError, match=f"config.profile.{key}=-1 must not be negative"):
-    train.train_and_evaluate(config, str(tmp_path / "w"))
+    trainer.train_and_evaluate(config, str(tmp_path / "w"))
   assert not os.path.exists(tmp_path / "w")

@@ -9,8 +9,8 @@ import struct
 import jax
 import pytest
 
-from genie_jax import metric_writers
-from genie_jax import train
+from genie_jax.training import metric_writers
+from genie_jax.training import trainer
 from conftest import read_metrics
 from conftest import tiny_config
 
@@ -67,9 +67,9 @@ def test_offline_runs_hold_the_metrics_and_a_resume_joins_the_group(tmp_path, ti
                        **{"wandb.enabled": True, "wandb.mode": "offline"})
   config.mesh = dict(data=1, fsdp=1, tensor=1)
   workdir = str(tmp_path / "tok")
-  train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+  trainer.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
   config.total_steps = 5
-  train.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
+  trainer.train_and_evaluate(config, workdir, devices=jax.devices()[:1])
 
   history, runs = _history(workdir)
   # W&B cannot resume an offline run: each job is a run of its own, in the workdir's group.
@@ -86,10 +86,10 @@ def test_wandb_settings_are_checked_before_any_work(tmp_path, monkeypatch):
   config = tiny_config(str(tmp_path / "data"), **{"wandb.enabled": True,
                                                   "wandb.mode": "cloud"})
   with pytest.raises(ValueError, match="config.wandb.mode='cloud'"):
-    train.train_and_evaluate(config, str(tmp_path / "w"))
+    trainer.train_and_evaluate(config, str(tmp_path / "w"))
   config.wandb.mode = "offline"
   monkeypatch.setattr(metric_writers.importlib.util, "find_spec",
                       lambda name: None if name == "wandb" else object())
   with pytest.raises(ValueError, match=r"needs the wandb package: pip install wandb=="):
-    train.train_and_evaluate(config, str(tmp_path / "w"))
+    trainer.train_and_evaluate(config, str(tmp_path / "w"))
   assert not os.path.exists(tmp_path / "w") and not os.path.exists(tmp_path / "data")

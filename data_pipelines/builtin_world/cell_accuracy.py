@@ -191,7 +191,7 @@ def cell_accuracy(genie, video_BTHWC: np.ndarray, contents_BTN: np.ndarray,
   `tokenizer_cells`' entry for the content under 'tokenizer'; entries are NaN where a
   content never occurs.
   """
-  from genie_jax import genie as genie_lib  # The world alone needs no JAX.
+  from genie_jax.inference import genie as genie_lib  # The world alone needs no JAX.
 
   tokens_BTN = np.asarray(genie.tokenize(video_BTHWC))
   recon_BTHWC = np.asarray(genie.detokenize(tokens_BTN))
@@ -243,7 +243,7 @@ def _tokenizer_columns(r: dict) -> str:
 
 def _tokenizer_main(workdir: str) -> None:
   from flax import nnx
-  from genie_jax import stages
+  from genie_jax.inference import stages
   from genie_jax.models import tokenizer as tokenizer_lib
 
   loaded = stages.load_stage(workdir, step=FLAGS.step, expect_stage="tokenizer")
@@ -269,8 +269,8 @@ def _tokenizer_main(workdir: str) -> None:
 
 def main(argv):
   del argv
-  from genie_jax import checkpointing
-  from genie_jax import genie as genie_lib
+  from genie_jax.training import checkpointing
+  from genie_jax.inference import genie as genie_lib
 
   if checkpointing.load_config(FLAGS.workdir).stage == "tokenizer":
     _tokenizer_main(FLAGS.workdir)

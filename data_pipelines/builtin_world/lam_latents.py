@@ -72,7 +72,7 @@ def main(argv):
   del argv
   import jax  # pylint: disable=g-import-not-at-top
   from genie_jax import action_metrics  # pylint: disable=g-import-not-at-top
-  from genie_jax import stages  # pylint: disable=g-import-not-at-top
+  from genie_jax.inference import stages  # pylint: disable=g-import-not-at-top
 
   loaded = stages.load_stage(FLAGS.workdir, step=FLAGS.step, expect_stage="lam")
   lam = loaded.model

@@ -75,7 +75,7 @@ def main(argv):
   del argv
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
-  from genie_jax import optim  # pylint: disable=g-import-not-at-top
+  from genie_jax.training import optim  # pylint: disable=g-import-not-at-top
   from genie_jax.models import lam as lam_lib  # pylint: disable=g-import-not-at-top
   from genie_jax.models import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
 

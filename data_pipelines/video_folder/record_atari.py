@@ -9,7 +9,7 @@ stands for a user's video, whose actions the latent action model has to find.
   pip install -e '.[atari]'
   python -m data_pipelines.video_folder.record_atari --game=battle_zone \
       --out_dir=./videos/battle_zone --episodes=120 --frames=160
-  python -m genie_jax.pipeline --config=configs/genie.py:runlocal,data=video_folder \
+  python -m genie_jax.cli.pipeline --config=configs/genie.py:runlocal,data=video_folder \
       --config.tokenizer.data.video_dir=./videos/battle_zone ... (README, "Results")
 """
 

@@ -34,7 +34,7 @@ class Evaluator:
     self.task = task
     self.spec = spec
     self.batch_size = eval_cfg.batch_size or config.batch_size
-    dp = spec.mesh.shape["data"] * spec.mesh.shape["fsdp"]
+    dp = sharding.data_parallel_size(spec.mesh, spec.rules)
     if self.batch_size % dp or self.batch_size % jax.process_count():
       raise ValueError(
           f"config.evals.{name}.batch_size={self.batch_size} must be divisible by the "
@@ -58,7 +58,7 @@ class Evaluator:
 
   def step_functions(self) -> dict[str, tuple[Any, tuple]]:
     """{name: (jitted per-batch function, its arguments after (params, model_state,
-    batch) as shapes)}: what `lower` compiles ahead of time (genie_jax.aot)."""
+    batch) as shapes)}: what `lower` compiles ahead of time (genie_jax.cli.aot)."""
     return {}
 
   def lower(self, abstract_state: dict[str, Any]) -> dict[str, jax.stages.Lowered]:

@@ -45,13 +45,13 @@ import ml_collections
 import numpy as np
 
 from genie_jax import action_metrics
-from genie_jax import genie as genie_lib
 from genie_jax import metrics as metrics_lib
 from genie_jax import model_spec
 from genie_jax import sharding
 from genie_jax import visualize
 from genie_jax.data import input_pipeline
 from genie_jax.evaluators import base
+from genie_jax.inference import genie as genie_lib
 from genie_jax.models import tokenizer as tokenizer_lib
 from genie_jax.tasks import dynamics as dynamics_task
 

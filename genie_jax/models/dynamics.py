@@ -56,7 +56,7 @@ def default_config() -> ml_collections.ConfigDict:
       angles in temporal attention; `genie_jax.models.layers.STTransformer`). Decides what a
       rollout past max_frames does: under 'learned' each frame's keys depend on its place
       in the window, so every later frame recomputes the window's past frames; under 'rope'
-      the cache keeps its frames and rolls (`genie_jax.genie`).
+      the cache keeps its frames and rolls (`genie_jax.inference.genie`).
     sink_frames: under 'rope', how many first frames (the prompt's) the rolling cache keeps
       for good, as an attention sink, besides the latest max_frames - 1 - sink_frames.
     spatial_rope: also rotate spatial attention's queries and keys by each token's row and

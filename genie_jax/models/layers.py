@@ -637,7 +637,7 @@ class STTransformer(nnx.Module):
   (`temporal_positions`) are either a learned (max_frames, D) table added with it ('learned',
   Genie's ST-ViViT), or rotary angles on the temporal attention's queries and keys ('rope'),
   under which a frame's cached keys do not depend on where the window starts, so a rollout
-  past `max_frames` can keep its cache (`genie_jax.genie`). With `grid`, spatial attention
+  past `max_frames` can keep its cache (`genie_jax.inference.genie`). With `grid`, spatial attention
   also rotates its queries and keys by each token's row and column (`rope_2d`): attention by
   relative offset, which is what a scrolling view or a moving object asks of it; the learned
   table stays, for what depends on the absolute place (the frame's border, a prepended

@@ -66,7 +66,7 @@ def default_config() -> ml_collections.ConfigDict:
     attention_impl: 'xla' (any backend) or 'cudnn' (NVIDIA GPU, bf16, fused kernel).
     temporal_positions: 'learned' (Genie: a table added to the tokens) or 'rope' (rotary
       angles in temporal attention), in the encoder and the decoder. Decides what decoding
-      past max_frames does (`genie_jax.genie.decode_frames`): under 'learned' each later
+      past max_frames does (`genie_jax.inference.genie.decode_frames`): under 'learned' each later
       frame is decoded from a pass over the max_frames frames ending at it (the output the
       model was trained for); under 'rope' the decoder's keys/values of past frames are
       kept and roll, one single-frame pass per frame, and the keys of cached frames are the

@@ -10,10 +10,10 @@ from collections.abc import Mapping, Sequence
 
 import ml_collections
 
-from genie_jax import checkpointing
 from genie_jax import paths
 from genie_jax.tasks.base import Dependency
 from genie_jax.tasks.base import Task
+from genie_jax.training import checkpointing
 
 # stage name -> "module:Class"; imported lazily so a stage's dependencies load only when used.
 _TASKS = {

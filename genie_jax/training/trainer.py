@@ -15,9 +15,6 @@ Faults:
 
 from __future__ import annotations
 
-import contextlib
-import signal
-import threading
 import time
 from typing import Any
 
@@ -25,31 +22,32 @@ import jax
 import ml_collections
 import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
 
 import data_pipelines
-from genie_jax import checkpointing
 from genie_jax import evaluators as evaluators_lib
-from genie_jax import metric_writers
-from genie_jax import optim
-from genie_jax import paths
 from genie_jax import profiling
 from genie_jax import sharding
-from genie_jax import stages
 from genie_jax import tasks
-from genie_jax import train_state
 from genie_jax import visualize
 from genie_jax.data import input_pipeline
+from genie_jax.inference import stages
+from genie_jax.training import checkpointing
+from genie_jax.training import metric_writers
+from genie_jax.training import optim
+from genie_jax.training import preemption
+from genie_jax.training import train_state
 
 
 def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
   """Fails fast, naming the key, on configs that cannot run on this mesh."""
-  dp = mesh.shape["data"] * mesh.shape["fsdp"]
+  rules = sharding.rules_of(config)
+  dp = sharding.data_parallel_size(mesh, rules)
   if config.batch_size % dp:
+    axes = sharding.data_parallel_axes(rules)
     raise ValueError(
         f"config.batch_size={config.batch_size} is not divisible by the data-parallel size "
-        f"{dp} (config.mesh data x fsdp = {mesh.shape['data']} x {mesh.shape['fsdp']}); "
-        f"use a multiple of {dp}")
+        f"{dp} (config.mesh {' x '.join(axes)} = "
+        f"{' x '.join(str(mesh.shape[a]) for a in axes)}); use a multiple of {dp}")
   if config.batch_size % jax.process_count():
     raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the "
                      f"{jax.process_count()} processes")
@@ -59,7 +57,6 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
     if value <= 0:
       raise ValueError(f"config.{key}={value} must be positive")
   optim.learning_rate_schedule(config.optimizer, config.total_steps)
-  sharding.check_model_split(config.model, mesh, sharding.rules_of(config))
   metric_writers.check_wandb_config(config.get("wandb"))
   profile = config.get("profile")
   if profile is not None:
@@ -105,120 +102,6 @@ def _mean_metrics(fetched: list[dict[str, Any]]) -> dict[str, float]:
   if "skipped_updates" in fetched[0]:
     out["skipped_updates"] = float(sum(int(m["skipped_updates"]) for m in fetched))
   return out
-
-
-class Preempted(SystemExit):
-  """Raised once the state of a preempted run is checkpointed; a SystemExit, so that main and
-  the pipeline stop without a traceback, with status config.checkpoint.preemption_exit_code."""
-
-  def __init__(self, step: int, directory: str, exit_code: int):
-    super().__init__(exit_code)
-    self.step = step
-    self.directory = directory
-
-
-def _jax_preemption_service_running() -> bool:
-  """Whether jax.distributed runs JAX's preemption sync manager (multi-process jobs, on by
-  default via jax_enable_preemption_service); it then owns SIGTERM."""
-  try:
-    # No public accessor in JAX 0.10; Orbax's reached_preemption reads the same state.
-    from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return False
-  state = jax_distributed.global_state
-  return (state.client is not None
-          and getattr(state, "preemption_sync_manager", None) is not None)
-
-
-class PreemptionNotice:
-  """Whether this job got a preemption notice (SIGTERM), agreed by all processes at a step.
-
-  * Under jax.distributed with JAX's preemption service (multi-process TPU/GPU jobs): the
-    service catches SIGTERM on any process and picks the step at which all processes save;
-    Orbax's CheckpointManager.reached_preemption(step) says when it is reached (called every
-    step, as the protocol requires).
-  * Otherwise a Python SIGTERM handler sets a flag. One process reads it every step; several
-    processes (service disabled) OR their flags with one small all-gather every
-    config.checkpoint.preemption_check_every_steps steps, so they all stop at the same step.
-  """
-
-  def __init__(self, manager: Any, check_every_steps: int):
-    self._manager = manager
-    self._every = check_every_steps
-    self._flag = False
-    self._previous_handler = None
-    self.uses_jax_service = _jax_preemption_service_running()
-    if not self.uses_jax_service:
-      if threading.current_thread() is threading.main_thread():
-        self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
-      else:
-        logging.warning("Not in the main thread: SIGTERM is not handled, a preemption loses "
-                        "the steps since the last checkpoint")
-
-  def _on_sigterm(self, signum, frame):
-    del signum, frame
-    if not self._flag:
-      logging.warning("SIGTERM received: checkpointing at the next agreed step, then exiting")
-    self._flag = True
-
-  def reached(self, step: int) -> bool:
-    if self.uses_jax_service:
-      return bool(self._manager.reached_preemption(step))
-    if jax.process_count() == 1:
-      return self._flag
-    if step % self._every:
-      return False
-    flags = multihost_utils.process_allgather(np.int32(self._flag))
-    return bool(np.any(flags))
-
-  def close(self) -> None:
-    if self._previous_handler is not None:
-      signal.signal(signal.SIGTERM, self._previous_handler)
-      self._previous_handler = None
-
-
-class StepProfiler:
-  """Traces the train steps config.profile names into WORKDIR/profile (jax.profiler), each
-  step annotated with its number, so that the profile tools show where one step's time goes.
-  A run resumed inside the window traces the rest of it."""
-
-  def __init__(self, profile: ml_collections.ConfigDict | None, workdir: str):
-    on = profile is not None and profile.num_steps > 0 and (
-        profile.all_processes or jax.process_index() == 0)
-    self._first = profile.start_step if on else -1
-    self._last = profile.start_step + profile.num_steps if on else -1
-    self.directory = paths.join(workdir, "profile")
-    if on and profile.all_processes:
-      # Processes on one host would write the same host-named file.
-      self.directory = paths.join(self.directory, f"process_{jax.process_index()}")
-    self._tracing = False
-    self._mirror = None
-
-  def step(self, step: int, state: Any) -> Any:
-    """A context for the update that takes `state` from `step` to `step + 1`."""
-    if not self._tracing and self._first <= step < self._last:
-      jax.block_until_ready(state)  # Earlier steps' work stays out of the trace.
-      # The profiler writes local files only; a gs:// workdir gets them at the end.
-      self._mirror = paths.LocalMirror(self.directory)
-      jax.profiler.start_trace(self._mirror.local)
-      self._tracing = True
-      logging.info("Tracing train steps %d..%d into %s", step + 1, self._last, self.directory)
-    if self._tracing:
-      return jax.profiler.StepTraceAnnotation("train", step_num=step + 1)
-    return contextlib.nullcontext()
-
-  def after(self, step: int, metrics: Any) -> None:
-    """Ends the trace once step `step` (just made) is the last traced one and has run."""
-    if self._tracing and step >= self._last:
-      jax.block_until_ready(metrics)
-      self.close()
-
-  def close(self) -> None:
-    if self._tracing:
-      self._tracing = False
-      jax.profiler.stop_trace()
-      self._mirror.close()
-      logging.info("Wrote the profile to %s", self.directory)
 
 
 def _due(step: int, every: int, last: int) -> bool:
@@ -304,8 +187,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   last = config.total_steps
   stop_on_nonfinite = config.nonfinite == "stop"
   preempted = False
-  notice = PreemptionNotice(ckpt.manager, config.checkpoint.preemption_check_every_steps)
-  profiler = StepProfiler(config.get("profile"), workdir)
+  notice = preemption.PreemptionNotice(ckpt.manager, config.checkpoint.preemption_check_every_steps)
+  profiler = profiling.StepProfiler(config.get("profile"), workdir)
   try:
     while step < last:
       with profiler.step(step, state):
@@ -365,5 +248,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     logging.warning("Preempted at step %d: its checkpoint is in %s; run the same command to "
                     "continue. Exiting with status %d.", step, ckpt.directory,
                     config.checkpoint.preemption_exit_code)
-    raise Preempted(step, ckpt.directory, config.checkpoint.preemption_exit_code)
+    raise preemption.Preempted(step, ckpt.directory, config.checkpoint.preemption_exit_code)
   return last_metrics

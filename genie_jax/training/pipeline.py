@@ -1,14 +1,13 @@
-r"""Trains and evaluates a whole Genie: tokenizer, LAM, dynamics; then writes a report.
-
-  python -m genie_jax.pipeline --config=configs/genie.py:runlocal --workdir=workdirs/genie
+"""Trains and evaluates a whole Genie: tokenizer, LAM, dynamics; then writes a report. The
+command: genie_jax/cli/pipeline.py.
 
 Stages train in WORKDIR/tokenizer, WORKDIR/lam and WORKDIR/dynamics through the shared
-trainer, exactly as `genie_jax.main` would train them one by one (so each can be resumed,
+trainer, exactly as `genie_jax.cli.train` would train them one by one (so each can be resumed,
 evaluated, or retrained alone). Running the same command again resumes: a finished stage is
 not retrained, an interrupted one continues from its last checkpoint, and a stage workdir
 trained with another config (other than the keys a resume may change, such as total_steps)
 is refused with the keys that differ, before anything trains. Then every stage is
-evaluated (`genie_jax.evaluate`), rollouts are written as GIFs (`genie_jax.generate`), and
+evaluated (`genie_jax.cli.evaluate`), rollouts are written as GIFs (`genie_jax.cli.generate`), and
 WORKDIR/report/ receives report.md, report.json and the pictures.
 
 The report checks the metrics against the thresholds of `config.report` (configs/genie.py:
@@ -28,32 +27,17 @@ import time
 
 import jax
 import ml_collections
-from absl import app
-from absl import flags
 from absl import logging
-from ml_collections import config_flags
 
-from genie_jax import allocator
-from genie_jax import checkpointing
-from genie_jax import distributed
 from genie_jax import evaluators as evaluators_lib
-from genie_jax import evaluate as evaluate_lib
-from genie_jax import generate as generate_lib
-from genie_jax import metric_writers
 from genie_jax import paths
 from genie_jax import tasks
-from genie_jax import train
 from genie_jax.evaluators import controllability as controllability_lib
-
-
-def define_flags() -> None:
-  """The command-line flags (only when this module is the program; see genie_jax.evaluate)."""
-  allocator.define_flags()
-  distributed.define_flags()
-  config_flags.DEFINE_config_file(
-      "config", None, "Pipeline config, e.g. configs/genie.py:runlocal.", lock_config=True)
-  flags.DEFINE_string("workdir", None, "Root of the three stage workdirs and report.")
-  flags.mark_flags_as_required(["config", "workdir"])
+from genie_jax.inference import evaluate as evaluate_lib
+from genie_jax.inference import generate as generate_lib
+from genie_jax.training import checkpointing
+from genie_jax.training import metric_writers
+from genie_jax.training import trainer
 
 
 def stage_names(config: ml_collections.ConfigDict) -> list[str]:
@@ -118,7 +102,7 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, o
       continue
     logging.info("Stage %s: training in %s", stage, stage_dir)
     t0 = time.perf_counter()
-    train.train_and_evaluate(stage_config, stage_dir)
+    trainer.train_and_evaluate(stage_config, stage_dir)
     timings[f"{stage}_train_s"] = time.perf_counter() - t0
 
   report_dir = paths.join(workdir, "report")
@@ -409,15 +393,3 @@ def run_and_check(config: ml_collections.ConfigDict, workdir: str) -> dict[str, 
         "None (nan for a number on the command line; distinct_true_actions=\"\", "
         "require_positive_curve=False), or exit 0 with config.report.fail_on_check=False.")
   return report
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  distributed.initialize_from_flags()
-  run_and_check(flags.FLAGS.config, flags.FLAGS.workdir)
-
-
-if __name__ == "__main__":
-  define_flags()
-  app.run(allocator.entry_point(main))

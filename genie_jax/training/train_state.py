@@ -22,9 +22,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding
 
 from genie_jax import model_spec
-from genie_jax import optim
 from genie_jax import sharding
 from genie_jax.tasks.base import Task
+from genie_jax.training import optim
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,11 +15,11 @@ import ml_collections
 from absl import logging
 from flax import nnx
 
-from genie_jax import checkpointing
 from genie_jax import model_spec
 from genie_jax import paths
 from genie_jax import sharding
 from genie_jax import tasks
+from genie_jax.training import checkpointing
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,9 +40,10 @@ class LoadedStage:
   step: int
 
 
-def default_mesh() -> jax.sharding.Mesh:
-  """All local devices on the data axis: weights replicated, batches split."""
-  return sharding.make_mesh(dict(data=-1, fsdp=1, tensor=1), jax.local_devices())
+def default_mesh(rules: sharding.Rules = sharding.DEFAULT_RULES) -> jax.sharding.Mesh:
+  """All local devices on the first axis a batch is split over: weights replicated, batches
+  split."""
+  return sharding.make_mesh(sharding.default_mesh_shape(rules), jax.local_devices())
 
 
 def load_stage(workdir: str, *, step: int | None = None, mesh: jax.sharding.Mesh | None = None,
@@ -50,7 +51,7 @@ def load_stage(workdir: str, *, step: int | None = None, mesh: jax.sharding.Mesh
   """Rebuilds the model trained in `workdir` and restores its weights.
 
   Args:
-    workdir: a workdir written by genie_jax.train (config.json and checkpoints/).
+    workdir: a workdir written by the trainer (config.json and checkpoints/).
     step: checkpoint step; default (None) the latest.
     mesh: restore onto this mesh, sharded by the stage's own logical-axis rules; default
       `default_mesh()`.
@@ -69,7 +70,8 @@ def load_stage(workdir: str, *, step: int | None = None, mesh: jax.sharding.Mesh
                      f"(config.stage in its config.json), not the {expect_stage!r} stage expected")
   task = tasks.get_task(config)
   config = task.config
-  spec = model_spec.make_model_spec(task, config, mesh or default_mesh())
+  spec = model_spec.make_model_spec(
+      task, config, mesh or default_mesh(sharding.rules_of(config)))
   ckpt = checkpointing.Checkpointer(workdir, config.checkpoint, read_only=True)
   try:
     available = ckpt.all_steps()

@@ -1,19 +1,6 @@
-r"""Compiles a stage's train step ahead of time for a TPU topology, on this (CPU) machine, and
-says whether it fits in HBM: the sharding and the memory plan are known before a pod is held.
-With --rollout (dynamics configs) the cached rollout of `genie_jax.genie` is compiled too, and
-with --evaluators every per-batch function of the config's evaluators.
-
-  pip install --no-deps --target /tmp/libtpu_pkg "libtpu==0.0.42.*"  # jax 0.10's pin; no TPU
-  PYTHONPATH=/tmp/libtpu_pkg JAX_PLATFORMS=cpu python -m genie_jax.aot \
-      --config=configs/tokenizer.py --topology=v5p:2x4x4 --config.mesh.fsdp=-1 \
-      --config.mesh.data=1
-
---topology is libtpu's name, TYPE:CHIPS (v4:2x2x4, v5p:2x4x4 = v5p-64, v5e:16x16 = v5e-256,
-v6e:16x16); --num_slices > 1 compiles for that many such slices joined by DCN, with
-config.mesh_dcn as the mesh of slices. libtpu (a PyPI wheel) is needed only to describe the
-chips and compile for them: it runs offline without a TPU. The config goes through the
-trainer's checks first, so a config that the trainer would refuse fails here too.
-"""
+"""Compiling a stage's train step, its evaluators and the rollout ahead of time for a TPU
+topology, on this (CPU) machine, and whether each fits in HBM: the sharding and the memory
+plan are known before a pod is held. The command: genie_jax/cli/aot.py."""
 
 from __future__ import annotations
 
@@ -24,19 +11,16 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from absl import app
-from absl import flags
 from flax import nnx
-from ml_collections import config_flags
 
 from genie_jax import evaluators
-from genie_jax import genie as genie_lib
 from genie_jax import profiling
 from genie_jax import sharding
 from genie_jax import tasks
-from genie_jax import train
-from genie_jax import train_state
 from genie_jax.data import input_pipeline
+from genie_jax.inference import genie as genie_lib
+from genie_jax.training import train_state
+from genie_jax.training import trainer
 
 # HBM per JAX device (one chip; v4/v5p in megacore mode), by device_kind, from Google Cloud's
 # TPU system-architecture pages.
@@ -88,7 +72,7 @@ def _stage_spec(config: ml_collections.ConfigDict, devices: Sequence[jax.Device]
   task's config is the one filled in from the stages it builds on."""
   task = tasks.get_task(config)
   mesh = sharding.mesh_from_config(task.config, list(devices))
-  train.check_config(task.config, mesh)
+  trainer.check_config(task.config, mesh)
   return task, mesh, train_state.make_state_spec(task, task.config, mesh)
 
 
@@ -161,37 +145,3 @@ def topology_devices(topology: str, num_slices: int = 1) -> list[jax.Device]:
   kwargs = dict(num_slices=num_slices) if num_slices > 1 else {}
   return list(topologies.get_topology_desc(topology_name=topology, platform="tpu",
                                            **kwargs).devices)
-
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Stage config file.",
-                                          lock_config=True)
-_TOPOLOGY = flags.DEFINE_string("topology", None, "libtpu topology name, e.g. v5p:2x4x4.")
-_NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices joined by DCN.")
-_HBM_GIB = flags.DEFINE_float("hbm_gib", 0.0, "HBM per device in GiB (0: by device kind).")
-_ROLLOUT = flags.DEFINE_bool("rollout", False,
-                             "Also compile the rollout (dynamics configs), batch 1, 4 frames.")
-_EVALUATORS = flags.DEFINE_bool("evaluators", False,
-                                "Also compile every evaluator's per-batch functions.")
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  devices = topology_devices(_TOPOLOGY.value, _NUM_SLICES.value)
-  report = compile_for(_CONFIG.value, devices, _HBM_GIB.value * 2**30 or None)
-  print(f"{_CONFIG.value.stage} on {_TOPOLOGY.value} x {_NUM_SLICES.value} slice(s), "
-        f"{len(devices)} devices: {report.summary()}")
-  if _ROLLOUT.value:
-    report = compile_rollout_for(_CONFIG.value, devices, hbm_bytes=_HBM_GIB.value * 2**30 or None)
-    print(f"rollout on {_TOPOLOGY.value} x {_NUM_SLICES.value} slice(s), {len(devices)} "
-          f"devices: {report.summary()}")
-  if _EVALUATORS.value:
-    for name, report in compile_evaluators_for(
-        _CONFIG.value, devices, _HBM_GIB.value * 2**30 or None).items():
-      print(f"evaluator {name} on {_TOPOLOGY.value} x {_NUM_SLICES.value} slice(s), "
-            f"{len(devices)} devices: {report.summary()}")
-
-
-if __name__ == "__main__":
-  flags.mark_flags_as_required(["config", "topology"])
-  app.run(main)

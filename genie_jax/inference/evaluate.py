@@ -1,49 +1,23 @@
-r"""Evaluates a trained workdir from its checkpoint.
-
-  python -m genie_jax.evaluate --workdir=workdirs/tok [--step=N] [--num_batches=N]
-  python -m genie_jax.evaluate --workdir=workdirs/dyn --eval_set=temperature=0.5 \
-      --out=workdirs/dyn/eval_t05            # other evaluator settings, another folder
-
-The model is rebuilt from workdir/config.json; the evaluators are those of its config.evals.
-Writes workdir/eval/metrics.json (and one PNG per evaluator picture) and prints the metrics.
-"""
+"""Evaluating a trained workdir from its checkpoint: the model rebuilt from
+workdir/config.json, its weights restored (no optimizer), the evaluators of its config.evals.
+The command: genie_jax/cli/evaluate.py."""
 
 from __future__ import annotations
 
 import json
 
 import jax
-from absl import app
-from absl import flags
 from absl import logging
 
-from genie_jax import allocator
-from genie_jax import checkpointing
 from genie_jax import config_lib
-from genie_jax import distributed
 from genie_jax import evaluators as evaluators_lib
 from genie_jax import model_spec
 from genie_jax import paths
 from genie_jax import sharding
 from genie_jax import tasks
 from genie_jax import visualize
+from genie_jax.training import checkpointing
 
-
-
-def define_flags() -> None:
-  """The command-line flags; defined only when this module is the program, so that other
-  entry points (genie_jax.pipeline) can import `evaluate` next to their own flags."""
-  allocator.define_flags()
-  distributed.define_flags()
-  flags.DEFINE_string("workdir", None, "A workdir written by genie_jax.main.")
-  flags.DEFINE_integer("step", None, "Checkpoint step; default: the latest.")
-  flags.DEFINE_integer("num_batches", None,
-                       "Evaluate this many batches per evaluator (default: config).")
-  flags.DEFINE_string("out", None, "Output folder; default: <workdir>/eval.")
-  flags.DEFINE_multi_string("eval_set", [], "KEY=VALUE: set an evaluator setting (e.g. "
-                            "temperature=0.5) in every evaluator of config.evals that has "
-                            "the key; repeatable.")
-  flags.mark_flags_as_required(["workdir"])
 
 
 def apply_eval_settings(config, settings: list[str]) -> None:
@@ -67,7 +41,7 @@ def evaluate(workdir: str, *, step: int | None = None, num_batches: int | None =
   config = checkpointing.load_config(workdir)
   with config.unlocked():
     # Evaluate on whatever devices are here, not the training mesh.
-    config.mesh = dict(data=-1, fsdp=1, tensor=1)
+    config.mesh = sharding.default_mesh_shape(sharding.rules_of(config))
     if num_batches is not None:
       for eval_cfg in config.evals.values():
         eval_cfg.num_batches = num_batches
@@ -95,18 +69,3 @@ def evaluate(workdir: str, *, step: int | None = None, num_batches: int | None =
     paths.write_text(metrics_file, json.dumps(results, indent=2, sort_keys=True))
     logging.info("Wrote %s", metrics_file)
   return results
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  distributed.initialize_from_flags()
-  f = flags.FLAGS
-  results = evaluate(f.workdir, step=f.step, num_batches=f.num_batches, out_dir=f.out,
-                     eval_settings=f.eval_set)
-  print(json.dumps(results, indent=2, sort_keys=True))
-
-
-if __name__ == "__main__":
-  define_flags()
-  app.run(allocator.entry_point(main))

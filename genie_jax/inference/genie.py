@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from genie_jax import stages
+from genie_jax.inference import stages
 from genie_jax.models import dynamics as dynamics_lib
 from genie_jax.models import maskgit
 from genie_jax.models import tokenizer as tokenizer_lib

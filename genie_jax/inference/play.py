@@ -1,10 +1,6 @@
-r"""Play a trained Genie world model in a web browser.
+r"""Play a trained Genie world model in a web browser (the command: genie_jax/cli/play.py).
 
-  python -m genie_jax.play --workdir=workdirs/dyn [--port=8000] [--host=127.0.0.1] \
-      [--step=N] [--num_steps=25] [--temperature=1.0] [--seed=0] [--arrow_actions=0,1,2,3]
-
-then open http://127.0.0.1:8000/. Pick a prompt frame (the first frames of a few validation
-clips, or "random"), then press number keys 1..9, 0 (latent actions 0..9) or the arrow keys
+Pick a prompt frame (the first frames of a few validation clips, or "random"), then press number keys 1..9, 0 (latent actions 0..9) or the arrow keys
 (mapped to actions by --arrow_actions), or click the action buttons. Each frame is shown as soon
 as it is generated; the page also shows the generation latency, the recent frames and actions,
 and offers the played episode as a GIF. Its MaskGIT step count (fewer: faster frames, coarser
@@ -38,35 +34,11 @@ import time
 from typing import Any, Protocol
 import urllib.parse
 
-from absl import app
-from absl import flags
 from absl import logging
 import imageio.v3 as iio
 import jax
 import numpy as np
 
-from genie_jax import allocator
-from genie_jax import distributed
-
-
-def define_flags() -> None:
-  """The command-line flags; defined only when this module is the program, so that
-  other entry points and tests can import it next to their own flags."""
-  allocator.define_flags()
-  distributed.define_flags()
-  flags.DEFINE_string("workdir", None, "A dynamics workdir written by genie_jax.main.")
-  flags.DEFINE_integer("port", 8000, "Port to serve the page on.")
-  flags.DEFINE_string("host", "127.0.0.1", "Address to serve on (0.0.0.0: all).")
-  flags.DEFINE_integer("step", None, "Checkpoint step; default: the latest.")
-  flags.DEFINE_integer("num_steps", 25, "MaskGIT decoding steps per frame at the start "
-                       "(Genie: 25); the page can change it.")
-  flags.DEFINE_float("temperature", 1.0,
-      "Sampling temperature (Genie: 1.0 on CoinRun; 0: argmax).")
-  flags.DEFINE_integer("seed", 0, "Seed of the sampler and of the random prompt.")
-  flags.DEFINE_integer("num_prompts", 32,
-      "Validation clips whose frames can be prompts.")
-  flags.DEFINE_list("arrow_actions", ["0", "1", "2", "3"],
-      "Latent actions of the Left, Right, Up, Down arrow keys.")
 
 
 # Keys the page maps to actions through /api/info; number keys are fixed (1..9, 0).
@@ -219,7 +191,7 @@ class Game:
 
 
 def _page() -> bytes:
-  return importlib.resources.files("genie_jax").joinpath("static/play.html").read_bytes()
+  return importlib.resources.files("genie_jax.inference").joinpath("static/play.html").read_bytes()
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -321,7 +293,7 @@ class PlayServer(http.server.ThreadingHTTPServer):
 
 def load_prompts(workdir: str, num_clips: int) -> np.ndarray:
   """The first `num_clips` validation clips of the workdir's data, uint8 (B, T, H, W, C)."""
-  from genie_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from genie_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
   from genie_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
   config = checkpointing.load_config(workdir)
   ds = input_pipeline.make_eval_dataset(config.data, "validation", global_batch_size=num_clips,
@@ -356,53 +328,6 @@ def load_world(workdir: str, *, step: int | None = None, temperature: float = 1.
                seed: int = 0) -> SampledGenie:
   """The trained Genie of a dynamics workdir (its tokenizer and LAM come with it)."""
   # Imported here: serving itself needs no model code (tests serve stand-in worlds).
-  from genie_jax import genie as genie_lib  # pylint: disable=g-import-not-at-top
+  from genie_jax.inference import genie as genie_lib  # pylint: disable=g-import-not-at-top
   return SampledGenie(genie_lib.Genie.from_workdir(workdir, step=step),
                       temperature=temperature, seed=seed)
-
-
-def main(argv):
-  del argv
-  if not flags.FLAGS.workdir:
-    raise app.UsageError("--workdir is required.")
-  if not 1 <= flags.FLAGS.num_steps <= MAX_NUM_STEPS:
-    raise app.UsageError(f"--num_steps={flags.FLAGS.num_steps} must be in [1, "
-                         f"{MAX_NUM_STEPS}].")
-  if flags.FLAGS.temperature < 0:
-    raise app.UsageError(f"--temperature={flags.FLAGS.temperature} must be >= 0.")
-  try:
-    arrow_actions = tuple(int(a) for a in flags.FLAGS.arrow_actions)
-  except ValueError as e:
-    raise app.UsageError(f"--arrow_actions={flags.FLAGS.arrow_actions}: {e}") from e
-  # The same distributed flags as every entry point; the page is served by one process.
-  single = ("play serves one page from one process; run it on one host with "
-            "--distributed=no (the workdir may be on gs://)")
-  if flags.FLAGS.distributed != "no" and (
-      (distributed.num_processes_requested(flags.FLAGS) or 1) > 1
-      or distributed.cluster_detected()):
-    raise app.UsageError(single)
-  distributed.initialize_from_flags()
-  if jax.process_count() > 1:
-    raise app.UsageError(f"{single}; this job has {jax.process_count()} processes")
-  world = load_world(flags.FLAGS.workdir, step=flags.FLAGS.step,
-                     temperature=flags.FLAGS.temperature, seed=flags.FLAGS.seed)
-  prompts_BTHWC = load_prompts(flags.FLAGS.workdir, flags.FLAGS.num_prompts)
-  # Compiles the step now, so the first key press is not kept waiting (seconds to minutes).
-  logging.info("Compiling the generation step...")
-  world.start(prompts_BTHWC[:1, :1], num_steps=flags.FLAGS.num_steps).step(0)
-  game = Game(world, prompts_BTHWC, arrow_actions=arrow_actions, seed=flags.FLAGS.seed,
-              title=f"{flags.FLAGS.workdir} (step {world.genie.step})",
-              num_steps=flags.FLAGS.num_steps)
-  server = PlayServer(game, flags.FLAGS.host, flags.FLAGS.port)
-  logging.info("Serving Genie on %s (Ctrl-C stops).", server.url)
-  try:
-    server.serve_forever()
-  except KeyboardInterrupt:
-    pass
-  finally:
-    server.server_close()
-
-
-if __name__ == "__main__":
-  define_flags()
-  app.run(allocator.entry_point(main))
