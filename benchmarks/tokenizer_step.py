@@ -35,8 +35,8 @@ SHAPES = {
     "runlocal": ("runlocal", dict(batch_size=8, num_codes=64)),
     # The CPU-sized model (`size=cpu`: patch 8 on these 64x64 frames, as runlocal on CoinRun).
     "small": ("size=cpu", dict(batch_size=8)),
-    # The shape at which the peer Jasmine's step was measured on this kind of CPU
-    # (16.2 s median, float32).
+    # The shape at which the peer Jasmine's step was measured on this kind of CPU (README,
+    # "Benchmark": the tokenizer step against the peer).
     "jasmine_ref": ("size=appf", dict(batch_size=4, d_model=256, num_heads=4, enc_layers=4,
                                       dec_layers=4)),
     # Genie App. F tokenizer (d 512, 8+8 blocks, patch 4); batch cut from 48 to fit a CPU.

@@ -15,7 +15,7 @@ Arguments (after the colon, comma separated):
   cotrain                                   train the LAM on, with its own loss, alongside
 
 Examples:
-  # After configs/tokenizer.py:runlocal and configs/lam.py:runlocal (about 8 min on 2 CPUs):
+  # After configs/tokenizer.py:runlocal and configs/lam.py:runlocal (README "Results": wall-clock):
   python -m genie_jax.cli.train --config=configs/dynamics.py:runlocal,tokenizer_workdir=workdirs/tok,lam_workdir=workdirs/lam \
       --workdir=workdirs/dyn
   # CoinRun at App. F shapes on an accelerator:
@@ -64,7 +64,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.lam_loss_weight = 1.0
   # Largest fraction of the visible context tokens replaced by random codes in training
   # (against rollouts that copy their own errors forward; genie_jax/tasks/dynamics.py).
-  # 0: Genie's clean context (what 0.2 did on the built-in world: README, "Results").
+  # 0: Genie's clean context (README, "Results", compares rates).
   config.context_noise = 0.0
   # The training mask (genie_jax/tasks/dynamics.py, sample_mask): what draws its own rate
   # ('example', Genie; 'frame'; 'suffix'; or 'alternate') and the lowest rate, up to 1.
@@ -105,15 +105,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # read "the token one cell over, one frame back" instead of one (README, "Results").
     config.model.block_order = "temporal_first"
     # Every other frame whole: under Genie's mask a frame's previous frame is as hidden as
-    # it is, and the built-in world's balls, which move by themselves, were never learned
-    # (README, "Results").
+    # it is, so what moves by itself (the built-in world's balls) has no whole past frame to
+    # be predicted from (README, "Results").
     config.mask_rate_per = "alternate"
     # Rare codes weigh more in the loss (frequency^-0.5; sampling takes the weighting's bias
-    # back, unbias_sampling): with plain cross-entropy the built-in world's coins and balls,
-    # on 1-2% of the tokens, were never learned (README, "Results").
+    # back, unbias_sampling): the built-in world's coins and balls take few tokens, and in a
+    # plain cross-entropy they weigh next to nothing (README, "Results").
     config.rare_token_weight = 0.5
-    # Peak learning rate: with temporal-first blocks 1e-3 scrolled the built-in world's view
-    # better than 5e-4 in the same steps (README, "Results").
+    # Peak learning rate: temporal-first blocks learn the built-in world's scroll within the
+    # short schedule at this rate (README, "Results", compares rates).
     config_lib.apply_runlocal(config, args.data, total_steps=500, lr=1e-3, end_lr=1e-4,
                               warmup_steps=50)
   return config

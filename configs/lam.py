@@ -27,7 +27,7 @@ import data_pipelines
 from genie_jax import config_lib
 from genie_jax.models import lam as lam_lib
 
-# Model sizes. `cpu` runs a few steps/s on 2 CPU cores; `tiny` is for tests.
+# Model sizes. `cpu` is sized for a 2-core CPU; `tiny` is for tests.
 SIZES = {
     "appf": dict(),
     "cpu": dict(d_model=128, num_heads=4, enc_layers=2, dec_layers=2),
@@ -60,12 +60,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       type="latent_actions", split="validation", batch_size=0, num_batches=8, num_images=4))
 
   if args.runlocal:
-    # 4-frame clips give 4x the updates per CPU second (with decoder_context_frames=1 the
-    # decoder never uses more than one past frame anyway).
+    # 4-frame clips: more updates per CPU second than 16-frame ones (with
+    # decoder_context_frames=1 the decoder never uses more than one past frame anyway).
     config.data.clip_len = 4
     config.model.max_frames = 4
-    # Cosine matching spreads the latents over the 6 codes (squared L2 sent every latent to
-    # the code of smallest norm at initialisation).
+    # Cosine matching spreads the latents over the codes; squared L2 sends every latent to
+    # the code of smallest norm at initialisation.
     config.model.vq_normalize = True
     config_lib.apply_runlocal(config, args.data, total_steps=3000, lr=1e-3, end_lr=1e-4,
                               warmup_steps=50)
@@ -81,15 +81,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if not args.size:
       # 48 transitions per batch: enough for the k-means that ends the quantiser warm-up.
       config.batch_size = 16
-      # Genie's vocabulary for its main models; 6 codes left two built-in-world moves
-      # sharing one (README, "Results").
+      # Genie's vocabulary for its main models: codes to spare beyond the built-in world's
+      # 6 actions, so that two moves need not share one (README, "Results").
       config.model.num_actions = 8
       # Half the run continuous (see genie_jax/models/lam.py: without it CPU-sized LAMs
       # stay at chance), then quantised from k-means codes.
       config.model.vq_warmup_steps = config.total_steps // 2
-      # A light commitment: at 0.25 the encoder pulled every latent onto one code within 30
-      # steps of the warm-up's end (NMI 0.16 -> 0.005); at 0.02 the codes stayed informative
-      # (NMI 0.33 50 steps later).
+      # A light commitment: a strong one (the usual 0.25) pulls every latent onto one code
+      # soon after the warm-up ends, before the codes tell the moves apart (README, "Results").
       config.model.commitment_beta = 0.02
     # With 6 codes a collapse onto one is quick; a fast usage EMA restarts it within tens of
     # steps.

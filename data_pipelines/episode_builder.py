@@ -187,7 +187,7 @@ class EpisodeDatasetBuilder(tfds.core.ShardBasedBuilder, skip_registration=True)
   def _info(self) -> tfds.core.DatasetInfo:
     size = self.builder_config.image_size
     features = tfds.features.FeaturesDict({
-        # zlib: frames of rendered worlds compress 5-20x, and decoding needs no TensorFlow.
+        # zlib: frames of rendered worlds compress well, and decoding needs no TensorFlow.
         "frames": tfds.features.Tensor(shape=(None, size, size, 3), dtype=np.uint8,
                                        encoding=tfds.features.Encoding.ZLIB),
         "actions": tfds.features.Tensor(shape=(None,), dtype=np.int32),

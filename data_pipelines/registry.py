@@ -25,9 +25,9 @@ DATASET_NAMES = tuple(_BUILDERS)
 
 # Per dataset: (num_train_episodes, num_val_episodes, episode_len).
 _EPISODE_DEFAULTS = {
-    # About 35k frames: generated in well under a minute on two cores.
+    # About 35k frames: quick to generate on a CPU.
     "builtin_world": (200, 20, 160),
-    # Genie App. F: ~10M transitions; random-policy CoinRun episodes average ~550 steps.
+    # Genie App. F: ~10M transitions, in episodes of the random policy's average length.
     "coinrun": (18_000, 500, 1000),
     # Episodes are the files in video_dir; episode_len caps frames per video (0: all).
     "video_folder": (0, 0, 0),

@@ -14,4 +14,7 @@ meaning, everywhere in the project:
   V  codebook size (token vocabulary)  A  latent-action vocabulary
   Q  the stacked q/k/v axis (3)        I  images: batch and time folded (B*T)
   R  rows of a picture grid            X  any leading axes (e.g. z_XL: latents of any shape)
+  Y  rows of a grid of world cells     U  columns of a grid of world cells
+  G  variants of the same examples, e.g. the action sets the controllability evaluator
+     compares (inferred, random, true)
 """

@@ -45,7 +45,8 @@ def apply_runlocal(config: ml_collections.ConfigDict, data_name: str, *, total_s
                    lr: float, warmup_steps: int, end_lr: float | None = None) -> None:
   """What `runlocal` means for every stage: a CPU-sized batch and schedule, frequent logs,
   pictures, evaluations and checkpoints, (coinrun) 300 + 20 episodes instead of ~10M
-  frames (about 170k frames, generated in about a minute), and (builtin_world) 32x32 frames.
+  frames (their size and generation time: README "Tokenizer alone"), and (builtin_world)
+  32x32 frames.
 
   32x32 built-in-world frames keep what the models must learn (the world scales its sprites
   and moves with the frame size) while each patch holds 4x fewer pixels, so CPU-sized models

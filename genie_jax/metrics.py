@@ -25,7 +25,7 @@ def frame_psnr(a_HWC: jax.Array, b_HWC: jax.Array) -> jax.Array:
   return psnr_of_mse(frame_mse(a_HWC, b_HWC))
 
 
-def masked_correct(logits_NV: jax.Array, tokens_N: jax.Array, mask_N: jax.Array) -> jax.Array:
+def masked_correct(logits_XV: jax.Array, tokens_X: jax.Array, mask_X: jax.Array) -> jax.Array:
   """Where the argmax prediction is the true token among the masked ones (bool, any leading
   axes): the masked-token accuracy's numerator."""
-  return (jnp.argmax(logits_NV, axis=-1) == tokens_N) & mask_N
+  return (jnp.argmax(logits_XV, axis=-1) == tokens_X) & mask_X

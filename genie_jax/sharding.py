@@ -1,13 +1,13 @@
 """Device mesh and sharding by logical axis names.
 
 Every parameter and key activation names its axes with logical names ("embed", "mlp",
-"batch", ...). One rules table, taken from the config, maps each logical name to mesh axes, so
+"act_batch", ...). One rules table, taken from the config, maps each logical name to mesh axes, so
 the same model runs data parallel, FSDP or tensor parallel depending only on the mesh shape and
 the rules. A logical name missing from the rules is an error, never a silent replication.
 
-Parameters and activations use different names for the model width ("embed" vs "act_embed")
-because FSDP shards the width of parameters over the same mesh axis that shards the batch of
-activations.
+Activations' names start with "act_", parameters' do not: they name the model width apart
+("embed" vs "act_embed") because FSDP shards the width of parameters over the same mesh axis
+that shards the batch of activations.
 """
 
 from __future__ import annotations
@@ -27,15 +27,20 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 MeshAxes = str | tuple[str, ...] | None
 Rules = Sequence[tuple[str, MeshAxes]]
 
+# The logical name of the examples' axis of every batch.
+BATCH = "act_batch"
+# Activation names of configs written before every activation name started with "act_".
+_LEGACY_NAMES = {"batch": "act_batch", "time": "act_time", "tokens": "act_tokens"}
+
 # Mesh axis order: outermost (slowest interconnect) first.
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # Defaults that make DP, FSDP and TP a matter of the mesh shape alone.
 DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
     # Activations.
-    ("batch", ("data", "fsdp")),
-    ("time", None),
-    ("tokens", None),
+    ("act_batch", ("data", "fsdp")),
+    ("act_time", None),
+    ("act_tokens", None),
     ("act_embed", None),
     ("act_mlp", "tensor"),
     ("act_heads", "tensor"),
@@ -66,12 +71,12 @@ def single_device_mesh_shape() -> dict[str, int]:
 def default_mesh_shape(rules: Rules = DEFAULT_RULES) -> dict[str, int]:
   """All devices on the first mesh axis the batch is split over (weights replicated,
   batches split), every other axis 1."""
-  return dict(single_device_mesh_shape(), **{_axes_of(rules, "batch")[0]: -1})
+  return dict(single_device_mesh_shape(), **{_axes_of(rules, BATCH)[0]: -1})
 
 
 def data_parallel_axes(rules: Rules) -> tuple[str, ...]:
   """The mesh axes a batch is split over."""
-  return _axes_of(rules, "batch")
+  return _axes_of(rules, BATCH)
 
 
 def data_parallel_size(mesh: Mesh, rules: Rules) -> int:
@@ -214,11 +219,16 @@ def _device_array(devices: list[jax.Device], sizes: list[int]) -> np.ndarray:
     return np.asarray(devices).reshape(sizes)
 
 
+def upgrade_rules(rules: Rules) -> list[list[Any]]:
+  """A rules table with the names of older configs (e.g. "batch") renamed to today's."""
+  return [[_LEGACY_NAMES.get(name, name), axes] for name, axes in rules]
+
+
 def rules_of(config: Any) -> tuple[tuple[str, MeshAxes], ...]:
   """config.sharding.rules as a tuple of (logical name, mesh axes) (JSON turns tuples into
-  lists)."""
+  lists; older configs' names are upgraded)."""
   return tuple((name, tuple(axes) if isinstance(axes, list) else axes)
-               for name, axes in config.sharding.rules)
+               for name, axes in upgrade_rules(config.sharding.rules))
 
 
 def logical_to_spec(names: Sequence[str | None], rules: Rules) -> P:

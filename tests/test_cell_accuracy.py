@@ -28,12 +28,12 @@ def test_view_contents_name_what_each_cell_shows():
   for episode in range(6):
     frames_THWC, actions_T = env_lib.rollout(env, episode, 30)
     # rollout leaves the env at its last frame.
-    frame_HWC, contents_YX = frames_THWC[-1], env.view_contents()
-    assert contents_YX.shape == (8, 8) and contents_YX.dtype == np.int32
+    frame_HWC, contents_YU = frames_THWC[-1], env.view_contents()
+    assert contents_YU.shape == (8, 8) and contents_YU.dtype == np.int32
     palette = env.floor_palette
     for y in range(8):
       for x in range(8):
-        name = env_lib.CONTENT_NAMES[contents_YX[y, x]]
+        name = env_lib.CONTENT_NAMES[contents_YU[y, x]]
         pixels = _cell_pixels(frame_HWC, y, x)
         seen.add(name)
         if name == "floor":
@@ -162,24 +162,24 @@ def test_tokenizer_cells_reads_psnr_codes_and_heading_purity():
 
 def test_new_in_view_cells_are_the_row_or_column_a_move_brings_in():
   video_BTHWC, contents_BTN, new_BTN = cell_accuracy.play_clips(IMAGE, 6, 12, skip=0)
-  cells_BTYX = cell_accuracy._cells(video_BTHWC).reshape(6, 12, 8, 8, -1)  # pylint: disable=protected-access
-  static_BTYX = np.isin(contents_BTN, [0, 1, 2]).reshape(6, 12, 8, 8)  # floor, wall, obstacle
+  cells_BTYU = cell_accuracy._cells(video_BTHWC).reshape(6, 12, 8, 8, -1)  # pylint: disable=protected-access
+  static_BTYU = np.isin(contents_BTN, [0, 1, 2]).reshape(6, 12, 8, 8)  # floor, wall, obstacle
   assert not new_BTN[:, 0].any()
   moves = 0
   for b in range(6):
     for t in range(1, 12):
-      new_YX = new_BTN[b, t].reshape(8, 8)
-      assert new_YX.sum() in (0, 8)
+      new_YU = new_BTN[b, t].reshape(8, 8)
+      assert new_YU.sum() in (0, 8)
       # The view moved by (dy, dx): the new row or column is on that side.
-      dy = int(new_YX[-1].all()) - int(new_YX[0].all())
-      dx = int(new_YX[:, -1].all()) - int(new_YX[:, 0].all())
-      moves += bool(new_YX.any())
+      dy = int(new_YU[-1].all()) - int(new_YU[0].all())
+      dx = int(new_YU[:, -1].all()) - int(new_YU[:, 0].all())
+      moves += bool(new_YU.any())
       for y in range(8):
         for x in range(8):
-          if not new_YX[y, x] and static_BTYX[b, t, y, x] and static_BTYX[b, t - 1, y + dy,
+          if not new_YU[y, x] and static_BTYU[b, t, y, x] and static_BTYU[b, t - 1, y + dy,
                                                                             x + dx]:
-            np.testing.assert_array_equal(cells_BTYX[b, t, y, x],
-                                          cells_BTYX[b, t - 1, y + dy, x + dx])
+            np.testing.assert_array_equal(cells_BTYU[b, t, y, x],
+                                          cells_BTYU[b, t - 1, y + dy, x + dx])
   assert moves >= 10
 
 

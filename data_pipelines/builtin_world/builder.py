@@ -33,7 +33,7 @@ class BuiltinWorld(episode_builder.EpisodeDatasetBuilder):
       "2.0.0": "A grid of cells, an eighth of the view: the agent and balls move a cell per "
                "step; randomly shaded floor and wall cells; balls show their heading; a "
                "world 3x the view; a blocked move ends the policy's hold.",
-      # 2.1.0 drew a new action every step; its policy is `builtin_world_max_hold=1` now.
+      # No 2.1.0 entry: its policy (a new action every step) is `builtin_world_max_hold=1`.
       "2.2.0": "The world's border ring, solid since 2.0.0, is drawn as wall, not as floor: "
                "a move into it was stopped by nothing visible (7% of the policy's moves).",
   }
@@ -49,8 +49,7 @@ class BuiltinWorld(episode_builder.EpisodeDatasetBuilder):
         num_train_episodes=int(data_config.num_train_episodes),
         num_val_episodes=int(data_config.num_val_episodes),
         episode_len=int(data_config.episode_len),
-        # Configs saved before the key existed: the policy has held actions 1-8 steps since
-        # 2.0.0.
+        # Configs saved before the key existed: the default policy, holds of 1-8 steps.
         max_hold=int(data_config.get("builtin_world_max_hold", 8)),
         **episode_builder.common_config_kwargs(data_config))
 

@@ -6,7 +6,7 @@ inferred from the clip (as the controllability evaluation does), and prints, per
 content of the true frames (floor, wall, obstacle, coin, ball, agent: the environment knows
 what each cell shows):
   * the fraction of those cells whose generated token is the tokenizer's token of the true
-    frame, at generated frames 1..H;
+    frame, at each generated frame (--horizon of them);
   * at frame 1, the model's probability of the true token in one pass with the whole frame
     hidden (what MaskGIT's first step sees): low for a content the model never predicts;
   * how many tokens that only this content has (e.g. ball sprites) the true and the
@@ -87,13 +87,13 @@ def _new_in_view(move_xy: np.ndarray) -> np.ndarray:
   """bool (N,): the cells a view that followed the agent by `move_xy` (one cell at most)
   newly shows, raster order."""
   n = env_lib.CELLS_PER_VIEW
-  new_YX = np.zeros((n, n), bool)
+  new_YU = np.zeros((n, n), bool)
   dx, dy = move_xy
   if dx:
-    new_YX[:, -1 if dx > 0 else 0] = True
+    new_YU[:, -1 if dx > 0 else 0] = True
   if dy:
-    new_YX[-1 if dy > 0 else 0, :] = True
-  return new_YX.reshape(-1)
+    new_YU[-1 if dy > 0 else 0, :] = True
+  return new_YU.reshape(-1)
 
 
 def _cells(x_BTHWC: np.ndarray) -> np.ndarray:
@@ -119,13 +119,13 @@ def cell_looks(video_BTHWC: np.ndarray) -> np.ndarray:
   return ids.reshape(cells.shape[:3])
 
 
-def ball_headings(cells_MssC: np.ndarray) -> np.ndarray:
-  """int (M,) for M ball cells (uint8 pixels): the quarter (0 up-left, 1 up-right,
-  2 down-left, 3 down-right) that shows the ball's heading colour."""
-  half = cells_MssC.shape[1] // 2
-  is_heading_Mss = np.all(cells_MssC == env_lib.BALL_HEADING_COLOUR, axis=-1)
-  quarters = [is_heading_Mss[:, :half, :half], is_heading_Mss[:, :half, half:],
-              is_heading_Mss[:, half:, :half], is_heading_Mss[:, half:, half:]]
+def ball_headings(ball_cells: np.ndarray) -> np.ndarray:
+  """The quarter (0 up-left, 1 up-right, 2 down-left, 3 down-right) that shows the ball's
+  heading colour: int (cells,) of ball cells' uint8 pixels (cells, side, side, C)."""
+  half = ball_cells.shape[1] // 2
+  is_heading = np.all(ball_cells == env_lib.BALL_HEADING_COLOUR, axis=-1)  # (cells, side, side)
+  quarters = [is_heading[:, :half, :half], is_heading[:, :half, half:],
+              is_heading[:, half:, :half], is_heading[:, half:, half:]]
   return np.argmax(np.stack([q.sum((1, 2)) for q in quarters], -1), -1)
 
 
@@ -147,9 +147,10 @@ def tokenizer_cells(tokens_BTN: np.ndarray, recon_BTHWC: np.ndarray, video_BTHWC
     n = int(where_BTN.sum())
     purity = float("nan")
     if name == "ball" and n:
-      headings_M, tokens_M = ball_headings(true_cells[where_BTN]), tokens_BTN[where_BTN]
-      purity = sum(np.bincount(headings_M[tokens_M == u], minlength=4).max()
-                   for u in np.unique(tokens_M)) / n
+      # One entry per ball cell.
+      headings, ball_tokens = ball_headings(true_cells[where_BTN]), tokens_BTN[where_BTN]
+      purity = sum(np.bincount(headings[ball_tokens == u], minlength=4).max()
+                   for u in np.unique(ball_tokens)) / n
     results[name] = dict(
         cells=n,
         recon_psnr=float(-10.0 * np.log10(max(error_BTN[where_BTN].mean(), 1e-10))) if n
@@ -196,22 +197,22 @@ def cell_accuracy(genie, video_BTHWC: np.ndarray, contents_BTN: np.ndarray,
   tokens_BTN = np.asarray(genie.tokenize(video_BTHWC))
   recon_BTHWC = np.asarray(genie.detokenize(tokens_BTN))
   tokenizer = tokenizer_cells(tokens_BTN, recon_BTHWC, video_BTHWC, contents_BTN)
-  actions_BA = np.asarray(genie.infer_actions(video_BTHWC))
+  actions_BT = np.asarray(genie.infer_actions(video_BTHWC))
   from flax import nnx
 
   @nnx.jit
-  def run(world, tokens_BTN, actions_BA, rng):
+  def run(world, tokens_BTN, actions_BT, rng):
     rolled_BTN = genie_lib.rollout_tokens(
-        world, jnp.asarray(video_BTHWC[:, :1]), actions_BA, rng, num_steps=maskgit_steps,
+        world, jnp.asarray(video_BTHWC[:, :1]), actions_BT, rng, num_steps=maskgit_steps,
         temperature=temperature, prior_weight=genie.prior_weight)
     hidden_BTN = jnp.zeros(tokens_BTN[:, :2].shape, bool).at[:, 1].set(True)
-    logits_BNV = world.dynamics(tokens_BTN[:, :2], hidden_BTN, actions_BA[:, :2])[:, 1]
+    logits_BNV = world.dynamics(tokens_BTN[:, :2], hidden_BTN, actions_BT[:, :2])[:, 1]
     p_true_BN = jnp.take_along_axis(jax.nn.softmax(logits_BNV, -1),
                                     tokens_BTN[:, 1, :, None], -1)[..., 0]
     return rolled_BTN, p_true_BN
 
   rolled_BTN, p_true_BN = map(np.asarray, run(genie.world, jnp.asarray(tokens_BTN),
-                                              jnp.asarray(actions_BA), rng))
+                                              jnp.asarray(actions_BT), rng))
   horizon = rolled_BTN.shape[1] - 1
   results = {}
   for k, name in enumerate(env_lib.CONTENT_NAMES):

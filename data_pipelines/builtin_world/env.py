@@ -10,11 +10,11 @@ heading. The layout, palette and headings are drawn from the seed of each episod
 The camera follows the agent, as in CoinRun and most platformers: the world is `world_scale`
 times the view on each side, the agent sits in cell (4, 4) of the view's 8 x 8, and what
 lies beyond the world's border wall is drawn as more wall. A move therefore shifts the whole
-view by exactly one cell. Why a grid, and why this floor (the causes of a world model that
-ignored its actions on the previous, pixel-stepped version; README "Results"):
-  * A move must be large against everything else that changes. With one-pixel steps over a
-    low-contrast floor a move changed the frame (mean squared difference) about as much as
-    the balls' own motion did, so the latent action model spent its few codes on the balls.
+view by exactly one cell. Why a grid, and why this floor (what a world model needs to
+follow its actions; README "Results"):
+  * A move must be large against everything else that changes. Where a move changes the
+    frame (mean squared difference) about as little as the balls' own motion does, the latent
+    action model spends its few codes on the balls (`motion_stats` measures both).
   * A move must shift whole tokens. A cell is one token for a patch of an eighth of the
     frame (patch 4 at 32x32, 8 at 64x64), so a move is a shift of the token grid, a copy
     that a dynamics model can learn, not a new sub-patch texture in every token.
@@ -189,19 +189,20 @@ class BuiltinWorldEnv:
     """int32 (8, 8) [row, column]: what each cell of the last rendered view shows, as an
     index into CONTENT_NAMES (cells beyond the world's border are wall)."""
     s = self.world_cells
-    x_V = self._view[0] + np.arange(CELLS_PER_VIEW)
-    y_V = self._view[1] + np.arange(CELLS_PER_VIEW)
-    inside_YX = ((y_V >= 0) & (y_V < s))[:, None] & ((x_V >= 0) & (x_V < s))[None, :]
-    yc, xc = np.clip(y_V, 0, s - 1), np.clip(x_V, 0, s - 1)
-    obstacle_YX = self._obstacle[np.ix_(yc, xc)] & inside_YX
-    solid_YX = self._solid[np.ix_(yc, xc)] | ~inside_YX
-    out_YX = np.where(obstacle_YX, 2, np.where(solid_YX, 1, 0)).astype(np.int32)
+    columns_U = self._view[0] + np.arange(CELLS_PER_VIEW)
+    rows_Y = self._view[1] + np.arange(CELLS_PER_VIEW)
+    inside_YU = (((rows_Y >= 0) & (rows_Y < s))[:, None]
+                 & ((columns_U >= 0) & (columns_U < s))[None, :])
+    yc, xc = np.clip(rows_Y, 0, s - 1), np.clip(columns_U, 0, s - 1)
+    obstacle_YU = self._obstacle[np.ix_(yc, xc)] & inside_YU
+    solid_YU = self._solid[np.ix_(yc, xc)] | ~inside_YU
+    out_YU = np.where(obstacle_YU, 2, np.where(solid_YU, 1, 0)).astype(np.int32)
     for content, cells in ((3, self._coins), (4, self._balls), (5, [self._agent])):
       for x, y in cells:
         vx, vy = x - self._view[0], y - self._view[1]
         if 0 <= vx < CELLS_PER_VIEW and 0 <= vy < CELLS_PER_VIEW:
-          out_YX[vy, vx] = content
-    return out_YX
+          out_YU[vy, vx] = content
+    return out_YU
 
   @property
   def floor_palette(self) -> np.ndarray:
@@ -309,8 +310,8 @@ class StickyRandomPolicy:
   """Random actions, each held for 1 to `max_hold` steps (uniformly), so that moves are
   visibly long.
 
-  With a new action every step (`max_hold=1`) the agent mostly jitters about one place, and
-  the whole pipeline's world model followed its actions far less (README "Results"). A move
+  With a new action every step (`max_hold=1`) the agent mostly jitters about one place,
+  which teaches a world model less about its actions (README "Results" compares both). A move
   that was blocked ends its hold, so that the agent does not stand against a wall for most of
   an episode.
   """

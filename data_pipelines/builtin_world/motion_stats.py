@@ -9,7 +9,7 @@ balls.
   python -m data_pipelines.builtin_world.motion_stats [--image_size=32] [--episodes=30]
 
 It uses only the environment's public API (`BuiltinWorldEnv(image_size, num_balls=...)`,
-`rollout`), so the same command measures an older env.py checked out in its place.
+`rollout`), so the same command measures any env.py checked out in its place.
 
 With `--ceiling_recon_psnr=DB` it also prints what any world model could reach on a
 transition: a predictor that knows the frame, the action and every rule of the world still

@@ -127,33 +127,34 @@ class ControllabilityEvaluator(base.Evaluator):
           forced_key, inferred_BT.shape, 0, self.num_actions))
       recon_BTHWC = world.tokenizer.decode(tokens_BTN)
 
-      random_BA = jax.random.randint(random_key, (b, h), 0, self.num_actions)
-      true_BA = mapping[jnp.clip(batch["actions"][:, :h], 0, mapping.shape[0] - 1)]
-      actions_VBA = jnp.stack([inferred_BT[:, :h], random_BA, true_BA])
-      prompt_BPHWC = batch["video"][:, :1]
-      v = actions_VBA.shape[0]
+      random_BT = jax.random.randint(random_key, (b, h), 0, self.num_actions)
+      true_BT = mapping[jnp.clip(batch["actions"][:, :h], 0, mapping.shape[0] - 1)]
+      actions_GBT = jnp.stack([inferred_BT[:, :h], random_BT, true_BT])
+      prompt_BTHWC = batch["video"][:, :1]
+      g = actions_GBT.shape[0]
       rolled = genie_lib.rollout_tokens(
-          world, jnp.tile(prompt_BPHWC, (v, 1, 1, 1, 1)), actions_VBA.reshape(v * b, h),
+          world, jnp.tile(prompt_BTHWC, (g, 1, 1, 1, 1)), actions_GBT.reshape(g * b, h),
           sample_key, num_steps=self.cfg.maskgit_steps, temperature=self.cfg.temperature,
           prior_weight=self.prior_weight)
       token_accuracy_B = jnp.mean(rolled[:b, 1] == tokens_BTN[:, 1], axis=-1)
-      generated_VBAHWC = genie_lib.decode_frames(world.tokenizer, rolled)[:, 1:].reshape(
-          (v, b) + video_BTHWC[:, 1:1 + h].shape[1:])
-    generated_VBAHWC = jnp.clip(generated_VBAHWC.astype(jnp.float32), 0.0, 1.0)
-    truth_BAHWC = video_BTHWC[:, 1:1 + h]
-    psnr_VBA = metrics_lib.frame_psnr(generated_VBAHWC, truth_BAHWC[None])
-    image_shape = truth_BAHWC.shape[2:]
-    ssim_VBA = pix.ssim(generated_VBAHWC.reshape((-1,) + image_shape),
-                        jnp.tile(truth_BAHWC[None], (v, 1, 1, 1, 1, 1)).reshape(
-                            (-1,) + image_shape)).reshape(psnr_VBA.shape)
-    recon_BA = metrics_lib.frame_psnr(
-        jnp.clip(recon_BTHWC[:, 1:1 + h].astype(jnp.float32), 0.0, 1.0), truth_BAHWC)
+      generated_GBTHWC = genie_lib.decode_frames(world.tokenizer, rolled)[:, 1:].reshape(
+          (g, b) + video_BTHWC[:, 1:1 + h].shape[1:])
+    generated_GBTHWC = jnp.clip(generated_GBTHWC.astype(jnp.float32), 0.0, 1.0)
+    truth_BTHWC = video_BTHWC[:, 1:1 + h]
+    psnr_GBT = metrics_lib.frame_psnr(generated_GBTHWC, truth_BTHWC[None])
+    image_shape = truth_BTHWC.shape[2:]
+    ssim_GBT = pix.ssim(generated_GBTHWC.reshape((-1,) + image_shape),
+                        jnp.tile(truth_BTHWC[None], (g, 1, 1, 1, 1, 1)).reshape(
+                            (-1,) + image_shape)).reshape(psnr_GBT.shape)
+    recon_psnr_BT = metrics_lib.frame_psnr(
+        jnp.clip(recon_BTHWC[:, 1:1 + h].astype(jnp.float32), 0.0, 1.0), truth_BTHWC)
     n = self.cfg.num_videos
     return dict(valid_B=batch["episode_id"] >= 0,
-                psnr_VBA=psnr_VBA, ssim_VBA=ssim_VBA, recon_BA=recon_BA, accuracy_B=accuracy_B,
-                accuracy_random_B=accuracy_random_B, token_accuracy_B=token_accuracy_B,
-                videos=jnp.concatenate([truth_BAHWC[None, :n], generated_VBAHWC[:, :n]]),
-                actions_VBA=actions_VBA[:, :n])
+                psnr_GBT=psnr_GBT, ssim_GBT=ssim_GBT, recon_psnr_BT=recon_psnr_BT,
+                accuracy_B=accuracy_B, accuracy_random_B=accuracy_random_B,
+                token_accuracy_B=token_accuracy_B,
+                videos=jnp.concatenate([truth_BTHWC[None, :n], generated_GBTHWC[:, :n]]),
+                actions_GBT=actions_GBT[:, :n])
 
   def step_functions(self):
     mapping = jax.ShapeDtypeStruct((max(self.num_true_actions, 1),), jnp.int32,
@@ -204,18 +205,19 @@ class ControllabilityEvaluator(base.Evaluator):
       # From the replicated outputs: the batch itself spans every process.
       valid = out["valid_B"]
       count += int(valid.sum())
-      for key in ("psnr_VBA", "ssim_VBA"):
+      for key in ("psnr_GBT", "ssim_GBT"):
         sums[key] = sums.get(key, 0.0) + out[key][:, valid].sum(axis=1)
-      sums["recon_A"] = sums.get("recon_A", 0.0) + out["recon_BA"][valid].sum(axis=0)
+      sums["recon_psnr_T"] = (sums.get("recon_psnr_T", 0.0)
+                              + out["recon_psnr_BT"][valid].sum(axis=0))
       for key in ("accuracy", "accuracy_random"):
         sums[key] = sums.get(key, 0.0) + float(out[f"{key}_B"][valid].sum())
       token_accuracy.append(out["token_accuracy_B"][valid])
       first_true.append(true_batches[i][valid, 0])
-      psnr_at_dt = out["psnr_VBA"][:, valid, self.cfg.dt - 1]
+      psnr_at_dt = out["psnr_GBT"][:, valid, self.cfg.dt - 1]
       dt_clips.append(psnr_at_dt[0] - psnr_at_dt[1])
       if shown is None:
         shown = out
-    psnr_VA, ssim_VA = sums["psnr_VBA"] / count, sums["ssim_VBA"] / count
+    psnr_GT, ssim_GT = sums["psnr_GBT"] / count, sums["ssim_GBT"] / count
     token_accuracy, first_true = np.concatenate(token_accuracy), np.concatenate(first_true)
     scalars["token_accuracy_t1"] = float(token_accuracy.mean())
     for a, name in enumerate(self.true_action_names if has_true else ()):
@@ -227,12 +229,12 @@ class ControllabilityEvaluator(base.Evaluator):
     variants = _VARIANTS if has_true else _VARIANTS[:2]
     for k in range(self.horizon):
       for vi, variant in enumerate(variants):
-        scalars[f"psnr_{variant}_t{k + 1}"] = float(psnr_VA[vi, k])
-        scalars[f"ssim_{variant}_t{k + 1}"] = float(ssim_VA[vi, k])
-      scalars[f"recon_psnr_t{k + 1}"] = float(sums["recon_A"][k] / count)
-      scalars[f"dtpsnr_t{k + 1}"] = float(psnr_VA[0, k] - psnr_VA[1, k])
+        scalars[f"psnr_{variant}_t{k + 1}"] = float(psnr_GT[vi, k])
+        scalars[f"ssim_{variant}_t{k + 1}"] = float(ssim_GT[vi, k])
+      scalars[f"recon_psnr_t{k + 1}"] = float(sums["recon_psnr_T"][k] / count)
+      scalars[f"dtpsnr_t{k + 1}"] = float(psnr_GT[0, k] - psnr_GT[1, k])
       if has_true:
-        scalars[f"dtpsnr_true_t{k + 1}"] = float(psnr_VA[2, k] - psnr_VA[1, k])
+        scalars[f"dtpsnr_true_t{k + 1}"] = float(psnr_GT[2, k] - psnr_GT[1, k])
     dt = self.cfg.dt
     scalars["dtpsnr"] = scalars[f"dtpsnr_t{dt}"]
     # Sampling noise alone moves Delta_t PSNR; its standard error over clips says how far
@@ -245,9 +247,9 @@ class ControllabilityEvaluator(base.Evaluator):
 
     rows = [shown["videos"][0]] + [shown["videos"][1 + vi] for vi in range(len(variants))]
     images["rollouts"] = visualize.video_grid(rows)
-    curves = {"inferred - random": psnr_VA[0] - psnr_VA[1]}
+    curves = {"inferred - random": psnr_GT[0] - psnr_GT[1]}
     if has_true:
-      curves["true - random"] = psnr_VA[2] - psnr_VA[1]
+      curves["true - random"] = psnr_GT[2] - psnr_GT[1]
     images["dtpsnr_curve"] = visualize.line_plot(
         curves, title="Delta_t PSNR (dB) against t", x_start=1)
     return scalars, images

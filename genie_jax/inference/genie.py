@@ -7,10 +7,10 @@ the new frame and w - 1 before it.
 
 The K/V cache. Temporal attention is causal and a final frame never changes, so each
 block's temporal keys/values of past frames are kept (`FrameCache`, w - 1 slots) and each of
-the S MaskGIT steps runs only the new frame's tokens against them. When a frame is final, one
-more pass over it writes its keys/values into the cache (appended frame by frame; the
-prompt's frames in one prefill). Per frame that is S + 1 single-frame passes. What happens
-once w - 1 frames are cached depends on the model's temporal positions:
+the num_steps MaskGIT steps runs only the new frame's tokens against them. When a frame is
+final, one more pass over it writes its keys/values into the cache (appended frame by frame;
+the prompt's frames in one prefill). Per frame that is num_steps + 1 single-frame passes.
+What happens once w - 1 frames are cached depends on the model's temporal positions:
   learned  (Genie's table) a frame's keys depend on its place in the window, and once the
            window slides every place changes: each later frame rebuilds the cache from the
            window's w - 1 past frames, whose first frame, as the first frame of every
@@ -18,7 +18,7 @@ once w - 1 frames are cached depends on the model's temporal positions:
            run on the window, as without a cache.
   rope     (rotary) keys do not depend on where the window starts: the cache rolls, the new
            frame replacing the oldest (after `sink_frames` first frames kept for good, the
-           attention sink of streaming models). The cost per frame stays S + 1 passes
+           attention sink of streaming models). The cost per frame stays num_steps + 1 passes
            however long the rollout; past the window the keys of the cached frames are the
            ones computed when those frames were new, so the output is the streaming model's,
            not the model run on the window.
@@ -31,8 +31,9 @@ Everything per frame and per step runs inside one compiled program: a whole roll
 jitted call (a fori_loop over frames around a fori_loop over steps), and a PlaySession
 compiles its step once (the frame index is traced).
 
-Action convention: `actions_BA[:, i]` produces generated frame i (frame P + i of the video),
-i.e. in the dataset's convention it is the action taken at frame P + i - 1.
+Action convention: `actions_BT[:, i]` produces generated frame i (frame p + i of the video,
+p the number of prompt frames), i.e. in the dataset's convention it is the action taken at
+frame p + i - 1.
 """
 
 from __future__ import annotations
@@ -52,16 +53,16 @@ from genie_jax.models import tokenizer as tokenizer_lib
 from genie_jax.visualize import to_uint8
 
 
-def window_logits_fn(dynamics: dynamics_lib.DynamicsModel, tokens_BLN: jax.Array,
-                     actions_BL: jax.Array, f: jax.Array) -> maskgit.LogitsFn:
+def window_logits_fn(dynamics: dynamics_lib.DynamicsModel, tokens_BTN: jax.Array,
+                     actions_BT: jax.Array, f: jax.Array) -> maskgit.LogitsFn:
   """The MaskGIT logits function of frame `f` with no cache: every call runs the model on
   the window of frames f - w + 1 .. f (the reference the cache is tested against).
 
   Args:
     dynamics: the dynamics model.
-    tokens_BLN: the frames so far (frames >= f are ignored); L >= the model's max_frames.
-    actions_BL: dataset convention: actions_BL[:, t] was taken at frame t and produced
-      frame t+1 (so actions_BL[:, f-1] causes frame f).
+    tokens_BTN: the frames so far (frames >= f are ignored); T >= the model's max_frames.
+    actions_BT: dataset convention: actions_BT[:, t] was taken at frame t and produced
+      frame t+1 (so actions_BT[:, f-1] causes frame f).
     f: index of the frame to generate (traced int allowed), >= 1.
 
   Returns:
@@ -70,14 +71,14 @@ def window_logits_fn(dynamics: dynamics_lib.DynamicsModel, tokens_BLN: jax.Array
   w = dynamics.transformer.max_frames
   start = jnp.maximum(f - (w - 1), 0)
   q = f - start  # Position of frame f in the window.
-  window_BWN = jax.lax.dynamic_slice_in_dim(tokens_BLN, start, w, axis=1)
-  window_actions_BW = jax.lax.dynamic_slice_in_dim(actions_BL, start, w, axis=1)
+  window_BTN = jax.lax.dynamic_slice_in_dim(tokens_BTN, start, w, axis=1)
+  window_actions_BT = jax.lax.dynamic_slice_in_dim(actions_BT, start, w, axis=1)
 
   def full_logits(tokens_BN, mask_BN):
-    tokens_BWN = jax.lax.dynamic_update_slice_in_dim(window_BWN, tokens_BN[:, None], q, axis=1)
-    mask_BWN = (jnp.arange(w) == q)[None, :, None] & mask_BN[:, None, :]
-    logits_BWNV = dynamics(tokens_BWN, mask_BWN, window_actions_BW)
-    return jax.lax.dynamic_index_in_dim(logits_BWNV, q, axis=1, keepdims=False)
+    inputs_BTN = jax.lax.dynamic_update_slice_in_dim(window_BTN, tokens_BN[:, None], q, axis=1)
+    mask_BTN = (jnp.arange(w) == q)[None, :, None] & mask_BN[:, None, :]
+    logits_BTNV = dynamics(inputs_BTN, mask_BTN, window_actions_BT)
+    return jax.lax.dynamic_index_in_dim(logits_BTNV, q, axis=1, keepdims=False)
   return full_logits
 
 
@@ -116,32 +117,32 @@ def _slot(dynamics: dynamics_lib.DynamicsModel, g: jax.Array) -> jax.Array:
   return _ring_slot(dynamics.transformer.max_frames, getattr(dynamics, "sink_frames", 0), g)
 
 
-def _prefill(transformer, x_BPMD: jax.Array) -> tuple[jax.Array, FrameCache]:
-  """(y_BSMD, the cache holding P <= max_frames - 1 frames) of a transformer's inputs."""
-  p = x_BPMD.shape[1]
+def _prefill(transformer, x_BTMD: jax.Array) -> tuple[jax.Array, FrameCache]:
+  """(y_BSMD, the cache holding T <= max_frames - 1 frames) of a transformer's inputs."""
+  p = x_BTMD.shape[1]
   slots = transformer.max_frames - 1
-  # Slots after the P frames hold zeros until written; causal attention keeps them out of
-  # the P frames' keys/values and outputs.
-  x_BSMD = jnp.pad(x_BPMD, [(0, 0), (0, slots - p)] + [(0, 0)] * (x_BPMD.ndim - 2))
+  # Slots after the T frames hold zeros until written; causal attention keeps them out of
+  # the T frames' keys/values and outputs.
+  x_BSMD = jnp.pad(x_BTMD, [(0, 0), (0, slots - p)] + [(0, 0)] * (x_BTMD.ndim - 2))
   y_BSMD, kv = transformer.prefill(x_BSMD)
   return y_BSMD, FrameCache(kv, jnp.where(jnp.arange(slots) < p, jnp.arange(slots), -1))
 
 
-def prefill_cache(dynamics: dynamics_lib.DynamicsModel, tokens_BPN: jax.Array,
-                  actions_BP: jax.Array) -> FrameCache:
-  """The cache holding frames 0..P-1 (P <= max_frames - 1); actions as `window_logits_fn`."""
-  p = tokens_BPN.shape[1]
+def prefill_cache(dynamics: dynamics_lib.DynamicsModel, tokens_BTN: jax.Array,
+                  actions_BT: jax.Array) -> FrameCache:
+  """The cache holding frames 0..T-1 (T <= max_frames - 1); actions as `window_logits_fn`."""
+  p = tokens_BTN.shape[1]
   slots = dynamics.transformer.max_frames - 1
   if p > slots:
     raise ValueError(f"a prompt of {p} frames does not fit the dynamics model's window: at "
                      f"most max_frames - 1 = {slots}")
-  x_BPMD = dynamics.embed(tokens_BPN, jnp.zeros_like(tokens_BPN, bool),
-                          dynamics.frame_actions(actions_BP))
-  return _prefill(dynamics.transformer, x_BPMD)[1]
+  x_BTMD = dynamics.embed(tokens_BTN, jnp.zeros_like(tokens_BTN, bool),
+                          dynamics.frame_actions(actions_BT))
+  return _prefill(dynamics.transformer, x_BTMD)[1]
 
 
 def _attention_context(dynamics: dynamics_lib.DynamicsModel, cache: FrameCache,
-                       tokens_BLN: jax.Array, actions_BL: jax.Array, n: jax.Array,
+                       tokens_BTN: jax.Array, actions_BT: jax.Array, n: jax.Array,
                        g: jax.Array):
   """(kv, valid_S, position) with which frame g, at index n of the buffers, attends to its
   past; rotary keys come rotated to their positions."""
@@ -157,31 +158,31 @@ def _attention_context(dynamics: dynamics_lib.DynamicsModel, cache: FrameCache,
   def rebuilt():
     # The window's w - 1 past frames at positions 0..w-2, the new frame at w - 1.
     start = n - (w - 1)
-    window_BCN = jax.lax.dynamic_slice_in_dim(tokens_BLN, start, w - 1, axis=1)
-    window_actions_BC = jax.lax.dynamic_slice_in_dim(actions_BL, start, w - 1, axis=1)
-    rebuilt_cache = prefill_cache(dynamics, window_BCN, window_actions_BC)
+    window_BTN = jax.lax.dynamic_slice_in_dim(tokens_BTN, start, w - 1, axis=1)
+    window_actions_BT = jax.lax.dynamic_slice_in_dim(actions_BT, start, w - 1, axis=1)
+    rebuilt_cache = prefill_cache(dynamics, window_BTN, window_actions_BT)
     return rebuilt_cache.kv, jnp.ones_like(slots_S, bool), jnp.int32(w - 1)
 
   return jax.lax.cond(g < w, appended, rebuilt)
 
 
 def cached_logits_fn(dynamics: dynamics_lib.DynamicsModel, cache: FrameCache,
-                     tokens_BLN: jax.Array, actions_BL: jax.Array, n: jax.Array, g: jax.Array
+                     tokens_BTN: jax.Array, actions_BT: jax.Array, n: jax.Array, g: jax.Array
                      ) -> tuple[maskgit.LogitsFn, Callable[[jax.Array], FrameCache]]:
   """The MaskGIT logits function of frame g, and the cache update once it is final.
 
   Args:
     dynamics: the dynamics model.
     cache: frames 0..g-1 as far as the cache keeps them.
-    tokens_BLN, actions_BL: buffers whose index n is frame g (read by the learned-position
-      rebuild); actions_BL[:, n - 1] causes the new frame.
+    tokens_BTN, actions_BT: buffers whose index n is frame g (read by the learned-position
+      rebuild); actions_BT[:, n - 1] causes the new frame.
     n, g: the new frame's buffer index and frame index (traced ints; equal in a rollout).
 
   Returns:
     ((tokens_BN, mask_BN) -> logits_BNV, tokens_BN -> the cache with frame g).
   """
-  kv, valid_S, position = _attention_context(dynamics, cache, tokens_BLN, actions_BL, n, g)
-  caused_B1 = jax.lax.dynamic_slice_in_dim(actions_BL, n - 1, 1, axis=1).astype(jnp.int32)
+  kv, valid_S, position = _attention_context(dynamics, cache, tokens_BTN, actions_BT, n, g)
+  caused_B1 = jax.lax.dynamic_slice_in_dim(actions_BT, n - 1, 1, axis=1).astype(jnp.int32)
 
   def run(tokens_BN, mask_BN):
     x_B1MD = dynamics.embed(tokens_BN[:, None], mask_BN[:, None], caused_B1)
@@ -226,27 +227,27 @@ def _with_prior(world: dynamics_lib.WorldModel, logits_fn, prior_weight: float):
   return lambda tokens_BN, mask_BN: logits_fn(tokens_BN, mask_BN) + prior_weight * log_freq_V
 
 
-def generate_next(world: dynamics_lib.WorldModel, cache: FrameCache, tokens_BLN: jax.Array,
-                  actions_BL: jax.Array, n: jax.Array, g: jax.Array, rng: jax.Array, *,
+def generate_next(world: dynamics_lib.WorldModel, cache: FrameCache, tokens_BTN: jax.Array,
+                  actions_BT: jax.Array, n: jax.Array, g: jax.Array, rng: jax.Array, *,
                   num_steps: int, temperature: float, prior_weight: float = 0.0
                   ) -> tuple[jax.Array, FrameCache]:
   """Frame g's tokens (tokens_BN int32) by MaskGIT with the cache, and the cache with it
   (arguments: `cached_logits_fn`; rng, num_steps, temperature: MaskGIT's; prior_weight:
   `sampling_prior_weight`)."""
-  logits_fn, update = cached_logits_fn(world.dynamics, cache, tokens_BLN, actions_BL, n, g)
-  b, _, n_tokens = tokens_BLN.shape
+  logits_fn, update = cached_logits_fn(world.dynamics, cache, tokens_BTN, actions_BT, n, g)
+  b, _, n_tokens = tokens_BTN.shape
   new_BN = maskgit.sample_frame(_with_prior(world, logits_fn, prior_weight), rng,
                                 batch_size=b, num_tokens=n_tokens, num_steps=num_steps,
                                 temperature=temperature)
   return new_BN, update(new_BN)
 
 
-def decode_frame_at(tokenizer: tokenizer_lib.Tokenizer, tokens_BLN: jax.Array, f: jax.Array
+def decode_frame_at(tokenizer: tokenizer_lib.Tokenizer, tokens_BTN: jax.Array, f: jax.Array
                     ) -> jax.Array:
   """Frame f (float [0, 1], BHWC) decoded from the tokenizer-window of tokens ending at f."""
   t = tokenizer.decoder.max_frames
   start = jnp.maximum(f - (t - 1), 0)
-  video_BTHWC = tokenizer.decode(jax.lax.dynamic_slice_in_dim(tokens_BLN, start, t, axis=1))
+  video_BTHWC = tokenizer.decode(jax.lax.dynamic_slice_in_dim(tokens_BTN, start, t, axis=1))
   return jax.lax.dynamic_index_in_dim(video_BTHWC, f - start, axis=1, keepdims=False)
 
 
@@ -280,9 +281,9 @@ def stream_decode(tokenizer: tokenizer_lib.Tokenizer, tokens_BTN: jax.Array
   t = tokens_BTN.shape[1]
   p = min(t, tokenizer.decoder.max_frames - 1)
   y_BSND, cache = _prefill(tokenizer.decoder, tokenizer.decoder_input(tokens_BTN[:, :p]))
-  head_BPHWC = jnp.clip(tokenizer.pixels(y_BSND[:, :p]), 0.0, 1.0)
+  head_BTHWC = jnp.clip(tokenizer.pixels(y_BSND[:, :p]), 0.0, 1.0)
   if t == p:
-    return head_BPHWC, cache
+    return head_BTHWC, cache
 
   def body(cache, g):
     frame_BHWC, cache = decode_next(
@@ -290,7 +291,7 @@ def stream_decode(tokenizer: tokenizer_lib.Tokenizer, tokens_BTN: jax.Array
     return cache, frame_BHWC
 
   cache, tail_TBHWC = jax.lax.scan(body, cache, jnp.arange(p, t))
-  return jnp.concatenate([head_BPHWC, jnp.moveaxis(tail_TBHWC, 0, 1)], axis=1), cache
+  return jnp.concatenate([head_BTHWC, jnp.moveaxis(tail_TBHWC, 0, 1)], axis=1), cache
 
 
 def decode_frames(tokenizer: tokenizer_lib.Tokenizer, tokens_BTN: jax.Array) -> jax.Array:
@@ -309,96 +310,101 @@ def decode_frames(tokenizer: tokenizer_lib.Tokenizer, tokens_BTN: jax.Array) -> 
   return jnp.concatenate([head_BTHWC, jnp.moveaxis(tail_TBHWC, 0, 1)], axis=1)
 
 
-def generate_frame(world: dynamics_lib.WorldModel, tokens_BLN: jax.Array,
-                   actions_BL: jax.Array, f: jax.Array, rng: jax.Array, *, num_steps: int,
+def generate_frame(world: dynamics_lib.WorldModel, tokens_BTN: jax.Array,
+                   actions_BT: jax.Array, f: jax.Array, rng: jax.Array, *, num_steps: int,
                    temperature: float, prior_weight: float = 0.0) -> jax.Array:
   """Tokens of frame f (tokens_BN int32) by MaskGIT without a cache (`window_logits_fn`)."""
-  b, _, n = tokens_BLN.shape
-  logits_fn = window_logits_fn(world.dynamics, tokens_BLN, actions_BL, f)
+  b, _, n = tokens_BTN.shape
+  logits_fn = window_logits_fn(world.dynamics, tokens_BTN, actions_BT, f)
   return maskgit.sample_frame(_with_prior(world, logits_fn, prior_weight), rng, batch_size=b,
                               num_tokens=n, num_steps=num_steps, temperature=temperature)
 
 
-def _prompt_buffers(world: dynamics_lib.WorldModel, prompt_BPHWC: jax.Array, length: int
+def _prompt_buffers(world: dynamics_lib.WorldModel, prompt_BTHWC: jax.Array, length: int
                     ) -> tuple[jax.Array, jax.Array]:
   """Token and action buffers of `length` frames holding the prompt; the actions between
   prompt frames are the LAM's."""
-  b, p = prompt_BPHWC.shape[:2]
-  tokens_BPN, _ = world.tokenizer.encode(prompt_BPHWC)
-  tokens_BLN = jnp.zeros((b, length, tokens_BPN.shape[2]), jnp.int32).at[:, :p].set(tokens_BPN)
-  actions_BL = jnp.zeros((b, length), jnp.int32)
+  b, p = prompt_BTHWC.shape[:2]
+  prompt_tokens_BTN, _ = world.tokenizer.encode(prompt_BTHWC)
+  tokens_BTN = jnp.zeros((b, length, prompt_tokens_BTN.shape[2]), jnp.int32).at[:, :p].set(
+      prompt_tokens_BTN)
+  actions_BT = jnp.zeros((b, length), jnp.int32)
   if p > 1:
-    actions_BL = actions_BL.at[:, :p - 1].set(world.lam.infer_actions(prompt_BPHWC))
-  return tokens_BLN, actions_BL
+    actions_BT = actions_BT.at[:, :p - 1].set(world.lam.infer_actions(prompt_BTHWC))
+  return tokens_BTN, actions_BT
 
 
-def rollout_tokens(world: dynamics_lib.WorldModel, prompt_BPHWC: jax.Array,
-                   actions_BA: jax.Array, rng: jax.Array, *, num_steps: int,
+def rollout_tokens(world: dynamics_lib.WorldModel, prompt_BTHWC: jax.Array,
+                   actions_BT: jax.Array, rng: jax.Array, *, num_steps: int,
                    temperature: float, cached: bool = True, prior_weight: float = 0.0
                    ) -> jax.Array:
-  """tokens_BTN (T = P + A) of the prompt followed by A generated frames; traceable.
+  """tokens_BTN of the prompt's p frames followed by one generated frame per action of
+  actions_BT (a of them: T = p + a); traceable.
   cached=False runs the model on the whole window at every MaskGIT step (the reference);
   prior_weight: `sampling_prior_weight`."""
-  p, a = prompt_BPHWC.shape[1], actions_BA.shape[1]
+  p, a = prompt_BTHWC.shape[1], actions_BT.shape[1]
   w = world.dynamics.transformer.max_frames
-  tokens_BLN, actions_BL = _prompt_buffers(world, prompt_BPHWC, max(p + a, w))
-  actions_BL = actions_BL.at[:, p - 1:p - 1 + a].set(actions_BA.astype(jnp.int32))
+  # Buffers of max(p + a, w) frames; the actions: the LAM's between prompt frames, then
+  # actions_BT.
+  tokens_BTN, buffer_actions_BT = _prompt_buffers(world, prompt_BTHWC, max(p + a, w))
+  buffer_actions_BT = buffer_actions_BT.at[:, p - 1:p - 1 + a].set(
+      actions_BT.astype(jnp.int32))
 
   if not cached:
-    def body(f, tokens_BLN):
-      new_BN = generate_frame(world, tokens_BLN, actions_BL, f, jax.random.fold_in(rng, f),
-                              num_steps=num_steps, temperature=temperature,
-                              prior_weight=prior_weight)
-      return jax.lax.dynamic_update_slice_in_dim(tokens_BLN, new_BN[:, None], f, axis=1)
-    return jax.lax.fori_loop(p, p + a, body, tokens_BLN)[:, :p + a]
+    def body(f, tokens_BTN):
+      new_BN = generate_frame(world, tokens_BTN, buffer_actions_BT, f,
+                              jax.random.fold_in(rng, f), num_steps=num_steps,
+                              temperature=temperature, prior_weight=prior_weight)
+      return jax.lax.dynamic_update_slice_in_dim(tokens_BTN, new_BN[:, None], f, axis=1)
+    return jax.lax.fori_loop(p, p + a, body, tokens_BTN)[:, :p + a]
 
   def cached_body(f, carry):
-    tokens_BLN, cache = carry
-    new_BN, cache = generate_next(world, cache, tokens_BLN, actions_BL, f, f,
+    tokens_BTN, cache = carry
+    new_BN, cache = generate_next(world, cache, tokens_BTN, buffer_actions_BT, f, f,
                                   jax.random.fold_in(rng, f), num_steps=num_steps,
                                   temperature=temperature, prior_weight=prior_weight)
-    return jax.lax.dynamic_update_slice_in_dim(tokens_BLN, new_BN[:, None], f, axis=1), cache
+    return jax.lax.dynamic_update_slice_in_dim(tokens_BTN, new_BN[:, None], f, axis=1), cache
 
-  cache = prefill_cache(world.dynamics, tokens_BLN[:, :p], actions_BL[:, :p])
-  tokens_BLN, _ = jax.lax.fori_loop(p, p + a, cached_body, (tokens_BLN, cache))
-  return tokens_BLN[:, :p + a]
+  cache = prefill_cache(world.dynamics, tokens_BTN[:, :p], buffer_actions_BT[:, :p])
+  tokens_BTN, _ = jax.lax.fori_loop(p, p + a, cached_body, (tokens_BTN, cache))
+  return tokens_BTN[:, :p + a]
 
 
-def _rollout(world, prompt_BPHWC, actions_BA, rng, *, num_steps, temperature, cached,
+def _rollout(world, prompt_BTHWC, actions_BT, rng, *, num_steps, temperature, cached,
              prior_weight=0.0):
-  tokens_BTN = rollout_tokens(world, prompt_BPHWC, actions_BA, rng, num_steps=num_steps,
+  tokens_BTN = rollout_tokens(world, prompt_BTHWC, actions_BT, rng, num_steps=num_steps,
                               temperature=temperature, cached=cached,
                               prior_weight=prior_weight)
-  p = prompt_BPHWC.shape[1]
-  generated_BAHWC = decode_frames(world.tokenizer, tokens_BTN)[:, p:]
-  return jnp.concatenate([tokenizer_lib.to_unit_interval(prompt_BPHWC), generated_BAHWC], 1)
+  p = prompt_BTHWC.shape[1]
+  generated_BTHWC = decode_frames(world.tokenizer, tokens_BTN)[:, p:]
+  return jnp.concatenate([tokenizer_lib.to_unit_interval(prompt_BTHWC), generated_BTHWC], 1)
 
 
-def _play_start(world, prompt_BPHWC, *, length):
-  """Buffers and caches of a play session: (tokens_BLN, actions_BL, (dynamics cache,
+def _play_start(world, prompt_BTHWC, *, length):
+  """Buffers and caches of a play session: (tokens_BTN, actions_BT, (dynamics cache,
   streaming decoder's cache or None))."""
-  tokens_BLN, actions_BL = _prompt_buffers(world, prompt_BPHWC, length)
-  p = prompt_BPHWC.shape[1]
-  decoder_cache = (stream_decode(world.tokenizer, tokens_BLN[:, :p])[1]
+  tokens_BTN, actions_BT = _prompt_buffers(world, prompt_BTHWC, length)
+  p = prompt_BTHWC.shape[1]
+  decoder_cache = (stream_decode(world.tokenizer, tokens_BTN[:, :p])[1]
                    if streams(world.tokenizer) else None)
-  return tokens_BLN, actions_BL, (prefill_cache(world.dynamics, tokens_BLN[:, :p],
-                                                actions_BL[:, :p]), decoder_cache)
+  return tokens_BTN, actions_BT, (prefill_cache(world.dynamics, tokens_BTN[:, :p],
+                                                actions_BT[:, :p]), decoder_cache)
 
 
-def _play_step(world, tokens_BLN, actions_BL, caches, n, g, action_B, rng, *, num_steps,
+def _play_step(world, tokens_BTN, actions_BT, caches, n, g, action_B, rng, *, num_steps,
                temperature, prior_weight=0.0):
   cache, decoder_cache = caches
-  actions_BL = jax.lax.dynamic_update_slice_in_dim(actions_BL, action_B[:, None], n - 1,
+  actions_BT = jax.lax.dynamic_update_slice_in_dim(actions_BT, action_B[:, None], n - 1,
                                                    axis=1)
-  new_BN, cache = generate_next(world, cache, tokens_BLN, actions_BL, n, g, rng,
+  new_BN, cache = generate_next(world, cache, tokens_BTN, actions_BT, n, g, rng,
                                 num_steps=num_steps, temperature=temperature,
                                 prior_weight=prior_weight)
-  tokens_BLN = jax.lax.dynamic_update_slice_in_dim(tokens_BLN, new_BN[:, None], n, axis=1)
+  tokens_BTN = jax.lax.dynamic_update_slice_in_dim(tokens_BTN, new_BN[:, None], n, axis=1)
   if decoder_cache is None:
-    frame_BHWC = decode_frame_at(world.tokenizer, tokens_BLN, n)
+    frame_BHWC = decode_frame_at(world.tokenizer, tokens_BTN, n)
   else:
     frame_BHWC, decoder_cache = decode_next(world.tokenizer, decoder_cache, new_BN, g)
-  return tokens_BLN, actions_BL, (cache, decoder_cache), frame_BHWC
+  return tokens_BTN, actions_BT, (cache, decoder_cache), frame_BHWC
 
 
 class Genie:
@@ -493,33 +499,34 @@ class Genie:
       raise ValueError(f"infer_actions needs at least 2 frames; got {video.shape[1]}")
     return self._infer_actions(self._state, video)
 
-  def rollout(self, prompt_BPHWC, actions_BA, *, rng: jax.Array, num_steps: int = 25,
+  def rollout(self, prompt_BTHWC, actions_BT, *, rng: jax.Array, num_steps: int = 25,
               temperature: float = 1.0, cached: bool = True) -> jax.Array:
     """Generates one frame per action after the prompt.
 
     Args:
-      prompt_BPHWC: uint8 prompt frames, 1 <= P <= `max_prompt_frames`.
-      actions_BA: int latent actions in [0, A); actions_BA[:, i] produces generated frame i.
+      prompt_BTHWC: uint8 prompt frames, 1 <= T <= `max_prompt_frames`.
+      actions_BT: int latent actions in [0, A); actions_BT[:, i] produces generated frame i.
       rng: PRNG key.
       num_steps: MaskGIT steps per frame (Genie: 25).
       temperature: sampling temperature (Genie: 1.0 for CoinRun, 2.0 main; 0 = argmax).
       cached: use cached temporal keys/values (see module docstring).
 
     Returns:
-      video float32 (B, P + A, H, W, C) in [0, 1]: the prompt, then the generated frames.
+      video float32 (B, p + a, H, W, C) in [0, 1]: the prompt's p frames, then the a
+      generated frames (one per action).
     """
-    prompt = self._check_video(prompt_BPHWC, "prompt", self.max_prompt_frames)
-    actions = self.check_actions(actions_BA)
+    prompt = self._check_video(prompt_BTHWC, "prompt", self.max_prompt_frames)
+    actions = self.check_actions(actions_BT)
     if actions.ndim != 2 or actions.shape[0] != prompt.shape[0]:
       raise ValueError(f"actions must be (B={prompt.shape[0]}, A); got {actions.shape}")
     return self._rollout(self._state, prompt, jnp.asarray(actions), rng,
                          num_steps=int(num_steps), temperature=float(temperature),
                          cached=cached, prior_weight=self.prior_weight)
 
-  def start(self, prompt_BPHWC, *, rng: jax.Array | None = None, num_steps: int = 25,
+  def start(self, prompt_BTHWC, *, rng: jax.Array | None = None, num_steps: int = 25,
             temperature: float = 1.0) -> PlaySession:
     """An interactive session that generates one frame per `step(action)`."""
-    return PlaySession(self, self._check_video(prompt_BPHWC, "prompt", self.max_prompt_frames),
+    return PlaySession(self, self._check_video(prompt_BTHWC, "prompt", self.max_prompt_frames),
                        rng=jax.random.key(0) if rng is None else rng, num_steps=num_steps,
                        temperature=temperature)
 
@@ -532,18 +539,18 @@ class PlaySession:
   for a streaming decoder, the decoder's.
   """
 
-  def __init__(self, genie: Genie, prompt_BPHWC: jax.Array, *, rng: jax.Array,
+  def __init__(self, genie: Genie, prompt_BTHWC: jax.Array, *, rng: jax.Array,
                num_steps: int, temperature: float):
     self._genie = genie
     self._rng = rng
     self._static = dict(num_steps=int(num_steps), temperature=float(temperature),
                         prior_weight=genie.prior_weight)
     self._length = max(genie.max_frames, genie.tokenizer_frames)
-    self._tokens_BLN, self._actions_BL, self._cache = genie._play_start(  # pylint: disable=protected-access
-        genie._state, prompt_BPHWC, length=self._length)  # pylint: disable=protected-access
-    self._count = prompt_BPHWC.shape[1]  # Frames held in the buffer.
+    self._tokens_BTN, self._actions_BT, self._cache = genie._play_start(  # pylint: disable=protected-access
+        genie._state, prompt_BTHWC, length=self._length)  # pylint: disable=protected-access
+    self._count = prompt_BTHWC.shape[1]  # Frames held in the buffer.
     self._index = self._count  # Frame index of the next frame.
-    self._frames = [np.asarray(prompt_BPHWC)[:, t] for t in range(prompt_BPHWC.shape[1])]
+    self._frames = [np.asarray(prompt_BTHWC)[:, t] for t in range(prompt_BTHWC.shape[1])]
 
   @property
   def frames(self) -> np.ndarray:
@@ -556,16 +563,16 @@ class PlaySession:
     Returns:
       The new frame of the first example: uint8 (H, W, C) (all examples: `frames`).
     """
-    b = self._tokens_BLN.shape[0]
+    b = self._tokens_BTN.shape[0]
     action_B = self._genie.check_actions(np.broadcast_to(np.asarray(action), (b,)))
     if self._count == self._length:
       # Full: drop the oldest frame so that the new one goes into the last slot.
-      self._tokens_BLN = jnp.roll(self._tokens_BLN, -1, axis=1)
-      self._actions_BL = jnp.roll(self._actions_BL, -1, axis=1)
+      self._tokens_BTN = jnp.roll(self._tokens_BTN, -1, axis=1)
+      self._actions_BT = jnp.roll(self._actions_BT, -1, axis=1)
       self._count -= 1
     self._rng, key = jax.random.split(self._rng)
-    self._tokens_BLN, self._actions_BL, self._cache, frame_BHWC = self._genie._play_step(  # pylint: disable=protected-access
-        self._genie._state, self._tokens_BLN, self._actions_BL, self._cache,  # pylint: disable=protected-access
+    self._tokens_BTN, self._actions_BT, self._cache, frame_BHWC = self._genie._play_step(  # pylint: disable=protected-access
+        self._genie._state, self._tokens_BTN, self._actions_BT, self._cache,  # pylint: disable=protected-access
         jnp.int32(self._count), jnp.int32(self._index), jnp.asarray(action_B), key,
         **self._static)
     self._count += 1

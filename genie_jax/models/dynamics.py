@@ -34,7 +34,7 @@ CONDITIONINGS = ("additive", "prepend")
 BLOCK_ORDERS = ("spatial_first", "temporal_first")
 OUTPUT_HEADS = ("linear", "tied")
 
-_ACT_BTNV = ("batch", "time", "tokens", "act_vocab")
+_ACT_BTNV = ("act_batch", "act_time", "act_tokens", "act_vocab")
 _EMBED_STDDEV = 0.02
 
 

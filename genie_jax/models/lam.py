@@ -1,13 +1,12 @@
 """Latent action model, LAM (Genie stage 2, section 2.1).
 
 Encoder: video_BTHWC -> patches -> Linear P->D -> causal ST-transformer -> the change of
-the N tokens from frame t to frame t+1, flattened -> Linear N*D->L -> z_BTL, one continuous latent per transition
-t -> t+1 -> VQ with A codes -> actions_BT. The tokens of frame t+1 see frames 1..t+1
-(temporal attention is causal): they can see what changed, which is their job. All N tokens
-feed the latent, each through its own weights, because an action shows in a few patches
-(where the agent is) and is lost in a mean over patches; a learned per-frame action token
-was tried first and, on CPU-sized runs, emitted a code that depended on the frame's time
-position only.
+the N tokens from frame t to frame t+1, flattened -> Linear N*D->L -> z_BTL, one continuous
+latent per transition t -> t+1 -> VQ with A codes -> actions_BT. The tokens of frame t+1 see
+frames 1..t+1 (temporal attention is causal): they can see what changed, which is their job.
+All N tokens feed the latent, each through its own weights, because an action shows in a few
+patches (where the agent is) and is lost in a mean over patches, or in a learned per-frame
+action token, which can settle on what every frame shares (its time position).
 
 Decoder: the patch embeddings of frames 1..T-1, the quantised action of transition t (Linear
 L->D) added to every token of frame t -> causal ST-transformer -> Linear D->P -> frame t+1.
@@ -29,12 +28,10 @@ of patch-16 tokens, and leaves it the change, which is what the action explains.
 
 Why a quantiser warm-up (`vq_warmup_steps`, default 0 = Genie). A decoder fed random codes
 learns to ignore them before the encoder has anything to put in them, and then the encoder
-gets no gradient: on CPU-sized runs of the built-in world the LAM stayed at chance (NMI with
-the true actions <= 0.03 after 400-700 steps, and the decoder barely used even the TRUE
-action when given it). Fed the continuous latent instead, encoder and decoder learn
-together from the first step (k-means of the latents reached NMI 0.13 after 200 steps,
-0.23 after 300 without balls); the codebook then starts from k-means of the latents, so every
-code sits on a cluster of real transitions.
+gets no gradient, and a CPU-sized LAM stays at chance (README, "The whole Genie"). Fed the
+continuous latent instead, encoder and decoder learn together from the first step; the
+codebook then starts from k-means of the latents, so every code sits on a cluster of real
+transitions.
 
 Why rotary row/column angles in spatial attention (`spatial_rope`, default False = Genie).
 When the agent moves, the camera scrolls: the decoder must copy every patch from its
@@ -228,9 +225,7 @@ class LatentActionModel(nnx.Module):
     # Frame t+1 (index t+1 - 1) names transition t -> t+1.
     # The change of each token from frame t to frame t+1: what the frames share (the static
     # scene, the positional encoding) cancels, so latents differ by what happened, not by
-    # where. From frame t+1's tokens alone every latent pointed the same way (cosine ~1) and
-    # every transition took one code (NMI 0 after 300 runlocal steps; 0.06 and 4 codes in use
-    # with the difference).
+    # where; frame t+1's tokens alone are dominated by what every frame shows.
     change_BTND = x_BTND[:, 1:] - x_BTND[:, :-1]
     return self.to_latent(change_BTND.reshape(b, t - 1, n * d)).astype(jnp.float32)
 

@@ -140,31 +140,31 @@ class VectorQuantizer(nnx.Module):
     cluster are all used from the first quantised step. Traceable; `where` (a traced bool)
     keeps the current codebook when False. Needs at least as many candidates as codes.
     """
-    x_NL = jax.lax.stop_gradient(candidates_XL).reshape(-1, candidates_XL.shape[-1])
-    x_NL = x_NL.astype(jnp.float32)
+    x_XL = jax.lax.stop_gradient(candidates_XL).reshape(-1, candidates_XL.shape[-1])
+    x_XL = x_XL.astype(jnp.float32)
     if self.normalize:
-      x_NL = _l2_normalize(x_NL)
-    n, v = x_NL.shape[0], self.num_codes
+      x_XL = _l2_normalize(x_XL)
+    n, v = x_XL.shape[0], self.num_codes
     if n < v:
       raise ValueError(f"k-means of {v} codes needs at least {v} latents, got {n}")
 
     def sq_dist(c_VL):
-      return jnp.sum(jnp.square(x_NL[:, None, :] - c_VL[None]), -1)  # (N, V)
+      return jnp.sum(jnp.square(x_XL[:, None, :] - c_VL[None]), -1)  # (X, V)
 
     # k-means++: each next centre drawn with probability proportional to the squared
     # distance to the nearest centre chosen so far.
     keys = jax.random.split(key, v)
-    centres_VL = jnp.zeros((v, x_NL.shape[1]), jnp.float32)
-    centres_VL = centres_VL.at[0].set(x_NL[jax.random.randint(keys[0], (), 0, n)])
+    centres_VL = jnp.zeros((v, x_XL.shape[1]), jnp.float32)
+    centres_VL = centres_VL.at[0].set(x_XL[jax.random.randint(keys[0], (), 0, n)])
     for i in range(1, v):
-      d_N = jnp.min(sq_dist(centres_VL)[:, :i], axis=1)
-      logits_N = jnp.log(jnp.maximum(d_N, 1e-12))
-      centres_VL = centres_VL.at[i].set(x_NL[jax.random.categorical(keys[i], logits_N)])
+      d_X = jnp.min(sq_dist(centres_VL)[:, :i], axis=1)
+      logits_X = jnp.log(jnp.maximum(d_X, 1e-12))
+      centres_VL = centres_VL.at[i].set(x_XL[jax.random.categorical(keys[i], logits_X)])
 
     def lloyd(_, c_VL):
-      onehot_NV = jax.nn.one_hot(jnp.argmin(sq_dist(c_VL), axis=1), v, dtype=jnp.float32)
-      counts_V = onehot_NV.sum(0)
-      means_VL = (onehot_NV.T @ x_NL) / jnp.maximum(counts_V, 1.0)[:, None]
+      onehot_XV = jax.nn.one_hot(jnp.argmin(sq_dist(c_VL), axis=1), v, dtype=jnp.float32)
+      counts_V = onehot_XV.sum(0)
+      means_VL = (onehot_XV.T @ x_XL) / jnp.maximum(counts_V, 1.0)[:, None]
       # An empty cluster keeps its centre.
       return jnp.where(counts_V[:, None] > 0, means_VL, c_VL)
 
@@ -201,14 +201,14 @@ class VectorQuantizer(nnx.Module):
     num_candidates = candidates_XL.shape[0]
     dead_V = self.dead_codes()
     if self.restart_sampling == "distance" and num_candidates >= self.num_codes:
-      x_NL = candidates_XL.astype(jnp.float32)
+      x_XL = candidates_XL.astype(jnp.float32)
       if self.normalize:
-        x_NL = _l2_normalize(x_NL)
-      d_N = jnp.maximum(jnp.min(_code_distances(x_NL, self.codes()), axis=-1)
-                        + jnp.sum(jnp.square(x_NL), -1), 0.0)
+        x_XL = _l2_normalize(x_XL)
+      d_X = jnp.maximum(jnp.min(_code_distances(x_XL, self.codes()), axis=-1)
+                        + jnp.sum(jnp.square(x_XL), -1), 0.0)
       # Gumbel top-k: V distinct rows drawn in proportion to d (without replacement).
-      scores_N = jnp.log(d_N + 1e-12) + jax.random.gumbel(key, d_N.shape)
-      ranked_V = jax.lax.top_k(scores_N, self.num_codes)[1]
+      scores_X = jnp.log(d_X + 1e-12) + jax.random.gumbel(key, d_X.shape)
+      ranked_V = jax.lax.top_k(scores_X, self.num_codes)[1]
       # The k-th dead code takes the k-th draw, so a single dead code gets the first.
       rows_V = ranked_V[jnp.maximum(jnp.cumsum(dead_V) - 1, 0)]
     else:

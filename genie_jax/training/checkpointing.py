@@ -22,6 +22,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from genie_jax import paths
+from genie_jax import sharding
 
 CONFIG_FILE = "config.json"
 # Checkpoints that could not be restored are renamed to this prefix + "<step>_<UTC time>" in
@@ -102,15 +103,23 @@ def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a workdir was trained with, locked so that typos in overrides fail."""
+  """The config a workdir was trained with (older configs' names upgraded), locked so that
+  typos in overrides fail."""
   path = paths.path(workdir) / CONFIG_FILE
   if not path.exists():
     raise FileNotFoundError(
         f"{path} not found: {workdir!r} is not a genie_jax workdir (train there first, or "
         "pass the workdir that holds config.json and checkpoints/)")
-  config = ml_collections.ConfigDict(json.loads(path.read_text()))
+  config = ml_collections.ConfigDict(_upgrade(json.loads(path.read_text())))
   config.lock()
   return config
+
+
+def _upgrade(tree: dict[str, Any]) -> dict[str, Any]:
+  """A saved config with the names of older configs renamed to today's."""
+  if "rules" in tree.get("sharding", {}):
+    tree["sharding"]["rules"] = sharding.upgrade_rules(tree["sharding"]["rules"])
+  return tree
 
 
 # Keys that may differ between a run and its continuation: how often things happen, how long to
@@ -158,7 +167,7 @@ def check_resume_config(workdir: str, config: ml_collections.ConfigDict,
   path = paths.path(workdir) / CONFIG_FILE
   if not path.exists():
     return
-  saved = _flatten(json.loads(path.read_text()))
+  saved = _flatten(_upgrade(json.loads(path.read_text())))
   new = _flatten(config_to_dict(config))
   under = lambda key, k: key == k or key.startswith(k + ".")
   skip = list(RESUMABLE_KEYS) + [
