@@ -11,6 +11,8 @@ Arguments (after the colon, comma separated):
                                             batch, short schedule, frequent logs and evals,
                                             and (coinrun) 300 + 20 episodes instead of ~10M
                                             frames
+  quantizer=vq|kl                           discrete tokens (Genie) or continuous latents
+                                            (for the diffusion dynamics stage)
 
 Examples:
   # Default data, CPU-sized (the README's main job):
@@ -38,7 +40,8 @@ SIZES = {
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The tokenizer config for `arg` (see the module docstring)."""
-  args = config_lib.parse_arg(arg, data="builtin_world", size="", runlocal=False)
+  args = config_lib.parse_arg(arg, data="builtin_world", size="", runlocal=False,
+                              quantizer="vq")
   size = config_lib.model_size(args, SIZES)
 
   config = config_lib.base_config()
@@ -50,6 +53,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.update(SIZES[size])
   config.model.image_size = config.data.image_size
   config.model.max_frames = config.data.clip_len
+  config.model.quantizer = args.quantizer
 
   config.evals.reconstruction = ml_collections.ConfigDict(dict(
       type="reconstruction", split="validation", batch_size=0, num_batches=8, num_images=4))

@@ -14,11 +14,19 @@ os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import json
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
 import pytest
 
 from configs import genie as genie_config
 from configs import tokenizer as tokenizer_config
+from genie_jax import sharding
+from genie_jax import tasks
+from genie_jax.training import checkpointing
 from genie_jax.training import pipeline
+from genie_jax.training import train_state
 
 
 @pytest.fixture(scope="session")
@@ -116,3 +124,49 @@ def tiny_pipeline_config(data_dir):
       node = node[parent]
     node[name] = value
   return config
+
+
+# --- Stage workdirs with random weights (no training) -----------------------------------
+
+
+def tiny_data(config, data_dir=""):
+  """The tiny built-in world at 32x32, 8-frame clips, in config.data."""
+  config.data.data_dir = data_dir
+  config.data.image_size = IMAGE_SIZE
+  config.data.clip_len = CLIP_LEN
+  config.data.num_train_episodes = 8
+  config.data.num_val_episodes = 4
+  config.data.episode_len = 40
+
+
+def tiny_stage(module, arg=""):
+  """A tiny stage config of configs/<stage>.py (`module`) on `tiny_data`."""
+  config = module.get_config("size=tiny,runlocal" + (f",{arg}" if arg else ""))
+  tiny_data(config)
+  config.model.image_size = IMAGE_SIZE
+  config.model.max_frames = CLIP_LEN
+  config.checkpoint.async_save = False
+  return config
+
+
+def save_random_stage(workdir, config, seed):
+  """A stage workdir as the trainer leaves it (config.json + a checkpoint of step 5), with
+  random weights drawn on the host: no training, and no compiled init (fast)."""
+  task = tasks.get_task(config)
+  spec = train_state.make_state_spec(
+      task, config, sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1]))
+  rng = np.random.default_rng(seed)
+
+  def fill(x):
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      return np.zeros(x.shape, x.dtype)
+    if x.ndim >= 2:  # Matrices, tables and codebooks, scaled by their leading axis.
+      return (rng.standard_normal(x.shape) / np.sqrt(x.shape[0])).astype(x.dtype)
+    return (1.0 + 0.1 * rng.standard_normal(x.shape)).astype(x.dtype)  # Scales, biases.
+
+  state = jax.tree.map(fill, spec.abstract)
+  checkpointing.save_config(workdir, task.config)
+  ckpt = checkpointing.Checkpointer(workdir, config.checkpoint, task.config)
+  ckpt.save(5, jax.device_put(state, spec.shardings), force=True)
+  ckpt.close()
+  return state

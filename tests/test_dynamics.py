@@ -25,58 +25,15 @@ from genie_jax.training import checkpointing
 from genie_jax.training import optim
 from genie_jax.training import train_state
 from genie_jax.training import trainer
-
-IMAGE_SIZE, CLIP_LEN = 32, 8
-
-
-def _tiny_data(config, data_dir=""):
-  config.data.data_dir = data_dir
-  config.data.image_size = IMAGE_SIZE
-  config.data.clip_len = CLIP_LEN
-  config.data.num_train_episodes = 8
-  config.data.num_val_episodes = 4
-  config.data.episode_len = 40
-
-
-def _stage_config(module):
-  config = module.get_config("size=tiny,runlocal")
-  _tiny_data(config)
-  config.model.image_size = IMAGE_SIZE
-  config.model.max_frames = CLIP_LEN
-  config.checkpoint.async_save = False
-  return config
-
-
-def _save_stage(workdir, config, seed):
-  """A stage workdir as the trainer leaves it (config.json + a checkpoint of step 5), with
-  random weights drawn on the host: no training, and no compiled init (fast)."""
-  task = tasks.get_task(config)
-  spec = train_state.make_state_spec(
-      task, config, sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1]))
-  rng = np.random.default_rng(seed)
-
-  def fill(x):
-    if not jnp.issubdtype(x.dtype, jnp.floating):
-      return np.zeros(x.shape, x.dtype)
-    if x.ndim >= 2:  # Matrices, tables and codebooks, scaled by their leading axis.
-      return (rng.standard_normal(x.shape) / np.sqrt(x.shape[0])).astype(x.dtype)
-    return (1.0 + 0.1 * rng.standard_normal(x.shape)).astype(x.dtype)  # Scales, biases.
-
-  state = jax.tree.map(fill, spec.abstract)
-  checkpointing.save_config(workdir, task.config)
-  ckpt = checkpointing.Checkpointer(workdir, config.checkpoint, task.config)
-  ckpt.save(5, jax.device_put(state, spec.shardings), force=True)
-  ckpt.close()
-  return state
-
+from conftest import CLIP_LEN, IMAGE_SIZE, save_random_stage, tiny_data, tiny_stage
 
 @pytest.fixture(scope="module")
 def stage_workdirs(tmp_path_factory):
   """Workdirs of a tiny tokenizer and a tiny LAM, and their saved states."""
   root = tmp_path_factory.mktemp("stages")
   tok_dir, lam_dir = str(root / "tok"), str(root / "lam")
-  tok_state = _save_stage(tok_dir, _stage_config(tokenizer_config), seed=1)
-  lam_state = _save_stage(lam_dir, _stage_config(lam_config), seed=2)
+  tok_state = save_random_stage(tok_dir, tiny_stage(tokenizer_config), seed=1)
+  lam_state = save_random_stage(lam_dir, tiny_stage(lam_config), seed=2)
   return dict(tokenizer=tok_dir, lam=lam_dir, tokenizer_state=tok_state, lam_state=lam_state)
 
 
@@ -84,7 +41,7 @@ def _dynamics_config(stage_workdirs, arg="", data_dir=""):
   config = dynamics_config.get_config(
       f"size=tiny,runlocal,tokenizer_workdir={stage_workdirs['tokenizer']},"
       f"lam_workdir={stage_workdirs['lam']}" + (f",{arg}" if arg else ""))
-  _tiny_data(config, data_dir)
+  tiny_data(config, data_dir)
   config.model.max_frames = CLIP_LEN
   config.checkpoint.async_save = False
   return config
@@ -353,7 +310,7 @@ def test_load_stage_round_trip(stage_workdirs):
 def test_a_trained_world_model_restores_by_itself_without_an_optimizer(stage_workdirs,
                                                                        tmp_path, monkeypatch):
   dyn_dir = str(tmp_path / "dyn")
-  saved = _save_stage(dyn_dir, _dynamics_config(stage_workdirs), seed=3)
+  saved = save_random_stage(dyn_dir, _dynamics_config(stage_workdirs), seed=3)
   # Its config.json holds the model configs of the stages it builds on, and restoring reads
   # the model's weights only: the stage workdirs are not read, no optimizer is built.
   moved = {name: stage_workdirs[name] + "_moved" for name in ("tokenizer", "lam")}

@@ -67,9 +67,11 @@ class ReconstructionEvaluator(base.Evaluator):
     ssim_BT = pix.ssim(target_IHWC, recon_IHWC).reshape(b, t)
     mse_BT = metrics_lib.frame_mse(target_BTHWC, recon_BTHWC)
     psnr_BT = metrics_lib.psnr_of_mse(mse_BT)
-    counts_V = jnp.bincount(out["codes"].reshape(-1), length=out["num_codes"])
     stats = dict(psnr=jnp.sum(psnr_BT), ssim=jnp.sum(ssim_BT), mse=jnp.sum(mse_BT),
-                 frames=jnp.float32(b * t), code_counts=counts_V)
+                 frames=jnp.float32(b * t))
+    if "codes" not in out:  # Continuous latents.
+      return stats
+    stats["code_counts"] = jnp.bincount(out["codes"].reshape(-1), length=out["num_codes"])
     if out["codes"].ndim == 3 and t > 1:  # Per-patch codes (B, T, N).
       stats["kept_codes"], stats["static_tokens"] = code_stability_counts(
           out["codes"], target_BTHWC)
@@ -95,13 +97,14 @@ class ReconstructionEvaluator(base.Evaluator):
           f"config.evals.{self.name}.batch_size or generate more validation episodes")
     totals = jax.device_get(totals)
     frames = max(float(totals["frames"]), 1.0)
-    counts = np.asarray(totals["code_counts"], np.float64)
-    probs = counts / max(counts.sum(), 1.0)
-    entropy = -np.sum(probs[probs > 0] * np.log(probs[probs > 0]))
     scalars = dict(psnr=float(totals["psnr"]) / frames, ssim=float(totals["ssim"]) / frames,
-                   mse=float(totals["mse"]) / frames,
-                   codebook_usage=float(np.mean(counts > 0)),
-                   codebook_perplexity=float(np.exp(entropy)), num_frames=frames)
+                   mse=float(totals["mse"]) / frames, num_frames=frames)
+    if "code_counts" in totals:
+      counts = np.asarray(totals["code_counts"], np.float64)
+      probs = counts / max(counts.sum(), 1.0)
+      entropy = -np.sum(probs[probs > 0] * np.log(probs[probs > 0]))
+      scalars.update(codebook_usage=float(np.mean(counts > 0)),
+                     codebook_perplexity=float(np.exp(entropy)))
     if float(totals.get("static_tokens", 0.0)) > 0:
       scalars["code_stability"] = float(totals["kept_codes"]) / float(totals["static_tokens"])
     shown = jax.device_get(self._predict(state["params"], state["model_state"], first_batch))

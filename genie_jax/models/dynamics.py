@@ -126,6 +126,14 @@ def token_grid(cfg: ml_collections.ConfigDict) -> tuple[int, int] | None:
   return side, side
 
 
+def caused_by(actions_BT: jax.Array, no_action: int) -> jax.Array:
+  """The action that caused each frame: caused_BT[:, 0] = no_action and
+  caused_BT[:, t] = actions_BT[:, t - 1] (actions_BT's last column is dropped)."""
+  b = actions_BT.shape[0]
+  first_B1 = jnp.full((b, 1), no_action, jnp.int32)
+  return jnp.concatenate([first_B1, actions_BT[:, :-1].astype(jnp.int32)], axis=1)
+
+
 class DynamicsModel(nnx.Module):
   """Masked token prediction conditioned on latent actions; config keys: `default_config`."""
 
@@ -172,11 +180,8 @@ class DynamicsModel(nnx.Module):
     return self.num_actions
 
   def frame_actions(self, actions_BT: jax.Array) -> jax.Array:
-    """The action that caused each frame: caused_BT[:, 0] = no_action and
-    caused_BT[:, t] = actions_BT[:, t - 1] (actions_BT's last column is dropped)."""
-    b = actions_BT.shape[0]
-    first_B1 = jnp.full((b, 1), self.no_action, jnp.int32)
-    return jnp.concatenate([first_B1, actions_BT[:, :-1].astype(jnp.int32)], axis=1)
+    """The action that caused each frame (`caused_by`)."""
+    return caused_by(actions_BT, self.no_action)
 
   def embed(self, tokens_BTN: jax.Array, mask_BTN: jax.Array, caused_BT: jax.Array
             ) -> jax.Array:

@@ -1,4 +1,4 @@
-"""ST-ViViT VQ-VAE video tokenizer (Genie stage 1).
+"""ST-ViViT VQ-VAE video tokenizer (Genie stage 1), or its continuous twin (`quantizer='kl'`).
 
 video_BTHWC -> patches_BTNP -> Linear P->D -> encoder ST-transformer (ends in a norm)
 -> Linear D->L -> z_BTNL -> VQ -> zq_BTNL -> Linear L->D -> decoder ST-transformer
@@ -15,6 +15,12 @@ more thing to predict: content that merely moved or stayed may change its code. 
 keeps spatial context and drops the past; 'patch' makes a code a function of its patch's
 pixels alone (a per-patch feed-forward encoder, no positions), so the same content is the
 same token wherever and whenever it appears. The decoder always sees the clip.
+
+`quantizer` 'kl' replaces the VQ bottleneck with a Gaussian per latent, as a VAE's: the
+encoder gives a mean and a log-variance, training decodes a sample and adds kl_weight times
+its KL divergence from N(0, 1) (which keeps the latents near unit scale, where a diffusion
+model's noise is), and the latent of a clip (`encode_latents`) is the mean. Such a tokenizer
+has no tokens; the diffusion dynamics stage works on its latents.
 """
 
 from __future__ import annotations
@@ -54,6 +60,9 @@ def default_config() -> ml_collections.ConfigDict:
     dead_code_threshold: a code is dead when its usage EMA is below this fraction of 1/V.
     code_restart_sampling: which latents dead codes restart on: 'uniform' or 'distance'
       (far from every code more likely; see `vq.VectorQuantizer`).
+    quantizer: 'vq' (Genie: discrete tokens) or 'kl' (continuous latents; the module
+      docstring). num_codes and the code keys are unused under 'kl'.
+    kl_weight: weight of the KL term under 'kl'.
     qk_norm: normalise q and k per head before their dot product, as the large Genie models
       do against growing attention logits.
     qk_norm_kind: 'layernorm' (ViT-22B) or 'rmsnorm', when qk_norm.
@@ -93,6 +102,8 @@ def default_config() -> ml_collections.ConfigDict:
       code_usage_decay=0.99,
       dead_code_threshold=0.1,
       code_restart_sampling="uniform",
+      quantizer="vq",
+      kl_weight=1e-4,
       temporal_positions="learned",
       sink_frames=0,
       **layers.TRANSFORMER_DEFAULTS,
@@ -102,6 +113,12 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 ENCODER_CONTEXTS = ("clip", "frame", "patch")
+QUANTIZERS = ("vq", "kl")
+
+
+def quantizer(cfg: ml_collections.ConfigDict) -> str:
+  """cfg.quantizer; 'vq' in configs saved before the key existed."""
+  return cfg.get("quantizer", "vq")
 
 
 def encoder_context(cfg: ml_collections.ConfigDict) -> str:
@@ -156,10 +173,16 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   if cfg.get("code_restart_sampling", "uniform") not in vq.RESTART_SAMPLINGS:
     raise ValueError(f"config.model.code_restart_sampling={cfg.code_restart_sampling!r}; "
                      "expected 'uniform' or 'distance'")
+  if quantizer(cfg) not in QUANTIZERS:
+    raise ValueError(f"config.model.quantizer={cfg.quantizer!r}; expected one of "
+                     f"{list(QUANTIZERS)}")
+  if quantizer(cfg) == "kl" and cfg.kl_weight < 0:
+    raise ValueError(f"config.model.kl_weight={cfg.kl_weight} must not be negative")
 
 
 class Tokenizer(nnx.Module):
-  """ST-ViViT VQ-VAE: video <-> tokens_BTN. Config keys: see `default_config`."""
+  """ST-ViViT VQ-VAE: video <-> tokens_BTN (or, under quantizer='kl', video <-> continuous
+  latents z_BTNL). Config keys: see `default_config`."""
 
   def __init__(self, cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs):
     validate_config(cfg)
@@ -187,13 +210,20 @@ class Tokenizer(nnx.Module):
                                   param_dtype=param_dtype, rngs=rngs)
     else:
       self.encoder = transformer(cfg.enc_layers)
-    self.to_latent = linear(d, cfg.latent_dim, ("embed", "latent"))
-    self.vq = vq.VectorQuantizer(
-        cfg.num_codes, cfg.latent_dim, commitment_beta=cfg.commitment_beta,
-        normalize=cfg.vq_normalize, usage_decay=cfg.code_usage_decay,
-        dead_code_threshold=cfg.dead_code_threshold,
-        restart_sampling=cfg.get("code_restart_sampling", "uniform"), param_dtype=param_dtype,
-        rngs=rngs)
+    self.quantizer = quantizer(cfg)
+    self.latent_dim = cfg.latent_dim
+    if self.quantizer == "vq":
+      self.to_latent = linear(d, cfg.latent_dim, ("embed", "latent"))
+      self.vq = vq.VectorQuantizer(
+          cfg.num_codes, cfg.latent_dim, commitment_beta=cfg.commitment_beta,
+          normalize=cfg.vq_normalize, usage_decay=cfg.code_usage_decay,
+          dead_code_threshold=cfg.dead_code_threshold,
+          restart_sampling=cfg.get("code_restart_sampling", "uniform"),
+          param_dtype=param_dtype, rngs=rngs)
+    else:
+      # The mean and the log-variance of each latent.
+      self.to_latent = linear(d, 2 * cfg.latent_dim, ("embed", "latent"))
+      self.kl_weight = cfg.kl_weight
     self.from_latent = linear(cfg.latent_dim, d, ("latent", "embed"))
     self.decoder = transformer(cfg.dec_layers)
     self.to_pixels = linear(d, patch_dim, ("embed", "patch"))
@@ -211,7 +241,14 @@ class Tokenizer(nnx.Module):
                        f"channels={self.channels}; got {video_BTHWC.shape}")
 
   def encode_latents(self, video_BTHWC: jax.Array) -> jax.Array:
-    """Pre-quantisation latents z_BTNL (float32) of uint8 or [0, 1] float video."""
+    """Latents z_BTNL (float32) of uint8 or [0, 1] float video: before quantisation under
+    'vq', the Gaussian's mean under 'kl'."""
+    z_BTNX = self._encode(video_BTHWC)
+    return z_BTNX[..., :self.latent_dim] if self.quantizer == "kl" else z_BTNX
+
+  def _encode(self, video_BTHWC: jax.Array) -> jax.Array:
+    """The encoder's output projection: z_BTNL under 'vq'; mean and log-variance
+    concatenated (2L) under 'kl'."""
     self._check_video(video_BTHWC)
     # Centred pixels give the patch embedding zero-mean inputs.
     x_BTHWC = to_unit_interval(video_BTHWC) * 2.0 - 1.0
@@ -239,19 +276,26 @@ class Tokenizer(nnx.Module):
                                 self.image_size)
     return (x_BTHWC + 1.0) * 0.5
 
-  def __call__(self, video_BTHWC: jax.Array, *, train: bool) -> dict[str, jax.Array]:
+  def __call__(self, video_BTHWC: jax.Array, *, train: bool, rng: jax.Array | None = None
+               ) -> dict[str, jax.Array]:
     """Encodes, quantises and reconstructs a clip.
 
     Args:
       video_BTHWC: uint8 in [0, 255] or float in [0, 1].
-      train: update the codebook usage EMA.
+      train: update the codebook usage EMA ('vq'); decode a sample of the latents, drawn
+        with `rng`, instead of their mean ('kl').
 
     Returns:
       'recon': float32 video in [0, 1] scale (unclipped, for the loss), same shape;
-      'indices_BTN': int32 tokens; 'z': z_BTNL, float32 latents before quantisation (the
-      candidates for `restart_dead_codes`); 'vq_loss' (codebook + beta * commitment),
-      'codebook_loss', 'commitment_loss', 'perplexity', 'usage': see `VectorQuantizer`.
+      'z': z_BTNL, float32 latents before quantisation (the candidates for
+      `restart_dead_codes`; the means under 'kl'). Under 'vq' also 'indices_BTN' (int32
+      tokens), 'vq_loss' (codebook + beta * commitment), 'codebook_loss',
+      'commitment_loss', 'perplexity', 'usage' (see `VectorQuantizer`); under 'kl'
+      'kl_loss' (the KL divergence from N(0, 1) per latent entry, a mean) and 'latent_std'
+      (the mean standard deviation).
     """
+    if self.quantizer == "kl":
+      return self._call_kl(video_BTHWC, train=train, rng=rng)
     z_BTNL = self.encode_latents(video_BTHWC)
     zq_BTNL, indices_BTN, aux = self.vq(z_BTNL, train=train)
     out = {
@@ -263,13 +307,33 @@ class Tokenizer(nnx.Module):
     out.update(aux)
     return out
 
+  def _call_kl(self, video_BTHWC: jax.Array, *, train: bool, rng: jax.Array | None
+               ) -> dict[str, jax.Array]:
+    mean_BTNL, logvar_BTNL = jnp.split(self._encode(video_BTHWC), 2, axis=-1)
+    std_BTNL = jnp.exp(0.5 * logvar_BTNL)
+    z_BTNL = mean_BTNL
+    if train:
+      if rng is None:
+        raise ValueError("training a quantizer='kl' tokenizer needs an rng")
+      z_BTNL = mean_BTNL + std_BTNL * jax.random.normal(rng, mean_BTNL.shape)
+    kl = 0.5 * jnp.mean(jnp.square(mean_BTNL) + jnp.square(std_BTNL) - 1.0 - logvar_BTNL)
+    return dict(recon=self.decode_latents(z_BTNL), z=mean_BTNL, kl_loss=kl,
+                latent_std=jnp.mean(std_BTNL))
+
+  def _needs_tokens(self) -> None:
+    if self.quantizer != "vq":
+      raise ValueError("a quantizer='kl' tokenizer has continuous latents, no tokens "
+                       "(encode_latents / decode_latents)")
+
   def encode(self, video_BTHWC: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Tokens of a clip: (indices_BTN int32, zq_BTNL float32). Leaves the usage EMA alone."""
+    self._needs_tokens()
     zq_BTNL, indices_BTN, _ = self.vq(self.encode_latents(video_BTHWC), train=False)
     return indices_BTN, zq_BTNL
 
   def decode(self, indices_BTN: jax.Array) -> jax.Array:
     """Frames from tokens: float32 video_BTHWC in [0, 1] (clipped)."""
+    self._needs_tokens()
     return jnp.clip(self.decode_latents(self.vq.lookup(indices_BTN)), 0.0, 1.0)
 
   def restart_dead_codes(self, z_BTNL: jax.Array, key: jax.Array) -> jax.Array:

@@ -20,6 +20,7 @@ _TASKS = {
     "tokenizer": "genie_jax.tasks.tokenizer:TokenizerTask",
     "lam": "genie_jax.tasks.lam:LatentActionTask",
     "dynamics": "genie_jax.tasks.dynamics:DynamicsTask",
+    "diffusion": "genie_jax.tasks.diffusion:DiffusionTask",
 }
 
 

@@ -116,6 +116,31 @@ def rarity_weights(tokens_BTN: jax.Array, mask_BTN: jax.Array, num_codes: int, a
       jnp.power(jnp.maximum(freq_V[tokens_BTN], 1e-6), -alpha) * mask_BTN)
 
 
+def check_stage_fits_data(config: ml_collections.ConfigDict, name: str) -> None:
+  """The stage `name` (a dependency of a dynamics-like stage, its model config in
+  config.<name>_model) fits the data: frame size, channels and (the tokenizer, whose latents
+  depend on the whole past) clip length."""
+  data = config.data
+  model = config[f"{name}_model"]
+  where = f"config.{name}_workdir={config.get(f'{name}_workdir')!r}"
+  if model.image_size != data.image_size:
+    raise ValueError(
+        f"{where}: its {name} has model.image_size={model.image_size} but "
+        f"config.data.image_size={data.image_size}; use a {name} trained on frames of "
+        f"this size")
+  # The LAM, whose actions depend on a transition's frames only, may see the clip in
+  # windows (`LatentActionModel.infer_actions`).
+  if name == "tokenizer" and model.max_frames < data.clip_len:
+    raise ValueError(
+        f"{where}: its {name} has model.max_frames={model.max_frames} < "
+        f"config.data.clip_len={data.clip_len}; use shorter clips or a {name} trained on "
+        f"clips this long")
+  if model.channels != _DATA_CHANNELS:
+    raise ValueError(
+        f"{where}: its {name} has model.channels={model.channels} but "
+        f"config.data.name={data.name!r} frames have {_DATA_CHANNELS}")
+
+
 class DynamicsTask(base.Task):
   """Loss = cross-entropy of the masked tokens (+ lam_loss_weight * the LAM's own loss when
   co-trained).
@@ -154,33 +179,15 @@ class DynamicsTask(base.Task):
     self._lam_task = lam_task_lib.LatentActionTask(
         ml_collections.ConfigDict(dict(stage="lam", model=config.lam_model.to_dict())))
 
-  def _check_stage(self, name: str) -> None:
-    """The stage `name` fits the data: frame size, channels and (the tokenizer, whose tokens
-    depend on the whole past) clip length."""
-    config, data = self.config, self.config.data
-    model = config[f"{name}_model"]
-    where = f"config.{name}_workdir={config.get(f'{name}_workdir')!r}"
-    if model.image_size != data.image_size:
-      raise ValueError(
-          f"{where}: its {name} has model.image_size={model.image_size} but "
-          f"config.data.image_size={data.image_size}; use a {name} trained on frames of "
-          f"this size")
-    # The LAM, whose actions depend on a transition's frames only, may see the clip in
-    # windows (`LatentActionModel.infer_actions`).
-    if name == "tokenizer" and model.max_frames < data.clip_len:
-      raise ValueError(
-          f"{where}: its {name} has model.max_frames={model.max_frames} < "
-          f"config.data.clip_len={data.clip_len}; use shorter clips or a {name} trained on "
-          f"clips this long")
-    if model.channels != _DATA_CHANNELS:
-      raise ValueError(
-          f"{where}: its {name} has model.channels={model.channels} but "
-          f"config.data.name={data.name!r} frames have {_DATA_CHANNELS}")
-
   def validate(self) -> None:
     config = self.config
     for dep in self.depends_on:
-      self._check_stage(dep.name)
+      check_stage_fits_data(config, dep.name)
+    if tokenizer_lib.quantizer(config.tokenizer_model) != "vq":
+      raise ValueError(
+          f"config.tokenizer_workdir={config.tokenizer_workdir!r} holds a tokenizer with "
+          f"model.quantizer={config.tokenizer_model.quantizer!r}: MaskGIT predicts tokens, "
+          "so it needs a 'vq' tokenizer (the 'diffusion' stage works on continuous latents)")
     if config.data.clip_len > config.model.max_frames:
       raise ValueError(
           f"config.data.clip_len={config.data.clip_len} exceeds config.model.max_frames="

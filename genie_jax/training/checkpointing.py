@@ -139,7 +139,7 @@ LATER_MODEL_KEYS = {
     "model.temporal_positions": "learned", "model.sink_frames": 0,
     "model.encoder_context": "clip", "model.code_restart_sampling": "uniform",
     "model.spatial_rope": False, "model.block_order": "spatial_first",
-    "model.output_head": "linear"}
+    "model.output_head": "linear", "model.quantizer": "vq", "model.kl_weight": 1e-4}
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

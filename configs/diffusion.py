@@ -1,0 +1,69 @@
+r"""Stage 3, diffusion family: a diffusion-forcing dynamics model on the latents of a
+continuous tokenizer (configs/tokenizer.py:...,quantizer=kl) and the actions of a LAM.
+
+The same sizes, schedule and data as configs/dynamics.py (MaskGIT), so that the two families
+compare at equal settings; the tokenizer and the LAM are rebuilt from their workdirs, and the
+latent width, tokens per frame and number of actions come from there.
+
+Arguments (after the colon, comma separated):
+  tokenizer_workdir=DIR, lam_workdir=DIR    the trained stages 1 and 2 (required)
+  data=builtin_world|coinrun|video_folder   dataset (default builtin_world)
+  size=appf|cpu|tiny                        model size (appf = the MaskGIT stage's App. F)
+  runlocal                                  a CPU-sized run (as configs/dynamics.py's)
+  conditioning=additive|prepend             how actions (and noise levels) enter
+  objective=velocity|x0                     what the model predicts (genie_jax/tasks/diffusion.py)
+
+Example:
+  python -m genie_jax.cli.train --config=configs/tokenizer.py:runlocal,quantizer=kl --workdir=workdirs/ktok
+  python -m genie_jax.cli.train --config=configs/lam.py:runlocal --workdir=workdirs/lam
+  python -m genie_jax.cli.train --config=configs/diffusion.py:runlocal,tokenizer_workdir=workdirs/ktok,lam_workdir=workdirs/lam \
+      --workdir=workdirs/diff
+"""
+
+import ml_collections
+
+import data_pipelines
+from configs import dynamics as dynamics_config
+from genie_jax import config_lib
+from genie_jax.models import diffusion as diffusion_lib
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """The diffusion dynamics config for `arg` (see the module docstring)."""
+  args = config_lib.parse_arg(arg, tokenizer_workdir="", lam_workdir="", data="builtin_world",
+                              size="", runlocal=False, conditioning="additive",
+                              objective="velocity")
+  size = config_lib.model_size(args, dynamics_config.SIZES)
+
+  config = config_lib.base_config()
+  config.stage = "diffusion"
+  config.batch_size = 36
+  config.total_steps = 200_000
+  config.optimizer.lr = 3e-5
+  config.optimizer.end_lr = 3e-6
+  config.optimizer.warmup_steps = 5_000
+
+  # The earlier stages, by workdir; step 0 = their latest checkpoint; their model configs
+  # are filled in when training starts (leave empty).
+  config.tokenizer_workdir = args.tokenizer_workdir
+  config.tokenizer_step = 0
+  config.tokenizer_model = ml_collections.ConfigDict()
+  config.lam_workdir = args.lam_workdir
+  config.lam_step = 0
+  config.lam_model = ml_collections.ConfigDict()
+
+  config.data = data_pipelines.default_data_config(args.data)
+
+  config.model = diffusion_lib.default_config()
+  config.model.update(dynamics_config.SIZES[size])
+  config.model.max_frames = config.data.clip_len
+  config.model.action_conditioning = args.conditioning
+  config.model.objective = args.objective
+
+  if args.runlocal:
+    # As the MaskGIT stage's runlocal (configs/dynamics.py gives the reasons).
+    config.model.spatial_rope = True
+    config.model.block_order = "temporal_first"
+    config_lib.apply_runlocal(config, args.data, total_steps=500, lr=1e-3, end_lr=1e-4,
+                              warmup_steps=50)
+  return config

@@ -1,0 +1,261 @@
+"""The diffusion family: the continuous tokenizer, the diffusion-forcing dynamics model, its
+task on frozen earlier stages, and its cached sampler."""
+
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import diffusion as diffusion_config
+from configs import dynamics as dynamics_config
+from configs import lam as lam_config
+from configs import tokenizer as tokenizer_config
+from genie_jax import tasks
+from genie_jax.inference import diffusion as diffusion_sampling
+from genie_jax.models import diffusion as diffusion_lib
+from genie_jax.models import tokenizer as tokenizer_lib
+from genie_jax.tasks import diffusion as diffusion_task
+from genie_jax.training import trainer
+from conftest import CLIP_LEN, IMAGE_SIZE, save_random_stage, tiny_data, tiny_stage
+
+LATENT, TOKENS, ACTIONS, FRAMES = 4, 4, 3, 5
+
+
+def _model(conditioning="additive", objective="velocity", **overrides):
+  cfg = diffusion_lib.default_config()
+  cfg.update(dict(num_layers=2, d_model=16, num_heads=2, latent_dim=LATENT,
+                  tokens_per_frame=TOKENS, num_actions=ACTIONS, max_frames=FRAMES,
+                  action_conditioning=conditioning, objective=objective, **overrides))
+  return diffusion_lib.DiffusionModel(cfg, rngs=nnx.Rngs(0))
+
+
+def _inputs(b=2, t=FRAMES, seed=0):
+  rng = np.random.default_rng(seed)
+  return (rng.standard_normal((b, t, TOKENS, LATENT)).astype(np.float32),
+          rng.uniform(size=(b, t)).astype(np.float32),
+          rng.integers(0, ACTIONS, (b, t)).astype(np.int32))
+
+
+# --- The continuous tokenizer -----------------------------------------------------------
+
+
+def test_kl_tokenizer_has_latents_and_a_kl_term_and_no_tokens():
+  cfg = tokenizer_config.get_config("size=tiny,quantizer=kl").model
+  cfg.update(image_size=IMAGE_SIZE, max_frames=4)
+  model = tokenizer_lib.Tokenizer(cfg, rngs=nnx.Rngs(0))
+  video = np.random.default_rng(0).integers(0, 256, (2, 4, IMAGE_SIZE, IMAGE_SIZE, 3),
+                                            dtype=np.uint8)
+  out = model(video, train=True, rng=jax.random.key(0))
+  assert out["z"].shape == (2, 4, 16, cfg.latent_dim) and float(out["kl_loss"]) > 0
+  # Training decodes a sample, evaluation the mean: the same encoder's mean either way.
+  np.testing.assert_allclose(model.encode_latents(video), out["z"], rtol=1e-6)
+  evaluated = model(video, train=False)
+  assert not np.allclose(evaluated["recon"], out["recon"])
+  with pytest.raises(ValueError, match="no tokens"):
+    model.encode(video)
+  with pytest.raises(ValueError, match="needs an rng"):
+    model(video, train=True)
+  cfg.quantizer = "gaussian"
+  with pytest.raises(ValueError, match="config.model.quantizer='gaussian'"):
+    tokenizer_lib.Tokenizer(cfg, rngs=nnx.Rngs(0))
+
+
+def test_kl_tokenizer_trains(tmp_path, tiny_data_dir):
+  config = tiny_stage(tokenizer_config, "quantizer=kl")
+  config.data.data_dir = tiny_data_dir
+  config.update(total_steps=3, log_every_steps=1, images_every_steps=0, eval_every_steps=3,
+                batch_size=4)
+  config.evals.reconstruction.num_batches = 1
+  config.mesh = dict(data=1, fsdp=1, tensor=1)
+  metrics = trainer.train_and_evaluate(config, str(tmp_path / "ktok"),
+                                       devices=jax.devices()[:1])
+  assert np.isfinite(metrics["loss"]) and metrics["kl_loss"] > 0 and "restarted_codes" not in metrics
+  with open(tmp_path / "ktok" / "metrics.jsonl", encoding="utf-8") as f:
+    rows = [json.loads(line) for line in f]
+  evals = [r for r in rows if "reconstruction/psnr" in r]
+  assert evals and "reconstruction/codebook_usage" not in evals[-1]
+
+
+# --- The model ---------------------------------------------------------------------------
+
+
+def test_levels_are_drawn_per_frame_and_noise_follows_the_path():
+  tau_BT = diffusion_task.sample_levels(jax.random.key(0), (512, 6))
+  assert tau_BT.shape == (512, 6) and 0.0 <= float(tau_BT.min()) and float(tau_BT.max()) <= 1
+  # Independent per frame: frames of one clip differ, and are uncorrelated across clips.
+  assert float(jnp.mean(jnp.std(tau_BT, axis=1))) > 0.2
+  corr = np.corrcoef(np.asarray(tau_BT).T)
+  assert np.max(np.abs(corr - np.eye(6))) < 0.15
+  np.testing.assert_allclose(np.mean(tau_BT), 0.5, atol=0.03)
+  z, eps = np.ones((1, 2, 1, 1)), np.zeros((1, 2, 1, 1))
+  np.testing.assert_allclose(diffusion_lib.noised(z, eps, jnp.array([[0.0, 0.25]])).ravel(),
+                             [1.0, 0.75])
+
+
+@pytest.mark.parametrize("conditioning", ["additive", "prepend"])
+def test_frame_t_depends_on_its_past_and_the_action_that_caused_it(conditioning):
+  model = _model(conditioning)
+  z, tau, actions = _inputs()
+  base = np.asarray(model(z, tau, actions))
+  t = 2
+  # Later frames, their levels and later actions change nothing up to frame t.
+  z2, tau2, actions2 = z.copy(), tau.copy(), actions.copy()
+  z2[:, t + 1:] += 1.0
+  tau2[:, t + 1:] = 1.0 - tau2[:, t + 1:]
+  actions2[:, t:] = (actions2[:, t:] + 1) % ACTIONS  # actions[:, t] causes frame t + 1.
+  np.testing.assert_allclose(np.asarray(model(z2, tau2, actions2))[:, :t + 1],
+                             base[:, :t + 1], atol=1e-5)
+  # The action that caused frame t (taken at frame t - 1) changes frame t.
+  actions3 = actions.copy()
+  actions3[:, t - 1] = (actions3[:, t - 1] + 1) % ACTIONS
+  changed = np.asarray(model(z, tau, actions3))
+  np.testing.assert_allclose(changed[:, :t], base[:, :t], atol=1e-5)
+  assert np.abs(changed[:, t] - base[:, t]).max() > 1e-4
+  # So does the frame's own noise level.
+  tau4 = tau.copy()
+  tau4[:, t] = 1.0 - tau4[:, t]
+  assert np.abs(np.asarray(model(z, tau4, actions))[:, t] - base[:, t]).max() > 1e-4
+
+
+@pytest.mark.parametrize("objective", ["velocity", "x0"])
+def test_the_objective_and_its_estimates(objective):
+  model = _model(objective=objective)
+  z0 = np.random.default_rng(1).standard_normal((2, FRAMES, TOKENS, LATENT)).astype(np.float32)
+  eps = np.random.default_rng(2).standard_normal(z0.shape).astype(np.float32)
+  tau = np.full((2, FRAMES), 0.3, np.float32)
+  z_tau = diffusion_lib.noised(z0, eps, tau)
+  # The prediction a perfect model makes recovers the clean latents and the flow's velocity.
+  perfect = eps - z0 if objective == "velocity" else z0
+  np.testing.assert_allclose(model.clean_estimate(perfect, z_tau, tau), z0, atol=1e-5)
+  np.testing.assert_allclose(model.velocity(perfect, z_tau, tau), eps - z0, atol=1e-4)
+
+
+# --- The task on frozen stages -----------------------------------------------------------
+
+
+@pytest.fixture(scope="module", name="stage_workdirs")
+def fixture_stage_workdirs(tmp_path_factory):
+  """A continuous tokenizer, a VQ tokenizer and a LAM, with random weights."""
+  root = tmp_path_factory.mktemp("stages")
+  dirs = dict(ktok=str(root / "ktok"), tok=str(root / "tok"), lam=str(root / "lam"))
+  save_random_stage(dirs["ktok"], tiny_stage(tokenizer_config, "quantizer=kl"), seed=1)
+  save_random_stage(dirs["tok"], tiny_stage(tokenizer_config), seed=2)
+  save_random_stage(dirs["lam"], tiny_stage(lam_config), seed=3)
+  return dirs
+
+
+def _diffusion_config(tokenizer_dir, lam_dir, data_dir="", arg=""):
+  config = diffusion_config.get_config(
+      f"size=tiny,runlocal,tokenizer_workdir={tokenizer_dir},lam_workdir={lam_dir}"
+      + (f",{arg}" if arg else ""))
+  tiny_data(config, data_dir)
+  config.model.max_frames = CLIP_LEN
+  config.checkpoint.async_save = False
+  return config
+
+
+def test_each_family_refuses_the_others_tokenizer(stage_workdirs):
+  task = tasks.get_task(_diffusion_config(stage_workdirs["ktok"], stage_workdirs["lam"]))
+  tok = task.config.tokenizer_model
+  assert (task.config.model.latent_dim, task.config.model.tokens_per_frame,
+          task.config.model.num_actions) == (tok.latent_dim, 16, task.config.lam_model.num_actions)
+  with pytest.raises(ValueError, match="config.tokenizer_workdir=.*'vq'.*needs a 'kl'"):
+    tasks.get_task(_diffusion_config(stage_workdirs["tok"], stage_workdirs["lam"]))
+  maskgit = dynamics_config.get_config(
+      f"size=tiny,runlocal,tokenizer_workdir={stage_workdirs['ktok']},"
+      f"lam_workdir={stage_workdirs['lam']}")
+  tiny_data(maskgit)
+  maskgit.model.max_frames = CLIP_LEN
+  with pytest.raises(ValueError, match="'kl'.*needs a 'vq' tokenizer"):
+    tasks.get_task(maskgit)
+
+
+def test_loss_is_the_objectives_mean_squared_error(stage_workdirs):
+  task = tasks.get_task(_diffusion_config(stage_workdirs["ktok"], stage_workdirs["lam"]))
+  model = task.make_model(nnx.Rngs(0))
+  video = np.random.default_rng(0).integers(0, 256, (2, CLIP_LEN, IMAGE_SIZE, IMAGE_SIZE, 3),
+                                            dtype=np.uint8)
+  batch = dict(video=video, actions=np.zeros((2, CLIP_LEN), np.int32))
+  rng = jax.random.key(3)
+  loss, metrics, _ = task.loss(model, batch, rng)
+  ex = task.noised_batch(model, batch, rng)
+  np.testing.assert_allclose(ex["target"], ex["eps"] - ex["z"], atol=1e-6)
+  np.testing.assert_allclose(ex["z"], model.tokenizer.encode_latents(video), atol=1e-6)
+  prediction = model.dynamics(ex["z_tau"], ex["tau"], ex["actions"])
+  np.testing.assert_allclose(loss, np.mean(np.square(prediction - ex["target"])), rtol=1e-5)
+  assert float(jnp.std(ex["tau"][:, 1:] - ex["tau"][:, :-1])) > 0.05  # Levels per frame.
+  assert metrics["x0_mse"] > 0
+
+
+def test_trains_on_frozen_stages_and_resumes_exactly(stage_workdirs, tmp_path, tiny_data_dir):
+  config = _diffusion_config(stage_workdirs["ktok"], stage_workdirs["lam"], tiny_data_dir)
+  config.update(total_steps=4, log_every_steps=1, images_every_steps=0, eval_every_steps=0,
+                batch_size=4)
+  config.checkpoint.every_steps = 2
+  config.mesh = dict(data=1, fsdp=1, tensor=1)
+  workdir = str(tmp_path / "diffusion")
+  devices = jax.devices()[:1]
+
+  def losses():
+    with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+      rows = [json.loads(line) for line in f]
+    return [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
+
+  trainer.train_and_evaluate(config, workdir, devices=devices)
+  straight = losses()
+  assert [s for s, _ in straight] == [1, 2, 3, 4] and all(np.isfinite(v) for _, v in straight)
+  # As if the job had died after step 2's checkpoint: the rerun continues from it.
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "4"))
+  metrics_file = os.path.join(workdir, "metrics.jsonl")
+  with open(metrics_file, encoding="utf-8") as f:
+    kept = [line for line in f if json.loads(line)["step"] <= 2]
+  with open(metrics_file, "w", encoding="utf-8") as f:
+    f.writelines(kept)
+  trainer.train_and_evaluate(config, workdir, devices=devices)
+  assert os.path.isdir(os.path.join(workdir, "checkpoints", "4"))
+  assert losses() == straight
+
+
+# --- Sampling ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("conditioning,positions", [("additive", "learned"),
+                                                    ("prepend", "learned"),
+                                                    ("additive", "rope")])
+def test_cached_sampling_equals_the_uncached_reference(conditioning, positions):
+  model = _model(conditioning, temporal_positions=positions)
+  z, _, _ = _inputs(b=2, t=2, seed=4)
+  actions = np.random.default_rng(5).integers(0, ACTIONS, (2, 6)).astype(np.int32)
+  # 2 prompt + 6 generated frames: past the window of 5, which then slides.
+  run = lambda cached: diffusion_sampling.rollout_latents(
+      model, z, actions, jax.random.key(0), num_steps=3, cached=cached)
+  cached, uncached = np.asarray(run(True)), np.asarray(run(False))
+  assert cached.shape == (2, 8, TOKENS, LATENT)
+  np.testing.assert_array_equal(cached[:, :2], z)
+  np.testing.assert_allclose(cached, uncached, atol=2e-4)
+  assert np.abs(cached[:, 2:]).max() > 0
+
+
+def test_sampling_compiles_once_and_follows_the_actions():
+  model = _model()
+  graphdef, state = nnx.split(model)
+  compiles = []
+
+  @jax.jit
+  def rollout(state, prompt, actions, rng):
+    compiles.append(1)
+    return diffusion_sampling.rollout_latents(nnx.merge(graphdef, state), prompt, actions, rng,
+                                              num_steps=2)
+
+  z, _, _ = _inputs(b=1, t=1, seed=6)
+  actions = np.zeros((1, 4), np.int32)
+  first = np.asarray(rollout(state, z, actions, jax.random.key(0)))
+  other = np.asarray(rollout(state, z, actions + 1, jax.random.key(0)))
+  assert len(compiles) == 1
+  np.testing.assert_array_equal(first[:, 0], other[:, 0])
+  assert np.abs(first[:, 1] - other[:, 1]).max() > 1e-4  # Frame 1 follows actions[:, 0].
