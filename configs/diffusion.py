@@ -60,7 +60,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.action_conditioning = args.conditioning
   config.model.objective = args.objective
 
+  # Rollouts against the truth, Delta_t PSNR, LAM vs true actions, as for the MaskGIT stage
+  # (genie_jax/evaluators/controllability.py); sampling_steps Euler steps per frame, and
+  # temperature the scale of each frame's starting noise.
+  config.evals.controllability = ml_collections.ConfigDict(dict(
+      type="controllability", split="validation", batch_size=0, num_batches=8, horizon=0,
+      dt=4, sampling_steps=25, temperature=1.0, seed=0, num_videos=4))
+
   if args.runlocal:
+    config.evals.controllability.update(num_batches=4, sampling_steps=8)
     # As the MaskGIT stage's runlocal (configs/dynamics.py gives the reasons).
     config.model.spatial_rope = True
     config.model.block_order = "temporal_first"

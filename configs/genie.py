@@ -10,6 +10,9 @@ Arguments (after the colon, comma separated):
   runlocal                                  CPU-sized stages (README "Results": wall-clock)
   conditioning=additive|prepend             how the dynamics model takes actions
   size=appf|cpu|tiny                        model size of every stage (tiny is for tests)
+  dynamics=maskgit|diffusion                the dynamics family: MaskGIT on VQ tokens (Genie),
+                                            or diffusion forcing on a continuous tokenizer's
+                                            latents (configs/diffusion.py)
   video_dir=PATH                            data=video_folder: the folder of videos, for
                                             every stage
 
@@ -28,6 +31,7 @@ Examples:
 
 import ml_collections
 
+from configs import diffusion as diffusion_config
 from configs import dynamics as dynamics_config
 from configs import lam as lam_config
 from configs import tokenizer as tokenizer_config
@@ -37,16 +41,23 @@ from genie_jax import config_lib
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The pipeline config for `arg` (see the module docstring)."""
   args = config_lib.parse_arg(arg, data="builtin_world", runlocal=False,
-                              conditioning="additive", size="", video_dir="")
+                              conditioning="additive", size="", video_dir="",
+                              dynamics="maskgit")
+  if args.dynamics not in ("maskgit", "diffusion"):
+    raise ValueError(f"configs/genie.py: dynamics={args.dynamics!r}; expected 'maskgit' or "
+                     "'diffusion'")
   stage_arg = f"data={args.data}" + (",runlocal" if args.runlocal else "")
   if args.size:
     stage_arg += f",size={args.size}"
 
   config = ml_collections.ConfigDict()
-  config.tokenizer = tokenizer_config.get_config(stage_arg)
+  diffusion = args.dynamics == "diffusion"
+  config.tokenizer = tokenizer_config.get_config(
+      stage_arg + (",quantizer=kl" if diffusion else ""))
   config.lam = lam_config.get_config(stage_arg)
   # The workdirs are filled in by the pipeline (WORKDIR/tokenizer, WORKDIR/lam).
-  config.dynamics = dynamics_config.get_config(f"{stage_arg},conditioning={args.conditioning}")
+  dynamics_module = diffusion_config if diffusion else dynamics_config
+  config.dynamics = dynamics_module.get_config(f"{stage_arg},conditioning={args.conditioning}")
 
   config.report = ml_collections.ConfigDict(dict(
       # Evaluation batches per stage (0 = the whole validation split).

@@ -12,16 +12,20 @@ import pytest
 from flax import nnx
 
 from configs import diffusion as diffusion_config
+from configs import genie as genie_config
 from configs import dynamics as dynamics_config
 from configs import lam as lam_config
 from configs import tokenizer as tokenizer_config
 from genie_jax import tasks
 from genie_jax.inference import diffusion as diffusion_sampling
+from genie_jax.inference import worlds
 from genie_jax.models import diffusion as diffusion_lib
 from genie_jax.models import tokenizer as tokenizer_lib
 from genie_jax.tasks import diffusion as diffusion_task
+from genie_jax.training import pipeline
 from genie_jax.training import trainer
-from conftest import CLIP_LEN, IMAGE_SIZE, save_random_stage, tiny_data, tiny_stage
+from conftest import (CLIP_LEN, IMAGE_SIZE, save_random_stage, tiny_data,
+                      tiny_pipeline_overrides, tiny_stage)
 
 LATENT, TOKENS, ACTIONS, FRAMES = 4, 4, 3, 5
 
@@ -259,3 +263,42 @@ def test_sampling_compiles_once_and_follows_the_actions():
   assert len(compiles) == 1
   np.testing.assert_array_equal(first[:, 0], other[:, 0])
   assert np.abs(first[:, 1] - other[:, 1]).max() > 1e-4  # Frame 1 follows actions[:, 0].
+
+
+# --- The whole pipeline, generation and play ----------------------------------------------
+
+
+def test_the_pipeline_evaluates_generates_and_plays_the_diffusion_family(tmp_path,
+                                                                         tiny_data_dir):
+  config = genie_config.get_config("runlocal,size=tiny,dynamics=diffusion")
+  for key, value in tiny_pipeline_overrides(tiny_data_dir).items():
+    key = key.replace("controllability.maskgit_steps", "controllability.sampling_steps")
+    *parents, name = key.split(".")
+    node = config
+    for parent in parents:
+      node = node[parent]
+    node[name] = value
+  workdir = str(tmp_path / "genie")
+  report = pipeline.run_pipeline(config, workdir)
+  dyn = report["metrics"]["dynamics"]
+  for key in ("dtpsnr", "dtpsnr_stderr", "denoising_mse", "denoising_mse_random_actions",
+              "psnr_inferred_t1", "recon_psnr_t1", "nmi"):
+    assert np.isfinite(dyn[f"controllability/{key}"]), key
+  assert "controllability/masked_accuracy" not in dyn
+  assert "reconstruction/codebook_usage" not in report["metrics"]["tokenizer"]
+  assert report["videos"]["inferred"] and report["videos"]["random"]
+
+  genie = worlds.load(os.path.join(workdir, "dynamics"))
+  assert isinstance(genie, diffusion_sampling.DiffusionGenie)
+  prompt = np.zeros((1, 1, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8)
+  session = genie.start(prompt, num_steps=2)
+  for action in range(genie.max_frames + 1):  # Past the window: the buffer rolls.
+    frame = session.step(action % genie.num_actions)
+  assert frame.shape == (IMAGE_SIZE, IMAGE_SIZE, 3) and frame.dtype == np.uint8
+  assert session.frames.shape[1] == genie.max_frames + 2
+  video = genie.rollout(prompt, np.zeros((1, 3), np.int32), rng=jax.random.key(0), num_steps=2)
+  assert video.shape == (1, 4, IMAGE_SIZE, IMAGE_SIZE, 3)
+  with pytest.raises(ValueError, match=r"out of range.*\[0, "):
+    genie.rollout(prompt, np.full((1, 3), genie.num_actions), rng=jax.random.key(0))
+  with pytest.raises(ValueError, match="holds a 'tokenizer' stage.*world model"):
+    worlds.load(os.path.join(workdir, "tokenizer"))

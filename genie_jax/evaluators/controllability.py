@@ -34,6 +34,14 @@ curve and the confusion matrix.
 
 All three rollouts of a batch run as one compiled call (the variants stacked on the batch
 axis), compiled once for all batches and all evaluations.
+
+Both dynamics families are evaluated alike (`_FAMILIES`): a MaskGIT stage ('dynamics') on
+its tokens, with `maskgit_steps` per frame, and a diffusion stage ('diffusion') on its
+continuous latents, with `sampling_steps` Euler steps per frame and `temperature` as the
+scale of each frame's starting noise. The diffusion stage's teacher-forced score is
+`denoising_mse` (every frame after the first at noise level 0.5 behind a clean past: the
+mean squared error of the clean latents it implies; lower is better) in place of
+masked_accuracy, and it has no token_accuracy.
 """
 
 from __future__ import annotations
@@ -51,11 +59,82 @@ from genie_jax import sharding
 from genie_jax import visualize
 from genie_jax.data import input_pipeline
 from genie_jax.evaluators import base
+from genie_jax.inference import diffusion as diffusion_sampling
 from genie_jax.inference import genie as genie_lib
+from genie_jax.models import diffusion as diffusion_lib
 from genie_jax.models import tokenizer as tokenizer_lib
 from genie_jax.tasks import dynamics as dynamics_task
 
 _VARIANTS = ("inferred", "random", "true")
+
+
+def sampling_steps(eval_cfg: ml_collections.ConfigDict) -> int:
+  """Steps per generated frame of a controllability config, of either family."""
+  return eval_cfg.get("sampling_steps") or eval_cfg.maskgit_steps
+
+
+class _MaskGit:
+  """The MaskGIT family's pieces of the evaluation, on tokens."""
+
+  teacher_forced_name = "masked_accuracy"
+
+  def __init__(self, evaluator):
+    self.task, self.cfg = evaluator.task, evaluator.cfg
+    self.prior_weight = genie_lib.sampling_prior_weight(evaluator.config)
+
+  def codes(self, world, video):
+    return self.task.tokens_and_actions(world, video)
+
+  def teacher_forced(self, world, tokens_BTN, actions_BT, rng):
+    mask_BTN, _ = dynamics_task.sample_mask(rng, tokens_BTN.shape)
+    logits_BTNV = world.dynamics(tokens_BTN, mask_BTN, actions_BT)
+    correct_BTN = metrics_lib.masked_correct(logits_BTNV, tokens_BTN, mask_BTN)
+    return jnp.sum(correct_BTN, (1, 2)) / jnp.maximum(jnp.sum(mask_BTN, (1, 2)), 1)
+
+  def decode(self, world, tokens_BTN):
+    return genie_lib.decode_frames(world.tokenizer, tokens_BTN)
+
+  def rollout(self, world, prompt_BTHWC, actions_BT, rng):
+    return genie_lib.rollout_tokens(
+        world, prompt_BTHWC, actions_BT, rng, num_steps=self.cfg.maskgit_steps,
+        temperature=self.cfg.temperature, prior_weight=self.prior_weight)
+
+  def first_frame_agreement(self, rolled_BTN, tokens_BTN):
+    return jnp.mean(rolled_BTN[:, 1] == tokens_BTN[:, 1], axis=-1)
+
+
+class _Diffusion:
+  """The diffusion family's pieces of the evaluation, on continuous latents."""
+
+  teacher_forced_name = "denoising_mse"
+
+  def __init__(self, evaluator):
+    self.task, self.cfg = evaluator.task, evaluator.cfg
+
+  def codes(self, world, video):
+    return self.task.latents_and_actions(world, video)
+
+  def teacher_forced(self, world, z_BTNL, actions_BT, rng):
+    tau_BT = jnp.full(z_BTNL.shape[:2], 0.5, jnp.float32).at[:, 0].set(0.0)
+    eps_BTNL = jax.random.normal(rng, z_BTNL.shape, jnp.float32)
+    z_tau = diffusion_lib.noised(z_BTNL, eps_BTNL, tau_BT)
+    x0_BTNL = world.dynamics.clean_estimate(world.dynamics(z_tau, tau_BT, actions_BT), z_tau,
+                                            tau_BT)
+    return jnp.mean(jnp.square(x0_BTNL[:, 1:] - z_BTNL[:, 1:]), axis=(1, 2, 3))
+
+  def decode(self, world, z_BTNL):
+    return diffusion_sampling.decode_latent_frames(world.tokenizer, z_BTNL)
+
+  def rollout(self, world, prompt_BTHWC, actions_BT, rng):
+    return diffusion_sampling.rollout_latents(
+        world.dynamics, world.tokenizer.encode_latents(prompt_BTHWC), actions_BT, rng,
+        num_steps=sampling_steps(self.cfg), noise_scale=self.cfg.temperature)
+
+  def first_frame_agreement(self, rolled_BTNL, z_BTNL):
+    del rolled_BTNL, z_BTNL
+
+
+_FAMILIES = {"dynamics": _MaskGit, "diffusion": _Diffusion}
 
 
 class ControllabilityEvaluator(base.Evaluator):
@@ -69,7 +148,7 @@ class ControllabilityEvaluator(base.Evaluator):
     self.horizon = self.check_config(name, eval_cfg, config)
     self.num_true_actions, self.true_action_names = base.true_actions_of(config.data)
     self.num_actions = config.model.num_actions
-    self.prior_weight = genie_lib.sampling_prior_weight(config)
+    self.family = _FAMILIES[config.stage](self)
     self._infer = jax.jit(self._infer_actions, out_shardings=self.replicated)
     self._rollouts = jax.jit(self._batch_rollouts, out_shardings=self.replicated)
 
@@ -88,8 +167,12 @@ class ControllabilityEvaluator(base.Evaluator):
     if not 1 <= eval_cfg.dt <= horizon:
       raise ValueError(f"config.evals.{name}.dt={eval_cfg.dt} must be in [1, horizon="
                        f"{horizon}]")
-    if eval_cfg.maskgit_steps < 1 or eval_cfg.temperature < 0:
-      raise ValueError(f"config.evals.{name}: maskgit_steps={eval_cfg.maskgit_steps} must be "
+    if config.stage not in _FAMILIES:
+      raise ValueError(f"config.evals.{name}: the controllability evaluator evaluates a "
+                       f"world model ({sorted(_FAMILIES)}), not config.stage={config.stage!r}")
+    steps_key = "sampling_steps" if "sampling_steps" in eval_cfg else "maskgit_steps"
+    if sampling_steps(eval_cfg) < 1 or eval_cfg.temperature < 0:
+      raise ValueError(f"config.evals.{name}: {steps_key}={eval_cfg[steps_key]} must be "
                        f">= 1 and temperature={eval_cfg.temperature} >= 0")
     return horizon
 
@@ -112,32 +195,23 @@ class ControllabilityEvaluator(base.Evaluator):
       b = video_BTHWC.shape[0]
       mask_key, forced_key, random_key, sample_key = jax.random.split(rng, 4)
 
-      tokens_BTN, inferred_BT = self.task.tokens_and_actions(world, batch["video"])
-      mask_BTN, _ = dynamics_task.sample_mask(mask_key, tokens_BTN.shape)
-      masked_B = jnp.maximum(jnp.sum(mask_BTN, (1, 2)), 1)
-
-      def accuracy(actions_BT):
-        logits_BTNV = world.dynamics(tokens_BTN, mask_BTN, actions_BT)
-        correct_BTN = metrics_lib.masked_correct(logits_BTNV, tokens_BTN, mask_BTN)
-        return jnp.sum(correct_BTN, (1, 2)) / masked_B
-
-      accuracy_B = accuracy(inferred_BT)
-      # The same frames and mask with random actions: how much the model reads the actions.
-      accuracy_random_B = accuracy(jax.random.randint(
-          forced_key, inferred_BT.shape, 0, self.num_actions))
-      recon_BTHWC = world.tokenizer.decode(tokens_BTN)
+      family = self.family
+      codes, inferred_BT = family.codes(world, batch["video"])
+      accuracy_B = family.teacher_forced(world, codes, inferred_BT, mask_key)
+      # The same frames and noise with random actions: how much the model reads the actions.
+      accuracy_random_B = family.teacher_forced(world, codes, jax.random.randint(
+          forced_key, inferred_BT.shape, 0, self.num_actions), mask_key)
+      recon_BTHWC = family.decode(world, codes)
 
       random_BT = jax.random.randint(random_key, (b, h), 0, self.num_actions)
       true_BT = mapping[jnp.clip(batch["actions"][:, :h], 0, mapping.shape[0] - 1)]
       actions_GBT = jnp.stack([inferred_BT[:, :h], random_BT, true_BT])
       prompt_BTHWC = batch["video"][:, :1]
       g = actions_GBT.shape[0]
-      rolled = genie_lib.rollout_tokens(
-          world, jnp.tile(prompt_BTHWC, (g, 1, 1, 1, 1)), actions_GBT.reshape(g * b, h),
-          sample_key, num_steps=self.cfg.maskgit_steps, temperature=self.cfg.temperature,
-          prior_weight=self.prior_weight)
-      token_accuracy_B = jnp.mean(rolled[:b, 1] == tokens_BTN[:, 1], axis=-1)
-      generated_GBTHWC = genie_lib.decode_frames(world.tokenizer, rolled)[:, 1:].reshape(
+      rolled = family.rollout(world, jnp.tile(prompt_BTHWC, (g, 1, 1, 1, 1)),
+                              actions_GBT.reshape(g * b, h), sample_key)
+      token_accuracy_B = family.first_frame_agreement(rolled[:b], codes)
+      generated_GBTHWC = family.decode(world, rolled)[:, 1:].reshape(
           (g, b) + video_BTHWC[:, 1:1 + h].shape[1:])
     generated_GBTHWC = jnp.clip(generated_GBTHWC.astype(jnp.float32), 0.0, 1.0)
     truth_BTHWC = video_BTHWC[:, 1:1 + h]
@@ -211,21 +285,24 @@ class ControllabilityEvaluator(base.Evaluator):
                               + out["recon_psnr_BT"][valid].sum(axis=0))
       for key in ("accuracy", "accuracy_random"):
         sums[key] = sums.get(key, 0.0) + float(out[f"{key}_B"][valid].sum())
-      token_accuracy.append(out["token_accuracy_B"][valid])
+      if out["token_accuracy_B"] is not None:
+        token_accuracy.append(out["token_accuracy_B"][valid])
       first_true.append(true_batches[i][valid, 0])
       psnr_at_dt = out["psnr_GBT"][:, valid, self.cfg.dt - 1]
       dt_clips.append(psnr_at_dt[0] - psnr_at_dt[1])
       if shown is None:
         shown = out
     psnr_GT, ssim_GT = sums["psnr_GBT"] / count, sums["ssim_GBT"] / count
-    token_accuracy, first_true = np.concatenate(token_accuracy), np.concatenate(first_true)
-    scalars["token_accuracy_t1"] = float(token_accuracy.mean())
-    for a, name in enumerate(self.true_action_names if has_true else ()):
-      if np.any(first_true == a):
-        scalars[f"token_accuracy_t1_{name}"] = float(token_accuracy[first_true == a].mean())
-    scalars.update(masked_accuracy=sums["accuracy"] / count,
-                   masked_accuracy_random_actions=sums["accuracy_random"] / count,
-                   num_clips=float(count))
+    if token_accuracy:
+      token_accuracy, first_true = np.concatenate(token_accuracy), np.concatenate(first_true)
+      scalars["token_accuracy_t1"] = float(token_accuracy.mean())
+      for a, name in enumerate(self.true_action_names if has_true else ()):
+        if np.any(first_true == a):
+          scalars[f"token_accuracy_t1_{name}"] = float(token_accuracy[first_true == a].mean())
+    teacher_forced = self.family.teacher_forced_name
+    scalars.update({teacher_forced: sums["accuracy"] / count,
+                    f"{teacher_forced}_random_actions": sums["accuracy_random"] / count,
+                    "num_clips": float(count)})
     variants = _VARIANTS if has_true else _VARIANTS[:2]
     for k in range(self.horizon):
       for vi, variant in enumerate(variants):

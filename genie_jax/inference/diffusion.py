@@ -13,9 +13,13 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
+from genie_jax import visualize
+from genie_jax.inference import genie as genie_lib
 from genie_jax.models import diffusion as diffusion_lib
 from genie_jax.models import dynamics as dynamics_lib
+from genie_jax.models import tokenizer as tokenizer_lib
 
 
 def _levels(num_steps: int) -> jax.Array:
@@ -34,7 +38,7 @@ def _step(dynamics: diffusion_lib.DiffusionModel, prediction_BNL: jax.Array, x_B
 
 def rollout_latents(dynamics: diffusion_lib.DiffusionModel, prompt_BTNL: jax.Array,
                     actions_BT: jax.Array, rng: jax.Array, *, num_steps: int,
-                    cached: bool = True) -> jax.Array:
+                    cached: bool = True, noise_scale: float = 1.0) -> jax.Array:
   """Latents of the prompt's p frames followed by one generated frame per action.
 
   Args:
@@ -45,6 +49,8 @@ def rollout_latents(dynamics: diffusion_lib.DiffusionModel, prompt_BTNL: jax.Arr
     rng: key of the initial noise (frame f's from fold_in(rng, f)).
     num_steps: Euler steps per frame.
     cached: keep the window's past keys/values across a frame's steps.
+    noise_scale: scale of each frame's starting noise (1: the model's level-1 distribution;
+      0: every frame starts from zeros, a deterministic flow).
 
   Returns:
     z_BTNL, float32, (B, p + a, N, L).
@@ -66,7 +72,8 @@ def rollout_latents(dynamics: diffusion_lib.DiffusionModel, prompt_BTNL: jax.Arr
     at = f - start  # The new frame's place in the window.
     window_BTNL = jax.lax.dynamic_slice_in_dim(z_BTNL, start, w, axis=1)
     caused_window_BT = jax.lax.dynamic_slice_in_dim(caused_BT, start, w, axis=1)
-    x_BNL = jax.random.normal(jax.random.fold_in(rng, f), z_BTNL.shape[:1] + z_BTNL.shape[2:])
+    x_BNL = noise_scale * jax.random.normal(jax.random.fold_in(rng, f),
+                                            z_BTNL.shape[:1] + z_BTNL.shape[2:])
     if cached:
       x_BNL = _denoise_cached(dynamics, window_BTNL, caused_window_BT, at, x_BNL, levels)
     else:
@@ -112,3 +119,139 @@ def _denoise_cached(dynamics, window_BTNL, caused_BT, at, x_BNL, levels):
     return _step(dynamics, prediction_BNL, x_BNL, tau, tau_next)
 
   return jax.lax.fori_loop(0, levels.shape[0] - 1, step, x_BNL)
+
+
+def decode_latent_frames(tokenizer: tokenizer_lib.Tokenizer, z_BTNL: jax.Array) -> jax.Array:
+  """video_BTHWC float [0, 1] of latents of any number of frames: frames beyond the causal
+  decoder's max_frames are decoded from the window ending at them."""
+  t_max = tokenizer.decoder.max_frames
+  t = z_BTNL.shape[1]
+  decode = lambda z: jnp.clip(tokenizer.decode_latents(z), 0.0, 1.0)
+  if t <= t_max:
+    return decode(z_BTNL)
+
+  def frame_at(f):
+    start = f - (t_max - 1)
+    return decode(jax.lax.dynamic_slice_in_dim(z_BTNL, start, t_max, axis=1))[:, -1]
+
+  tail_TBHWC = jax.lax.map(frame_at, jnp.arange(t_max, t))
+  return jnp.concatenate([decode(z_BTNL[:, :t_max]), jnp.moveaxis(tail_TBHWC, 0, 1)], axis=1)
+
+
+def _rollout(world, prompt_BTHWC, actions_BT, rng, *, num_steps, noise_scale, cached):
+  z_BTNL = rollout_latents(world.dynamics, world.tokenizer.encode_latents(prompt_BTHWC),
+                           actions_BT, rng, num_steps=num_steps, cached=cached,
+                           noise_scale=noise_scale)
+  p = prompt_BTHWC.shape[1]
+  generated_BTHWC = decode_latent_frames(world.tokenizer, z_BTNL)[:, p:]
+  return jnp.concatenate([tokenizer_lib.to_unit_interval(prompt_BTHWC), generated_BTHWC], 1)
+
+
+def _play_step(world, z_BTNL, taken_BT, n, action_B, rng, *, num_steps, noise_scale):
+  """The next frame of a play session whose buffer holds n frames (the last at n - 1):
+  (buffer with it at n, actions with action_B at n - 1, its pixels (B, H, W, C))."""
+  taken_BT = jax.lax.dynamic_update_index_in_dim(taken_BT, action_B.astype(jnp.int32), n - 1,
+                                                 axis=1)
+  w = world.dynamics.transformer.max_frames
+  start = jnp.maximum(n - (w - 1), 0)
+  window_BTNL = jax.lax.dynamic_slice_in_dim(z_BTNL, start, w, axis=1)
+  caused_BT = dynamics_lib.caused_by(
+      jax.lax.dynamic_slice_in_dim(taken_BT, start, w, axis=1), world.dynamics.no_action)
+  x_BNL = noise_scale * jax.random.normal(rng, z_BTNL.shape[:1] + z_BTNL.shape[2:])
+  x_BNL = _denoise_cached(world.dynamics, window_BTNL, caused_BT, n - start, x_BNL,
+                          _levels(num_steps))
+  z_BTNL = jax.lax.dynamic_update_index_in_dim(z_BTNL, x_BNL, n, axis=1)
+  t_max = world.tokenizer.decoder.max_frames
+  first = jnp.maximum(n - (t_max - 1), 0)
+  frames_BTHWC = jnp.clip(world.tokenizer.decode_latents(
+      jax.lax.dynamic_slice_in_dim(z_BTNL, first, t_max, axis=1)), 0.0, 1.0)
+  frame_BHWC = jax.lax.dynamic_index_in_dim(frames_BTHWC, n - first, axis=1, keepdims=False)
+  return z_BTNL, taken_BT, frame_BHWC
+
+
+class DiffusionGenie(genie_lib.Generator):
+  """A trained diffusion-forcing world model for generation: `rollout` and `start` as
+  `genie_jax.inference.genie.Genie`'s, the MaskGIT step count read as Euler steps per frame
+  and the temperature as the scale of each frame's starting noise."""
+
+  stage = "diffusion"
+
+  def __init__(self, world: dynamics_lib.WorldModel, *, config=None, step=None):
+    super().__init__(world, config=config, step=step)
+    self._rollout = self._jit(_rollout, static=("num_steps", "noise_scale", "cached"))
+    self._play_step = self._jit(_play_step, static=("num_steps", "noise_scale"))
+    self._encode = self._jit(lambda w, v: w.tokenizer.encode_latents(v))
+
+  def rollout(self, prompt_BTHWC, actions_BT, *, rng: jax.Array, num_steps: int = 25,
+              temperature: float = 1.0, cached: bool = True) -> jax.Array:
+    """Generates one frame per action after the prompt (as `Genie.rollout`).
+
+    Args:
+      prompt_BTHWC: uint8 prompt frames, 1 <= T <= `max_prompt_frames`.
+      actions_BT: int latent actions in [0, A); actions_BT[:, i] produces generated frame i.
+      rng: PRNG key.
+      num_steps: Euler steps per frame.
+      temperature: scale of each frame's starting noise (1: the trained distribution).
+      cached: keep the window's past keys/values across a frame's steps.
+
+    Returns:
+      video float32 (B, p + a, H, W, C) in [0, 1]: the prompt's p frames, then the a
+      generated frames.
+    """
+    prompt, actions = self._check_rollout(prompt_BTHWC, actions_BT)
+    return self._rollout(self._state, prompt, jnp.asarray(actions), rng,
+                         num_steps=int(num_steps), noise_scale=float(temperature),
+                         cached=cached)
+
+  def start(self, prompt_BTHWC, *, rng: jax.Array | None = None, num_steps: int = 25,
+            temperature: float = 1.0) -> DiffusionPlaySession:
+    """An interactive session that generates one frame per `step(action)`."""
+    return DiffusionPlaySession(
+        self, self._check_video(prompt_BTHWC, "prompt", self.max_prompt_frames),
+        rng=jax.random.key(0) if rng is None else rng, num_steps=num_steps,
+        temperature=temperature)
+
+
+class DiffusionPlaySession:
+  """Frame-by-frame play from a prompt (`DiffusionGenie.start`), one compiled step for all
+  frames: a buffer of the last max(dynamics, tokenizer) max_frames frames' latents."""
+
+  def __init__(self, genie: DiffusionGenie, prompt_BTHWC: jax.Array, *, rng: jax.Array,
+               num_steps: int, temperature: float):
+    self._genie = genie
+    self._rng = rng
+    self._static = dict(num_steps=int(num_steps), noise_scale=float(temperature))
+    self._length = max(genie.max_frames, genie.tokenizer_frames)
+    b, p = prompt_BTHWC.shape[:2]
+    prompt_BTNL = genie._encode(genie._state, prompt_BTHWC)  # pylint: disable=protected-access
+    self._z_BTNL = jnp.zeros((b, self._length) + prompt_BTNL.shape[2:], jnp.float32).at[
+        :, :p].set(prompt_BTNL)
+    self._taken_BT = jnp.zeros((b, self._length), jnp.int32)
+    self._count = p  # Frames held in the buffer.
+    self._frames = [np.asarray(prompt_BTHWC)[:, t] for t in range(p)]
+
+  @property
+  def frames(self) -> np.ndarray:
+    """Every frame so far, prompt included: uint8 (B, T, H, W, C)."""
+    return np.stack(self._frames, axis=1)
+
+  def step(self, action) -> np.ndarray:
+    """Generates the frame caused by `action` (an int for every example, or ints (B,)).
+
+    Returns:
+      The new frame of the first example: uint8 (H, W, C) (all examples: `frames`).
+    """
+    b = self._z_BTNL.shape[0]
+    action_B = self._genie.check_actions(np.broadcast_to(np.asarray(action), (b,)))
+    if self._count == self._length:
+      # Full: drop the oldest frame so that the new one goes into the last slot.
+      self._z_BTNL = jnp.roll(self._z_BTNL, -1, axis=1)
+      self._taken_BT = jnp.roll(self._taken_BT, -1, axis=1)
+      self._count -= 1
+    self._rng, key = jax.random.split(self._rng)
+    self._z_BTNL, self._taken_BT, frame_BHWC = self._genie._play_step(  # pylint: disable=protected-access
+        self._genie._state, self._z_BTNL, self._taken_BT, jnp.int32(self._count),  # pylint: disable=protected-access
+        jnp.asarray(action_B), key, **self._static)
+    self._count += 1
+    self._frames.append(visualize.to_uint8(np.asarray(frame_BHWC)))
+    return self._frames[-1][0]

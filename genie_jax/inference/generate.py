@@ -13,7 +13,7 @@ from absl import logging
 from genie_jax import paths
 from genie_jax import visualize
 from genie_jax.data import input_pipeline
-from genie_jax.inference import genie as genie_lib
+from genie_jax.inference import worlds
 
 
 def parse_actions(spec: str) -> list[int] | str:
@@ -42,7 +42,7 @@ def generate(workdir: str, *, step: int | None = None, num_frames: int | None = 
     ValueError: naming the flag when an argument cannot work (e.g. an action out of range).
   """
   action_spec = parse_actions(actions)
-  genie = genie_lib.Genie.from_workdir(workdir, step=step)
+  genie = worlds.load(workdir, step=step)
   clip_len = int(genie.config.data.clip_len)
   if not 1 <= prompt_frames <= min(genie.max_prompt_frames, clip_len):
     raise ValueError(f"--prompt_frames={prompt_frames} must be in [1, "

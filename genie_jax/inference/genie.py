@@ -407,8 +407,11 @@ def _play_step(world, tokens_BTN, actions_BT, caches, n, g, action_B, rng, *, nu
   return tokens_BTN, actions_BT, (cache, decoder_cache), frame_BHWC
 
 
-class Genie:
-  """A trained world model for generation: tokenizer, LAM and dynamics model.
+class Generator:
+  """What every trained world model shares for generation, whatever its dynamics family:
+  the restored WorldModel (tokenizer, LAM, dynamics), host-side checks of prompts and
+  actions, and the LAM's actions. `Genie` (MaskGIT) and
+  `genie_jax.inference.diffusion.DiffusionGenie` add their rollouts and play sessions.
 
   Attributes:
     world: the WorldModel (tokenizer, lam, dynamics submodules).
@@ -416,15 +419,16 @@ class Genie:
     step: the checkpoint step (None when built from a module).
     num_actions: A; actions are ints in [0, A).
     max_frames: frames the dynamics model sees at once (the window of a rollout).
-    prior_weight: `sampling_prior_weight` of the config, which rollouts and play use.
   """
+
+  # The config.stage of the workdirs `from_workdir` restores.
+  stage = "dynamics"
 
   def __init__(self, world: dynamics_lib.WorldModel, *, config: Any = None,
                step: int | None = None):
     self.world = world
     self.config = config
     self.step = step
-    self.prior_weight = sampling_prior_weight(config)
     self.num_actions = world.dynamics.num_actions
     self.max_frames = world.dynamics.transformer.max_frames
     if self.max_frames < 2:
@@ -433,25 +437,20 @@ class Genie:
     self.tokenizer_frames = world.tokenizer.decoder.max_frames
     tok = world.tokenizer
     self.frame_shape = (tok.image_size, tok.image_size, tok.channels)
-    graphdef, state = nnx.split(world)
-    self._state = state
+    self._graphdef, self._state = nnx.split(world)
+    self._infer_actions = self._jit(lambda w, v: w.lam.infer_actions(v))
 
-    def jit(fn: Callable, static=()):
-      # The model's weights are an argument (not constants baked into the program).
-      return jax.jit(lambda s, *args, **kw: fn(nnx.merge(graphdef, s), *args, **kw),
-                     static_argnames=static)
-
-    self._tokenize = jit(lambda w, v: w.tokenizer.encode(v)[0])
-    self._detokenize = jit(lambda w, t: decode_frames(w.tokenizer, t))
-    self._infer_actions = jit(lambda w, v: w.lam.infer_actions(v))
-    self._rollout = jit(_rollout, static=("num_steps", "temperature", "cached", "prior_weight"))
-    self._play_start = jit(_play_start, static=("length",))
-    self._play_step = jit(_play_step, static=("num_steps", "temperature", "prior_weight"))
+  def _jit(self, fn: Callable, static=()):
+    """fn(world, *args) jitted with the model's weights as an argument (not constants baked
+    into the program)."""
+    graphdef = self._graphdef
+    return jax.jit(lambda s, *args, **kw: fn(nnx.merge(graphdef, s), *args, **kw),
+                   static_argnames=static)
 
   @classmethod
-  def from_workdir(cls, dynamics_workdir: str, *, step: int | None = None) -> Genie:
-    """Restores a dynamics-stage workdir (its tokenizer and LAM come with it)."""
-    loaded = stages.load_stage(dynamics_workdir, step=step, expect_stage="dynamics")
+  def from_workdir(cls, dynamics_workdir: str, *, step: int | None = None):
+    """Restores a workdir of `cls.stage` (its tokenizer and LAM come with it)."""
+    loaded = stages.load_stage(dynamics_workdir, step=step, expect_stage=cls.stage)
     return cls(loaded.model, config=loaded.config, step=loaded.step)
 
   # --- Checks on host inputs, with messages that say what was expected.
@@ -476,10 +475,44 @@ class Genie:
                        f"{self.num_actions} latent actions, [0, {self.num_actions})")
     return actions.astype(np.int32)
 
+  def _check_rollout(self, prompt_BTHWC, actions_BT) -> tuple[jax.Array, np.ndarray]:
+    prompt = self._check_video(prompt_BTHWC, "prompt", self.max_prompt_frames)
+    actions = self.check_actions(actions_BT)
+    if actions.ndim != 2 or actions.shape[0] != prompt.shape[0]:
+      raise ValueError(f"actions must be (B={prompt.shape[0]}, frames to generate); got "
+                       f"{actions.shape}")
+    return prompt, actions
+
   @property
   def max_prompt_frames(self) -> int:
     """The longest prompt: it must fit the tokenizer and leave the dynamics window a frame."""
     return min(self.max_frames - 1, self.tokenizer_frames)
+
+  def infer_actions(self, video_BTHWC) -> jax.Array:
+    """The LAM's latent actions (B, T-1) int32: [:, t] took frame t to frame t+1."""
+    video = self._check_video(video_BTHWC, "video")
+    if video.shape[1] < 2:
+      raise ValueError(f"infer_actions needs at least 2 frames; got {video.shape[1]}")
+    return self._infer_actions(self._state, video)
+
+
+class Genie(Generator):
+  """A trained MaskGIT world model for generation (`Generator`), with token-level access.
+
+  Attributes (besides `Generator`'s):
+    prior_weight: `sampling_prior_weight` of the config, which rollouts and play use.
+  """
+
+  def __init__(self, world: dynamics_lib.WorldModel, *, config: Any = None,
+               step: int | None = None):
+    super().__init__(world, config=config, step=step)
+    self.prior_weight = sampling_prior_weight(config)
+    jit = self._jit
+    self._tokenize = jit(lambda w, v: w.tokenizer.encode(v)[0])
+    self._detokenize = jit(lambda w, t: decode_frames(w.tokenizer, t))
+    self._rollout = jit(_rollout, static=("num_steps", "temperature", "cached", "prior_weight"))
+    self._play_start = jit(_play_start, static=("length",))
+    self._play_step = jit(_play_step, static=("num_steps", "temperature", "prior_weight"))
 
   # --- Public API.
 
@@ -491,13 +524,6 @@ class Genie:
   def detokenize(self, tokens_BTN) -> jax.Array:
     """video_BTHWC float32 in [0, 1] of tokens_BTN (any number of frames)."""
     return self._detokenize(self._state, jnp.asarray(tokens_BTN, jnp.int32))
-
-  def infer_actions(self, video_BTHWC) -> jax.Array:
-    """The LAM's latent actions (B, T-1) int32: [:, t] took frame t to frame t+1."""
-    video = self._check_video(video_BTHWC, "video")
-    if video.shape[1] < 2:
-      raise ValueError(f"infer_actions needs at least 2 frames; got {video.shape[1]}")
-    return self._infer_actions(self._state, video)
 
   def rollout(self, prompt_BTHWC, actions_BT, *, rng: jax.Array, num_steps: int = 25,
               temperature: float = 1.0, cached: bool = True) -> jax.Array:
@@ -515,10 +541,7 @@ class Genie:
       video float32 (B, p + a, H, W, C) in [0, 1]: the prompt's p frames, then the a
       generated frames (one per action).
     """
-    prompt = self._check_video(prompt_BTHWC, "prompt", self.max_prompt_frames)
-    actions = self.check_actions(actions_BT)
-    if actions.ndim != 2 or actions.shape[0] != prompt.shape[0]:
-      raise ValueError(f"actions must be (B={prompt.shape[0]}, A); got {actions.shape}")
+    prompt, actions = self._check_rollout(prompt_BTHWC, actions_BT)
     return self._rollout(self._state, prompt, jnp.asarray(actions), rng,
                          num_steps=int(num_steps), temperature=float(temperature),
                          cached=cached, prior_weight=self.prior_weight)

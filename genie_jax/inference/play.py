@@ -326,8 +326,8 @@ class SampledGenie:
 
 def load_world(workdir: str, *, step: int | None = None, temperature: float = 1.0,
                seed: int = 0) -> SampledGenie:
-  """The trained Genie of a dynamics workdir (its tokenizer and LAM come with it)."""
+  """The trained world model of a workdir of either dynamics family (its tokenizer and LAM
+  come with it)."""
   # Imported here: serving itself needs no model code (tests serve stand-in worlds).
-  from genie_jax.inference import genie as genie_lib  # pylint: disable=g-import-not-at-top
-  return SampledGenie(genie_lib.Genie.from_workdir(workdir, step=step),
-                      temperature=temperature, seed=seed)
+  from genie_jax.inference import worlds  # pylint: disable=g-import-not-at-top
+  return SampledGenie(worlds.load(workdir, step=step), temperature=temperature, seed=seed)

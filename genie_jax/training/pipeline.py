@@ -118,7 +118,8 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, o
     out = paths.join(report_dir, f"rollouts_{actions}")
     result = generate_lib.generate(stages["dynamics"][0], actions=actions,
                                    num_videos=config.report.num_videos, out_dir=out,
-                                   num_steps=config.dynamics.evals.controllability.maskgit_steps,
+                                   num_steps=controllability_lib.sampling_steps(
+                                       config.dynamics.evals.controllability),
                                    temperature=config.dynamics.evals.controllability.temperature)
     videos[actions] = [f"rollouts_{actions}/{os.path.basename(f)}" for f in result["files"]
                        if f.endswith(".gif")]
@@ -327,6 +328,10 @@ _HEADLINE = (
     ("lam", "latent_actions/codebook_usage", "LAM codebook usage"),
     ("dynamics", "controllability/masked_accuracy", "Dynamics masked-token accuracy"),
     ("dynamics", "controllability/masked_accuracy_random_actions",
+     "  the same with random actions"),
+    ("dynamics", "controllability/denoising_mse",
+     "Dynamics denoising MSE of the latents (diffusion)"),
+    ("dynamics", "controllability/denoising_mse_random_actions",
      "  the same with random actions"),
     ("dynamics", "controllability/nmi", "LAM NMI vs true actions (as used by dynamics)"),
     ("dynamics", "controllability/accuracy", "LAM best-assignment accuracy"),
