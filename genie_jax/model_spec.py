@@ -65,12 +65,16 @@ def abstract_model(task: Task) -> tuple[Any, dict[str, Any]]:
   return nnx.eval_shape(create)
 
 
-def make_model_spec(task: Task, config: ml_collections.ConfigDict, mesh: Mesh) -> ModelSpec:
-  """Shapes and shardings of the task's model on `mesh`, by config.sharding.rules; a mesh
-  axis that would split none of the weights it is meant to is refused (`check_split`)."""
+def make_model_spec(task: Task, config: ml_collections.ConfigDict, mesh: Mesh, *,
+                    check_split: bool = True) -> ModelSpec:
+  """Shapes and shardings of the task's model on `mesh`, by config.sharding.rules. With
+  `check_split`, a mesh axis that would split none of the weights it is meant to is refused
+  (`sharding.check_split`); restoring onto a mesh chosen for another model (an earlier
+  stage onto a later stage's mesh) skips it, and replicates what an axis does not divide."""
   rules = sharding.rules_of(config)
   graphdef, shapes = abstract_model(task)
-  sharding.check_split(shapes, mesh, rules)
+  if check_split:
+    sharding.check_split(shapes, mesh, rules)
   shardings = {k: _fit(shapes[k], sharding.state_shardings(shapes[k], mesh, rules))
                for k in MODEL_KEYS}
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),

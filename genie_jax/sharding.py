@@ -57,9 +57,14 @@ DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("qkv", None),
 )
 
+
 def _axes_of(rules: Rules, logical: str) -> tuple[str, ...]:
   """The mesh axes the rules map a logical name to (a tuple, possibly empty)."""
-  axes = dict(rules)[logical]
+  table = dict(rules)
+  if logical not in table:
+    raise ValueError(f"config.sharding.rules has no rule for the logical axis {logical!r}; "
+                     f"add one (e.g. [{logical!r}, None] to replicate it)")
+  axes = table[logical]
   return (axes,) if isinstance(axes, str) else tuple(axes or ())
 
 
@@ -71,7 +76,11 @@ def single_device_mesh_shape() -> dict[str, int]:
 def default_mesh_shape(rules: Rules = DEFAULT_RULES) -> dict[str, int]:
   """All devices on the first mesh axis the batch is split over (weights replicated,
   batches split), every other axis 1."""
-  return dict(single_device_mesh_shape(), **{_axes_of(rules, BATCH)[0]: -1})
+  axes = _axes_of(rules, BATCH)
+  if not axes:
+    raise ValueError(f"config.sharding.rules maps {BATCH!r} to no mesh axis, so batches "
+                     f"cannot be split; map it to one (default: {dict(DEFAULT_RULES)[BATCH]})")
+  return dict(single_device_mesh_shape(), **{axes[0]: -1})
 
 
 def data_parallel_axes(rules: Rules) -> tuple[str, ...]:

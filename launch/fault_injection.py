@@ -44,7 +44,7 @@ SCENARIOS = ("kill9", "sigterm", "corrupt")
 
 def main_flags(data_dir: str, workdir: str, total_steps: int, checkpoint_every: int,
                **overrides) -> list[str]:
-  """genie_jax.cli.train flags of the tiny job (tests/test_train.py's tiny_config, without images
+  """genie_jax.cli.train flags of the tiny job (tests/conftest.py's tiny_config, without images
   and evaluations, keeping every checkpoint)."""
   values = {
       "data.data_dir": data_dir, "data.image_size": 32, "data.clip_len": 8,

@@ -7,6 +7,7 @@ that code's restored models gave on fixed inputs (the tokenizer's tokens, the LA
 the dynamics model's logits).
 """
 
+import json
 import os
 import shutil
 
@@ -60,8 +61,12 @@ def test_old_workdirs_restore_to_the_same_models(old):
 def test_old_workdirs_resume(old, stage, tiny_data_dir):
   genie_dir, _ = old
   workdir = os.path.join(genie_dir, stage)
+  with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
+    assert ["batch", ["data", "fsdp"]] in json.load(f)["sharding"]["rules"]
   config = checkpointing.load_config(workdir)
-  # Its own config is accepted for a resume (the old axis names read as today's)...
+  # A rerun sends today's rules: the old axis names read as today's, so it resumes...
+  with config.unlocked():
+    config.sharding.rules = [list(rule) for rule in sharding.DEFAULT_RULES]
   checkpointing.check_resume_config(workdir, tasks.resolve_config(config),
                                     tasks.derived_keys((stage,)))
   # ...and training continues from its checkpoint, on this machine's copy of the data.

@@ -17,6 +17,7 @@ from configs import dynamics as dynamics_config
 from configs import lam as lam_config
 from configs import tokenizer as tokenizer_config
 from genie_jax import tasks
+from genie_jax import visualize
 from genie_jax.inference import diffusion as diffusion_sampling
 from genie_jax.inference import worlds
 from genie_jax.models import diffusion as diffusion_lib
@@ -237,7 +238,8 @@ def test_cached_sampling_equals_the_uncached_reference(conditioning, positions):
   actions = np.random.default_rng(5).integers(0, ACTIONS, (2, 6)).astype(np.int32)
   # 2 prompt + 6 generated frames: past the window of 5, which then slides.
   run = lambda cached: diffusion_sampling.rollout_latents(
-      model, z, actions, jax.random.key(0), num_steps=3, cached=cached)
+      model, z, actions, jax.random.key(0), num_steps=3, cached=cached,
+      prompt_actions_BT=np.ones((2, 1), np.int32))
   cached, uncached = np.asarray(run(True)), np.asarray(run(False))
   assert cached.shape == (2, 8, TOKENS, LATENT)
   np.testing.assert_array_equal(cached[:, :2], z)
@@ -298,6 +300,17 @@ def test_the_pipeline_evaluates_generates_and_plays_the_diffusion_family(tmp_pat
   assert session.frames.shape[1] == genie.max_frames + 2
   video = genie.rollout(prompt, np.zeros((1, 3), np.int32), rng=jax.random.key(0), num_steps=2)
   assert video.shape == (1, 4, IMAGE_SIZE, IMAGE_SIZE, 3)
+  # Without noise a rollout and a play session are the same flow: from a 2-frame prompt
+  # (the LAM's action between them) and past the window, where it slides.
+  prompt = np.random.default_rng(0).integers(0, 256, (1, 2, IMAGE_SIZE, IMAGE_SIZE, 3),
+                                             dtype=np.uint8)
+  actions = np.arange(genie.max_frames + 2).reshape(1, -1) % genie.num_actions
+  rolled = genie.rollout(prompt, actions, rng=jax.random.key(0), num_steps=2, temperature=0.0)
+  session = genie.start(prompt, num_steps=2, temperature=0.0)
+  for action in actions[0]:
+    session.step(int(action))
+  played = session.frames.astype(np.int32)
+  np.testing.assert_allclose(visualize.to_uint8(np.asarray(rolled)), played, atol=1)
   with pytest.raises(ValueError, match=r"out of range.*\[0, "):
     genie.rollout(prompt, np.full((1, 3), genie.num_actions), rng=jax.random.key(0))
   with pytest.raises(ValueError, match="holds a 'tokenizer' stage.*world model"):

@@ -593,8 +593,8 @@ def _save_stage(workdir, config, seed):
   task = tasks.get_task(config)
   spec = train_state.make_state_spec(
       task, config, sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1]))
-  checkpointing.save_config(workdir, config)
-  ckpt = checkpointing.Checkpointer(workdir, config.checkpoint, config)
+  checkpointing.save_config(workdir, task.config)
+  ckpt = checkpointing.Checkpointer(workdir, config.checkpoint, task.config)
   ckpt.save(2, spec.init(jax.random.key(seed)), force=True)
   ckpt.close()
 

@@ -1,7 +1,7 @@
 r"""Compiles a stage's train step ahead of time for a TPU topology, on this (CPU) machine, and
 says whether it fits in HBM: the sharding and the memory plan are known before a pod is held.
-With --rollout (dynamics configs) the cached rollout of `genie_jax.inference.genie` is compiled too, and
-with --evaluators every per-batch function of the config's evaluators.
+With --rollout (dynamics configs) the cached rollout of `genie_jax.inference.genie` is
+compiled too, and with --evaluators every per-batch function of the config's evaluators.
 
   pip install --no-deps --target /tmp/libtpu_pkg "libtpu==0.0.42.*"  # jax 0.10's pin; no TPU
   PYTHONPATH=/tmp/libtpu_pkg JAX_PLATFORMS=cpu python -m genie_jax.cli.aot \

@@ -28,8 +28,10 @@ def define_flags() -> None:
       "num_frames", None, "Frames to generate; default: the clip length minus the prompt.")
   flags.DEFINE_string("actions", "random",
                       "Comma-separated action indices, 'random' or 'inferred'.")
-  flags.DEFINE_integer("num_steps", 25, "MaskGIT steps per frame.")
-  flags.DEFINE_float("temperature", 1.0, "Sampling temperature (0 = argmax).")
+  flags.DEFINE_integer("num_steps", 25, "Steps per frame: MaskGIT steps, or the diffusion "
+                       "family's Euler steps.")
+  flags.DEFINE_float("temperature", 1.0, "Sampling temperature (MaskGIT; 0 = argmax), or the "
+                     "scale of each frame's starting noise (diffusion).")
   flags.DEFINE_integer("seed", 0, "Seed of the sampling and of random actions.")
   flags.DEFINE_integer("num_videos", 4, "Videos to generate (one batch).")
   flags.DEFINE_integer("prompt_frames", 1, "Ground-truth frames to start from.")

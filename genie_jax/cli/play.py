@@ -20,10 +20,12 @@ def define_flags() -> None:
   flags.DEFINE_integer("port", 8000, "Port to serve the page on.")
   flags.DEFINE_string("host", "127.0.0.1", "Address to serve on (0.0.0.0: all).")
   flags.DEFINE_integer("step", None, "Checkpoint step; default: the latest.")
-  flags.DEFINE_integer("num_steps", 25, "MaskGIT decoding steps per frame at the start "
+  flags.DEFINE_integer("num_steps", 25, "Steps per frame at the start (MaskGIT's, or the "
+                       "diffusion family's Euler steps) "
                        "(Genie: 25); the page can change it.")
   flags.DEFINE_float("temperature", 1.0,
-                     "Sampling temperature (Genie: 1.0 on CoinRun; 0: argmax).")
+                     "Sampling temperature (MaskGIT; Genie: 1.0 on CoinRun; 0: argmax), or "
+                     "the scale of each frame's starting noise (diffusion).")
   flags.DEFINE_integer("seed", 0, "Seed of the sampler and of the random prompt.")
   flags.DEFINE_integer("num_prompts", 32, "Validation clips whose frames can be prompts.")
   flags.DEFINE_list("arrow_actions", ["0", "1", "2", "3"],

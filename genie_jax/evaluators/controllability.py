@@ -39,8 +39,8 @@ Both dynamics families are evaluated alike (`_FAMILIES`): a MaskGIT stage ('dyna
 its tokens, with `maskgit_steps` per frame, and a diffusion stage ('diffusion') on its
 continuous latents, with `sampling_steps` Euler steps per frame and `temperature` as the
 scale of each frame's starting noise. The diffusion stage's teacher-forced score is
-`denoising_mse` (every frame after the first at noise level 0.5 behind a clean past: the
-mean squared error of the clean latents it implies; lower is better) in place of
+`denoising_mse` (the first frame clean, every later frame noised to level 0.5: the mean
+squared error of the clean latents the model implies for them; lower is better) in place of
 masked_accuracy, and it has no token_accuracy.
 """
 
@@ -68,9 +68,13 @@ from genie_jax.tasks import dynamics as dynamics_task
 _VARIANTS = ("inferred", "random", "true")
 
 
-def sampling_steps(eval_cfg: ml_collections.ConfigDict) -> int:
-  """Steps per generated frame of a controllability config, of either family."""
-  return eval_cfg.get("sampling_steps") or eval_cfg.maskgit_steps
+# The key of the steps per generated frame, by config.stage.
+STEPS_KEYS = {"dynamics": "maskgit_steps", "diffusion": "sampling_steps"}
+
+
+def sampling_steps(eval_cfg: ml_collections.ConfigDict, stage: str) -> int:
+  """Steps per generated frame of a controllability config of a `stage` config."""
+  return eval_cfg[STEPS_KEYS[stage]]
 
 
 class _MaskGit:
@@ -128,7 +132,7 @@ class _Diffusion:
   def rollout(self, world, prompt_BTHWC, actions_BT, rng):
     return diffusion_sampling.rollout_latents(
         world.dynamics, world.tokenizer.encode_latents(prompt_BTHWC), actions_BT, rng,
-        num_steps=sampling_steps(self.cfg), noise_scale=self.cfg.temperature)
+        num_steps=self.cfg.sampling_steps, noise_scale=self.cfg.temperature)
 
   def first_frame_agreement(self, rolled_BTNL, z_BTNL):
     del rolled_BTNL, z_BTNL
@@ -170,8 +174,11 @@ class ControllabilityEvaluator(base.Evaluator):
     if config.stage not in _FAMILIES:
       raise ValueError(f"config.evals.{name}: the controllability evaluator evaluates a "
                        f"world model ({sorted(_FAMILIES)}), not config.stage={config.stage!r}")
-    steps_key = "sampling_steps" if "sampling_steps" in eval_cfg else "maskgit_steps"
-    if sampling_steps(eval_cfg) < 1 or eval_cfg.temperature < 0:
+    steps_key = STEPS_KEYS[config.stage]
+    if steps_key not in eval_cfg:
+      raise ValueError(f"config.evals.{name} has no {steps_key} (steps per generated frame "
+                       f"of a {config.stage!r} stage)")
+    if eval_cfg[steps_key] < 1 or eval_cfg.temperature < 0:
       raise ValueError(f"config.evals.{name}: {steps_key}={eval_cfg[steps_key]} must be "
                        f">= 1 and temperature={eval_cfg.temperature} >= 0")
     return horizon

@@ -38,7 +38,8 @@ def _step(dynamics: diffusion_lib.DiffusionModel, prediction_BNL: jax.Array, x_B
 
 def rollout_latents(dynamics: diffusion_lib.DiffusionModel, prompt_BTNL: jax.Array,
                     actions_BT: jax.Array, rng: jax.Array, *, num_steps: int,
-                    cached: bool = True, noise_scale: float = 1.0) -> jax.Array:
+                    cached: bool = True, noise_scale: float = 1.0,
+                    prompt_actions_BT: jax.Array | None = None) -> jax.Array:
   """Latents of the prompt's p frames followed by one generated frame per action.
 
   Args:
@@ -51,6 +52,8 @@ def rollout_latents(dynamics: diffusion_lib.DiffusionModel, prompt_BTNL: jax.Arr
     cached: keep the window's past keys/values across a frame's steps.
     noise_scale: scale of each frame's starting noise (1: the model's level-1 distribution;
       0: every frame starts from zeros, a deterministic flow).
+    prompt_actions_BT: the p - 1 actions between the prompt's frames (the LAM's), when
+      p > 1.
 
   Returns:
     z_BTNL, float32, (B, p + a, N, L).
@@ -64,14 +67,20 @@ def rollout_latents(dynamics: diffusion_lib.DiffusionModel, prompt_BTNL: jax.Arr
   z_BTNL = z_BTNL.at[:, :p].set(prompt_BTNL.astype(jnp.float32))
   taken_BT = jnp.zeros((b, length), jnp.int32).at[:, p - 1:p - 1 + a].set(
       actions_BT.astype(jnp.int32))
-  caused_BT = dynamics_lib.caused_by(taken_BT, dynamics.no_action)
+  if p > 1:
+    if prompt_actions_BT is None or prompt_actions_BT.shape != (b, p - 1):
+      raise ValueError(f"a prompt of {p} frames needs prompt_actions_BT of shape "
+                       f"{(b, p - 1)} (the actions between its frames)")
+    taken_BT = taken_BT.at[:, :p - 1].set(prompt_actions_BT.astype(jnp.int32))
   levels = _levels(num_steps)
 
   def frame(f, z_BTNL):
     start = jnp.maximum(f - (w - 1), 0)
     at = f - start  # The new frame's place in the window.
     window_BTNL = jax.lax.dynamic_slice_in_dim(z_BTNL, start, w, axis=1)
-    caused_window_BT = jax.lax.dynamic_slice_in_dim(caused_BT, start, w, axis=1)
+    # The window's first frame has no cause in it, as every clip's first frame in training.
+    caused_window_BT = dynamics_lib.caused_by(
+        jax.lax.dynamic_slice_in_dim(taken_BT, start, w, axis=1), dynamics.no_action)
     x_BNL = noise_scale * jax.random.normal(jax.random.fold_in(rng, f),
                                             z_BTNL.shape[:1] + z_BTNL.shape[2:])
     if cached:
@@ -138,10 +147,16 @@ def decode_latent_frames(tokenizer: tokenizer_lib.Tokenizer, z_BTNL: jax.Array) 
   return jnp.concatenate([decode(z_BTNL[:, :t_max]), jnp.moveaxis(tail_TBHWC, 0, 1)], axis=1)
 
 
+def prompt_actions(world, prompt_BTHWC: jax.Array) -> jax.Array | None:
+  """The LAM's actions between the prompt's frames; None for a one-frame prompt."""
+  return world.lam.infer_actions(prompt_BTHWC) if prompt_BTHWC.shape[1] > 1 else None
+
+
 def _rollout(world, prompt_BTHWC, actions_BT, rng, *, num_steps, noise_scale, cached):
   z_BTNL = rollout_latents(world.dynamics, world.tokenizer.encode_latents(prompt_BTHWC),
                            actions_BT, rng, num_steps=num_steps, cached=cached,
-                           noise_scale=noise_scale)
+                           noise_scale=noise_scale,
+                           prompt_actions_BT=prompt_actions(world, prompt_BTHWC))
   p = prompt_BTHWC.shape[1]
   generated_BTHWC = decode_latent_frames(world.tokenizer, z_BTNL)[:, p:]
   return jnp.concatenate([tokenizer_lib.to_unit_interval(prompt_BTHWC), generated_BTHWC], 1)
@@ -227,6 +242,8 @@ class DiffusionPlaySession:
     self._z_BTNL = jnp.zeros((b, self._length) + prompt_BTNL.shape[2:], jnp.float32).at[
         :, :p].set(prompt_BTNL)
     self._taken_BT = jnp.zeros((b, self._length), jnp.int32)
+    if p > 1:
+      self._taken_BT = self._taken_BT.at[:, :p - 1].set(genie.infer_actions(prompt_BTHWC))
     self._count = p  # Frames held in the buffer.
     self._frames = [np.asarray(prompt_BTHWC)[:, t] for t in range(p)]
 
@@ -249,9 +266,10 @@ class DiffusionPlaySession:
       self._taken_BT = jnp.roll(self._taken_BT, -1, axis=1)
       self._count -= 1
     self._rng, key = jax.random.split(self._rng)
-    self._z_BTNL, self._taken_BT, frame_BHWC = self._genie._play_step(  # pylint: disable=protected-access
-        self._genie._state, self._z_BTNL, self._taken_BT, jnp.int32(self._count),  # pylint: disable=protected-access
-        jnp.asarray(action_B), key, **self._static)
+    genie = self._genie
+    self._z_BTNL, self._taken_BT, frame_BHWC = genie._play_step(  # pylint: disable=protected-access
+        genie._state, self._z_BTNL, self._taken_BT,  # pylint: disable=protected-access
+        jnp.int32(self._count), jnp.asarray(action_B), key, **self._static)
     self._count += 1
     self._frames.append(visualize.to_uint8(np.asarray(frame_BHWC)))
     return self._frames[-1][0]

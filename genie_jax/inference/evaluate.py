@@ -19,7 +19,6 @@ from genie_jax import visualize
 from genie_jax.training import checkpointing
 
 
-
 def apply_eval_settings(config, settings: list[str]) -> None:
   """Sets each 'KEY=VALUE' of `settings` in every config.evals entry that has KEY, typed as
   the value there; raises ValueError naming a setting that no evaluator has."""

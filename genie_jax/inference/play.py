@@ -1,7 +1,8 @@
 r"""Play a trained Genie world model in a web browser (the command: genie_jax/cli/play.py).
 
-Pick a prompt frame (the first frames of a few validation clips, or "random"), then press number keys 1..9, 0 (latent actions 0..9) or the arrow keys
-(mapped to actions by --arrow_actions), or click the action buttons. Each frame is shown as soon
+Pick a prompt frame (the first frames of a few validation clips, or "random"), then press
+number keys 1..9, 0 (latent actions 0..9) or the arrow keys (mapped to actions by
+--arrow_actions), or click the action buttons. Each frame is shown as soon
 as it is generated; the page also shows the generation latency, the recent frames and actions,
 and offers the played episode as a GIF. Its MaskGIT step count (fewer: faster frames, coarser
 samples) applies from the next start or reset, and choosing one resets the episode.
@@ -40,7 +41,6 @@ import jax
 import numpy as np
 
 
-
 # Keys the page maps to actions through /api/info; number keys are fixed (1..9, 0).
 ARROW_KEYS = ("ArrowLeft", "ArrowRight", "ArrowUp", "ArrowDown")
 NUM_THUMBNAILS = 8
@@ -58,13 +58,13 @@ class PlaySession(Protocol):
 
 
 class World(Protocol):
-  """A playable world model: `genie.Genie` or a test stand-in."""
+  """A playable world model: `genie.Genie`, `diffusion.DiffusionGenie` or a test stand-in."""
 
   num_actions: int
 
   def start(self, prompt_BTHWC: np.ndarray, num_steps: int) -> PlaySession:
     """Starts an episode from prompt frames, uint8 (1, T, H, W, C), sampling each frame
-    with `num_steps` MaskGIT steps."""
+    with `num_steps` steps (MaskGIT's, or the diffusion family's Euler steps)."""
 
 
 class PlayError(ValueError):
@@ -123,12 +123,12 @@ class Game:
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not (
         1 <= num_steps <= MAX_NUM_STEPS):
       raise PlayError(f"num_steps={num_steps!r} is not valid: give an integer in "
-                      f"[1, {MAX_NUM_STEPS}] (MaskGIT steps per frame).")
+                      f"[1, {MAX_NUM_STEPS}] (steps per frame).")
     return num_steps
 
   def start(self, prompt: Any, num_steps: Any = None) -> dict[str, Any]:
     """Starts a new episode from thumbnail `prompt` (an index) or "random", with
-    `num_steps` MaskGIT steps per frame from now on (None: as before)."""
+    `num_steps` steps per frame from now on (None: as before)."""
     if num_steps is not None:
       num_steps = self._check_num_steps(num_steps)
     with self._lock:

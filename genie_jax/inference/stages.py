@@ -71,7 +71,7 @@ def load_stage(workdir: str, *, step: int | None = None, mesh: jax.sharding.Mesh
   task = tasks.get_task(config)
   config = task.config
   spec = model_spec.make_model_spec(
-      task, config, mesh or default_mesh(sharding.rules_of(config)))
+      task, config, mesh or default_mesh(sharding.rules_of(config)), check_split=False)
   ckpt = checkpointing.Checkpointer(workdir, config.checkpoint, read_only=True)
   try:
     available = ckpt.all_steps()
@@ -92,7 +92,7 @@ def graft(state: dict[str, Any], spec: model_spec.ModelSpec, path: str,
   """Copies every variable of `source` into the submodule `path` of the state's model.
 
   `source` must have the submodule's structure (e.g. the model of a `load_stage` of an
-  earlier stage). Trainable and frozen variables land where `spec.trainable` puts them, with
+  earlier stage); `spec` is the train state's (a `train_state.StateSpec`). Trainable and frozen variables land where `spec.trainable` puts them, with
   the shardings of `spec`; the optimizer state is kept as is.
 
   Args:

@@ -82,6 +82,9 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.model.objective={cfg.objective!r}; expected one of "
                      f"{list(OBJECTIVES)}")
   layers.validate_temporal_settings(cfg)
+  if cfg.sink_frames:
+    raise ValueError(f"config.model.sink_frames={cfg.sink_frames}: the diffusion sampler "
+                     "recomputes its window's past for every frame and keeps no sink; use 0")
   grid = dynamics_lib.token_grid(cfg)
   if grid is not None and grid[0] * grid[1] != cfg.tokens_per_frame:
     raise ValueError(f"config.model.spatial_rope needs a square token grid; "

@@ -99,9 +99,9 @@ def resolve_config(config: ml_collections.ConfigDict,
       another stage; a derived key set to another value than the stages give.
   """
   cls = task_class(config.stage)
-  if not cls.depends_on:
-    return config
   resolved = copy.deepcopy(config)
+  if not cls.depends_on:
+    return resolved
   models = {}
   with resolved.unlocked():
     for dep in cls.depends_on:

@@ -1,7 +1,7 @@
 """What a training stage is: a model factory, a loss, and how to look at the model.
 
-The shared trainer (genie_jax/training/trainer.py) owns everything else: mesh, input, sharding, optimizer,
-checkpoints, logging and the loop, and the stages a task builds on (`depends_on`): their
+The shared trainer (genie_jax/training/trainer.py) owns everything else: mesh, input,
+sharding, optimizer, checkpoints, logging and the loop, and the stages a task builds on (`depends_on`): their
 configs are read and its sizes derived before the task is built (`tasks.resolve_config`), and
 their weights grafted into its first train state (`stages.init_from_dependencies`). Adding a
 stage means adding one Task subclass, registering it in genie_jax/tasks/__init__.py and

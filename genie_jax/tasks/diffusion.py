@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 from flax import nnx
 
 from genie_jax.models import diffusion as diffusion_lib
@@ -110,7 +109,3 @@ class DiffusionTask(base.Task):
     decode = lambda z: jnp.clip(model.tokenizer.decode_latents(z), 0.0, 1.0)
     return [tokenizer_lib.to_unit_interval(batch["video"]), decode(z_BTNL), decode(x0_BTNL)]
 
-
-def check_config(config: ml_collections.ConfigDict) -> None:
-  """The diffusion stage's config checks (`DiffusionTask.validate`) on a resolved config."""
-  DiffusionTask(config).validate()

@@ -10,7 +10,6 @@ the dynamics model.
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -147,10 +146,10 @@ class DynamicsTask(base.Task):
 
   Config keys (besides the trainer's): tokenizer_workdir, tokenizer_step, lam_workdir,
   lam_step (0: latest checkpoint), tokenizer_model and lam_model (filled in from the
-  workdirs; leave empty: `base.Dependency`), cotrain_lam, lam_loss_weight, context_noise (the largest rate of
-  `corrupt_context`; 0: Genie's clean context), mask_rate_per and min_mask_rate (the
-  training mask, `sample_mask`), rare_token_weight (alpha of `rarity_weights`; 0:
-  Genie's plain cross-entropy); model: see
+  workdirs; leave empty: `base.Dependency`), cotrain_lam, lam_loss_weight, context_noise
+  (the largest rate of `corrupt_context`; 0: Genie's clean context), mask_rate_per and
+  min_mask_rate (the training mask, `sample_mask`), rare_token_weight (alpha of
+  `rarity_weights`; 0: Genie's plain cross-entropy); model: see
   `genie_jax.models.dynamics.default_config`.
   """
 

@@ -61,12 +61,14 @@ def stage_configs(config: ml_collections.ConfigDict, workdir: str
   return {name: (dirs[name], config[name]) for name in names}
 
 
-def _upstream_models(stages: dict[str, tuple[str, ml_collections.ConfigDict]], name: str
+def _upstream_models(stages: dict[str, tuple[str, ml_collections.ConfigDict]], name: str,
+                     resolved: dict[str, ml_collections.ConfigDict]
                      ) -> dict[str, ml_collections.ConfigDict]:
   """The model configs of the stages `name` builds on that have no trained workdir yet: the
-  pipeline's own (a trained one's config.json is read, as training will read it)."""
+  pipeline's own, as resolved (`resolved`: {earlier stage: its resolved config}); a trained
+  one's config.json is read, as training will read it."""
   stage_config = stages[name][1]
-  return {dep.name: stages[dep.name][1].model
+  return {dep.name: resolved[dep.name].model
           for dep in tasks.task_class(stage_config.stage).depends_on
           if not (paths.path(stages[dep.name][0]) / checkpointing.CONFIG_FILE).exists()}
 
@@ -88,8 +90,11 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, o
   # Everything that can be checked before the first stage trains is checked now: the report's
   # thresholds, every stage's task (a later stage's on the configs of the stages it builds
   # on), every evaluator's settings.
+  resolved_configs = {}
   for stage, (stage_dir, stage_config) in stages.items():
-    resolved = tasks.get_task(stage_config, _upstream_models(stages, stage)).config
+    resolved = tasks.get_task(stage_config,
+                              _upstream_models(stages, stage, resolved_configs)).config
+    resolved_configs[stage] = resolved
     evaluators_lib.check_configs(resolved)
     metric_writers.check_wandb_config(resolved.get("wandb"))
     # A stage workdir is reused or continued only with the config it was trained with (a
@@ -119,7 +124,8 @@ def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, o
     result = generate_lib.generate(stages["dynamics"][0], actions=actions,
                                    num_videos=config.report.num_videos, out_dir=out,
                                    num_steps=controllability_lib.sampling_steps(
-                                       config.dynamics.evals.controllability),
+                                       config.dynamics.evals.controllability,
+                                       config.dynamics.stage),
                                    temperature=config.dynamics.evals.controllability.temperature)
     videos[actions] = [f"rollouts_{actions}/{os.path.basename(f)}" for f in result["files"]
                        if f.endswith(".gif")]
