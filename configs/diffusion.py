@@ -22,7 +22,6 @@ Example:
 
 import ml_collections
 
-import data_pipelines
 from configs import dynamics as dynamics_config
 from genie_jax import config_lib
 from genie_jax.models import diffusion as diffusion_lib
@@ -35,24 +34,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
                               objective="velocity")
   size = config_lib.model_size(args, dynamics_config.SIZES)
 
-  config = config_lib.base_config()
-  config.stage = "diffusion"
-  config.batch_size = 36
-  config.total_steps = 200_000
-  config.optimizer.lr = 3e-5
-  config.optimizer.end_lr = 3e-6
-  config.optimizer.warmup_steps = 5_000
-
-  # The earlier stages, by workdir; step 0 = their latest checkpoint; their model configs
-  # are filled in when training starts (leave empty).
-  config.tokenizer_workdir = args.tokenizer_workdir
-  config.tokenizer_step = 0
-  config.tokenizer_model = ml_collections.ConfigDict()
-  config.lam_workdir = args.lam_workdir
-  config.lam_step = 0
-  config.lam_model = ml_collections.ConfigDict()
-
-  config.data = data_pipelines.default_data_config(args.data)
+  config = dynamics_config.world_model_config("diffusion", args)
 
   config.model = diffusion_lib.default_config()
   config.model.update(dynamics_config.SIZES[size])

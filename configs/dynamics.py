@@ -37,29 +37,33 @@ SIZES = {
 }
 
 
+def world_model_config(stage: str, args) -> ml_collections.ConfigDict:
+  """What every world-model stage's config holds besides its model: the trainer's settings
+  at Genie App. F (CoinRun) scale, the stages it builds on (by workdir; step 0 = their latest
+  checkpoint; their model configs filled in when training starts: leave them empty, and
+  config.json keeps them, so that its workdir alone rebuilds every model) and the data."""
+  config = config_lib.base_config()
+  config.stage = stage
+  config.batch_size = 36
+  config.total_steps = 200_000
+  config.optimizer.lr = 3e-5
+  config.optimizer.end_lr = 3e-6
+  config.optimizer.warmup_steps = 5_000
+  for name in ("tokenizer", "lam"):
+    config[f"{name}_workdir"] = args[f"{name}_workdir"]
+    config[f"{name}_step"] = 0
+    config[f"{name}_model"] = ml_collections.ConfigDict()
+  config.data = data_pipelines.default_data_config(args.data)
+  return config
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The dynamics config for `arg` (see the module docstring)."""
   args = config_lib.parse_arg(arg, tokenizer_workdir="", lam_workdir="", data="builtin_world",
                               size="", runlocal=False, conditioning="additive", cotrain=False)
   size = config_lib.model_size(args, SIZES)
 
-  config = config_lib.base_config()
-  config.stage = "dynamics"
-  config.batch_size = 36
-  config.total_steps = 200_000
-  config.optimizer.lr = 3e-5
-  config.optimizer.end_lr = 3e-6
-  config.optimizer.warmup_steps = 5_000
-
-  # The earlier stages, by workdir; step 0 = their latest checkpoint.
-  config.tokenizer_workdir = args.tokenizer_workdir
-  config.tokenizer_step = 0
-  config.lam_workdir = args.lam_workdir
-  config.lam_step = 0
-  # The stages' config.model, copied from their workdirs when training starts (leave empty):
-  # config.json keeps them, so the dynamics workdir alone rebuilds all three models.
-  config.tokenizer_model = ml_collections.ConfigDict()
-  config.lam_model = ml_collections.ConfigDict()
+  config = world_model_config("dynamics", args)
   config.cotrain_lam = args.cotrain
   config.lam_loss_weight = 1.0
   # Largest fraction of the visible context tokens replaced by random codes in training
@@ -77,8 +81,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   # what the weighting does to the predicted probabilities (genie_jax/inference/genie.py,
   # sampling_prior_weight).
   config.unbias_sampling = True
-
-  config.data = data_pipelines.default_data_config(args.data)
 
   config.model = dynamics_lib.default_config()
   config.model.update(SIZES[size])

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from genie_jax import visualize
 from genie_jax.inference import genie as genie_lib
 from genie_jax.models import diffusion as diffusion_lib
 from genie_jax.models import dynamics as dynamics_lib
@@ -227,16 +225,14 @@ class DiffusionGenie(genie_lib.Generator):
         temperature=temperature)
 
 
-class DiffusionPlaySession:
-  """Frame-by-frame play from a prompt (`DiffusionGenie.start`), one compiled step for all
-  frames: a buffer of the last max(dynamics, tokenizer) max_frames frames' latents."""
+class DiffusionPlaySession(genie_lib.Session):
+  """Diffusion play (`DiffusionGenie.start`): a buffer of latents and of the actions taken."""
 
   def __init__(self, genie: DiffusionGenie, prompt_BTHWC: jax.Array, *, rng: jax.Array,
                num_steps: int, temperature: float):
-    self._genie = genie
-    self._rng = rng
+    super().__init__(genie, prompt_BTHWC, rng=rng,
+                     length=max(genie.max_frames, genie.tokenizer_frames))
     self._static = dict(num_steps=int(num_steps), noise_scale=float(temperature))
-    self._length = max(genie.max_frames, genie.tokenizer_frames)
     b, p = prompt_BTHWC.shape[:2]
     prompt_BTNL = genie._encode(genie._state, prompt_BTHWC)  # pylint: disable=protected-access
     self._z_BTNL = jnp.zeros((b, self._length) + prompt_BTNL.shape[2:], jnp.float32).at[
@@ -244,32 +240,14 @@ class DiffusionPlaySession:
     self._taken_BT = jnp.zeros((b, self._length), jnp.int32)
     if p > 1:
       self._taken_BT = self._taken_BT.at[:, :p - 1].set(genie.infer_actions(prompt_BTHWC))
-    self._count = p  # Frames held in the buffer.
-    self._frames = [np.asarray(prompt_BTHWC)[:, t] for t in range(p)]
 
-  @property
-  def frames(self) -> np.ndarray:
-    """Every frame so far, prompt included: uint8 (B, T, H, W, C)."""
-    return np.stack(self._frames, axis=1)
+  def _roll(self):
+    self._z_BTNL = jnp.roll(self._z_BTNL, -1, axis=1)
+    self._taken_BT = jnp.roll(self._taken_BT, -1, axis=1)
 
-  def step(self, action) -> np.ndarray:
-    """Generates the frame caused by `action` (an int for every example, or ints (B,)).
-
-    Returns:
-      The new frame of the first example: uint8 (H, W, C) (all examples: `frames`).
-    """
-    b = self._z_BTNL.shape[0]
-    action_B = self._genie.check_actions(np.broadcast_to(np.asarray(action), (b,)))
-    if self._count == self._length:
-      # Full: drop the oldest frame so that the new one goes into the last slot.
-      self._z_BTNL = jnp.roll(self._z_BTNL, -1, axis=1)
-      self._taken_BT = jnp.roll(self._taken_BT, -1, axis=1)
-      self._count -= 1
-    self._rng, key = jax.random.split(self._rng)
+  def _advance(self, action_B, key):
     genie = self._genie
     self._z_BTNL, self._taken_BT, frame_BHWC = genie._play_step(  # pylint: disable=protected-access
         genie._state, self._z_BTNL, self._taken_BT,  # pylint: disable=protected-access
-        jnp.int32(self._count), jnp.asarray(action_B), key, **self._static)
-    self._count += 1
-    self._frames.append(visualize.to_uint8(np.asarray(frame_BHWC)))
-    return self._frames[-1][0]
+        jnp.int32(self._count), action_B, key, **self._static)
+    return frame_BHWC

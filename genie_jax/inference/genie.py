@@ -554,25 +554,17 @@ class Genie(Generator):
                        temperature=temperature)
 
 
-class PlaySession:
-  """Frame-by-frame play from a prompt (see `Genie.start`); one compiled step for all frames.
+class Session:
+  """Frame-by-frame play from a prompt, one compiled step for all frames, whatever the
+  family: a buffer of the last `length` frames (older frames, which no model sees any more,
+  are dropped), kept by the subclass (`_roll`, `_advance`)."""
 
-  Holds a buffer of the last max(dynamics, tokenizer) max_frames frames' tokens (older
-  frames, which neither model sees any more, are dropped), the dynamics model's cache and,
-  for a streaming decoder, the decoder's.
-  """
-
-  def __init__(self, genie: Genie, prompt_BTHWC: jax.Array, *, rng: jax.Array,
-               num_steps: int, temperature: float):
+  def __init__(self, genie: Generator, prompt_BTHWC: jax.Array, *, rng: jax.Array,
+               length: int):
     self._genie = genie
     self._rng = rng
-    self._static = dict(num_steps=int(num_steps), temperature=float(temperature),
-                        prior_weight=genie.prior_weight)
-    self._length = max(genie.max_frames, genie.tokenizer_frames)
-    self._tokens_BTN, self._actions_BT, self._cache = genie._play_start(  # pylint: disable=protected-access
-        genie._state, prompt_BTHWC, length=self._length)  # pylint: disable=protected-access
+    self._length = length
     self._count = prompt_BTHWC.shape[1]  # Frames held in the buffer.
-    self._index = self._count  # Frame index of the next frame.
     self._frames = [np.asarray(prompt_BTHWC)[:, t] for t in range(prompt_BTHWC.shape[1])]
 
   @property
@@ -586,20 +578,49 @@ class PlaySession:
     Returns:
       The new frame of the first example: uint8 (H, W, C) (all examples: `frames`).
     """
-    b = self._tokens_BTN.shape[0]
+    b = self._frames[0].shape[0]
     action_B = self._genie.check_actions(np.broadcast_to(np.asarray(action), (b,)))
     if self._count == self._length:
       # Full: drop the oldest frame so that the new one goes into the last slot.
-      self._tokens_BTN = jnp.roll(self._tokens_BTN, -1, axis=1)
-      self._actions_BT = jnp.roll(self._actions_BT, -1, axis=1)
+      self._roll()
       self._count -= 1
     self._rng, key = jax.random.split(self._rng)
-    self._tokens_BTN, self._actions_BT, self._cache, frame_BHWC = self._genie._play_step(  # pylint: disable=protected-access
-        self._genie._state, self._tokens_BTN, self._actions_BT, self._cache,  # pylint: disable=protected-access
-        jnp.int32(self._count), jnp.int32(self._index), jnp.asarray(action_B), key,
-        **self._static)
+    frame_BHWC = self._advance(jnp.asarray(action_B), key)
     self._count += 1
-    self._index += 1
     self._frames.append(to_uint8(np.asarray(frame_BHWC)))
     return self._frames[-1][0]
 
+  def _roll(self) -> None:
+    """Shifts the buffers one frame back."""
+    raise NotImplementedError
+
+  def _advance(self, action_B: jax.Array, key: jax.Array) -> jax.Array:
+    """Generates the frame at `self._count` caused by action_B; its pixels (B, H, W, C)."""
+    raise NotImplementedError
+
+
+class PlaySession(Session):
+  """MaskGIT play (see `Genie.start`): token and action buffers, the dynamics model's cache
+  and, for a streaming decoder, the decoder's."""
+
+  def __init__(self, genie: Genie, prompt_BTHWC: jax.Array, *, rng: jax.Array,
+               num_steps: int, temperature: float):
+    super().__init__(genie, prompt_BTHWC, rng=rng,
+                     length=max(genie.max_frames, genie.tokenizer_frames))
+    self._static = dict(num_steps=int(num_steps), temperature=float(temperature),
+                        prior_weight=genie.prior_weight)
+    self._tokens_BTN, self._actions_BT, self._cache = genie._play_start(  # pylint: disable=protected-access
+        genie._state, prompt_BTHWC, length=self._length)  # pylint: disable=protected-access
+    self._index = self._count  # Frame index of the next frame.
+
+  def _roll(self):
+    self._tokens_BTN = jnp.roll(self._tokens_BTN, -1, axis=1)
+    self._actions_BT = jnp.roll(self._actions_BT, -1, axis=1)
+
+  def _advance(self, action_B, key):
+    genie = self._genie
+    self._tokens_BTN, self._actions_BT, self._cache, frame_BHWC = genie._play_step(  # pylint: disable=protected-access
+        genie._state, self._tokens_BTN, self._actions_BT, self._cache,  # pylint: disable=protected-access
+        jnp.int32(self._count), jnp.int32(self._index), action_B, key, **self._static)
+    self._index += 1
+    return frame_BHWC

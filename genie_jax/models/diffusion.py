@@ -45,50 +45,21 @@ def default_config() -> ml_collections.ConfigDict:
     latent_dim: L, the tokenizer's latent width (0: from the tokenizer workdir).
     objective: 'velocity' (predict eps - z) or 'x0' (predict z); see the task for the loss.
   """
-  cfg = ml_collections.ConfigDict(dict(
-      num_layers=12,
-      d_model=512,
-      num_heads=8,
-      mlp_ratio=4,
-      latent_dim=0,
-      tokens_per_frame=0,
-      num_actions=0,
-      max_frames=16,
-      action_conditioning="additive",
-      temporal_positions="learned",
-      sink_frames=0,
-      spatial_rope=False,
-      block_order="spatial_first",
-      objective="velocity",
-      **layers.TRANSFORMER_DEFAULTS,
-  ))
+  cfg = ml_collections.ConfigDict(dict(latent_dim=0, objective="velocity",
+                                       **dynamics_lib.WORLD_MODEL_DEFAULTS))
   cfg.lock()
   return cfg
 
 
 def validate_config(cfg: ml_collections.ConfigDict) -> None:
   """Raises ValueError, naming the config.model key, for a config the model cannot use."""
-  layers.validate_transformer_config(cfg)
-  for key in ("latent_dim", "tokens_per_frame", "num_actions", "max_frames"):
-    if cfg[key] < 1:
-      raise ValueError(f"config.model.{key}={cfg[key]} must be positive")
-  if cfg.action_conditioning not in dynamics_lib.CONDITIONINGS:
-    raise ValueError(f"config.model.action_conditioning={cfg.action_conditioning!r}; "
-                     f"expected one of {list(dynamics_lib.CONDITIONINGS)}")
-  if cfg.block_order not in dynamics_lib.BLOCK_ORDERS:
-    raise ValueError(f"config.model.block_order={cfg.block_order!r}; expected one of "
-                     f"{list(dynamics_lib.BLOCK_ORDERS)}")
+  dynamics_lib.validate_world_model_config(cfg, ("latent_dim",))
   if cfg.objective not in OBJECTIVES:
     raise ValueError(f"config.model.objective={cfg.objective!r}; expected one of "
                      f"{list(OBJECTIVES)}")
-  layers.validate_temporal_settings(cfg)
   if cfg.sink_frames:
     raise ValueError(f"config.model.sink_frames={cfg.sink_frames}: the diffusion sampler "
                      "recomputes its window's past for every frame and keeps no sink; use 0")
-  grid = dynamics_lib.token_grid(cfg)
-  if grid is not None and grid[0] * grid[1] != cfg.tokens_per_frame:
-    raise ValueError(f"config.model.spatial_rope needs a square token grid; "
-                     f"tokens_per_frame={cfg.tokens_per_frame} is not a square")
 
 
 def level_features(tau_BT: jax.Array) -> jax.Array:

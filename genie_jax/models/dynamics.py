@@ -37,6 +37,24 @@ OUTPUT_HEADS = ("linear", "tied")
 _ACT_BTNV = ("act_batch", "act_time", "act_tokens", "act_vocab")
 _EMBED_STDDEV = 0.02
 
+# The settings of every world model's dynamics transformer, this family's and the diffusion
+# family's (`default_config` says what each means).
+WORLD_MODEL_DEFAULTS = dict(
+    num_layers=12,
+    d_model=512,
+    num_heads=8,
+    mlp_ratio=4,
+    tokens_per_frame=0,
+    num_actions=0,
+    max_frames=16,
+    action_conditioning="additive",
+    temporal_positions="learned",
+    sink_frames=0,
+    spatial_rope=False,
+    block_order="spatial_first",
+    **layers.TRANSFORMER_DEFAULTS,
+)
+
 
 def default_config() -> ml_collections.ConfigDict:
   """config.model for the dynamics model; defaults are Genie App. F (CoinRun) shapes.
@@ -68,31 +86,18 @@ def default_config() -> ml_collections.ConfigDict:
       logits) or 'tied' (MaskGIT's: the logits are the output's dot products with the input
       token embeddings, plus a bias; d_model x V fewer parameters).
   """
-  cfg = ml_collections.ConfigDict(dict(
-      num_layers=12,
-      d_model=512,
-      num_heads=8,
-      mlp_ratio=4,
-      num_codes=0,
-      tokens_per_frame=0,
-      num_actions=0,
-      max_frames=16,
-      action_conditioning="additive",
-      temporal_positions="learned",
-      sink_frames=0,
-      spatial_rope=False,
-      block_order="spatial_first",
-      output_head="linear",
-      **layers.TRANSFORMER_DEFAULTS,
-  ))
+  cfg = ml_collections.ConfigDict(dict(num_codes=0, output_head="linear",
+                                       **WORLD_MODEL_DEFAULTS))
   cfg.lock()
   return cfg
 
 
-def validate_config(cfg: ml_collections.ConfigDict) -> None:
-  """Raises ValueError, naming the config.model key, for a config the model cannot use."""
+def validate_world_model_config(cfg: ml_collections.ConfigDict, sizes: tuple[str, ...]
+                                ) -> None:
+  """The checks of `WORLD_MODEL_DEFAULTS`' keys, and that each of `sizes` (keys filled in
+  from the stages a model builds on) is positive; ValueError naming the config.model key."""
   layers.validate_transformer_config(cfg)
-  for key in ("num_codes", "tokens_per_frame", "num_actions", "max_frames"):
+  for key in sizes + ("tokens_per_frame", "num_actions", "max_frames"):
     if cfg[key] < 1:
       raise ValueError(f"config.model.{key}={cfg[key]} must be positive")
   if cfg.num_layers < 0:
@@ -103,9 +108,6 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   if cfg.get("block_order", "spatial_first") not in BLOCK_ORDERS:
     raise ValueError(f"config.model.block_order={cfg.block_order!r}; expected one of "
                      f"{list(BLOCK_ORDERS)}")
-  if cfg.get("output_head", "linear") not in OUTPUT_HEADS:
-    raise ValueError(f"config.model.output_head={cfg.output_head!r}; expected one of "
-                     f"{list(OUTPUT_HEADS)}")
   layers.validate_temporal_settings(cfg)
   grid = token_grid(cfg)
   if grid is not None:
@@ -115,6 +117,14 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
     if (cfg.d_model // cfg.num_heads) % 4:
       raise ValueError(f"config.model.spatial_rope needs a head width divisible by 4; "
                        f"d_model={cfg.d_model} / num_heads={cfg.num_heads} is not")
+
+
+def validate_config(cfg: ml_collections.ConfigDict) -> None:
+  """Raises ValueError, naming the config.model key, for a config the model cannot use."""
+  validate_world_model_config(cfg, ("num_codes",))
+  if cfg.get("output_head", "linear") not in OUTPUT_HEADS:
+    raise ValueError(f"config.model.output_head={cfg.output_head!r}; expected one of "
+                     f"{list(OUTPUT_HEADS)}")
 
 
 def token_grid(cfg: ml_collections.ConfigDict) -> tuple[int, int] | None:

@@ -46,20 +46,8 @@ class DiffusionTask(base.Task):
 
   def validate(self) -> None:
     config = self.config
-    for dep in self.depends_on:
-      dynamics_task.check_stage_fits_data(config, dep.name)
-    if tokenizer_lib.quantizer(config.tokenizer_model) != "kl":
-      raise ValueError(
-          f"config.tokenizer_workdir={config.tokenizer_workdir!r} holds a tokenizer with "
-          f"model.quantizer={tokenizer_lib.quantizer(config.tokenizer_model)!r}: the "
-          "diffusion stage works on continuous latents, so it needs a 'kl' tokenizer")
-    if config.data.clip_len > config.model.max_frames:
-      raise ValueError(
-          f"config.data.clip_len={config.data.clip_len} exceeds config.model.max_frames="
-          f"{config.model.max_frames} (the temporal position table); raise max_frames")
-    if config.data.clip_len < 2:
-      raise ValueError(f"config.data.clip_len={config.data.clip_len}: the dynamics model "
-                       f"needs clips of at least 2 frames")
+    dynamics_task.check_world_model_config(
+        config, "kl", "it denoises continuous latents; the MaskGIT stage predicts tokens")
     diffusion_lib.validate_config(config.model)
 
   def make_model(self, rngs):

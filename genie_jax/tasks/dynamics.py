@@ -140,6 +140,27 @@ def check_stage_fits_data(config: ml_collections.ConfigDict, name: str) -> None:
         f"config.data.name={data.name!r} frames have {_DATA_CHANNELS}")
 
 
+def check_world_model_config(config: ml_collections.ConfigDict, quantizer: str, why: str
+                             ) -> None:
+  """What every world-model stage checks of its resolved config: the stages it builds on fit
+  the data, the tokenizer has `quantizer` (`why` says why), the clips fit the model."""
+  for name in ("tokenizer", "lam"):
+    check_stage_fits_data(config, name)
+  found = tokenizer_lib.quantizer(config.tokenizer_model)
+  if found != quantizer:
+    raise ValueError(
+        f"config.tokenizer_workdir={config.tokenizer_workdir!r} holds a tokenizer with "
+        f"model.quantizer={found!r}; the {config.stage!r} stage needs a {quantizer!r} "
+        f"tokenizer ({why})")
+  if config.data.clip_len > config.model.max_frames:
+    raise ValueError(
+        f"config.data.clip_len={config.data.clip_len} exceeds config.model.max_frames="
+        f"{config.model.max_frames} (the temporal position table); raise max_frames")
+  if config.data.clip_len < 2:
+    raise ValueError(f"config.data.clip_len={config.data.clip_len}: the dynamics model "
+                     f"needs clips of at least 2 frames")
+
+
 class DynamicsTask(base.Task):
   """Loss = cross-entropy of the masked tokens (+ lam_loss_weight * the LAM's own loss when
   co-trained).
@@ -180,20 +201,8 @@ class DynamicsTask(base.Task):
 
   def validate(self) -> None:
     config = self.config
-    for dep in self.depends_on:
-      check_stage_fits_data(config, dep.name)
-    if tokenizer_lib.quantizer(config.tokenizer_model) != "vq":
-      raise ValueError(
-          f"config.tokenizer_workdir={config.tokenizer_workdir!r} holds a tokenizer with "
-          f"model.quantizer={config.tokenizer_model.quantizer!r}: MaskGIT predicts tokens, "
-          "so it needs a 'vq' tokenizer (the 'diffusion' stage works on continuous latents)")
-    if config.data.clip_len > config.model.max_frames:
-      raise ValueError(
-          f"config.data.clip_len={config.data.clip_len} exceeds config.model.max_frames="
-          f"{config.model.max_frames} (the temporal position table); raise max_frames")
-    if config.data.clip_len < 2:
-      raise ValueError(f"config.data.clip_len={config.data.clip_len}: the dynamics model "
-                       f"needs clips of at least 2 frames")
+    check_world_model_config(config, "vq", "MaskGIT predicts tokens; the 'diffusion' stage "
+                             "works on continuous latents")
     if config.cotrain_lam and config.lam_model.max_frames < config.data.clip_len:
       raise ValueError(
           f"config.cotrain_lam=True needs a LAM for clips of config.data.clip_len="
