@@ -5,12 +5,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-# A perfect frame would give an infinite PSNR; an MSE floor of 1e-10 caps it at 100 dB.
+# A perfect frame would give an infinite PSNR; this MSE floor bounds it.
 _MIN_MSE = 1e-10
 
 
 def psnr_of_mse(mse: jax.Array) -> jax.Array:
-  """PSNR in dB of a mean squared error of pixels in [0, 1], capped at 100 dB."""
+  """PSNR in dB of a mean squared error of pixels in [0, 1], bounded by the MSE floor."""
   return -10.0 * jnp.log10(jnp.maximum(mse, _MIN_MSE))
 
 
