@@ -7,6 +7,7 @@ r"""Every stage's train step, the rollout and the input pipeline, timed on this 
       --tokenizer_positions=rope --tokenizer_sinks=1     # streaming: both caches roll
   python benchmarks/suite.py --malloc=system                   # glibc's malloc as it comes
   python benchmarks/suite.py --only=train --breakdown          # and where each step's time goes
+  python benchmarks/suite.py --dynamics=diffusion --diffusion_steps=8   # the diffusion family
 
 One table, one row per measurement:
   train    the whole train step (forward, backward, clipping, AdamW; for dynamics also the
@@ -14,12 +15,17 @@ One table, one row per measurement:
            frames/s, XLA's FLOPs per step and model-FLOPs utilisation against the best
            float32 matmul throughput measured here.
   rollout  `Genie.rollout` (prompt encoding, MaskGIT per frame, decoding) of N generated
-           frames from a 1-frame prompt at --maskgit_steps: ms per generated frame and
-           frames/s of the second call; the first call's extra time is its compile time.
+           frames from a 1-frame prompt at --maskgit_steps (`DiffusionGenie.rollout` at
+           --diffusion_steps Euler steps with --dynamics=diffusion): ms per generated frame
+           and frames/s of the second call; the first call's extra time is its compile time.
   input    clips/s of training batches read from the prepared ArrayRecord files through
            Grain (the built-in world, generated into --data_dir on first use).
 Every row also gives the process's peak RSS so far. Weights are random: the figures are the
 programs', not a trained model's.
+
+--dynamics=diffusion measures the diffusion family instead (genie_jax/models/diffusion.py): a
+'kl' tokenizer of the same shape and the diffusion-forcing dynamics model of the MaskGIT
+model's (its train row is the "dynamics" stage's).
 
 Shapes:
   runlocal  the three stages exactly as README command 1 trains them (32x32 frames).
@@ -45,6 +51,7 @@ from flax import nnx
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import data_pipelines
+from configs import diffusion as diffusion_config
 from configs import dynamics as dynamics_config
 from configs import genie as genie_config
 from configs import lam as lam_config
@@ -54,6 +61,7 @@ from genie_jax import profiling
 from genie_jax import sharding
 from genie_jax import tasks
 from genie_jax.data import input_pipeline
+from genie_jax.inference import diffusion as diffusion_sampling
 from genie_jax.inference import genie as genie_lib
 from genie_jax.training import checkpointing
 from genie_jax.training import pipeline
@@ -80,6 +88,12 @@ _BATCH = flags.DEFINE_integer("batch_size", 0, "Batch of every stage's train ste
 _BREAKDOWN_FRAMES = 20  # Frames of the rollout --breakdown traces (past a 16-frame window).
 _FRAMES = flags.DEFINE_list("rollout_frames", ["16", "64"], "Generated frames per rollout.")
 _MASKGIT = flags.DEFINE_integer("maskgit_steps", 25, "MaskGIT steps per generated frame.")
+_FAMILY = flags.DEFINE_enum("dynamics", "maskgit", ["maskgit", "diffusion"],
+                            "The dynamics family (module docstring).")
+_DIFFUSION_STEPS = flags.DEFINE_integer("diffusion_steps", 8, "--dynamics=diffusion: Euler "
+                                        "steps per generated frame.")
+_SHORTCUT = flags.DEFINE_integer("shortcut_steps", 0, "--dynamics=diffusion: the model's "
+                                 "shortcut_steps (a shortcut model's step-size input).")
 _INPUT_BATCHES = flags.DEFINE_integer("input_batches", 50, "Timed input batches.")
 _POSITIONS = flags.DEFINE_string(
     "temporal_positions", None, "Override the dynamics model's temporal_positions (learned: "
@@ -97,12 +111,14 @@ _DATA_DIR = flags.DEFINE_string("data_dir", None, "Where the built-in world is p
 
 def _configs(shape: str, root: str) -> dict:
   """{stage: config} at `shape`; the dynamics config reads its stages from `root`."""
+  diffusion = _FAMILY.value == "diffusion"
   if shape == "runlocal":
-    configs = {s: c for s, (_, c) in pipeline.stage_configs(
-        genie_config.get_config("runlocal"), root).items()}
+    configs = {s: c for s, (_, c) in pipeline.stage_configs(genie_config.get_config(
+        "runlocal" + (",dynamics=diffusion" if diffusion else "")), root).items()}
   else:
     arg = "size=appf"
-    configs = dict(tokenizer=tokenizer_config.get_config(arg), lam=lam_config.get_config(arg))
+    configs = dict(tokenizer=tokenizer_config.get_config(
+        arg + (",quantizer=kl" if diffusion else "")), lam=lam_config.get_config(arg))
     if shape == "readme":
       configs["tokenizer"].model.update(_README, enc_layers=4, dec_layers=4)
       configs["lam"].model.update(_README, enc_layers=4, dec_layers=4, num_actions=6)
@@ -113,7 +129,7 @@ def _configs(shape: str, root: str) -> dict:
   for stage in ("tokenizer", "lam"):
     checkpointing.save_config(os.path.join(root, stage), configs[stage])
   if shape != "runlocal":
-    configs["dynamics"] = dynamics_config.get_config(
+    configs["dynamics"] = (diffusion_config if diffusion else dynamics_config).get_config(
         f"{arg},tokenizer_workdir={os.path.join(root, 'tokenizer')},"
         f"lam_workdir={os.path.join(root, 'lam')}")
     if shape == "readme":
@@ -122,6 +138,8 @@ def _configs(shape: str, root: str) -> dict:
                      ("sink_frames", _SINKS.value)):
     if value is not None:
       configs["dynamics"].model[key] = value
+  if diffusion:
+    configs["dynamics"].model.shortcut_steps = _SHORTCUT.value
   batch = _BATCH.value or dict(runlocal=None, readme=4, appf=2)[shape]
   for config in configs.values():
     config.mesh = sharding.single_device_mesh_shape()
@@ -166,8 +184,14 @@ def _breakdown_lines(b: dict, per: str) -> list[str]:
           f"    largest ops: {top}"]
 
 
-def _genie(config) -> genie_lib.Genie:
-  return genie_lib.Genie(tasks.get_task(config).make_model(nnx.Rngs(0)))
+def _genie(config) -> genie_lib.Generator:
+  generator = (diffusion_sampling.DiffusionGenie if config.stage == "diffusion"
+               else genie_lib.Genie)
+  return generator(tasks.get_task(config).make_model(nnx.Rngs(0)))
+
+
+def _steps_per_frame() -> int:
+  return _DIFFUSION_STEPS.value if _FAMILY.value == "diffusion" else _MASKGIT.value
 
 
 def bench_rollout(config, num_frames: int, peak: float) -> dict[str, float]:
@@ -181,7 +205,7 @@ def bench_rollout(config, num_frames: int, peak: float) -> dict[str, float]:
   for i in range(2):
     t0 = time.perf_counter()
     jax.block_until_ready(genie.rollout(prompt, actions, rng=jax.random.key(i),
-                                        num_steps=_MASKGIT.value))
+                                        num_steps=_steps_per_frame()))
     times.append(time.perf_counter() - t0)
   result = dict(compile_s=times[0] - times[1], ms=1e3 * times[1] / num_frames,
                 rate=b * num_frames / times[1], unit="frames/s", batch=b)
@@ -190,9 +214,10 @@ def bench_rollout(config, num_frames: int, peak: float) -> dict[str, float]:
     traced = min(num_frames, _BREAKDOWN_FRAMES)
     args = (genie._state, jax.numpy.asarray(prompt),  # pylint: disable=protected-access
             jax.numpy.asarray(actions[:, :traced], np.int32), jax.random.key(0))
+    static = (dict(noise_scale=1.0) if config.stage == "diffusion"
+              else dict(temperature=1.0, prior_weight=genie.prior_weight))
     compiled = genie._rollout.lower(  # pylint: disable=protected-access
-        *args, num_steps=_MASKGIT.value, temperature=1.0, cached=True,
-        prior_weight=genie.prior_weight).compile()
+        *args, num_steps=_steps_per_frame(), cached=True, **static).compile()
     run = lambda: jax.block_until_ready(compiled(*args))
     run()
     result["breakdown"] = profiling.op_breakdown(compiled, run, 1, per=traced)
@@ -258,7 +283,8 @@ def main(argv):
       if "rollout" in _ONLY.value:
         for n in _FRAMES.value:
           r = bench_rollout(configs["dynamics"], int(n), peak)
-          print(_row("rollout", f"{n} frames, {_MASKGIT.value} steps", shape, r), flush=True)
+          print(_row("rollout", f"{n} frames, {_steps_per_frame()} steps", shape, r),
+                flush=True)
           if "breakdown" in r:
             print("\n".join(_breakdown_lines(r["breakdown"], "frame")), flush=True)
       if "input" in _ONLY.value and shape == "runlocal":

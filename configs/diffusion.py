@@ -12,6 +12,8 @@ Arguments (after the colon, comma separated):
   runlocal                                  a CPU-sized run (as configs/dynamics.py's)
   conditioning=additive|prepend             how actions (and noise levels) enter
   objective=velocity|x0                     what the model predicts (genie_jax/tasks/diffusion.py)
+  shortcut=K                                a shortcut model: sampling in 1, 2, 4, ... or K
+                                            steps per frame (0, the default: a plain flow)
 
 Example:
   python -m genie_jax.cli.train --config=configs/tokenizer.py:runlocal,quantizer=kl --workdir=workdirs/ktok
@@ -31,7 +33,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   """The diffusion dynamics config for `arg` (see the module docstring)."""
   args = config_lib.parse_arg(arg, tokenizer_workdir="", lam_workdir="", data="builtin_world",
                               size="", runlocal=False, conditioning="additive",
-                              objective="velocity")
+                              objective="velocity", shortcut=0)
   size = config_lib.model_size(args, dynamics_config.SIZES)
 
   config = dynamics_config.world_model_config("diffusion", args)
@@ -41,6 +43,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.max_frames = config.data.clip_len
   config.model.action_conditioning = args.conditioning
   config.model.objective = args.objective
+  config.model.shortcut_steps = int(args.shortcut)
 
   # Rollouts against the truth, Delta_t PSNR, LAM vs true actions, as for the MaskGIT stage
   # (genie_jax/evaluators/controllability.py); sampling_steps Euler steps per frame, and
@@ -49,6 +52,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       type="controllability", split="validation", batch_size=0, num_batches=8, horizon=0,
       dt=4, sampling_steps=25, temperature=1.0, seed=0, num_videos=4))
 
+  if args.shortcut:
+    config.evals.controllability.sampling_steps = int(args.shortcut)
   if args.runlocal:
     config.evals.controllability.update(num_batches=4, sampling_steps=8)
     # As the MaskGIT stage's runlocal (configs/dynamics.py gives the reasons).

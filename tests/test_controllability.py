@@ -115,6 +115,9 @@ class _OffsetDynamics(nnx.Module):
     caused_BTN = jnp.broadcast_to(caused_BT[:, :, None], tokens_BTN.shape)
     return jnp.stack([tokens_BTN, caused_BTN], axis=-1).astype(jnp.float32)
 
+  def embed_context(self, tokens_BTN, caused_BT):
+    return self.embed(tokens_BTN, None, caused_BT)
+
   def readout(self, y_BTN2):
     previous_BTN, action_BTN = y_BTN2[..., 0].astype(jnp.int32), y_BTN2[..., 1].astype(jnp.int32)
     target_BTN = (previous_BTN + action_BTN) % CODES if self.uses_actions else previous_BTN

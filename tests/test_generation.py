@@ -489,7 +489,8 @@ def test_streaming_decoder_equals_the_decoder_in_the_window_and_a_masked_referen
                      decoder_layers=2).tokenizer
   length = 10
   tokens = jnp.asarray(np.random.default_rng(5).integers(0, CODES, (2, length, 4)), jnp.int32)
-  video, cache = nnx.jit(genie_lib.stream_decode)(tokenizer, tokens)
+  video, cache = nnx.jit(lambda t, x: genie_lib.stream_decode(t, t.decoder_input(x)))(
+      tokenizer, tokens)
   assert video.shape == (2, length, IMAGE, IMAGE, 3)
   np.testing.assert_allclose(video[:, :FRAMES], nnx.jit(lambda t, x: t.decode(x))(
       tokenizer, tokens[:, :FRAMES]), atol=1e-5)

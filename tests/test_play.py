@@ -247,6 +247,19 @@ def test_bad_arrow_actions():
     play.Game(FakeWorld(), make_prompts(), arrow_actions=(0, 1, 2, 6))
 
 
+def test_a_world_that_takes_only_some_step_counts_offers_those():
+  world = FakeWorld()
+  world.step_choices = (1, 2, 4)
+  with pytest.raises(play.PlayError, match=r"takes \[1, 2, 4\] steps per frame"):
+    play.Game(world, make_prompts(), num_steps=25)
+  game = play.Game(world, make_prompts(), num_steps=4)
+  assert game.info()["step_choices"] == [1, 2, 4]
+  game.start(0, num_steps=2)
+  with pytest.raises(play.PlayError, match="num_steps=8 is not valid"):
+    game.reset(num_steps=8)
+  assert world.num_steps == [2]
+
+
 def test_play_takes_the_distributed_flags_and_serves_from_one_process(tmp_path):
   import sys  # pylint: disable=import-outside-toplevel
   out = subprocess.run(

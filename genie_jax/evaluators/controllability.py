@@ -181,6 +181,10 @@ class ControllabilityEvaluator(base.Evaluator):
     if eval_cfg[steps_key] < 1 or eval_cfg.temperature < 0:
       raise ValueError(f"config.evals.{name}: {steps_key}={eval_cfg[steps_key]} must be "
                        f">= 1 and temperature={eval_cfg.temperature} >= 0")
+    if config.stage == "diffusion":
+      diffusion_lib.check_num_steps(eval_cfg.sampling_steps,
+                                    diffusion_lib.shortcut_steps(config.model),
+                                    f"config.evals.{name}.sampling_steps")
     return horizon
 
   def _infer_actions(self, params, model_state, batch):

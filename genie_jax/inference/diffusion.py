@@ -1,12 +1,17 @@
 """Rollouts of the diffusion-forcing dynamics model (genie_jax/models/diffusion.py): frame by
 frame, each new frame's latents from noise (level 1) to clean (level 0) in `num_steps` Euler
-steps of the flow, its past clean.
+steps of the flow (steps of size 1 / num_steps; a shortcut model is told the size), its past
+clean.
 
-The cached sampler runs the window's past frames once per generated frame and keeps their
-temporal keys/values for the frame's denoising steps, each a single-frame pass; the
-uncached one runs the whole window at every step (the reference it is tested against). Both
-are one compiled program for every frame (fixed-length windows, masked where the past is
-shorter than the window).
+The cached sampler keeps the past frames' temporal keys/values in the MaskGIT sampler's
+cache (`genie_jax.inference.genie.FrameCache`): each denoising step is a single-frame pass
+against it, and a finished frame is appended by one more pass at level 0, so a frame costs
+num_steps + 1 single-frame passes. Past the model's window the cache behaves as the MaskGIT
+one: rebuilt from the window under learned temporal positions (the output of the model run
+on the window), rolled under rotary ones (after `sink_frames` kept for good), at a cost per
+frame that does not grow with the rollout. The uncached sampler runs the whole window at every
+step (the reference the cache is tested against). Both are one compiled program for every
+frame.
 """
 
 from __future__ import annotations
@@ -42,12 +47,12 @@ def rollout_latents(dynamics: diffusion_lib.DiffusionModel, prompt_BTNL: jax.Arr
 
   Args:
     dynamics: the model.
-    prompt_BTNL: clean latents of the p >= 1 prompt frames.
+    prompt_BTNL: clean latents of the p >= 1 prompt frames (p < the model's max_frames).
     actions_BT: int latent actions of the a generated frames: actions_BT[:, i] produces
       generated frame i (frame p + i), as in the MaskGIT rollout.
     rng: key of the initial noise (frame f's from fold_in(rng, f)).
-    num_steps: Euler steps per frame.
-    cached: keep the window's past keys/values across a frame's steps.
+    num_steps: Euler steps per frame (`DiffusionModel.check_num_steps`).
+    cached: keep the past frames' keys/values (module docstring).
     noise_scale: scale of each frame's starting noise (1: the model's level-1 distribution;
       0: every frame starts from zeros, a deterministic flow).
     prompt_actions_BT: the p - 1 actions between the prompt's frames (the LAM's), when
@@ -56,6 +61,7 @@ def rollout_latents(dynamics: diffusion_lib.DiffusionModel, prompt_BTNL: jax.Arr
   Returns:
     z_BTNL, float32, (B, p + a, N, L).
   """
+  dynamics.check_num_steps(num_steps)
   b, p = prompt_BTNL.shape[:2]
   a = actions_BT.shape[1]
   w = dynamics.transformer.max_frames
@@ -70,79 +76,84 @@ def rollout_latents(dynamics: diffusion_lib.DiffusionModel, prompt_BTNL: jax.Arr
       raise ValueError(f"a prompt of {p} frames needs prompt_actions_BT of shape "
                        f"{(b, p - 1)} (the actions between its frames)")
     taken_BT = taken_BT.at[:, :p - 1].set(prompt_actions_BT.astype(jnp.int32))
-  levels = _levels(num_steps)
+  noise = lambda f: noise_scale * jax.random.normal(jax.random.fold_in(rng, f),
+                                                    z_BTNL.shape[:1] + z_BTNL.shape[2:])
+  put = lambda z_BTNL, x_BNL, f: jax.lax.dynamic_update_index_in_dim(z_BTNL, x_BNL, f, axis=1)
 
-  def frame(f, z_BTNL):
-    start = jnp.maximum(f - (w - 1), 0)
-    at = f - start  # The new frame's place in the window.
-    window_BTNL = jax.lax.dynamic_slice_in_dim(z_BTNL, start, w, axis=1)
-    # The window's first frame has no cause in it, as every clip's first frame in training.
-    caused_window_BT = dynamics_lib.caused_by(
-        jax.lax.dynamic_slice_in_dim(taken_BT, start, w, axis=1), dynamics.no_action)
-    x_BNL = noise_scale * jax.random.normal(jax.random.fold_in(rng, f),
-                                            z_BTNL.shape[:1] + z_BTNL.shape[2:])
-    if cached:
-      x_BNL = _denoise_cached(dynamics, window_BTNL, caused_window_BT, at, x_BNL, levels)
-    else:
-      x_BNL = _denoise_uncached(dynamics, window_BTNL, caused_window_BT, at, x_BNL, levels)
-    return jax.lax.dynamic_update_index_in_dim(z_BTNL, x_BNL, f, axis=1)
+  if not cached:
+    def frame(f, z_BTNL):
+      return put(z_BTNL, _denoise_uncached(dynamics, z_BTNL, taken_BT, f, noise(f),
+                                           num_steps), f)
+    return jax.lax.fori_loop(p, p + a, frame, z_BTNL)[:, :p + a]
 
-  z_BTNL = jax.lax.fori_loop(p, p + a, frame, z_BTNL)
+  def cached_frame(f, carry):
+    z_BTNL, cache = carry
+    x_BNL, cache = generate_next(dynamics, cache, z_BTNL, taken_BT, f, f, noise(f),
+                                 num_steps=num_steps)
+    return put(z_BTNL, x_BNL, f), cache
+
+  cache = genie_lib.prefill_cache(dynamics, z_BTNL[:, :p], taken_BT[:, :p])
+  z_BTNL, _ = jax.lax.fori_loop(p, p + a, cached_frame, (z_BTNL, cache))
   return z_BTNL[:, :p + a]
 
 
-def _denoise_uncached(dynamics, window_BTNL, caused_BT, at, x_BNL, levels):
-  b, w = window_BTNL.shape[:2]
+def _denoise(dynamics, predict, x_BNL, num_steps):
+  """x_BNL (the new frame's starting noise) taken from level 1 to 0 in num_steps Euler steps
+  of size 1 / num_steps, predict(x_BNL, tau, step_B1) giving the model's prediction."""
+  levels = _levels(num_steps)
+  step_B1 = jnp.full((x_BNL.shape[0], 1), diffusion_lib.step_index(num_steps), jnp.int32)
 
   def step(k, x_BNL):
     tau, tau_next = levels[k], levels[k + 1]
+    return _step(dynamics, predict(x_BNL, tau, step_B1), x_BNL, tau, tau_next)
+
+  return jax.lax.fori_loop(0, num_steps, step, x_BNL)
+
+
+def _denoise_uncached(dynamics, z_BTNL, taken_BT, f, x_BNL, num_steps):
+  """Frame f from x_BNL, the model run on the whole window ending at f at every step."""
+  b, w = z_BTNL.shape[0], dynamics.transformer.max_frames
+  start = jnp.maximum(f - (w - 1), 0)
+  at = f - start  # The new frame's place in the window.
+  window_BTNL = jax.lax.dynamic_slice_in_dim(z_BTNL, start, w, axis=1)
+  # The window's first frame has no cause in it, as every clip's first frame in training.
+  caused_BT = dynamics.frame_actions(jax.lax.dynamic_slice_in_dim(taken_BT, start, w, axis=1))
+  finest = diffusion_lib.step_index(max(dynamics.shortcut_steps, 1))
+
+  def predict(x_BNL, tau, step_B1):
     inputs_BTNL = jax.lax.dynamic_update_index_in_dim(window_BTNL, x_BNL, at, axis=1)
     # The past clean; frames after the new one are never attended to (causal).
-    tau_BT = jnp.where(jnp.arange(w)[None] == at, tau, 0.0) * jnp.ones((b, 1))
-    x_BTMD = dynamics.embed(inputs_BTNL, tau_BT, caused_BT)
+    is_new_1T = jnp.arange(w)[None] == at
+    tau_BT = jnp.where(is_new_1T, tau, 0.0) * jnp.ones((b, 1))
+    step_BT = jnp.where(is_new_1T, step_B1, finest)
+    x_BTMD = dynamics.embed(inputs_BTNL, tau_BT, caused_BT, step_BT)
     prediction_BTNL = dynamics.readout(dynamics.transformer(x_BTMD))
-    prediction_BNL = jax.lax.dynamic_index_in_dim(prediction_BTNL, at, axis=1, keepdims=False)
-    return _step(dynamics, prediction_BNL, x_BNL, tau, tau_next)
+    return jax.lax.dynamic_index_in_dim(prediction_BTNL, at, axis=1, keepdims=False)
 
-  return jax.lax.fori_loop(0, levels.shape[0] - 1, step, x_BNL)
+  return _denoise(dynamics, predict, x_BNL, num_steps)
 
 
-def _denoise_cached(dynamics, window_BTNL, caused_BT, at, x_BNL, levels):
-  b, w = window_BTNL.shape[:2]
-  # The past frames' keys/values at level 0, positions 0..w-2; slots from `at` on are not
-  # the new frame's past and are masked out.
-  past_BTMD = dynamics.embed(window_BTNL[:, :w - 1], jnp.zeros((b, w - 1)),
-                             caused_BT[:, :w - 1])
-  _, cache = dynamics.transformer.prefill(past_BTMD)
-  cache = dynamics.transformer.rotate_cache(cache, jnp.arange(w - 1))
-  valid_S = jnp.arange(w - 1) < at
-  caused_B1 = jax.lax.dynamic_slice_in_dim(caused_BT, at, 1, axis=1)
+def generate_next(dynamics: diffusion_lib.DiffusionModel, cache: genie_lib.FrameCache,
+                  z_BTNL: jax.Array, taken_BT: jax.Array, n: jax.Array, g: jax.Array,
+                  x_BNL: jax.Array, *, num_steps: int
+                  ) -> tuple[jax.Array, genie_lib.FrameCache]:
+  """Frame g's latents from its starting noise x_BNL with the cache, and the cache with it
+  (n: its index in the buffers z_BTNL / taken_BT; `genie_lib.frame_context`)."""
+  run, commit = genie_lib.frame_context(dynamics, cache, z_BTNL, taken_BT, n, g)
+  caused_B1 = genie_lib.caused_at(taken_BT, n)
 
-  def step(k, x_BNL):
-    tau, tau_next = levels[k], levels[k + 1]
-    x_B1MD = dynamics.embed(x_BNL[:, None], jnp.full((b, 1), tau), caused_B1)
-    y_B1MD, _ = dynamics.transformer.decode_frame(x_B1MD, cache, at, valid_S)
-    prediction_BNL = dynamics.readout(y_B1MD)[:, 0]
-    return _step(dynamics, prediction_BNL, x_BNL, tau, tau_next)
+  def predict(x_BNL, tau, step_B1):
+    x_B1MD = dynamics.embed(x_BNL[:, None], jnp.full(step_B1.shape, tau), caused_B1, step_B1)
+    return dynamics.readout(run(x_B1MD))[:, 0]
 
-  return jax.lax.fori_loop(0, levels.shape[0] - 1, step, x_BNL)
+  x_BNL = _denoise(dynamics, predict, x_BNL, num_steps)
+  return x_BNL, commit(dynamics.embed_context(x_BNL[:, None], caused_B1))
 
 
 def decode_latent_frames(tokenizer: tokenizer_lib.Tokenizer, z_BTNL: jax.Array) -> jax.Array:
-  """video_BTHWC float [0, 1] of latents of any number of frames: frames beyond the causal
-  decoder's max_frames are decoded from the window ending at them."""
-  t_max = tokenizer.decoder.max_frames
-  t = z_BTNL.shape[1]
-  decode = lambda z: jnp.clip(tokenizer.decode_latents(z), 0.0, 1.0)
-  if t <= t_max:
-    return decode(z_BTNL)
-
-  def frame_at(f):
-    start = f - (t_max - 1)
-    return decode(jax.lax.dynamic_slice_in_dim(z_BTNL, start, t_max, axis=1))[:, -1]
-
-  tail_TBHWC = jax.lax.map(frame_at, jnp.arange(t_max, t))
-  return jnp.concatenate([decode(z_BTNL[:, :t_max]), jnp.moveaxis(tail_TBHWC, 0, 1)], axis=1)
+  """video_BTHWC float [0, 1] of latents of any number of frames (`genie_lib.decode_inputs`:
+  a streaming decoder rolls its cache past its window)."""
+  return genie_lib.decode_inputs(tokenizer, tokenizer.from_latent(z_BTNL))
 
 
 def prompt_actions(world, prompt_BTHWC: jax.Array) -> jax.Array | None:
@@ -160,26 +171,41 @@ def _rollout(world, prompt_BTHWC, actions_BT, rng, *, num_steps, noise_scale, ca
   return jnp.concatenate([tokenizer_lib.to_unit_interval(prompt_BTHWC), generated_BTHWC], 1)
 
 
-def _play_step(world, z_BTNL, taken_BT, n, action_B, rng, *, num_steps, noise_scale):
-  """The next frame of a play session whose buffer holds n frames (the last at n - 1):
-  (buffer with it at n, actions with action_B at n - 1, its pixels (B, H, W, C))."""
+def _play_start(world, prompt_BTHWC, *, length):
+  """Buffers and caches of a play session: (z_BTNL, taken_BT, (dynamics cache, streaming
+  decoder's cache or None))."""
+  b, p = prompt_BTHWC.shape[:2]
+  prompt_BTNL = world.tokenizer.encode_latents(prompt_BTHWC)
+  z_BTNL = jnp.zeros((b, length) + prompt_BTNL.shape[2:], jnp.float32).at[:, :p].set(
+      prompt_BTNL)
+  taken_BT = jnp.zeros((b, length), jnp.int32)
+  if p > 1:
+    taken_BT = taken_BT.at[:, :p - 1].set(world.lam.infer_actions(prompt_BTHWC))
+  decoder_cache = (genie_lib.stream_decode(world.tokenizer,
+                                           world.tokenizer.from_latent(prompt_BTNL))[1]
+                   if genie_lib.streams(world.tokenizer) else None)
+  return z_BTNL, taken_BT, (genie_lib.prefill_cache(world.dynamics, prompt_BTNL,
+                                                    taken_BT[:, :p]), decoder_cache)
+
+
+def _play_step(world, z_BTNL, taken_BT, caches, n, g, action_B, rng, *, num_steps,
+               noise_scale):
+  """The frame at buffer index n (frame g) caused by action_B: (buffers and caches with it,
+  its pixels (B, H, W, C))."""
+  cache, decoder_cache = caches
   taken_BT = jax.lax.dynamic_update_index_in_dim(taken_BT, action_B.astype(jnp.int32), n - 1,
                                                  axis=1)
-  w = world.dynamics.transformer.max_frames
-  start = jnp.maximum(n - (w - 1), 0)
-  window_BTNL = jax.lax.dynamic_slice_in_dim(z_BTNL, start, w, axis=1)
-  caused_BT = dynamics_lib.caused_by(
-      jax.lax.dynamic_slice_in_dim(taken_BT, start, w, axis=1), world.dynamics.no_action)
   x_BNL = noise_scale * jax.random.normal(rng, z_BTNL.shape[:1] + z_BTNL.shape[2:])
-  x_BNL = _denoise_cached(world.dynamics, window_BTNL, caused_BT, n - start, x_BNL,
-                          _levels(num_steps))
+  x_BNL, cache = generate_next(world.dynamics, cache, z_BTNL, taken_BT, n, g, x_BNL,
+                               num_steps=num_steps)
   z_BTNL = jax.lax.dynamic_update_index_in_dim(z_BTNL, x_BNL, n, axis=1)
-  t_max = world.tokenizer.decoder.max_frames
-  first = jnp.maximum(n - (t_max - 1), 0)
-  frames_BTHWC = jnp.clip(world.tokenizer.decode_latents(
-      jax.lax.dynamic_slice_in_dim(z_BTNL, first, t_max, axis=1)), 0.0, 1.0)
-  frame_BHWC = jax.lax.dynamic_index_in_dim(frames_BTHWC, n - first, axis=1, keepdims=False)
-  return z_BTNL, taken_BT, frame_BHWC
+  tokenizer = world.tokenizer
+  if decoder_cache is None:
+    frame_BHWC = genie_lib.decode_frame_at(tokenizer, tokenizer.from_latent(z_BTNL), n)
+  else:
+    frame_BHWC, decoder_cache = genie_lib.decode_next(
+        tokenizer, decoder_cache, tokenizer.from_latent(x_BNL[:, None]), g)
+  return z_BTNL, taken_BT, (cache, decoder_cache), frame_BHWC
 
 
 class DiffusionGenie(genie_lib.Generator):
@@ -192,8 +218,14 @@ class DiffusionGenie(genie_lib.Generator):
   def __init__(self, world: dynamics_lib.WorldModel, *, config=None, step=None):
     super().__init__(world, config=config, step=step)
     self._rollout = self._jit(_rollout, static=("num_steps", "noise_scale", "cached"))
+    self._play_start = self._jit(_play_start, static=("length",))
     self._play_step = self._jit(_play_step, static=("num_steps", "noise_scale"))
-    self._encode = self._jit(lambda w, v: w.tokenizer.encode_latents(v))
+
+  @property
+  def step_choices(self) -> tuple[int, ...] | None:
+    """A shortcut model's step counts 1, 2, 4, ..., K; None for a plain flow model."""
+    k = self.world.dynamics.shortcut_steps
+    return tuple(2 ** i for i in range(diffusion_lib.step_index(k) + 1)) if k else None
 
   def rollout(self, prompt_BTHWC, actions_BT, *, rng: jax.Array, num_steps: int = 25,
               temperature: float = 1.0, cached: bool = True) -> jax.Array:
@@ -203,51 +235,25 @@ class DiffusionGenie(genie_lib.Generator):
       prompt_BTHWC: uint8 prompt frames, 1 <= T <= `max_prompt_frames`.
       actions_BT: int latent actions in [0, A); actions_BT[:, i] produces generated frame i.
       rng: PRNG key.
-      num_steps: Euler steps per frame.
+      num_steps: Euler steps per frame (a shortcut model: 1, 2, 4, ... up to its K).
       temperature: scale of each frame's starting noise (1: the trained distribution).
-      cached: keep the window's past keys/values across a frame's steps.
+      cached: keep the past frames' keys/values (module docstring).
 
     Returns:
       video float32 (B, p + a, H, W, C) in [0, 1]: the prompt's p frames, then the a
       generated frames.
     """
     prompt, actions = self._check_rollout(prompt_BTHWC, actions_BT)
+    self.world.dynamics.check_num_steps(int(num_steps))
     return self._rollout(self._state, prompt, jnp.asarray(actions), rng,
                          num_steps=int(num_steps), noise_scale=float(temperature),
                          cached=cached)
 
   def start(self, prompt_BTHWC, *, rng: jax.Array | None = None, num_steps: int = 25,
-            temperature: float = 1.0) -> DiffusionPlaySession:
+            temperature: float = 1.0) -> genie_lib.PlaySession:
     """An interactive session that generates one frame per `step(action)`."""
-    return DiffusionPlaySession(
+    self.world.dynamics.check_num_steps(int(num_steps))
+    return genie_lib.PlaySession(
         self, self._check_video(prompt_BTHWC, "prompt", self.max_prompt_frames),
-        rng=jax.random.key(0) if rng is None else rng, num_steps=num_steps,
-        temperature=temperature)
-
-
-class DiffusionPlaySession(genie_lib.Session):
-  """Diffusion play (`DiffusionGenie.start`): a buffer of latents and of the actions taken."""
-
-  def __init__(self, genie: DiffusionGenie, prompt_BTHWC: jax.Array, *, rng: jax.Array,
-               num_steps: int, temperature: float):
-    super().__init__(genie, prompt_BTHWC, rng=rng,
-                     length=max(genie.max_frames, genie.tokenizer_frames))
-    self._static = dict(num_steps=int(num_steps), noise_scale=float(temperature))
-    b, p = prompt_BTHWC.shape[:2]
-    prompt_BTNL = genie._encode(genie._state, prompt_BTHWC)  # pylint: disable=protected-access
-    self._z_BTNL = jnp.zeros((b, self._length) + prompt_BTNL.shape[2:], jnp.float32).at[
-        :, :p].set(prompt_BTNL)
-    self._taken_BT = jnp.zeros((b, self._length), jnp.int32)
-    if p > 1:
-      self._taken_BT = self._taken_BT.at[:, :p - 1].set(genie.infer_actions(prompt_BTHWC))
-
-  def _roll(self):
-    self._z_BTNL = jnp.roll(self._z_BTNL, -1, axis=1)
-    self._taken_BT = jnp.roll(self._taken_BT, -1, axis=1)
-
-  def _advance(self, action_B, key):
-    genie = self._genie
-    self._z_BTNL, self._taken_BT, frame_BHWC = genie._play_step(  # pylint: disable=protected-access
-        genie._state, self._z_BTNL, self._taken_BT,  # pylint: disable=protected-access
-        jnp.int32(self._count), action_B, key, **self._static)
-    return frame_BHWC
+        rng=jax.random.key(0) if rng is None else rng,
+        static=dict(num_steps=int(num_steps), noise_scale=float(temperature)))

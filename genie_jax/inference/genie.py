@@ -23,6 +23,8 @@ What happens once w - 1 frames are cached depends on the model's temporal positi
            ones computed when those frames were new, so the output is the streaming model's,
            not the model run on the window.
 Within the window both equal the model run on the frames so far (tests/test_generation.py).
+`frame_context` and `prefill_cache` serve either world-model family: the diffusion sampler
+(`genie_jax.inference.diffusion`) runs its denoising steps against the same cache.
 The tokenizer's decoder, causal in time too, makes the same choice for decoding past its own
 window (`decode_frames`): learned positions decode each later frame from the window ending at
 it; rotary ones keep a rolling cache of the decoder's keys/values (`stream_decode`).
@@ -128,22 +130,21 @@ def _prefill(transformer, x_BTMD: jax.Array) -> tuple[jax.Array, FrameCache]:
   return y_BSMD, FrameCache(kv, jnp.where(jnp.arange(slots) < p, jnp.arange(slots), -1))
 
 
-def prefill_cache(dynamics: dynamics_lib.DynamicsModel, tokens_BTN: jax.Array,
-                  actions_BT: jax.Array) -> FrameCache:
-  """The cache holding frames 0..T-1 (T <= max_frames - 1); actions as `window_logits_fn`."""
-  p = tokens_BTN.shape[1]
+def prefill_cache(dynamics, frames_BT: jax.Array, actions_BT: jax.Array) -> FrameCache:
+  """The cache holding frames 0..T-1 (T <= max_frames - 1) of either world-model family:
+  frames_BT are its frames as it reads them (tokens_BTN, latents_BTNL), entering as past
+  context (`embed_context`); actions as `window_logits_fn`."""
+  p = frames_BT.shape[1]
   slots = dynamics.transformer.max_frames - 1
   if p > slots:
     raise ValueError(f"a prompt of {p} frames does not fit the dynamics model's window: at "
                      f"most max_frames - 1 = {slots}")
-  x_BTMD = dynamics.embed(tokens_BTN, jnp.zeros_like(tokens_BTN, bool),
-                          dynamics.frame_actions(actions_BT))
+  x_BTMD = dynamics.embed_context(frames_BT, dynamics.frame_actions(actions_BT))
   return _prefill(dynamics.transformer, x_BTMD)[1]
 
 
-def _attention_context(dynamics: dynamics_lib.DynamicsModel, cache: FrameCache,
-                       tokens_BTN: jax.Array, actions_BT: jax.Array, n: jax.Array,
-                       g: jax.Array):
+def _attention_context(dynamics, cache: FrameCache, frames_BT: jax.Array,
+                       actions_BT: jax.Array, n: jax.Array, g: jax.Array):
   """(kv, valid_S, position) with which frame g, at index n of the buffers, attends to its
   past; rotary keys come rotated to their positions."""
   w = dynamics.transformer.max_frames
@@ -158,51 +159,75 @@ def _attention_context(dynamics: dynamics_lib.DynamicsModel, cache: FrameCache,
   def rebuilt():
     # The window's w - 1 past frames at positions 0..w-2, the new frame at w - 1.
     start = n - (w - 1)
-    window_BTN = jax.lax.dynamic_slice_in_dim(tokens_BTN, start, w - 1, axis=1)
+    window_BT = jax.lax.dynamic_slice_in_dim(frames_BT, start, w - 1, axis=1)
     window_actions_BT = jax.lax.dynamic_slice_in_dim(actions_BT, start, w - 1, axis=1)
-    rebuilt_cache = prefill_cache(dynamics, window_BTN, window_actions_BT)
+    rebuilt_cache = prefill_cache(dynamics, window_BT, window_actions_BT)
     return rebuilt_cache.kv, jnp.ones_like(slots_S, bool), jnp.int32(w - 1)
 
   return jax.lax.cond(g < w, appended, rebuilt)
 
 
-def cached_logits_fn(dynamics: dynamics_lib.DynamicsModel, cache: FrameCache,
-                     tokens_BTN: jax.Array, actions_BT: jax.Array, n: jax.Array, g: jax.Array
-                     ) -> tuple[maskgit.LogitsFn, Callable[[jax.Array], FrameCache]]:
-  """The MaskGIT logits function of frame g, and the cache update once it is final.
+def frame_context(dynamics, cache: FrameCache, frames_BT: jax.Array, actions_BT: jax.Array,
+                  n: jax.Array, g: jax.Array
+                  ) -> tuple[Callable[[jax.Array], jax.Array],
+                             Callable[[jax.Array], FrameCache]]:
+  """How frame g attends to its cached past, for either world-model family.
 
   Args:
-    dynamics: the dynamics model.
+    dynamics: the dynamics model (`embed_context`, `frame_actions`, `transformer`).
     cache: frames 0..g-1 as far as the cache keeps them.
-    tokens_BTN, actions_BT: buffers whose index n is frame g (read by the learned-position
+    frames_BT, actions_BT: buffers whose index n is frame g (read by the learned-position
       rebuild); actions_BT[:, n - 1] causes the new frame.
     n, g: the new frame's buffer index and frame index (traced ints; equal in a rollout).
 
   Returns:
-    ((tokens_BN, mask_BN) -> logits_BNV, tokens_BN -> the cache with frame g).
+    (run, commit): run(x_B1MD) -> y_B1MD, the transformer's output for the new frame's
+    inputs; commit(x_B1MD) -> the cache with frame g, given its final inputs as context.
   """
-  kv, valid_S, position = _attention_context(dynamics, cache, tokens_BTN, actions_BT, n, g)
-  caused_B1 = jax.lax.dynamic_slice_in_dim(actions_BT, n - 1, 1, axis=1).astype(jnp.int32)
+  kv, valid_S, position = _attention_context(dynamics, cache, frames_BT, actions_BT, n, g)
 
-  def run(tokens_BN, mask_BN):
-    x_B1MD = dynamics.embed(tokens_BN[:, None], mask_BN[:, None], caused_B1)
+  def decode(x_B1MD):
     return dynamics.transformer.decode_frame(x_B1MD, kv, position, valid_S)
 
-  def append(tokens_BN):
-    _, frame_kv = run(tokens_BN, jnp.zeros_like(tokens_BN, bool))
+  def append(x_B1MD):
+    _, frame_kv = decode(x_B1MD)
     slot = _slot(dynamics, g)
     return FrameCache(dynamics.transformer.write_cache(cache.kv, frame_kv, slot),
                       cache.frame_S.at[slot].set(g))
 
-  def update(tokens_BN):
+  def commit(x_B1MD):
     if dynamics.transformer.temporal_positions == "rope":
-      return append(tokens_BN)
+      return append(x_B1MD)
     # Learned positions: the cache is rebuilt from the window once it is full.
     return jax.lax.cond(g + 1 < dynamics.transformer.max_frames, append, lambda _: cache,
-                        tokens_BN)
+                        x_B1MD)
 
-  return (lambda tokens_BN, mask_BN: dynamics.readout(run(tokens_BN, mask_BN)[0])[:, 0],
-          update)
+  return (lambda x_B1MD: decode(x_B1MD)[0]), commit
+
+
+def caused_at(actions_BT: jax.Array, n: jax.Array) -> jax.Array:
+  """caused_B1: the action that causes the frame at buffer index n (taken at n - 1)."""
+  return jax.lax.dynamic_slice_in_dim(actions_BT, n - 1, 1, axis=1).astype(jnp.int32)
+
+
+def cached_logits_fn(dynamics: dynamics_lib.DynamicsModel, cache: FrameCache,
+                     tokens_BTN: jax.Array, actions_BT: jax.Array, n: jax.Array, g: jax.Array
+                     ) -> tuple[maskgit.LogitsFn, Callable[[jax.Array], FrameCache]]:
+  """The MaskGIT logits function of frame g, and the cache update once it is final
+  (arguments: `frame_context`).
+
+  Returns:
+    ((tokens_BN, mask_BN) -> logits_BNV, tokens_BN -> the cache with frame g).
+  """
+  run, commit = frame_context(dynamics, cache, tokens_BTN, actions_BT, n, g)
+  caused_B1 = caused_at(actions_BT, n)
+
+  def logits(tokens_BN, mask_BN):
+    x_B1MD = dynamics.embed(tokens_BN[:, None], mask_BN[:, None], caused_B1)
+    return dynamics.readout(run(x_B1MD))[:, 0]
+
+  return logits, lambda tokens_BN: commit(dynamics.embed_context(tokens_BN[:, None],
+                                                                 caused_B1))
 
 
 def sampling_prior_weight(config: Any) -> float:
@@ -242,12 +267,19 @@ def generate_next(world: dynamics_lib.WorldModel, cache: FrameCache, tokens_BTN:
   return new_BN, update(new_BN)
 
 
-def decode_frame_at(tokenizer: tokenizer_lib.Tokenizer, tokens_BTN: jax.Array, f: jax.Array
+def _pixels(tokenizer: tokenizer_lib.Tokenizer, y_BTND: jax.Array) -> jax.Array:
+  return jnp.clip(tokenizer.pixels(y_BTND), 0.0, 1.0)
+
+
+def decode_frame_at(tokenizer: tokenizer_lib.Tokenizer, x_BTND: jax.Array, f: jax.Array
                     ) -> jax.Array:
-  """Frame f (float [0, 1], BHWC) decoded from the tokenizer-window of tokens ending at f."""
+  """Frame f (float [0, 1], BHWC) decoded from the decoder-window of inputs ending at f
+  (decoder inputs: `tokenizer.decoder_input` of tokens, `tokenizer.from_latent` of
+  latents)."""
   t = tokenizer.decoder.max_frames
   start = jnp.maximum(f - (t - 1), 0)
-  video_BTHWC = tokenizer.decode(jax.lax.dynamic_slice_in_dim(tokens_BTN, start, t, axis=1))
+  video_BTHWC = _pixels(tokenizer, tokenizer.decoder(
+      jax.lax.dynamic_slice_in_dim(x_BTND, start, t, axis=1)))
   return jax.lax.dynamic_index_in_dim(video_BTHWC, f - start, axis=1, keepdims=False)
 
 
@@ -259,55 +291,64 @@ def streams(tokenizer: tokenizer_lib.Tokenizer) -> bool:
           and tokenizer.decoder.max_frames >= 2)
 
 
-def decode_next(tokenizer: tokenizer_lib.Tokenizer, cache: FrameCache, tokens_BN: jax.Array,
+def decode_next(tokenizer: tokenizer_lib.Tokenizer, cache: FrameCache, x_B1ND: jax.Array,
                 g: jax.Array) -> tuple[jax.Array, FrameCache]:
-  """Frame g (float [0, 1], BHWC) decoded with a streaming decoder's cache of the frames
-  before it (`stream_decode`), and the cache with frame g; g may be traced."""
+  """Frame g (float [0, 1], BHWC) decoded from its decoder input x_B1ND with a streaming
+  decoder's cache of the frames before it (`stream_decode`), and the cache with frame g;
+  g may be traced."""
   decoder, sinks = tokenizer.decoder, tokenizer.sink_frames
   kv, valid_S, position = _rolling_context(decoder, sinks, cache, g)
-  y_B1ND, frame_kv = decoder.decode_frame(tokenizer.decoder_input(tokens_BN[:, None]), kv,
-                                          position, valid_S)
+  y_B1ND, frame_kv = decoder.decode_frame(x_B1ND, kv, position, valid_S)
   slot = _ring_slot(decoder.max_frames, sinks, g)
   cache = FrameCache(decoder.write_cache(cache.kv, frame_kv, slot),
                      cache.frame_S.at[slot].set(g))
-  return jnp.clip(tokenizer.pixels(y_B1ND)[:, 0], 0.0, 1.0), cache
+  return _pixels(tokenizer, y_B1ND)[:, 0], cache
 
 
-def stream_decode(tokenizer: tokenizer_lib.Tokenizer, tokens_BTN: jax.Array
+def stream_decode(tokenizer: tokenizer_lib.Tokenizer, x_BTND: jax.Array
                   ) -> tuple[jax.Array, FrameCache]:
-  """video_BTHWC float [0, 1] of a streaming decoder (`streams`) and its cache after the
-  last frame: the first max_frames - 1 frames in one pass, then one frame at a time. Within
-  the window this is `tokenizer.decode`; past it, the streaming model's output."""
-  t = tokens_BTN.shape[1]
+  """video_BTHWC float [0, 1] of a streaming decoder (`streams`) from its inputs x_BTND, and
+  its cache after the last frame: the first max_frames - 1 frames in one pass, then one
+  frame at a time. Within the window this is the decoder run on the clip; past it, the
+  streaming model's output."""
+  t = x_BTND.shape[1]
   p = min(t, tokenizer.decoder.max_frames - 1)
-  y_BSND, cache = _prefill(tokenizer.decoder, tokenizer.decoder_input(tokens_BTN[:, :p]))
-  head_BTHWC = jnp.clip(tokenizer.pixels(y_BSND[:, :p]), 0.0, 1.0)
+  y_BSND, cache = _prefill(tokenizer.decoder, x_BTND[:, :p])
+  head_BTHWC = _pixels(tokenizer, y_BSND[:, :p])
   if t == p:
     return head_BTHWC, cache
 
   def body(cache, g):
-    frame_BHWC, cache = decode_next(
-        tokenizer, cache, jax.lax.dynamic_index_in_dim(tokens_BTN, g, 1, keepdims=False), g)
+    frame_BHWC, cache = decode_next(tokenizer, cache, jax.lax.dynamic_slice_in_dim(
+        x_BTND, g, 1, axis=1), g)
     return cache, frame_BHWC
 
   cache, tail_TBHWC = jax.lax.scan(body, cache, jnp.arange(p, t))
   return jnp.concatenate([head_BTHWC, jnp.moveaxis(tail_TBHWC, 0, 1)], axis=1), cache
 
 
-def decode_frames(tokenizer: tokenizer_lib.Tokenizer, tokens_BTN: jax.Array) -> jax.Array:
-  """video_BTHWC float [0, 1] of any number of frames. The causal decoder sees at most its
-  max_frames: a streaming decoder (`streams`) rolls its cache past them; otherwise frames
-  beyond them are decoded from the window ending at them."""
+def decode_inputs(tokenizer: tokenizer_lib.Tokenizer, x_BTND: jax.Array) -> jax.Array:
+  """video_BTHWC float [0, 1] of any number of frames from their decoder inputs (see
+  `decode_frame_at`). The causal decoder sees at most its max_frames: a streaming decoder
+  (`streams`) rolls its cache past them; otherwise frames beyond them are decoded from the
+  window ending at them."""
   t_max = tokenizer.decoder.max_frames
-  t = tokens_BTN.shape[1]
+  t = x_BTND.shape[1]
   if t <= t_max:
-    return tokenizer.decode(tokens_BTN)
+    return _pixels(tokenizer, tokenizer.decoder(x_BTND))
   if streams(tokenizer):
-    return stream_decode(tokenizer, tokens_BTN)[0]
-  head_BTHWC = tokenizer.decode(tokens_BTN[:, :t_max])
-  tail_TBHWC = jax.lax.map(lambda f: decode_frame_at(tokenizer, tokens_BTN, f),
+    return stream_decode(tokenizer, x_BTND)[0]
+  head_BTHWC = _pixels(tokenizer, tokenizer.decoder(x_BTND[:, :t_max]))
+  tail_TBHWC = jax.lax.map(lambda f: decode_frame_at(tokenizer, x_BTND, f),
                            jnp.arange(t_max, t))
   return jnp.concatenate([head_BTHWC, jnp.moveaxis(tail_TBHWC, 0, 1)], axis=1)
+
+
+def decode_frames(tokenizer: tokenizer_lib.Tokenizer, tokens_BTN: jax.Array) -> jax.Array:
+  """video_BTHWC float [0, 1] of any number of frames' tokens (`decode_inputs`)."""
+  if tokens_BTN.shape[1] <= tokenizer.decoder.max_frames:
+    return tokenizer.decode(tokens_BTN)
+  return decode_inputs(tokenizer, tokenizer.decoder_input(tokens_BTN))
 
 
 def generate_frame(world: dynamics_lib.WorldModel, tokens_BTN: jax.Array,
@@ -385,7 +426,8 @@ def _play_start(world, prompt_BTHWC, *, length):
   streaming decoder's cache or None))."""
   tokens_BTN, actions_BT = _prompt_buffers(world, prompt_BTHWC, length)
   p = prompt_BTHWC.shape[1]
-  decoder_cache = (stream_decode(world.tokenizer, tokens_BTN[:, :p])[1]
+  decoder_cache = (stream_decode(world.tokenizer,
+                                 world.tokenizer.decoder_input(tokens_BTN[:, :p]))[1]
                    if streams(world.tokenizer) else None)
   return tokens_BTN, actions_BT, (prefill_cache(world.dynamics, tokens_BTN[:, :p],
                                                 actions_BT[:, :p]), decoder_cache)
@@ -401,9 +443,10 @@ def _play_step(world, tokens_BTN, actions_BT, caches, n, g, action_B, rng, *, nu
                                 prior_weight=prior_weight)
   tokens_BTN = jax.lax.dynamic_update_slice_in_dim(tokens_BTN, new_BN[:, None], n, axis=1)
   if decoder_cache is None:
-    frame_BHWC = decode_frame_at(world.tokenizer, tokens_BTN, n)
+    frame_BHWC = decode_frame_at(world.tokenizer, world.tokenizer.decoder_input(tokens_BTN), n)
   else:
-    frame_BHWC, decoder_cache = decode_next(world.tokenizer, decoder_cache, new_BN, g)
+    frame_BHWC, decoder_cache = decode_next(
+        world.tokenizer, decoder_cache, world.tokenizer.decoder_input(new_BN[:, None]), g)
   return tokens_BTN, actions_BT, (cache, decoder_cache), frame_BHWC
 
 
@@ -484,6 +527,11 @@ class Generator:
     return prompt, actions
 
   @property
+  def step_choices(self) -> tuple[int, ...] | None:
+    """The only step counts per frame the model takes, or None (any count >= 1)."""
+    return None
+
+  @property
   def max_prompt_frames(self) -> int:
     """The longest prompt: it must fit the tokenizer and leave the dynamics window a frame."""
     return min(self.max_frames - 1, self.tokenizer_frames)
@@ -550,22 +598,30 @@ class Genie(Generator):
             temperature: float = 1.0) -> PlaySession:
     """An interactive session that generates one frame per `step(action)`."""
     return PlaySession(self, self._check_video(prompt_BTHWC, "prompt", self.max_prompt_frames),
-                       rng=jax.random.key(0) if rng is None else rng, num_steps=num_steps,
-                       temperature=temperature)
+                       rng=jax.random.key(0) if rng is None else rng,
+                       static=dict(num_steps=int(num_steps), temperature=float(temperature),
+                                   prior_weight=self.prior_weight))
 
 
-class Session:
+class PlaySession:
   """Frame-by-frame play from a prompt, one compiled step for all frames, whatever the
-  family: a buffer of the last `length` frames (older frames, which no model sees any more,
-  are dropped), kept by the subclass (`_roll`, `_advance`)."""
+  family (`Genie.start`, `DiffusionGenie.start`): buffers of the last `length` frames (as
+  the family reads them: tokens or latents) and of the actions taken (older frames, which
+  no model sees any more, are dropped), the dynamics model's cache and, for a streaming
+  decoder, the decoder's. The generator's `_play_start` fills them from the prompt and its
+  `_play_step` generates a frame."""
 
   def __init__(self, genie: Generator, prompt_BTHWC: jax.Array, *, rng: jax.Array,
-               length: int):
+               static: dict[str, Any]):
     self._genie = genie
     self._rng = rng
-    self._length = length
+    self._static = static
+    self._length = max(genie.max_frames, genie.tokenizer_frames)
     self._count = prompt_BTHWC.shape[1]  # Frames held in the buffer.
+    self._index = self._count  # Frame index of the next frame.
     self._frames = [np.asarray(prompt_BTHWC)[:, t] for t in range(prompt_BTHWC.shape[1])]
+    self._frames_BT, self._actions_BT, self._caches = genie._play_start(  # pylint: disable=protected-access
+        genie._state, prompt_BTHWC, length=self._length)  # pylint: disable=protected-access
 
   @property
   def frames(self) -> np.ndarray:
@@ -578,49 +634,20 @@ class Session:
     Returns:
       The new frame of the first example: uint8 (H, W, C) (all examples: `frames`).
     """
+    genie = self._genie
     b = self._frames[0].shape[0]
-    action_B = self._genie.check_actions(np.broadcast_to(np.asarray(action), (b,)))
+    action_B = genie.check_actions(np.broadcast_to(np.asarray(action), (b,)))
     if self._count == self._length:
       # Full: drop the oldest frame so that the new one goes into the last slot.
-      self._roll()
+      self._frames_BT = jnp.roll(self._frames_BT, -1, axis=1)
+      self._actions_BT = jnp.roll(self._actions_BT, -1, axis=1)
       self._count -= 1
     self._rng, key = jax.random.split(self._rng)
-    frame_BHWC = self._advance(jnp.asarray(action_B), key)
+    self._frames_BT, self._actions_BT, self._caches, frame_BHWC = genie._play_step(  # pylint: disable=protected-access
+        genie._state, self._frames_BT, self._actions_BT, self._caches,  # pylint: disable=protected-access
+        jnp.int32(self._count), jnp.int32(self._index), jnp.asarray(action_B), key,
+        **self._static)
     self._count += 1
+    self._index += 1
     self._frames.append(to_uint8(np.asarray(frame_BHWC)))
     return self._frames[-1][0]
-
-  def _roll(self) -> None:
-    """Shifts the buffers one frame back."""
-    raise NotImplementedError
-
-  def _advance(self, action_B: jax.Array, key: jax.Array) -> jax.Array:
-    """Generates the frame at `self._count` caused by action_B; its pixels (B, H, W, C)."""
-    raise NotImplementedError
-
-
-class PlaySession(Session):
-  """MaskGIT play (see `Genie.start`): token and action buffers, the dynamics model's cache
-  and, for a streaming decoder, the decoder's."""
-
-  def __init__(self, genie: Genie, prompt_BTHWC: jax.Array, *, rng: jax.Array,
-               num_steps: int, temperature: float):
-    super().__init__(genie, prompt_BTHWC, rng=rng,
-                     length=max(genie.max_frames, genie.tokenizer_frames))
-    self._static = dict(num_steps=int(num_steps), temperature=float(temperature),
-                        prior_weight=genie.prior_weight)
-    self._tokens_BTN, self._actions_BT, self._cache = genie._play_start(  # pylint: disable=protected-access
-        genie._state, prompt_BTHWC, length=self._length)  # pylint: disable=protected-access
-    self._index = self._count  # Frame index of the next frame.
-
-  def _roll(self):
-    self._tokens_BTN = jnp.roll(self._tokens_BTN, -1, axis=1)
-    self._actions_BT = jnp.roll(self._actions_BT, -1, axis=1)
-
-  def _advance(self, action_B, key):
-    genie = self._genie
-    self._tokens_BTN, self._actions_BT, self._cache, frame_BHWC = genie._play_step(  # pylint: disable=protected-access
-        genie._state, self._tokens_BTN, self._actions_BT, self._cache,  # pylint: disable=protected-access
-        jnp.int32(self._count), jnp.int32(self._index), action_B, key, **self._static)
-    self._index += 1
-    return frame_BHWC

@@ -61,6 +61,8 @@ class World(Protocol):
   """A playable world model: `genie.Genie`, `diffusion.DiffusionGenie` or a test stand-in."""
 
   num_actions: int
+  # The step counts the world takes (None: any in [1, MAX_NUM_STEPS]); optional.
+  step_choices: tuple[int, ...] | None
 
   def start(self, prompt_BTHWC: np.ndarray, num_steps: int) -> PlaySession:
     """Starts an episode from prompt frames, uint8 (1, T, H, W, C), sampling each frame
@@ -93,6 +95,7 @@ class Game:
       raise ValueError(f"--arrow_actions={list(arrow_actions)}: need {len(ARROW_KEYS)} actions "
                        f"in [0, {self.num_actions}).")
     self._world = world
+    self._step_choices = getattr(world, "step_choices", None)
     self._num_steps = self._check_num_steps(num_steps)
     self._prompts = prompts_BTHWC
     self._arrow_actions = dict(zip(ARROW_KEYS, arrow_actions))
@@ -115,15 +118,17 @@ class Game:
         num_prompts=len(self._prompts),
         arrow_actions=self._arrow_actions,
         num_steps=self._num_steps,
-        step_choices=sorted(set(STEP_CHOICES) | {self._num_steps}),
+        step_choices=sorted(set(self._step_choices or STEP_CHOICES) | {self._num_steps}),
     )
 
-  @staticmethod
-  def _check_num_steps(num_steps: Any) -> int:
+  def _check_num_steps(self, num_steps: Any) -> int:
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not (
         1 <= num_steps <= MAX_NUM_STEPS):
       raise PlayError(f"num_steps={num_steps!r} is not valid: give an integer in "
                       f"[1, {MAX_NUM_STEPS}] (steps per frame).")
+    if self._step_choices and num_steps not in self._step_choices:
+      raise PlayError(f"num_steps={num_steps} is not valid: this world model takes "
+                      f"{list(self._step_choices)} steps per frame.")
     return num_steps
 
   def start(self, prompt: Any, num_steps: Any = None) -> dict[str, Any]:
@@ -313,6 +318,7 @@ class SampledGenie:
   def __init__(self, genie: Any, *, temperature: float, seed: int):
     self.genie = genie
     self.num_actions = int(genie.num_actions)
+    self.step_choices = genie.step_choices
     self._temperature = temperature
     self._seed = seed
     self._episodes = 0

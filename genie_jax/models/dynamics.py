@@ -217,6 +217,10 @@ class DynamicsModel(nnx.Module):
       return jnp.concatenate([a_BT1D, x_BTND], axis=2)
     return x_BTND + a_BT1D
 
+  def embed_context(self, tokens_BTN: jax.Array, caused_BT: jax.Array) -> jax.Array:
+    """`embed` of final frames, as a generated frame's past reads them: nothing masked."""
+    return self.embed(tokens_BTN, jnp.zeros_like(tokens_BTN, bool), caused_BT)
+
   def readout(self, y_BTMD: jax.Array) -> jax.Array:
     """float32 logits_BTNV of the N real tokens from transformer outputs y_BTMD."""
     if self.prepend:

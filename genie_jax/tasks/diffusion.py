@@ -7,6 +7,17 @@ is eps - z and the loss the mean squared error of the prediction, every latent e
 every level weighted alike (in terms of the clean latents, a weight of 1 / tau^2 on their
 squared error: flow matching's usual weighting); with objective 'x0' the target is z and
 every entry weighted alike.
+
+Shortcut (config.model.shortcut_steps = K > 0, `genie_jax.models.diffusion`). The first
+round(B * shortcut_fraction) clips of a batch (at least one) learn the shortcut: each of
+their frames draws a step size d = 2^-s, s uniform in {0, ..., log2 K - 1}, and a level on d's
+grid (tau = j d, j uniform in {1, ..., 1/d}, so the step stays in [0, 1]); its target is the
+mean of the model's own two velocities at size d / 2 (no gradient): v1 at (z_tau, tau), then v2
+at (z_tau - d/2 v1, tau - d/2). The second pass moves every frame of the clip by its own half
+step, so a frame's second velocity is taken with its past moved too. The other clips learn
+the flow at the finest size 1/K as above (levels uniform in [0, 1]). The loss is the mean
+squared error over both, every entry weighted alike; `flow_loss` and `shortcut_loss` are
+logged apart.
 """
 
 from __future__ import annotations
@@ -26,6 +37,24 @@ from genie_jax.tasks import dynamics as dynamics_task
 def sample_levels(rng: jax.Array, shape: tuple[int, int]) -> jax.Array:
   """Training noise levels tau_BT: independent per frame, uniform in [0, 1]."""
   return jax.random.uniform(rng, shape, jnp.float32)
+
+
+def sample_shortcut_levels(rng: jax.Array, shape: tuple[int, int], shortcut_steps: int
+                           ) -> tuple[jax.Array, jax.Array]:
+  """(tau_BT, step_BT) of shortcut frames: step sizes d = 2^-step, step uniform in
+  [0, log2 K), and levels uniform on d's grid {d, 2d, ..., 1}; independent per frame."""
+  step_key, level_key = jax.random.split(rng)
+  step_BT = jax.random.randint(step_key, shape, 0, diffusion_lib.step_index(shortcut_steps))
+  per_step_BT = 2 ** step_BT  # 1 / d, the grid's points.
+  j_BT = 1 + jnp.floor(jax.random.uniform(level_key, shape) * per_step_BT).astype(jnp.int32)
+  return (jnp.minimum(j_BT, per_step_BT) / per_step_BT).astype(jnp.float32), step_BT
+
+
+def shortcut_clips(config_model, batch_size: int) -> int:
+  """How many of a batch's clips learn the shortcut (0 for a plain flow model)."""
+  if not diffusion_lib.shortcut_steps(config_model):
+    return 0
+  return max(1, round(batch_size * config_model.shortcut_fraction))
 
 
 class DiffusionTask(base.Task):
@@ -49,6 +78,11 @@ class DiffusionTask(base.Task):
     dynamics_task.check_world_model_config(
         config, "kl", "it denoises continuous latents; the MaskGIT stage predicts tokens")
     diffusion_lib.validate_config(config.model)
+    nb = shortcut_clips(config.model, config.batch_size)
+    if nb and nb >= config.batch_size:
+      raise ValueError(f"config.batch_size={config.batch_size} with config.model."
+                       f"shortcut_fraction={config.model.shortcut_fraction} leaves no clip "
+                       "for the flow: the shortcut's targets need it")
 
   def make_model(self, rngs):
     return dynamics_lib.WorldModel(
@@ -66,23 +100,57 @@ class DiffusionTask(base.Task):
 
   def noised_batch(self, model: dynamics_lib.WorldModel, batch, rng: jax.Array
                    ) -> dict[str, jax.Array]:
-    """The training example of a batch: clean latents 'z', levels 'tau', noise 'eps', the
-    noised latents 'z_tau', 'actions' and the objective's 'target'."""
-    level_key, noise_key = jax.random.split(rng)
+    """The training example of a batch: clean latents 'z', levels 'tau', a shortcut
+    model's step-size indices 'step' (else None), noise 'eps', the noised latents 'z_tau',
+    'actions' and the objective's 'target' (for the shortcut clips, the first
+    `shortcut_clips`, the shortcut's own, from `shortcut_target`)."""
+    level_key, shortcut_key, noise_key = jax.random.split(rng, 3)
     z_BTNL, actions_BT = self.latents_and_actions(model, batch["video"])
-    tau_BT = sample_levels(level_key, z_BTNL.shape[:2])
+    b, t = z_BTNL.shape[:2]
+    tau_BT = sample_levels(level_key, (b, t))
+    step_BT = None
+    k = model.dynamics.shortcut_steps
+    nb = shortcut_clips(self.config.model, b)
+    if nb:
+      tau_sc_BT, step_sc_BT = sample_shortcut_levels(shortcut_key, (nb, t), k)
+      tau_BT = jnp.concatenate([tau_sc_BT, tau_BT[nb:]])
+      step_BT = jnp.concatenate([step_sc_BT, jnp.full((b - nb, t), diffusion_lib.step_index(k),
+                                                      jnp.int32)])
     eps_BTNL = jax.random.normal(noise_key, z_BTNL.shape, jnp.float32)
     target = eps_BTNL - z_BTNL if model.dynamics.objective == "velocity" else z_BTNL
-    return dict(z=z_BTNL, tau=tau_BT, eps=eps_BTNL,
-                z_tau=diffusion_lib.noised(z_BTNL, eps_BTNL, tau_BT), actions=actions_BT,
-                target=target)
+    z_tau = diffusion_lib.noised(z_BTNL, eps_BTNL, tau_BT)
+    if nb:
+      target = jnp.concatenate([self.shortcut_target(
+          model.dynamics, z_tau[:nb], tau_BT[:nb], actions_BT[:nb], step_BT[:nb]),
+                                target[nb:]])
+    return dict(z=z_BTNL, tau=tau_BT, step=step_BT, eps=eps_BTNL, z_tau=z_tau,
+                actions=actions_BT, target=target)
+
+  @staticmethod
+  def shortcut_target(dynamics: diffusion_lib.DiffusionModel, z_tau_BTNL: jax.Array,
+                      tau_BT: jax.Array, actions_BT: jax.Array, step_BT: jax.Array
+                      ) -> jax.Array:
+    """The velocity one step of size d = 2^-step should take: the mean of two steps of d/2
+    by the model itself (module docstring), without gradient."""
+    half_BT = step_BT + 1
+    half_d_BT11 = (0.5 ** half_BT)[:, :, None, None]
+    v1_BTNL = dynamics(z_tau_BTNL, tau_BT, actions_BT, half_BT)
+    z_mid_BTNL = z_tau_BTNL - half_d_BT11 * v1_BTNL
+    v2_BTNL = dynamics(z_mid_BTNL, tau_BT - half_d_BT11[:, :, 0, 0], actions_BT, half_BT)
+    return jax.lax.stop_gradient(0.5 * (v1_BTNL + v2_BTNL))
 
   def loss(self, model, batch, rng):
     ex = self.noised_batch(model, batch, rng)
-    prediction_BTNL = model.dynamics(ex["z_tau"], ex["tau"], ex["actions"])
-    loss = jnp.mean(jnp.square(prediction_BTNL - ex["target"]))
-    x0_BTNL = model.dynamics.clean_estimate(prediction_BTNL, ex["z_tau"], ex["tau"])
-    metrics = dict(diffusion_loss=loss, x0_mse=jnp.mean(jnp.square(x0_BTNL - ex["z"])))
+    prediction_BTNL = model.dynamics(ex["z_tau"], ex["tau"], ex["actions"], ex["step"])
+    error_B = jnp.mean(jnp.square(prediction_BTNL - ex["target"]), axis=(1, 2, 3))
+    loss = jnp.mean(error_B)
+    # The clean estimate of the flow clips (a shortcut velocity spans a step, not tau).
+    nb = shortcut_clips(self.config.model, error_B.shape[0])
+    x0_BTNL = model.dynamics.clean_estimate(prediction_BTNL[nb:], ex["z_tau"][nb:],
+                                            ex["tau"][nb:])
+    metrics = dict(diffusion_loss=loss, x0_mse=jnp.mean(jnp.square(x0_BTNL - ex["z"][nb:])))
+    if nb:
+      metrics.update(shortcut_loss=jnp.mean(error_B[:nb]), flow_loss=jnp.mean(error_B[nb:]))
     return loss, metrics, None
 
   def visualize(self, model, batch):
