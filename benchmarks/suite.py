@@ -138,7 +138,7 @@ def _configs(shape: str, root: str) -> dict:
                      ("sink_frames", _SINKS.value)):
     if value is not None:
       configs["dynamics"].model[key] = value
-  if diffusion:
+  if diffusion and _SHORTCUT.value:
     configs["dynamics"].model.shortcut_steps = _SHORTCUT.value
   batch = _BATCH.value or dict(runlocal=None, readme=4, appf=2)[shape]
   for config in configs.values():
