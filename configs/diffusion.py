@@ -12,8 +12,9 @@ Arguments (after the colon, comma separated):
   runlocal                                  a CPU-sized run (as configs/dynamics.py's)
   conditioning=additive|prepend             how actions (and noise levels) enter
   objective=velocity|x0                     what the model predicts (genie_jax/tasks/diffusion.py)
-  shortcut=K                                a shortcut model: sampling in 1, 2, 4, ... or K
-                                            steps per frame (0, the default: a plain flow)
+  shortcut=K                                a shortcut model (K a power of two >= 2):
+                                            sampling in 1, 2, 4, ... or K steps per frame
+                                            (0, the default: a plain flow)
 
 Example:
   python -m genie_jax.cli.train --config=configs/tokenizer.py:runlocal,quantizer=kl --workdir=workdirs/ktok
@@ -52,10 +53,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       type="controllability", split="validation", batch_size=0, num_batches=8, horizon=0,
       dt=4, sampling_steps=25, temperature=1.0, seed=0, num_videos=4))
 
-  if args.shortcut:
-    config.evals.controllability.sampling_steps = int(args.shortcut)
   if args.runlocal:
     config.evals.controllability.update(num_batches=4, sampling_steps=8)
+  if args.shortcut:
+    # The finest steps the model learnt.
+    config.evals.controllability.sampling_steps = int(args.shortcut)
     # As the MaskGIT stage's runlocal (configs/dynamics.py gives the reasons).
     config.model.spatial_rope = True
     config.model.block_order = "temporal_first"

@@ -198,10 +198,12 @@ def test_loss_is_the_objectives_mean_squared_error(stage_workdirs):
   assert metrics["x0_mse"] > 0
 
 
-def test_shortcut_clips_learn_two_half_steps_in_one_on_the_levels_grid(stage_workdirs):
+def test_shortcut_frames_learn_two_half_steps_in_one_on_the_levels_grid(stage_workdirs):
   config = _diffusion_config(stage_workdirs["ktok"], stage_workdirs["lam"], arg="shortcut=4")
+  assert config.evals.controllability.sampling_steps == 4
   config.model.shortcut_fraction = 0.5
   task = tasks.get_task(config)
+  evaluators.check_configs(task.config)
   model = task.make_model(nnx.Rngs(0))
   dyn = model.dynamics
   video = np.random.default_rng(0).integers(0, 256, (4, CLIP_LEN, IMAGE_SIZE, IMAGE_SIZE, 3),
@@ -209,25 +211,36 @@ def test_shortcut_clips_learn_two_half_steps_in_one_on_the_levels_grid(stage_wor
   batch = dict(video=video, actions=np.zeros((4, CLIP_LEN), np.int32))
   rng = jax.random.key(7)
   ex = task.noised_batch(model, batch, rng)
-  step, tau = np.asarray(ex["step"]), np.asarray(ex["tau"])
-  # Two shortcut clips: sizes 1 and 1/2, levels on their grids; two flow clips at 1/4.
-  assert set(step[:2].ravel()) == {0, 1} and np.all(step[2:] == 2)
-  per = 2.0 ** step[:2]
-  np.testing.assert_allclose(tau[:2] * per, np.round(tau[:2] * per), atol=1e-6)
-  assert tau[:2].min() >= 0.5 - 1e-6 and tau[:2].max() <= 1.0
-  np.testing.assert_allclose(ex["target"][2:], ex["eps"][2:] - ex["z"][2:], atol=1e-6)
-  # The shortcut target: two half steps of the model itself.
-  half = step[:2] + 1
-  d2 = (0.5 ** half)[:, :, None, None]
-  v1 = dyn(ex["z_tau"][:2], tau[:2], ex["actions"][:2], half)
-  v2 = dyn(ex["z_tau"][:2] - d2 * v1, tau[:2] - d2[:, :, 0, 0], ex["actions"][:2], half)
-  np.testing.assert_allclose(ex["target"][:2], (v1 + v2) / 2, atol=1e-5)
-  assert np.abs(ex["target"][:2] - (ex["eps"][:2] - ex["z"][:2])).max() > 0.1
+  step, tau, shortcut = (np.asarray(ex[k]) for k in ("step", "tau", "shortcut"))
+  # One frame (never the first) in each of two clips: sizes 1 or 1/2, levels on their grids;
+  # every other frame the flow at the finest size 1/4.
+  np.testing.assert_array_equal(shortcut.sum(axis=1), [1, 1, 0, 0])
+  assert not shortcut[:, 0].any()
+  assert set(step[shortcut]) <= {0, 1} and np.all(step[~shortcut] == 2)
+  per = 2.0 ** step[shortcut]
+  np.testing.assert_allclose(tau[shortcut] * per, np.round(tau[shortcut] * per), atol=1e-6)
+  assert tau[shortcut].min() >= 0.5 - 1e-6 and tau[shortcut].max() <= 1.0
+  np.testing.assert_allclose(ex["z_tau"], diffusion_lib.noised(ex["z"], ex["eps"], tau),
+                             atol=1e-6)
+  flow = ~shortcut
+  np.testing.assert_allclose(ex["target"][flow], (ex["eps"] - ex["z"])[flow], atol=1e-6)
+  # The shortcut target, by hand: two half steps of the shortcut frame, its past untouched.
+  z_tau = np.asarray(ex["z_tau"])[:2]
+  half = np.where(shortcut[:2], step[:2] + 1, step[:2])
+  d2 = np.where(shortcut[:2], 0.5 ** half, 0.0)
+  v1 = np.asarray(dyn(z_tau, tau[:2], ex["actions"][:2], half))
+  moved = z_tau - d2[:, :, None, None] * v1
+  np.testing.assert_array_equal(moved[~shortcut[:2]], z_tau[~shortcut[:2]])
+  v2 = np.asarray(dyn(moved, tau[:2] - d2, ex["actions"][:2], half))
+  np.testing.assert_allclose(ex["target"][:2][shortcut[:2]], ((v1 + v2) / 2)[shortcut[:2]],
+                             atol=1e-5)
+  assert np.abs(ex["target"][shortcut] - (ex["eps"] - ex["z"])[shortcut]).max() > 0.1
   loss, metrics, _ = task.loss(model, batch, rng)
-  prediction = dyn(ex["z_tau"], tau, ex["actions"], step)
-  np.testing.assert_allclose(loss, np.mean(np.square(prediction - ex["target"])), rtol=1e-5)
-  np.testing.assert_allclose(
-      (metrics["shortcut_loss"] + metrics["flow_loss"]) / 2, loss, rtol=1e-5)
+  prediction = np.asarray(dyn(ex["z_tau"], tau, ex["actions"], step))
+  error = np.mean(np.square(prediction - ex["target"]), axis=(2, 3))
+  np.testing.assert_allclose(loss, error.mean(), rtol=1e-5)
+  np.testing.assert_allclose(metrics["shortcut_loss"], error[shortcut].mean(), rtol=1e-5)
+  np.testing.assert_allclose(metrics["flow_loss"], error[flow].mean(), rtol=1e-5)
   # The step size is an input: the same frames at another size give another prediction.
   assert np.abs(np.asarray(dyn(ex["z_tau"], tau, ex["actions"], step * 0)) - prediction).max() > 1e-4
   # Samplers take 1, 2 or 4 steps; the evaluator's setting is checked before any work.
@@ -237,10 +250,11 @@ def test_shortcut_clips_learn_two_half_steps_in_one_on_the_levels_grid(stage_wor
     with pytest.raises(ValueError, match=f"={steps}: this model takes a power of two up to "
                                          "config.model.shortcut_steps=4"):
       dyn.check_num_steps(steps)
-  config.evals.controllability.sampling_steps = 8
+  task.config.evals.controllability.sampling_steps = 8
   with pytest.raises(ValueError, match="config.evals.controllability.sampling_steps=8"):
     evaluators.check_configs(task.config)
-  for key, value, message in (("shortcut_steps", 3, "must be 0 or a power of two"),
+  for key, value, message in (("shortcut_steps", 3, "must be 0 or a power of two >= 2"),
+                              ("shortcut_steps", 1, "must be 0 or a power of two >= 2"),
                               ("objective", "x0", "needs config.model.objective='velocity'")):
     bad = _diffusion_config(stage_workdirs["ktok"], stage_workdirs["lam"], arg="shortcut=4")
     bad.model[key] = value
@@ -304,21 +318,21 @@ def test_cached_sampling_equals_the_uncached_reference(conditioning, positions, 
   assert np.all(np.isfinite(cached)) and np.abs(cached[:, 2:]).max() > 0
 
 
-@pytest.mark.parametrize("num_steps", [1, 2])
+@pytest.mark.parametrize("num_steps", [1, 2, 4])
 def test_a_shortcut_model_is_told_the_samplers_step_size(num_steps):
-  model = _model(shortcut_steps=4, max_frames=2)
+  model = _model(shortcut_steps=8, max_frames=2)
   z, _, _ = _inputs(b=2, t=1, seed=8)
   actions = np.array([[1], [2]], np.int32)
   rolled = np.asarray(diffusion_sampling.rollout_latents(model, z, actions, jax.random.key(3),
                                                          num_steps=num_steps))
   # By hand: Euler steps of size 1 / num_steps, index log2(num_steps); the clean past at the
-  # finest size (index 2).
+  # finest size (index 3).
   x = np.asarray(jax.random.normal(jax.random.fold_in(jax.random.key(3), 1), z[:, 0].shape))
   for k in range(num_steps):
     tau = 1.0 - k / num_steps
     v = model(np.stack([z[:, 0], x], 1), np.array([[0.0, tau]] * 2, np.float32),
               np.concatenate([actions, actions], 1),
-              np.array([[2, num_steps - 1]] * 2, np.int32))[:, 1]
+              np.array([[3, int(np.log2(num_steps))]] * 2, np.int32))[:, 1]
     x = x - v / num_steps
   np.testing.assert_allclose(rolled[:, 1], x, atol=1e-4)
 

@@ -50,11 +50,11 @@ def default_config() -> ml_collections.ConfigDict:
   Keys besides those:
     latent_dim: L, the tokenizer's latent width (0: from the tokenizer workdir).
     objective: 'velocity' (predict eps - z) or 'x0' (predict z); see the task for the loss.
-    shortcut_steps: K, 0 (a plain flow model) or a power of two: the finest of the step
+    shortcut_steps: K, 0 (a plain flow model) or a power of two >= 2: the finest of the step
       sizes 1, 1/2, ..., 1/K the model is conditioned on (module docstring); needs
       objective 'velocity'.
-    shortcut_fraction: the share of each batch's clips trained on the shortcut's
-      self-consistency target rather than the flow (at least one clip).
+    shortcut_fraction: the share of each batch's clips with a frame trained on the
+      shortcut's self-consistency target (at least one clip; `genie_jax.tasks.diffusion`).
   """
   cfg = ml_collections.ConfigDict(dict(latent_dim=0, objective="velocity", shortcut_steps=0,
                                        shortcut_fraction=0.25,
@@ -70,8 +70,8 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.model.objective={cfg.objective!r}; expected one of "
                      f"{list(OBJECTIVES)}")
   k = shortcut_steps(cfg)
-  if k < 0 or (k and k & (k - 1)):
-    raise ValueError(f"config.model.shortcut_steps={k} must be 0 or a power of two")
+  if k < 0 or k == 1 or (k and k & (k - 1)):
+    raise ValueError(f"config.model.shortcut_steps={k} must be 0 or a power of two >= 2")
   if k and cfg.objective != "velocity":
     raise ValueError(f"config.model.shortcut_steps={k} needs config.model.objective="
                      f"'velocity'; got {cfg.objective!r}")

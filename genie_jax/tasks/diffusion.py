@@ -8,16 +8,16 @@ every level weighted alike (in terms of the clean latents, a weight of 1 / tau^2
 squared error: flow matching's usual weighting); with objective 'x0' the target is z and
 every entry weighted alike.
 
-Shortcut (config.model.shortcut_steps = K > 0, `genie_jax.models.diffusion`). The first
-round(B * shortcut_fraction) clips of a batch (at least one) learn the shortcut: each of
-their frames draws a step size d = 2^-s, s uniform in {0, ..., log2 K - 1}, and a level on d's
-grid (tau = j d, j uniform in {1, ..., 1/d}, so the step stays in [0, 1]); its target is the
-mean of the model's own two velocities at size d / 2 (no gradient): v1 at (z_tau, tau), then v2
-at (z_tau - d/2 v1, tau - d/2). The second pass moves every frame of the clip by its own half
-step, so a frame's second velocity is taken with its past moved too. The other clips learn
-the flow at the finest size 1/K as above (levels uniform in [0, 1]). The loss is the mean
-squared error over both, every entry weighted alike; `flow_loss` and `shortcut_loss` are
-logged apart.
+Shortcut (config.model.shortcut_steps = K > 0, `genie_jax.models.diffusion`). In the first
+round(B * shortcut_fraction) clips of a batch (at least one) one frame i, uniform in
+{1, ..., T - 1}, learns the shortcut: it draws a step size d = 2^-s, s uniform in
+{0, ..., log2 K - 1}, and a level on d's grid (tau = j d, j uniform in {1, ..., 1/d}, so the
+step stays in [0, 1]); its target is the mean of the model's own two velocities at size d / 2
+(no gradient): v1 at (z_tau, tau), then v2 at (z_tau - d/2 v1, tau - d/2), the second pass
+moving frame i only, so that its past is the same in both (causal attention: the two passes
+are frame i's two steps exactly). Every other frame learns the flow at the finest size 1/K as
+above. The loss is the mean squared error over all frames, every entry weighted alike;
+`shortcut_loss` (the shortcut frames) and `flow_loss` (the others) are logged apart.
 """
 
 from __future__ import annotations
@@ -78,11 +78,10 @@ class DiffusionTask(base.Task):
     dynamics_task.check_world_model_config(
         config, "kl", "it denoises continuous latents; the MaskGIT stage predicts tokens")
     diffusion_lib.validate_config(config.model)
-    nb = shortcut_clips(config.model, config.batch_size)
-    if nb and nb >= config.batch_size:
-      raise ValueError(f"config.batch_size={config.batch_size} with config.model."
-                       f"shortcut_fraction={config.model.shortcut_fraction} leaves no clip "
-                       "for the flow: the shortcut's targets need it")
+    if shortcut_clips(config.model, config.batch_size) and config.data.clip_len < 2:
+      raise ValueError(f"config.model.shortcut_steps={config.model.shortcut_steps} needs "
+                       f"clips of at least 2 frames (config.data.clip_len="
+                       f"{config.data.clip_len}): the shortcut frame has a past")
 
   def make_model(self, rngs):
     return dynamics_lib.WorldModel(
@@ -100,58 +99,67 @@ class DiffusionTask(base.Task):
 
   def noised_batch(self, model: dynamics_lib.WorldModel, batch, rng: jax.Array
                    ) -> dict[str, jax.Array]:
-    """The training example of a batch: clean latents 'z', levels 'tau', a shortcut
-    model's step-size indices 'step' (else None), noise 'eps', the noised latents 'z_tau',
-    'actions' and the objective's 'target' (for the shortcut clips, the first
-    `shortcut_clips`, the shortcut's own, from `shortcut_target`)."""
-    level_key, shortcut_key, noise_key = jax.random.split(rng, 3)
+    """The training example of a batch: clean latents 'z', levels 'tau', noise 'eps', the
+    noised latents 'z_tau', 'actions' and the objective's 'target'; for a shortcut model
+    also the step-size indices 'step' and the shortcut frames 'shortcut' (bool (B, T)),
+    whose targets are `shortcut_target`'s (else both None)."""
+    level_key, noise_key = jax.random.split(rng)
     z_BTNL, actions_BT = self.latents_and_actions(model, batch["video"])
     b, t = z_BTNL.shape[:2]
     tau_BT = sample_levels(level_key, (b, t))
-    step_BT = None
-    k = model.dynamics.shortcut_steps
-    nb = shortcut_clips(self.config.model, b)
-    if nb:
-      tau_sc_BT, step_sc_BT = sample_shortcut_levels(shortcut_key, (nb, t), k)
-      tau_BT = jnp.concatenate([tau_sc_BT, tau_BT[nb:]])
-      step_BT = jnp.concatenate([step_sc_BT, jnp.full((b - nb, t), diffusion_lib.step_index(k),
-                                                      jnp.int32)])
     eps_BTNL = jax.random.normal(noise_key, z_BTNL.shape, jnp.float32)
     target = eps_BTNL - z_BTNL if model.dynamics.objective == "velocity" else z_BTNL
+    ex = dict(z=z_BTNL, tau=tau_BT, step=None, shortcut=None, eps=eps_BTNL,
+              z_tau=diffusion_lib.noised(z_BTNL, eps_BTNL, tau_BT), actions=actions_BT,
+              target=target)
+    nb = shortcut_clips(self.config.model, b)
+    if not nb:
+      return ex
+    k = model.dynamics.shortcut_steps
+    frame_key, shortcut_key = jax.random.split(jax.random.fold_in(rng, 2))
+    frame_B1 = jax.random.randint(frame_key, (nb, 1), 1, t)
+    shortcut_BT = jnp.zeros((b, t), bool).at[:nb].set(jnp.arange(t)[None] == frame_B1)
+    tau_sc_BT, step_sc_BT = sample_shortcut_levels(shortcut_key, (b, t), k)
+    tau_BT = jnp.where(shortcut_BT, tau_sc_BT, tau_BT)
+    step_BT = jnp.where(shortcut_BT, step_sc_BT, diffusion_lib.step_index(k))
     z_tau = diffusion_lib.noised(z_BTNL, eps_BTNL, tau_BT)
-    if nb:
-      target = jnp.concatenate([self.shortcut_target(
-          model.dynamics, z_tau[:nb], tau_BT[:nb], actions_BT[:nb], step_BT[:nb]),
-                                target[nb:]])
-    return dict(z=z_BTNL, tau=tau_BT, step=step_BT, eps=eps_BTNL, z_tau=z_tau,
-                actions=actions_BT, target=target)
+    shortcut_target = self.shortcut_target(model.dynamics, z_tau[:nb], tau_BT[:nb],
+                                           actions_BT[:nb], step_BT[:nb], shortcut_BT[:nb])
+    target = target.at[:nb].set(jnp.where(shortcut_BT[:nb, :, None, None], shortcut_target,
+                                          target[:nb]))
+    return dict(ex, tau=tau_BT, step=step_BT, shortcut=shortcut_BT, z_tau=z_tau,
+                target=target)
 
   @staticmethod
   def shortcut_target(dynamics: diffusion_lib.DiffusionModel, z_tau_BTNL: jax.Array,
-                      tau_BT: jax.Array, actions_BT: jax.Array, step_BT: jax.Array
-                      ) -> jax.Array:
-    """The velocity one step of size d = 2^-step should take: the mean of two steps of d/2
-    by the model itself (module docstring), without gradient."""
-    half_BT = step_BT + 1
-    half_d_BT11 = (0.5 ** half_BT)[:, :, None, None]
+                      tau_BT: jax.Array, actions_BT: jax.Array, step_BT: jax.Array,
+                      shortcut_BT: jax.Array) -> jax.Array:
+    """The velocity one step of size d = 2^-step should take at the shortcut frames: the
+    mean of two steps of d/2 by the model itself, the other frames left where they are
+    (module docstring), without gradient. Other frames' entries are not targets."""
+    half_BT = jnp.where(shortcut_BT, step_BT + 1, step_BT)
+    half_d_BT = jnp.where(shortcut_BT, 0.5 ** half_BT, 0.0)
     v1_BTNL = dynamics(z_tau_BTNL, tau_BT, actions_BT, half_BT)
-    z_mid_BTNL = z_tau_BTNL - half_d_BT11 * v1_BTNL
-    v2_BTNL = dynamics(z_mid_BTNL, tau_BT - half_d_BT11[:, :, 0, 0], actions_BT, half_BT)
+    z_mid_BTNL = z_tau_BTNL - half_d_BT[:, :, None, None] * v1_BTNL
+    v2_BTNL = dynamics(z_mid_BTNL, tau_BT - half_d_BT, actions_BT, half_BT)
     return jax.lax.stop_gradient(0.5 * (v1_BTNL + v2_BTNL))
 
   def loss(self, model, batch, rng):
     ex = self.noised_batch(model, batch, rng)
     prediction_BTNL = model.dynamics(ex["z_tau"], ex["tau"], ex["actions"], ex["step"])
-    error_B = jnp.mean(jnp.square(prediction_BTNL - ex["target"]), axis=(1, 2, 3))
-    loss = jnp.mean(error_B)
-    # The clean estimate of the flow clips (a shortcut velocity spans a step, not tau).
-    nb = shortcut_clips(self.config.model, error_B.shape[0])
-    x0_BTNL = model.dynamics.clean_estimate(prediction_BTNL[nb:], ex["z_tau"][nb:],
-                                            ex["tau"][nb:])
-    metrics = dict(diffusion_loss=loss, x0_mse=jnp.mean(jnp.square(x0_BTNL - ex["z"][nb:])))
-    if nb:
-      metrics.update(shortcut_loss=jnp.mean(error_B[:nb]), flow_loss=jnp.mean(error_B[nb:]))
-    return loss, metrics, None
+    error_BT = jnp.mean(jnp.square(prediction_BTNL - ex["target"]), axis=(2, 3))
+    loss = jnp.mean(error_BT)
+    x0_BTNL = model.dynamics.clean_estimate(prediction_BTNL, ex["z_tau"], ex["tau"])
+    x0_error_BT = jnp.mean(jnp.square(x0_BTNL - ex["z"]), axis=(2, 3))
+    if ex["shortcut"] is None:
+      return loss, dict(diffusion_loss=loss, x0_mse=jnp.mean(x0_error_BT)), None
+    # The clean estimate of the flow frames (a shortcut velocity spans a step, not tau).
+    shortcut_BT = ex["shortcut"]
+    flow_BT = ~shortcut_BT
+    mean_where = lambda x, m: jnp.sum(jnp.where(m, x, 0.0)) / jnp.maximum(jnp.sum(m), 1)
+    return loss, dict(diffusion_loss=loss, x0_mse=mean_where(x0_error_BT, flow_BT),
+                      shortcut_loss=mean_where(error_BT, shortcut_BT),
+                      flow_loss=mean_where(error_BT, flow_BT)), None
 
   def visualize(self, model, batch):
     """Rows: the clip, its tokenizer reconstruction, and the one-step clean estimate of
