@@ -250,6 +250,10 @@ def test_shortcut_frames_learn_two_half_steps_in_one_on_the_levels_grid(stage_wo
     with pytest.raises(ValueError, match=f"={steps}: this model takes a power of two up to "
                                          "config.model.shortcut_steps=4"):
       dyn.check_num_steps(steps)
+  genie = diffusion_sampling.DiffusionGenie(model)
+  assert genie.step_choices == (1, 2, 4) and genie.default_steps == 4
+  with pytest.raises(ValueError, match="=3: this model takes a power of two"):
+    genie.start(video[:1, :1], num_steps=3)
   task.config.evals.controllability.sampling_steps = 8
   with pytest.raises(ValueError, match="config.evals.controllability.sampling_steps=8"):
     evaluators.check_configs(task.config)

@@ -28,8 +28,8 @@ def define_flags() -> None:
       "num_frames", None, "Frames to generate; default: the clip length minus the prompt.")
   flags.DEFINE_string("actions", "random",
                       "Comma-separated action indices, 'random' or 'inferred'.")
-  flags.DEFINE_integer("num_steps", 25, "Steps per frame: MaskGIT steps, or the diffusion "
-                       "family's Euler steps.")
+  flags.DEFINE_integer("num_steps", None, "Steps per frame: MaskGIT steps, or the diffusion "
+                       "family's Euler steps; default: 25, or a shortcut model's most.")
   flags.DEFINE_float("temperature", 1.0, "Sampling temperature (MaskGIT; 0 = argmax), or the "
                      "scale of each frame's starting noise (diffusion).")
   flags.DEFINE_integer("seed", 0, "Seed of the sampling and of random actions.")

@@ -20,9 +20,9 @@ def define_flags() -> None:
   flags.DEFINE_integer("port", 8000, "Port to serve the page on.")
   flags.DEFINE_string("host", "127.0.0.1", "Address to serve on (0.0.0.0: all).")
   flags.DEFINE_integer("step", None, "Checkpoint step; default: the latest.")
-  flags.DEFINE_integer("num_steps", 25, "Steps per frame at the start (MaskGIT's, or the "
-                       "diffusion family's Euler steps) "
-                       "(Genie: 25); the page can change it.")
+  flags.DEFINE_integer("num_steps", None, "Steps per frame at the start (MaskGIT's, or the "
+                       "diffusion family's Euler steps; default: Genie's 25, or a shortcut "
+                       "model's most); the page can change it.")
   flags.DEFINE_float("temperature", 1.0,
                      "Sampling temperature (MaskGIT; Genie: 1.0 on CoinRun; 0: argmax), or "
                      "the scale of each frame's starting noise (diffusion).")
@@ -35,7 +35,7 @@ def define_flags() -> None:
 
 def main() -> None:
   f = flags.FLAGS
-  if not 1 <= f.num_steps <= play.MAX_NUM_STEPS:
+  if f.num_steps is not None and not 1 <= f.num_steps <= play.MAX_NUM_STEPS:
     raise app.UsageError(f"--num_steps={f.num_steps} must be in [1, {play.MAX_NUM_STEPS}].")
   if f.temperature < 0:
     raise app.UsageError(f"--temperature={f.temperature} must be >= 0.")
@@ -44,12 +44,16 @@ def main() -> None:
   except ValueError as e:
     raise app.UsageError(f"--arrow_actions={f.arrow_actions}: {e}") from e
   world = play.load_world(f.workdir, step=f.step, temperature=f.temperature, seed=f.seed)
+  num_steps = world.genie.default_steps if f.num_steps is None else f.num_steps
+  if world.step_choices and num_steps not in world.step_choices:
+    raise app.UsageError(f"--num_steps={num_steps}: this model takes "
+                         f"{list(world.step_choices)} steps per frame.")
   prompts_BTHWC = play.load_prompts(f.workdir, f.num_prompts)
   # Compiles the step now, so the first key press is not kept waiting (seconds to minutes).
   logging.info("Compiling the generation step...")
-  world.start(prompts_BTHWC[:1, :1], num_steps=f.num_steps).step(0)
+  world.start(prompts_BTHWC[:1, :1], num_steps=num_steps).step(0)
   game = play.Game(world, prompts_BTHWC, arrow_actions=arrow_actions, seed=f.seed,
-                   title=f"{f.workdir} (step {world.genie.step})", num_steps=f.num_steps)
+                   title=f"{f.workdir} (step {world.genie.step})", num_steps=num_steps)
   server = play.PlayServer(game, f.host, f.port)
   logging.info("Serving Genie on %s (Ctrl-C stops).", server.url)
   try:

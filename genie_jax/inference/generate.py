@@ -28,7 +28,8 @@ def parse_actions(spec: str) -> list[int] | str:
 
 
 def generate(workdir: str, *, step: int | None = None, num_frames: int | None = None,
-             actions: str = "random", num_steps: int = 25, temperature: float = 1.0,
+             actions: str = "random", num_steps: int | None = None,
+             temperature: float = 1.0,
              seed: int = 0, num_videos: int = 4, prompt_frames: int = 1,
              out_dir: str | None = None, scale: int = 4) -> dict[str, object]:
   """Generates and writes `num_videos` rollouts (see the module docstring).
@@ -43,6 +44,10 @@ def generate(workdir: str, *, step: int | None = None, num_frames: int | None = 
   """
   action_spec = parse_actions(actions)
   genie = worlds.load(workdir, step=step)
+  num_steps = genie.default_steps if num_steps is None else num_steps
+  if genie.step_choices and num_steps not in genie.step_choices:
+    raise ValueError(f"--num_steps={num_steps}: this model takes {list(genie.step_choices)} "
+                     "steps per frame")
   clip_len = int(genie.config.data.clip_len)
   if not 1 <= prompt_frames <= min(genie.max_prompt_frames, clip_len):
     raise ValueError(f"--prompt_frames={prompt_frames} must be in [1, "

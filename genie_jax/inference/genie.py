@@ -130,20 +130,20 @@ def _prefill(transformer, x_BTMD: jax.Array) -> tuple[jax.Array, FrameCache]:
   return y_BSMD, FrameCache(kv, jnp.where(jnp.arange(slots) < p, jnp.arange(slots), -1))
 
 
-def prefill_cache(dynamics, frames_BT: jax.Array, actions_BT: jax.Array) -> FrameCache:
+def prefill_cache(dynamics, frames: jax.Array, actions_BT: jax.Array) -> FrameCache:
   """The cache holding frames 0..T-1 (T <= max_frames - 1) of either world-model family:
-  frames_BT are its frames as it reads them (tokens_BTN, latents_BTNL), entering as past
-  context (`embed_context`); actions as `window_logits_fn`."""
-  p = frames_BT.shape[1]
+  `frames` (B, T, ...) are its frames as it reads them (tokens_BTN, latents_BTNL), entering
+  as past context (`embed_context`); actions as `window_logits_fn`."""
+  p = frames.shape[1]
   slots = dynamics.transformer.max_frames - 1
   if p > slots:
     raise ValueError(f"a prompt of {p} frames does not fit the dynamics model's window: at "
                      f"most max_frames - 1 = {slots}")
-  x_BTMD = dynamics.embed_context(frames_BT, dynamics.frame_actions(actions_BT))
+  x_BTMD = dynamics.embed_context(frames, dynamics.frame_actions(actions_BT))
   return _prefill(dynamics.transformer, x_BTMD)[1]
 
 
-def _attention_context(dynamics, cache: FrameCache, frames_BT: jax.Array,
+def _attention_context(dynamics, cache: FrameCache, frames: jax.Array,
                        actions_BT: jax.Array, n: jax.Array, g: jax.Array):
   """(kv, valid_S, position) with which frame g, at index n of the buffers, attends to its
   past; rotary keys come rotated to their positions."""
@@ -159,15 +159,15 @@ def _attention_context(dynamics, cache: FrameCache, frames_BT: jax.Array,
   def rebuilt():
     # The window's w - 1 past frames at positions 0..w-2, the new frame at w - 1.
     start = n - (w - 1)
-    window_BT = jax.lax.dynamic_slice_in_dim(frames_BT, start, w - 1, axis=1)
+    window = jax.lax.dynamic_slice_in_dim(frames, start, w - 1, axis=1)
     window_actions_BT = jax.lax.dynamic_slice_in_dim(actions_BT, start, w - 1, axis=1)
-    rebuilt_cache = prefill_cache(dynamics, window_BT, window_actions_BT)
+    rebuilt_cache = prefill_cache(dynamics, window, window_actions_BT)
     return rebuilt_cache.kv, jnp.ones_like(slots_S, bool), jnp.int32(w - 1)
 
   return jax.lax.cond(g < w, appended, rebuilt)
 
 
-def frame_context(dynamics, cache: FrameCache, frames_BT: jax.Array, actions_BT: jax.Array,
+def frame_context(dynamics, cache: FrameCache, frames: jax.Array, actions_BT: jax.Array,
                   n: jax.Array, g: jax.Array
                   ) -> tuple[Callable[[jax.Array], jax.Array],
                              Callable[[jax.Array], FrameCache]]:
@@ -176,7 +176,7 @@ def frame_context(dynamics, cache: FrameCache, frames_BT: jax.Array, actions_BT:
   Args:
     dynamics: the dynamics model (`embed_context`, `frame_actions`, `transformer`).
     cache: frames 0..g-1 as far as the cache keeps them.
-    frames_BT, actions_BT: buffers whose index n is frame g (read by the learned-position
+    frames, actions_BT: buffers whose index n is frame g (read by the learned-position
       rebuild); actions_BT[:, n - 1] causes the new frame.
     n, g: the new frame's buffer index and frame index (traced ints; equal in a rollout).
 
@@ -184,7 +184,7 @@ def frame_context(dynamics, cache: FrameCache, frames_BT: jax.Array, actions_BT:
     (run, commit): run(x_B1MD) -> y_B1MD, the transformer's output for the new frame's
     inputs; commit(x_B1MD) -> the cache with frame g, given its final inputs as context.
   """
-  kv, valid_S, position = _attention_context(dynamics, cache, frames_BT, actions_BT, n, g)
+  kv, valid_S, position = _attention_context(dynamics, cache, frames, actions_BT, n, g)
 
   def decode(x_B1MD):
     return dynamics.transformer.decode_frame(x_B1MD, kv, position, valid_S)
@@ -532,6 +532,11 @@ class Generator:
     return None
 
   @property
+  def default_steps(self) -> int:
+    """Steps per frame when none are asked for: the most a model takes, else Genie's 25."""
+    return max(self.step_choices) if self.step_choices else 25
+
+  @property
   def max_prompt_frames(self) -> int:
     """The longest prompt: it must fit the tokenizer and leave the dynamics window a frame."""
     return min(self.max_frames - 1, self.tokenizer_frames)
@@ -620,7 +625,7 @@ class PlaySession:
     self._count = prompt_BTHWC.shape[1]  # Frames held in the buffer.
     self._index = self._count  # Frame index of the next frame.
     self._frames = [np.asarray(prompt_BTHWC)[:, t] for t in range(prompt_BTHWC.shape[1])]
-    self._frames_BT, self._actions_BT, self._caches = genie._play_start(  # pylint: disable=protected-access
+    self._buffer, self._actions_BT, self._caches = genie._play_start(  # pylint: disable=protected-access
         genie._state, prompt_BTHWC, length=self._length)  # pylint: disable=protected-access
 
   @property
@@ -639,12 +644,12 @@ class PlaySession:
     action_B = genie.check_actions(np.broadcast_to(np.asarray(action), (b,)))
     if self._count == self._length:
       # Full: drop the oldest frame so that the new one goes into the last slot.
-      self._frames_BT = jnp.roll(self._frames_BT, -1, axis=1)
+      self._buffer = jnp.roll(self._buffer, -1, axis=1)
       self._actions_BT = jnp.roll(self._actions_BT, -1, axis=1)
       self._count -= 1
     self._rng, key = jax.random.split(self._rng)
-    self._frames_BT, self._actions_BT, self._caches, frame_BHWC = genie._play_step(  # pylint: disable=protected-access
-        genie._state, self._frames_BT, self._actions_BT, self._caches,  # pylint: disable=protected-access
+    self._buffer, self._actions_BT, self._caches, frame_BHWC = genie._play_step(  # pylint: disable=protected-access
+        genie._state, self._buffer, self._actions_BT, self._caches,  # pylint: disable=protected-access
         jnp.int32(self._count), jnp.int32(self._index), jnp.asarray(action_B), key,
         **self._static)
     self._count += 1

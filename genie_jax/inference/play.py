@@ -61,7 +61,8 @@ class World(Protocol):
   """A playable world model: `genie.Genie`, `diffusion.DiffusionGenie` or a test stand-in."""
 
   num_actions: int
-  # The step counts the world takes (None: any in [1, MAX_NUM_STEPS]); optional.
+  # The step counts the world takes (None: any in [1, MAX_NUM_STEPS]); a world without the
+  # attribute takes any.
   step_choices: tuple[int, ...] | None
 
   def start(self, prompt_BTHWC: np.ndarray, num_steps: int) -> PlaySession:
@@ -95,7 +96,8 @@ class Game:
       raise ValueError(f"--arrow_actions={list(arrow_actions)}: need {len(ARROW_KEYS)} actions "
                        f"in [0, {self.num_actions}).")
     self._world = world
-    self._step_choices = getattr(world, "step_choices", None)
+    choices = getattr(world, "step_choices", None)
+    self._step_choices = choices and tuple(c for c in choices if c <= MAX_NUM_STEPS)
     self._num_steps = self._check_num_steps(num_steps)
     self._prompts = prompts_BTHWC
     self._arrow_actions = dict(zip(ARROW_KEYS, arrow_actions))
