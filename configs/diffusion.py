@@ -55,12 +55,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   if args.runlocal:
     config.evals.controllability.update(num_batches=4, sampling_steps=8)
-  if args.shortcut:
-    # The finest steps the model learnt.
-    config.evals.controllability.sampling_steps = int(args.shortcut)
     # As the MaskGIT stage's runlocal (configs/dynamics.py gives the reasons).
     config.model.spatial_rope = True
     config.model.block_order = "temporal_first"
     config_lib.apply_runlocal(config, args.data, total_steps=500, lr=1e-3, end_lr=1e-4,
                               warmup_steps=50)
+  if args.shortcut:
+    # The finest steps the model learnt.
+    config.evals.controllability.sampling_steps = int(args.shortcut)
   return config
