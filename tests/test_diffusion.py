@@ -392,6 +392,7 @@ def test_the_pipeline_evaluates_generates_and_plays_the_diffusion_family(tmp_pat
     frame = session.step(action % genie.num_actions)
   assert frame.shape == (IMAGE_SIZE, IMAGE_SIZE, 3) and frame.dtype == np.uint8
   assert session.frames.shape[1] == genie.max_frames + 2
+  assert genie._play_step._cache_size() == 1  # pylint: disable=protected-access
   video = genie.rollout(prompt, np.zeros((1, 3), np.int32), rng=jax.random.key(0), num_steps=2)
   assert video.shape == (1, 4, IMAGE_SIZE, IMAGE_SIZE, 3)
   # Without noise a rollout and a play session are the same flow: from a 2-frame prompt
