@@ -4,8 +4,9 @@ Pick a prompt frame (the first frames of a few validation clips, or "random"), t
 number keys 1..9, 0 (latent actions 0..9) or the arrow keys (mapped to actions by
 --arrow_actions), or click the action buttons. Each frame is shown as soon
 as it is generated; the page also shows the generation latency, the recent frames and actions,
-and offers the played episode as a GIF. Its MaskGIT step count (fewer: faster frames, coarser
-samples) applies from the next start or reset, and choosing one resets the episode.
+and offers the played episode as a GIF. Its step count per frame (MaskGIT's or the diffusion
+family's; fewer: faster frames, coarser samples) applies from the next start or reset, and
+choosing one resets the episode.
 
 The server is the standard library's ThreadingHTTPServer with one static page (no external
 resources) and JSON endpoints:
@@ -45,7 +46,8 @@ import numpy as np
 ARROW_KEYS = ("ArrowLeft", "ArrowRight", "ArrowUp", "ArrowDown")
 NUM_THUMBNAILS = 8
 MAX_BODY_BYTES = 1 << 16
-# MaskGIT step counts the page offers (each compiles its own program on first use).
+# Step counts the page offers a world that takes any (each compiles its own program on first
+# use).
 STEP_CHOICES = (1, 2, 4, 8, 12, 16, 25, 32, 50)
 MAX_NUM_STEPS = 64
 
