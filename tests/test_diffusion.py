@@ -230,10 +230,15 @@ def test_shortcut_frames_learn_two_half_steps_in_one_on_the_levels_grid(stage_wo
   d2 = np.where(shortcut[:2], 0.5 ** half, 0.0)
   v1 = np.asarray(dyn(z_tau, tau[:2], ex["actions"][:2], half))
   moved = z_tau - d2[:, :, None, None] * v1
-  np.testing.assert_array_equal(moved[~shortcut[:2]], z_tau[~shortcut[:2]])
   v2 = np.asarray(dyn(moved, tau[:2] - d2, ex["actions"][:2], half))
   np.testing.assert_allclose(ex["target"][:2][shortcut[:2]], ((v1 + v2) / 2)[shortcut[:2]],
                              atol=1e-5)
+  # Had the second pass moved the past too (each frame by half a finest step), the target
+  # would differ.
+  d2_all = np.where(shortcut[:2], d2, 0.5 ** (step[:2] + 1))
+  v2_all = np.asarray(dyn(z_tau - d2_all[:, :, None, None] * v1, tau[:2] - d2_all,
+                          ex["actions"][:2], half))
+  assert np.abs(((v1 + v2_all) / 2 - ex["target"][:2])[shortcut[:2]]).max() > 1e-3
   assert np.abs(ex["target"][shortcut] - (ex["eps"] - ex["z"])[shortcut]).max() > 0.1
   loss, metrics, _ = task.loss(model, batch, rng)
   prediction = np.asarray(dyn(ex["z_tau"], tau, ex["actions"], step))
@@ -242,7 +247,8 @@ def test_shortcut_frames_learn_two_half_steps_in_one_on_the_levels_grid(stage_wo
   np.testing.assert_allclose(metrics["shortcut_loss"], error[shortcut].mean(), rtol=1e-5)
   np.testing.assert_allclose(metrics["flow_loss"], error[flow].mean(), rtol=1e-5)
   # The step size is an input: the same frames at another size give another prediction.
-  assert np.abs(np.asarray(dyn(ex["z_tau"], tau, ex["actions"], step * 0)) - prediction).max() > 1e-4
+  other_size = np.asarray(dyn(ex["z_tau"], tau, ex["actions"], step * 0))
+  assert np.abs(other_size - prediction).max() > 1e-4
   # Samplers take 1, 2 or 4 steps; the evaluator's setting is checked before any work.
   for steps in (1, 2, 4):
     dyn.check_num_steps(steps)
@@ -339,6 +345,15 @@ def test_a_shortcut_model_is_told_the_samplers_step_size(num_steps):
               np.array([[3, int(np.log2(num_steps))]] * 2, np.int32))[:, 1]
     x = x - v / num_steps
   np.testing.assert_allclose(rolled[:, 1], x, atol=1e-4)
+  # Told the finest size instead, the model would step elsewhere.
+  x_finest = np.asarray(jax.random.normal(jax.random.fold_in(jax.random.key(3), 1),
+                                          z[:, 0].shape))
+  for k in range(num_steps):
+    v = model(np.stack([z[:, 0], x_finest], 1),
+              np.array([[0.0, 1.0 - k / num_steps]] * 2, np.float32),
+              np.concatenate([actions, actions], 1), np.array([[3, 3]] * 2, np.int32))[:, 1]
+    x_finest = x_finest - v / num_steps
+  assert np.abs(x_finest - x).max() > 1e-2
 
 
 def test_sampling_compiles_once_and_follows_the_actions():

@@ -417,6 +417,6 @@ def test_play_in_browser(served, tmp_path):
     assert world.num_steps[-1] == 4
     browser.wait_js("document.getElementById('stats').innerText.includes('prompt 1')")
     browser.press("3", "Digit3", 51, "3")
-    browser.wait_js("document.getElementById('stats').innerText.includes('4 MaskGIT steps')")
+    browser.wait_js("document.getElementById('stats').innerText.includes('4 steps per frame')")
   finally:
     browser.close()

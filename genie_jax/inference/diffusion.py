@@ -227,7 +227,7 @@ class DiffusionGenie(genie_lib.Generator):
     k = self.world.dynamics.shortcut_steps
     return tuple(2 ** i for i in range(diffusion_lib.step_index(k) + 1)) if k else None
 
-  def rollout(self, prompt_BTHWC, actions_BT, *, rng: jax.Array, num_steps: int = 25,
+  def rollout(self, prompt_BTHWC, actions_BT, *, rng: jax.Array, num_steps: int | None = None,
               temperature: float = 1.0, cached: bool = True) -> jax.Array:
     """Generates one frame per action after the prompt (as `Genie.rollout`).
 
@@ -235,7 +235,8 @@ class DiffusionGenie(genie_lib.Generator):
       prompt_BTHWC: uint8 prompt frames, 1 <= T <= `max_prompt_frames`.
       actions_BT: int latent actions in [0, A); actions_BT[:, i] produces generated frame i.
       rng: PRNG key.
-      num_steps: Euler steps per frame (a shortcut model: 1, 2, 4, ... up to its K).
+      num_steps: Euler steps per frame (a shortcut model: 1, 2, 4, ... up to its K);
+        default `default_steps`.
       temperature: scale of each frame's starting noise (1: the trained distribution).
       cached: keep the past frames' keys/values (module docstring).
 
@@ -244,14 +245,17 @@ class DiffusionGenie(genie_lib.Generator):
       generated frames.
     """
     prompt, actions = self._check_rollout(prompt_BTHWC, actions_BT)
+    num_steps = self.default_steps if num_steps is None else num_steps
     self.world.dynamics.check_num_steps(int(num_steps))
     return self._rollout(self._state, prompt, jnp.asarray(actions), rng,
                          num_steps=int(num_steps), noise_scale=float(temperature),
                          cached=cached)
 
-  def start(self, prompt_BTHWC, *, rng: jax.Array | None = None, num_steps: int = 25,
-            temperature: float = 1.0) -> genie_lib.PlaySession:
-    """An interactive session that generates one frame per `step(action)`."""
+  def start(self, prompt_BTHWC, *, rng: jax.Array | None = None,
+            num_steps: int | None = None, temperature: float = 1.0) -> genie_lib.PlaySession:
+    """An interactive session that generates one frame per `step(action)` (num_steps: as
+    `rollout`)."""
+    num_steps = self.default_steps if num_steps is None else num_steps
     self.world.dynamics.check_num_steps(int(num_steps))
     return genie_lib.PlaySession(
         self, self._check_video(prompt_BTHWC, "prompt", self.max_prompt_frames),
