@@ -385,7 +385,7 @@ def test_play_in_browser(served, tmp_path):
       assert not np.array_equal(shown, before), "the frame on screen did not change"
       np.testing.assert_array_equal(shown, expected[-1])
       stats = browser.js("document.getElementById('stats').innerText")
-      assert re.search(r"generation \d+ ms \(\d+\.\d frames/s, 12 MaskGIT steps\)", stats), stats
+      assert re.search(r"generation \d+ ms \(\d+\.\d frames/s, 12 steps per frame\)", stats), stats
     assert world.actions == [2, ARROW_ACTIONS[1], 5]
     captions = browser.js("[...document.querySelectorAll('#history figcaption')]"
                           ".map(c => c.innerText)")
@@ -409,7 +409,7 @@ def test_play_in_browser(served, tmp_path):
     assert browser.js("document.querySelectorAll('#history figure').length") == 1
     assert world.actions == [] and len(world.prompts) == 2
 
-    # Choosing another MaskGIT step count restarts the episode with it.
+    # Choosing another step count restarts the episode with it.
     assert browser.js("document.getElementById('steps').value") == "12"
     browser.js("(() => { const s = document.getElementById('steps'); s.value = '4'; "
                "s.dispatchEvent(new Event('change')); })()")
