@@ -328,6 +328,45 @@ def test_cached_sampling_equals_the_uncached_reference(conditioning, positions, 
   assert np.all(np.isfinite(cached)) and np.abs(cached[:, 2:]).max() > 0
 
 
+def test_rolling_cache_sampling_equals_an_unbounded_cache_masked_to_the_window():
+  """Past the window, the rolling cache (rope, one sink frame) against a reference that keeps
+  every frame's keys/values in its own slot, each computed seeing what the ring held then,
+  and masks all but the sink and the latest frames: the same frames."""
+  model = _model(temporal_positions="rope", sink_frames=1)
+  transformer = model.transformer
+  z, _, _ = _inputs(b=2, t=1, seed=9)
+  length, key = 9, jax.random.key(4)
+  actions = np.random.default_rng(9).integers(0, ACTIONS, (2, length - 1)).astype(np.int32)
+  rolled = np.asarray(diffusion_sampling.rollout_latents(model, z, actions, key, num_steps=2))
+  caused = model.frame_actions(np.pad(actions, ((0, 0), (0, 1))))
+
+  def context(g):
+    frames = jnp.arange(length)
+    visible = (frames < g) & ((frames == 0) | (frames >= g - (FRAMES - 2)))
+    return visible, jnp.where(frames == 0, jnp.maximum(g - (FRAMES - 1), 0), frames)
+
+  shape = (2, TOKENS, 2, length, 8)  # (B, N, K, S, E): every frame in its own slot.
+  kv = [(jnp.zeros(shape), jnp.zeros(shape))] * 2
+  for g in range(length):
+    if g:
+      visible, positions = context(g)
+      rotated = transformer.rotate_cache(kv, positions)
+
+      def predict(x, tau, step_B1, rotated=rotated, visible=visible, g=g):
+        x_B1MD = model.embed(x[:, None], jnp.full((2, 1), tau), caused[:, g:g + 1], step_B1)
+        return model.readout(transformer.decode_frame(x_B1MD, rotated, g, visible)[0])[:, 0]
+
+      noise = jax.random.normal(jax.random.fold_in(key, g), rolled[:, g].shape)
+      np.testing.assert_allclose(
+          rolled[:, g], diffusion_sampling._denoise(model, predict, noise, 2),  # pylint: disable=protected-access
+          atol=2e-4)
+    visible, positions = context(g)
+    _, frame_kv = transformer.decode_frame(
+        model.embed_context(rolled[:, g:g + 1], caused[:, g:g + 1]),
+        transformer.rotate_cache(kv, positions), g, visible)
+    kv = transformer.write_cache(kv, frame_kv, g)
+
+
 @pytest.mark.parametrize("num_steps", [1, 2, 4])
 def test_a_shortcut_model_is_told_the_samplers_step_size(num_steps):
   model = _model(shortcut_steps=8, max_frames=2)
