@@ -640,6 +640,11 @@ def test_genie_from_workdir_rollout_and_generate_cli(dynamics_workdir, tmp_path)
   assert tokens.shape == (1, 3, 16)
   assert genie.detokenize(tokens).shape == (1, 3, 32, 32, 3)
   assert genie.infer_actions(video).shape == (1, 2)
+  # Restored weights carry their mesh: a play session's steps still share one program.
+  session = genie.start(video[:, :1], num_steps=1)
+  for action in range(3):
+    session.step(action)
+  assert genie._play_step._cache_size() == 1  # pylint: disable=protected-access
 
   out = str(tmp_path / "gen")
   result = generate.generate(dynamics_workdir, num_frames=3, actions="inferred", num_steps=2,

@@ -218,8 +218,9 @@ class DiffusionGenie(genie_lib.Generator):
   def __init__(self, world: dynamics_lib.WorldModel, *, config=None, step=None):
     super().__init__(world, config=config, step=step)
     self._rollout = self._jit(_rollout, static=("num_steps", "noise_scale", "cached"))
-    self._play_start = self._jit(_play_start, static=("length",))
-    self._play_step = self._jit(_play_step, static=("num_steps", "noise_scale"))
+    self._play_start = self._jit(_play_start, static=("length",), replicated=True)
+    self._play_step = self._jit(_play_step, static=("num_steps", "noise_scale"),
+                                replicated=True)
 
   @property
   def step_choices(self) -> tuple[int, ...] | None:

@@ -483,12 +483,18 @@ class Generator:
     self._graphdef, self._state = nnx.split(world)
     self._infer_actions = self._jit(lambda w, v: w.lam.infer_actions(v))
 
-  def _jit(self, fn: Callable, static=()):
+  def _jit(self, fn: Callable, static=(), replicated: bool = False):
     """fn(world, *args) jitted with the model's weights as an argument (not constants baked
-    into the program)."""
+    into the program). replicated: every output replicated over the weights' mesh, so that
+    a play session's buffers and caches keep one sharding from call to call (left to
+    propagation, a step's outputs can come out sharded otherwise than the start's, and the
+    step would compile again for them)."""
     graphdef = self._graphdef
+    sharding = jax.tree.leaves(self._state)[0].sharding if replicated else None
+    out = (jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+           if isinstance(sharding, jax.sharding.NamedSharding) else None)
     return jax.jit(lambda s, *args, **kw: fn(nnx.merge(graphdef, s), *args, **kw),
-                   static_argnames=static)
+                   static_argnames=static, out_shardings=out)
 
   @classmethod
   def from_workdir(cls, dynamics_workdir: str, *, step: int | None = None):
@@ -564,8 +570,9 @@ class Genie(Generator):
     self._tokenize = jit(lambda w, v: w.tokenizer.encode(v)[0])
     self._detokenize = jit(lambda w, t: decode_frames(w.tokenizer, t))
     self._rollout = jit(_rollout, static=("num_steps", "temperature", "cached", "prior_weight"))
-    self._play_start = jit(_play_start, static=("length",))
-    self._play_step = jit(_play_step, static=("num_steps", "temperature", "prior_weight"))
+    self._play_start = jit(_play_start, static=("length",), replicated=True)
+    self._play_step = jit(_play_step, static=("num_steps", "temperature", "prior_weight"),
+                          replicated=True)
 
   # --- Public API.
 
