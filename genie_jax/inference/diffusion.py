@@ -118,14 +118,13 @@ def _denoise_uncached(dynamics, z_BTNL, taken_BT, f, x_BNL, num_steps):
   window_BTNL = jax.lax.dynamic_slice_in_dim(z_BTNL, start, w, axis=1)
   # The window's first frame has no cause in it, as every clip's first frame in training.
   caused_BT = dynamics.frame_actions(jax.lax.dynamic_slice_in_dim(taken_BT, start, w, axis=1))
-  finest = diffusion_lib.step_index(max(dynamics.shortcut_steps, 1))
 
   def predict(x_BNL, tau, step_B1):
     inputs_BTNL = jax.lax.dynamic_update_index_in_dim(window_BTNL, x_BNL, at, axis=1)
     # The past clean; frames after the new one are never attended to (causal).
     is_new_1T = jnp.arange(w)[None] == at
     tau_BT = jnp.where(is_new_1T, tau, 0.0) * jnp.ones((b, 1))
-    step_BT = jnp.where(is_new_1T, step_B1, finest)
+    step_BT = jnp.where(is_new_1T, step_B1, dynamics.finest_step)
     x_BTMD = dynamics.embed(inputs_BTNL, tau_BT, caused_BT, step_BT)
     prediction_BTNL = dynamics.readout(dynamics.transformer(x_BTMD))
     return jax.lax.dynamic_index_in_dim(prediction_BTNL, at, axis=1, keepdims=False)

@@ -163,6 +163,12 @@ class DiffusionModel(nnx.Module):
     """The action that caused each frame (`dynamics.caused_by`)."""
     return dynamics_lib.caused_by(actions_BT, self.no_action)
 
+  @property
+  def finest_step(self) -> int:
+    """The step-size index of the finest size 1/K, at which the flow is learnt and clean
+    past frames are read (0 for a plain flow model, which ignores it)."""
+    return step_index(max(self.shortcut_steps, 1))
+
   def check_num_steps(self, num_steps: int) -> None:
     """`check_num_steps` for this model."""
     check_num_steps(num_steps, self.shortcut_steps)
@@ -190,7 +196,7 @@ class DiffusionModel(nnx.Module):
                  + self.level_embed(level_features(tau_BT)).astype(self.dtype))
     if self.shortcut_steps:
       if step_BT is None:
-        step_BT = jnp.full(tau_BT.shape, step_index(self.shortcut_steps), jnp.int32)
+        step_BT = jnp.full(tau_BT.shape, self.finest_step, jnp.int32)
       frame_BTD = frame_BTD + jnp.take(self.step_embed[...], step_BT, axis=0).astype(self.dtype)
     frame_BT1D = frame_BTD[:, :, None]
     if self.prepend:

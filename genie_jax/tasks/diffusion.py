@@ -107,28 +107,26 @@ class DiffusionTask(base.Task):
     z_BTNL, actions_BT = self.latents_and_actions(model, batch["video"])
     b, t = z_BTNL.shape[:2]
     tau_BT = sample_levels(level_key, (b, t))
-    eps_BTNL = jax.random.normal(noise_key, z_BTNL.shape, jnp.float32)
-    target = eps_BTNL - z_BTNL if model.dynamics.objective == "velocity" else z_BTNL
-    ex = dict(z=z_BTNL, tau=tau_BT, step=None, shortcut=None, eps=eps_BTNL,
-              z_tau=diffusion_lib.noised(z_BTNL, eps_BTNL, tau_BT), actions=actions_BT,
-              target=target)
+    step_BT = shortcut_BT = None
     nb = shortcut_clips(self.config.model, b)
-    if not nb:
-      return ex
-    k = model.dynamics.shortcut_steps
-    frame_key, shortcut_key = jax.random.split(jax.random.fold_in(rng, 2))
-    frame_B1 = jax.random.randint(frame_key, (nb, 1), 1, t)
-    shortcut_BT = jnp.zeros((b, t), bool).at[:nb].set(jnp.arange(t)[None] == frame_B1)
-    tau_sc_BT, step_sc_BT = sample_shortcut_levels(shortcut_key, (b, t), k)
-    tau_BT = jnp.where(shortcut_BT, tau_sc_BT, tau_BT)
-    step_BT = jnp.where(shortcut_BT, step_sc_BT, diffusion_lib.step_index(k))
+    if nb:
+      frame_key, shortcut_key = jax.random.split(jax.random.fold_in(rng, 2))
+      frame_B1 = jax.random.randint(frame_key, (nb, 1), 1, t)
+      shortcut_BT = jnp.zeros((b, t), bool).at[:nb].set(jnp.arange(t)[None] == frame_B1)
+      tau_sc_BT, step_sc_BT = sample_shortcut_levels(shortcut_key, (b, t),
+                                                     model.dynamics.shortcut_steps)
+      tau_BT = jnp.where(shortcut_BT, tau_sc_BT, tau_BT)
+      step_BT = jnp.where(shortcut_BT, step_sc_BT, model.dynamics.finest_step)
+    eps_BTNL = jax.random.normal(noise_key, z_BTNL.shape, jnp.float32)
     z_tau = diffusion_lib.noised(z_BTNL, eps_BTNL, tau_BT)
-    shortcut_target = self.shortcut_target(model.dynamics, z_tau[:nb], tau_BT[:nb],
-                                           actions_BT[:nb], step_BT[:nb], shortcut_BT[:nb])
-    target = target.at[:nb].set(jnp.where(shortcut_BT[:nb, :, None, None], shortcut_target,
-                                          target[:nb]))
-    return dict(ex, tau=tau_BT, step=step_BT, shortcut=shortcut_BT, z_tau=z_tau,
-                target=target)
+    target = eps_BTNL - z_BTNL if model.dynamics.objective == "velocity" else z_BTNL
+    if nb:
+      shortcut_target = self.shortcut_target(model.dynamics, z_tau[:nb], tau_BT[:nb],
+                                             actions_BT[:nb], step_BT[:nb], shortcut_BT[:nb])
+      target = target.at[:nb].set(jnp.where(shortcut_BT[:nb, :, None, None],
+                                            shortcut_target, target[:nb]))
+    return dict(z=z_BTNL, tau=tau_BT, step=step_BT, shortcut=shortcut_BT, eps=eps_BTNL,
+                z_tau=z_tau, actions=actions_BT, target=target)
 
   @staticmethod
   def shortcut_target(dynamics: diffusion_lib.DiffusionModel, z_tau_BTNL: jax.Array,
