@@ -44,13 +44,10 @@ def main() -> None:
   except ValueError as e:
     raise app.UsageError(f"--arrow_actions={f.arrow_actions}: {e}") from e
   world = play.load_world(f.workdir, step=f.step, temperature=f.temperature, seed=f.seed)
-  num_steps = f.num_steps
-  if num_steps is None:
-    num_steps = (max(c for c in world.step_choices if c <= play.MAX_NUM_STEPS)
-                 if world.step_choices else world.genie.default_steps)
-  if world.step_choices and num_steps not in world.step_choices:
-    raise app.UsageError(f"--num_steps={num_steps}: this model takes "
-                         f"{list(world.step_choices)} steps per frame.")
+  try:
+    num_steps = world.genie.resolve_steps(f.num_steps, "--num_steps")
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
   prompts_BTHWC = play.load_prompts(f.workdir, f.num_prompts)
   # Compiles the step now, so the first key press is not kept waiting (seconds to minutes).
   logging.info("Compiling the generation step...")

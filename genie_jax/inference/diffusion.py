@@ -227,6 +227,9 @@ class DiffusionGenie(genie_lib.Generator):
     k = self.world.dynamics.shortcut_steps
     return tuple(2 ** i for i in range(diffusion_lib.step_index(k) + 1)) if k else None
 
+  def _check_steps(self, num_steps: int, name: str) -> None:
+    diffusion_lib.check_num_steps(num_steps, self.world.dynamics.shortcut_steps, name)
+
   def rollout(self, prompt_BTHWC, actions_BT, *, rng: jax.Array, num_steps: int | None = None,
               temperature: float = 1.0, cached: bool = True) -> jax.Array:
     """Generates one frame per action after the prompt (as `Genie.rollout`).
@@ -245,19 +248,15 @@ class DiffusionGenie(genie_lib.Generator):
       generated frames.
     """
     prompt, actions = self._check_rollout(prompt_BTHWC, actions_BT)
-    num_steps = self.default_steps if num_steps is None else num_steps
-    self.world.dynamics.check_num_steps(int(num_steps))
     return self._rollout(self._state, prompt, jnp.asarray(actions), rng,
-                         num_steps=int(num_steps), noise_scale=float(temperature),
+                         num_steps=self.resolve_steps(num_steps), noise_scale=float(temperature),
                          cached=cached)
 
   def start(self, prompt_BTHWC, *, rng: jax.Array | None = None,
             num_steps: int | None = None, temperature: float = 1.0) -> genie_lib.PlaySession:
     """An interactive session that generates one frame per `step(action)` (num_steps: as
     `rollout`)."""
-    num_steps = self.default_steps if num_steps is None else num_steps
-    self.world.dynamics.check_num_steps(int(num_steps))
     return genie_lib.PlaySession(
         self, self._check_video(prompt_BTHWC, "prompt", self.max_prompt_frames),
         rng=jax.random.key(0) if rng is None else rng,
-        static=dict(num_steps=int(num_steps), noise_scale=float(temperature)))
+        static=dict(num_steps=self.resolve_steps(num_steps), noise_scale=float(temperature)))

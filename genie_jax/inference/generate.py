@@ -44,10 +44,7 @@ def generate(workdir: str, *, step: int | None = None, num_frames: int | None = 
   """
   action_spec = parse_actions(actions)
   genie = worlds.load(workdir, step=step)
-  num_steps = genie.default_steps if num_steps is None else num_steps
-  if genie.step_choices and num_steps not in genie.step_choices:
-    raise ValueError(f"--num_steps={num_steps}: this model takes {list(genie.step_choices)} "
-                     "steps per frame")
+  num_steps = genie.resolve_steps(num_steps, "--num_steps")
   clip_len = int(genie.config.data.clip_len)
   if not 1 <= prompt_frames <= min(genie.max_prompt_frames, clip_len):
     raise ValueError(f"--prompt_frames={prompt_frames} must be in [1, "

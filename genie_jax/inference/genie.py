@@ -542,6 +542,17 @@ class Generator:
     """Steps per frame when none are asked for: the most a model takes, else Genie's 25."""
     return max(self.step_choices) if self.step_choices else 25
 
+  def resolve_steps(self, num_steps: int | None, name: str = "num_steps") -> int:
+    """num_steps, or `default_steps` for None; ValueError naming `name` for a count the
+    model does not take."""
+    num_steps = self.default_steps if num_steps is None else int(num_steps)
+    self._check_steps(num_steps, name)
+    return num_steps
+
+  def _check_steps(self, num_steps: int, name: str) -> None:
+    if num_steps < 1:
+      raise ValueError(f"{name}={num_steps}: this model takes at least 1 step per frame")
+
   @property
   def max_prompt_frames(self) -> int:
     """The longest prompt: it must fit the tokenizer and leave the dynamics window a frame."""
