@@ -579,6 +579,11 @@ def test_genie_rejects_bad_actions_and_prompts():
     genie.rollout(_video(1, 4), np.array([[0]]), rng=jax.random.key(0))
   with pytest.raises(ValueError, match="prompt must be uint8"):
     genie.rollout(prompt / 255.0, np.array([[0]]), rng=jax.random.key(0))
+  for steps in (0, -2):
+    with pytest.raises(ValueError, match=f"num_steps={steps}: this model takes at least 1"):
+      genie.rollout(prompt, np.array([[0]]), rng=jax.random.key(0), num_steps=steps)
+    with pytest.raises(ValueError, match=f"num_steps={steps}: this model takes at least 1"):
+      genie.start(prompt, num_steps=steps)
 
 
 # --- End to end: a world model restored from stage workdirs, and the generate CLI ------------

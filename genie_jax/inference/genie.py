@@ -596,7 +596,7 @@ class Genie(Generator):
     """video_BTHWC float32 in [0, 1] of tokens_BTN (any number of frames)."""
     return self._detokenize(self._state, jnp.asarray(tokens_BTN, jnp.int32))
 
-  def rollout(self, prompt_BTHWC, actions_BT, *, rng: jax.Array, num_steps: int = 25,
+  def rollout(self, prompt_BTHWC, actions_BT, *, rng: jax.Array, num_steps: int | None = None,
               temperature: float = 1.0, cached: bool = True) -> jax.Array:
     """Generates one frame per action after the prompt.
 
@@ -604,7 +604,7 @@ class Genie(Generator):
       prompt_BTHWC: uint8 prompt frames, 1 <= T <= `max_prompt_frames`.
       actions_BT: int latent actions in [0, A); actions_BT[:, i] produces generated frame i.
       rng: PRNG key.
-      num_steps: MaskGIT steps per frame (Genie: 25).
+      num_steps: MaskGIT steps per frame (None: `default_steps`, Genie's 25).
       temperature: sampling temperature (Genie: 1.0 for CoinRun, 2.0 main; 0 = argmax).
       cached: use cached temporal keys/values (see module docstring).
 
@@ -614,15 +614,17 @@ class Genie(Generator):
     """
     prompt, actions = self._check_rollout(prompt_BTHWC, actions_BT)
     return self._rollout(self._state, prompt, jnp.asarray(actions), rng,
-                         num_steps=int(num_steps), temperature=float(temperature),
-                         cached=cached, prior_weight=self.prior_weight)
+                         num_steps=self.resolve_steps(num_steps),
+                         temperature=float(temperature), cached=cached,
+                         prior_weight=self.prior_weight)
 
-  def start(self, prompt_BTHWC, *, rng: jax.Array | None = None, num_steps: int = 25,
-            temperature: float = 1.0) -> PlaySession:
+  def start(self, prompt_BTHWC, *, rng: jax.Array | None = None,
+            num_steps: int | None = None, temperature: float = 1.0) -> PlaySession:
     """An interactive session that generates one frame per `step(action)`."""
     return PlaySession(self, self._check_video(prompt_BTHWC, "prompt", self.max_prompt_frames),
                        rng=jax.random.key(0) if rng is None else rng,
-                       static=dict(num_steps=int(num_steps), temperature=float(temperature),
+                       static=dict(num_steps=self.resolve_steps(num_steps),
+                                   temperature=float(temperature),
                                    prior_weight=self.prior_weight))
 
 
