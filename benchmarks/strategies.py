@@ -37,10 +37,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import dynamics as dynamics_config
 from configs import lam as lam_config
 from configs import tokenizer as tokenizer_config
+from genie_jax import config_lib
 from genie_jax import profiling
 from genie_jax import sharding
 from genie_jax import tasks
-from genie_jax.training import checkpointing
 from genie_jax.training import train_state
 from genie_jax.training import trainer
 # pylint: enable=g-import-not-at-top,wrong-import-position
@@ -78,7 +78,7 @@ def stage_configs(size: str, batch_size: int, root: str, image_size: int = 64) -
       config.data.image_size = config.model.image_size = image_size
       if size != "tiny":
         config.model.patch_size = 8 if image_size == 64 else 4
-    checkpointing.save_config(os.path.join(root, stage), config)
+    config_lib.save_config(os.path.join(root, stage), config)
   configs["dynamics"] = dynamics_config.get_config(
       f"{arg},tokenizer_workdir={os.path.join(root, 'tokenizer')},"
       f"lam_workdir={os.path.join(root, 'lam')}")

@@ -57,13 +57,13 @@ from configs import genie as genie_config
 from configs import lam as lam_config
 from configs import tokenizer as tokenizer_config
 from genie_jax import allocator
+from genie_jax import config_lib
 from genie_jax import profiling
 from genie_jax import sharding
 from genie_jax import tasks
 from genie_jax.data import input_pipeline
 from genie_jax.inference import diffusion as diffusion_sampling
 from genie_jax.inference import genie as genie_lib
-from genie_jax.training import checkpointing
 from genie_jax.training import pipeline
 from genie_jax.training import train_state
 # pylint: enable=g-import-not-at-top,wrong-import-position
@@ -127,7 +127,7 @@ def _configs(shape: str, root: str) -> dict:
     if value is not None:
       configs["tokenizer"].model[key] = value
   for stage in ("tokenizer", "lam"):
-    checkpointing.save_config(os.path.join(root, stage), configs[stage])
+    config_lib.save_config(os.path.join(root, stage), configs[stage])
   if shape != "runlocal":
     configs["dynamics"] = (diffusion_config if diffusion else dynamics_config).get_config(
         f"{arg},tokenizer_workdir={os.path.join(root, 'tokenizer')},"

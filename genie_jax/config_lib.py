@@ -1,4 +1,5 @@
-"""Trainer defaults shared by every stage's config, and config-argument parsing.
+"""Trainer defaults shared by every stage's config, config-argument parsing, and a workdir's
+config.json (written by training, read by every later stage and by evaluation and play).
 
 Stage configs (configs/<stage>.py) start from `base_config()` and fill in `stage`, `model`,
 `data` and `evals`. The result is locked, so `--config.<key>=...` with a misspelt key fails.
@@ -6,8 +7,13 @@ Stage configs (configs/<stage>.py) start from `base_config()` and fill in `stage
 
 from __future__ import annotations
 
+import json
+from typing import Any
+
+import jax
 import ml_collections
 
+from genie_jax import paths
 from genie_jax import sharding
 from genie_jax.training import optim
 
@@ -117,3 +123,41 @@ def base_config() -> ml_collections.ConfigDict:
       enabled=False, mode="online", project="genie_jax", entity="", name="", group="",
       tags=[]))
   return config
+
+
+# --- A workdir's config.json.
+
+CONFIG_FILE = "config.json"
+
+
+def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """The config as plain JSON-compatible values (what config.json holds)."""
+  return json.loads(config.to_json_best_effort())
+
+
+def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
+  """Writes workdir/config.json (process 0 only)."""
+  if jax.process_index() != 0:
+    return
+  paths.write_text(paths.join(workdir, CONFIG_FILE),
+                   json.dumps(config_to_dict(config), indent=2, sort_keys=True))
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a workdir was trained with (older configs' names upgraded), locked so that
+  typos in overrides fail."""
+  path = paths.path(workdir) / CONFIG_FILE
+  if not path.exists():
+    raise FileNotFoundError(
+        f"{path} not found: {workdir!r} is not a genie_jax workdir (train there first, or "
+        "pass the workdir that holds config.json and checkpoints/)")
+  config = ml_collections.ConfigDict(upgrade(json.loads(path.read_text())))
+  config.lock()
+  return config
+
+
+def upgrade(tree: dict[str, Any]) -> dict[str, Any]:
+  """A saved config with the names of older configs renamed to today's."""
+  if "rules" in tree.get("sharding", {}):
+    tree["sharding"]["rules"] = sharding.upgrade_rules(tree["sharding"]["rules"])
+  return tree

@@ -22,6 +22,7 @@ import pytest
 
 from configs import genie as genie_config
 from configs import tokenizer as tokenizer_config
+from genie_jax import config_lib
 from genie_jax import sharding
 from genie_jax import tasks
 from genie_jax.training import checkpointing
@@ -165,7 +166,7 @@ def save_random_stage(workdir, config, seed):
     return (1.0 + 0.1 * rng.standard_normal(x.shape)).astype(x.dtype)  # Scales, biases.
 
   state = jax.tree.map(fill, spec.abstract)
-  checkpointing.save_config(workdir, task.config)
+  config_lib.save_config(workdir, task.config)
   ckpt = checkpointing.Checkpointer(workdir, config.checkpoint, task.config)
   ckpt.save(5, jax.device_put(state, spec.shardings), force=True)
   ckpt.close()

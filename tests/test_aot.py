@@ -11,7 +11,7 @@ import pytest
 from configs import lam as lam_config
 from configs import tokenizer as tokenizer_config
 from genie_jax.training import aot
-from genie_jax.training import checkpointing
+from genie_jax import config_lib
 from conftest import REPO, tiny_config
 
 # A folder holding the libtpu wheel (pip install --no-deps --target DIR "libtpu==0.0.42.*"),
@@ -66,7 +66,7 @@ def _tiny_stage_workdirs(tmp_path):
   dirs = {}
   for name, module in (("tokenizer", tokenizer_config), ("lam", lam_config)):
     dirs[name] = str(tmp_path / name)
-    checkpointing.save_config(dirs[name], module.get_config("size=tiny,runlocal"))
+    config_lib.save_config(dirs[name], module.get_config("size=tiny,runlocal"))
   return dirs
 
 

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 import pytest
 
+from genie_jax import config_lib
 from genie_jax import sharding
 from genie_jax import tasks
 from genie_jax.inference import genie as genie_lib
@@ -63,7 +64,7 @@ def test_old_workdirs_resume(old, stage, tiny_data_dir):
   workdir = os.path.join(genie_dir, stage)
   with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
     assert ["batch", ["data", "fsdp"]] in json.load(f)["sharding"]["rules"]
-  config = checkpointing.load_config(workdir)
+  config = config_lib.load_config(workdir)
   # A rerun sends today's rules: the old axis names read as today's, so it resumes...
   with config.unlocked():
     config.sharding.rules = [list(rule) for rule in sharding.DEFAULT_RULES]

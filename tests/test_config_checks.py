@@ -9,7 +9,7 @@ import pytest
 from configs import dynamics as dynamics_config
 from configs import lam as lam_config
 from configs import tokenizer as tokenizer_config
-from genie_jax.training import checkpointing
+from genie_jax import config_lib
 from genie_jax.training import train_state
 from genie_jax.training import trainer
 from conftest import tiny_config
@@ -109,7 +109,7 @@ def fixture_lam_workdir(tmp_path):
   """A LAM workdir holding only its config.json (enough for the config checks)."""
   workdir = str(tmp_path / "lam")
   config = lam_config.get_config("size=tiny,runlocal")
-  checkpointing.save_config(workdir, config)
+  config_lib.save_config(workdir, config)
   return workdir
 
 
@@ -151,7 +151,7 @@ def test_dynamics_workdir_of_the_wrong_stage(tmp_path, lam_workdir):
 ])
 def test_dynamics_training_mask_keys(tmp_path, lam_workdir, key, value, pattern):
   tokenizer_workdir = str(tmp_path / "tok")
-  checkpointing.save_config(tokenizer_workdir,
+  config_lib.save_config(tokenizer_workdir,
                             tokenizer_config.get_config("size=tiny,runlocal"))
   config = _dynamics(tmp_path, tokenizer_workdir, lam_workdir)
   config[key] = value

@@ -15,13 +15,13 @@ from flax import nnx
 from configs import dynamics as dynamics_config
 from configs import lam as lam_config
 from configs import tokenizer as tokenizer_config
+from genie_jax import config_lib
 from genie_jax import sharding
 from genie_jax import tasks
 from genie_jax.inference import stages
 from genie_jax.models import dynamics as dynamics_lib
 from genie_jax.models import lam as lam_lib
 from genie_jax.tasks import dynamics as dynamics_task
-from genie_jax.training import checkpointing
 from genie_jax.training import optim
 from genie_jax.training import train_state
 from genie_jax.training import trainer
@@ -346,7 +346,7 @@ def test_load_stage_errors_name_the_workdir(stage_workdirs, tmp_path):
   with pytest.raises(FileNotFoundError, match="no checkpoint of step 7"):
     stages.load_stage(stage_workdirs["lam"], step=7)
   no_ckpt = str(tmp_path / "no_ckpt")
-  checkpointing.save_config(no_ckpt, checkpointing.load_config(stage_workdirs["lam"]))
+  config_lib.save_config(no_ckpt, config_lib.load_config(stage_workdirs["lam"]))
   with pytest.raises(FileNotFoundError, match="no_ckpt.*has no checkpoint"):
     stages.load_stage(no_ckpt)
 
@@ -387,10 +387,10 @@ def test_refuses_a_tokenizer_whose_config_does_not_match_the_data(stage_workdirs
 
   # Co-training trains the LAM on full clips, which it must cover.
   short_lam = str(tmp_path / "short_lam")
-  lam = checkpointing.load_config(stage_workdirs["lam"])
+  lam = config_lib.load_config(stage_workdirs["lam"])
   with lam.unlocked():
     lam.model.max_frames = 4
-  checkpointing.save_config(short_lam, lam)
+  config_lib.save_config(short_lam, lam)
   config = _dynamics_config(stage_workdirs, "cotrain")
   config.lam_workdir = short_lam
   with pytest.raises(ValueError, match="config.cotrain_lam=True.*max_frames=4"):
@@ -514,8 +514,8 @@ def test_short_training_run_learns_and_restores(stage_workdirs, tmp_path, tiny_d
   with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
     saved = json.load(f)
   for stage in ("tokenizer", "lam"):
-    assert saved[f"{stage}_model"] == checkpointing.config_to_dict(
-        checkpointing.load_config(stage_workdirs[stage]).model), stage
+    assert saved[f"{stage}_model"] == config_lib.config_to_dict(
+        config_lib.load_config(stage_workdirs[stage]).model), stage
     saved[f"{stage}_workdir"] = str(tmp_path / "gone" / stage)
   moved = str(tmp_path / "moved")
   shutil.copytree(workdir, moved)

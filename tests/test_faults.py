@@ -22,6 +22,7 @@ import pytest
 from absl import logging as absl_logging
 
 import data_pipelines
+from genie_jax import config_lib
 from genie_jax import sharding
 from genie_jax import tasks
 from genie_jax.data import input_pipeline
@@ -192,7 +193,7 @@ def test_fault_injection_help():
 
 
 def _restore_setup(workdir):
-  config = checkpointing.load_config(workdir)
+  config = config_lib.load_config(workdir)
   task = tasks.get_task(config)
   spec = train_state.make_state_spec(
       task, config, sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1]))
@@ -300,7 +301,7 @@ def test_read_only_fallback_renames_nothing(reference_copy, absl_warnings):
 def _change_one_parameter_silently(workdir, step, spec, iterator):
   """Rewrites the step's array files with one parameter element changed, as flipped bits
   that every decoder still reads would: the files are well-formed, only a value differs."""
-  config = checkpointing.load_config(workdir)
+  config = config_lib.load_config(workdir)
   ckpt = checkpointing.Checkpointer(workdir, config.checkpoint, read_only=True)
   _, state = ckpt.restore(step, spec.abstract, iterator)
   ckpt.close()

@@ -592,6 +592,7 @@ def test_genie_rejects_bad_actions_and_prompts():
 def _save_stage(workdir, config, seed):
   """A stage workdir as the trainer leaves it (config.json + a checkpoint), with random
   weights instead of training (fast)."""
+  from genie_jax import config_lib  # pylint: disable=g-import-not-at-top
   from genie_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
   from genie_jax import sharding  # pylint: disable=g-import-not-at-top
   from genie_jax import tasks  # pylint: disable=g-import-not-at-top
@@ -599,7 +600,7 @@ def _save_stage(workdir, config, seed):
   task = tasks.get_task(config)
   spec = train_state.make_state_spec(
       task, config, sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1]))
-  checkpointing.save_config(workdir, task.config)
+  config_lib.save_config(workdir, task.config)
   ckpt = checkpointing.Checkpointer(workdir, config.checkpoint, task.config)
   ckpt.save(2, spec.init(jax.random.key(seed)), force=True)
   ckpt.close()
@@ -611,7 +612,7 @@ def dynamics_workdir(tmp_path_factory, tiny_data_dir):
   from configs import dynamics as dynamics_config  # pylint: disable=g-import-not-at-top
   from configs import lam as lam_config  # pylint: disable=g-import-not-at-top
   from configs import tokenizer as tokenizer_config  # pylint: disable=g-import-not-at-top
-  from genie_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
+  from genie_jax import config_lib  # pylint: disable=g-import-not-at-top
 
   def tiny(config):
     config.data.update(dict(data_dir=tiny_data_dir, image_size=32, clip_len=8,
@@ -627,7 +628,7 @@ def dynamics_workdir(tmp_path_factory, tiny_data_dir):
   for name, module in (("tok", tokenizer_config), ("lam", lam_config)):
     config = tiny(module.get_config("size=tiny,runlocal"))
     config.model.image_size = 32
-    checkpointing.save_config(dirs[name], config)
+    config_lib.save_config(dirs[name], config)
   config = tiny(dynamics_config.get_config(
       f"size=tiny,runlocal,tokenizer_workdir={dirs['tok']},lam_workdir={dirs['lam']}"))
   data_pipelines.get_builder(config.data, prepare=True)

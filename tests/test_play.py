@@ -20,10 +20,10 @@ import data_pipelines
 from configs import dynamics as dynamics_config
 from configs import lam as lam_config
 from configs import tokenizer as tokenizer_config
+from genie_jax import config_lib
 from genie_jax import tasks
 from genie_jax.inference import genie as genie_lib
 from genie_jax.inference import play
-from genie_jax.training import checkpointing
 
 NUM_ACTIONS = 6
 ARROW_ACTIONS = (5, 4, 3, 0)  # Left, Right, Up, Down: not the identity, so the mapping shows.
@@ -199,7 +199,7 @@ def tiny_stage_config(module, data_dir, arg=""):
 def test_load_prompts_reads_validation_clips(tmp_path, tiny_data_dir):
   config = tiny_stage_config(tokenizer_config, tiny_data_dir)
   data_pipelines.get_builder(config.data, prepare=True)
-  checkpointing.save_config(str(tmp_path), config)
+  config_lib.save_config(str(tmp_path), config)
   prompts = play.load_prompts(str(tmp_path), num_clips=16)
   # 3 episodes x 3 clips of 8 frames: fewer than asked, and no padding rows.
   assert prompts.shape == (9, 8, 32, 32, 3) and prompts.dtype == np.uint8
@@ -210,8 +210,8 @@ def test_load_prompts_reads_validation_clips(tmp_path, tiny_data_dir):
 def test_serves_a_real_tiny_genie(tmp_path, tiny_data_dir):
   # An untrained world model: the stages' configs are all its task reads, no checkpoints.
   tok, lam = str(tmp_path / "tok"), str(tmp_path / "lam")
-  checkpointing.save_config(tok, tiny_stage_config(tokenizer_config, tiny_data_dir))
-  checkpointing.save_config(lam, tiny_stage_config(lam_config, tiny_data_dir))
+  config_lib.save_config(tok, tiny_stage_config(tokenizer_config, tiny_data_dir))
+  config_lib.save_config(lam, tiny_stage_config(lam_config, tiny_data_dir))
   config = tiny_stage_config(dynamics_config, tiny_data_dir,
                              f",tokenizer_workdir={tok},lam_workdir={lam}")
   genie = genie_lib.Genie(tasks.get_task(config).make_model(nnx.Rngs(0)))

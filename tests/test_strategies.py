@@ -18,9 +18,9 @@ import pytest
 from configs import dynamics as dynamics_config
 from configs import lam as lam_config
 from configs import tokenizer as tokenizer_config
+from genie_jax import config_lib
 from genie_jax import sharding
 from genie_jax import tasks
-from genie_jax.training import checkpointing
 from genie_jax.training import train_state
 from genie_jax.training import trainer
 from conftest import tiny_config
@@ -69,7 +69,7 @@ def _stage_configs(root):
   workdirs = {}
   for stage in ("tokenizer", "lam"):
     workdirs[stage] = os.path.join(root, stage)
-    checkpointing.save_config(workdirs[stage], configs[stage])
+    config_lib.save_config(workdirs[stage], configs[stage])
   configs["dynamics"] = _tiny_stage(dynamics_config, tokenizer_workdir=workdirs["tokenizer"],
                                     lam_workdir=workdirs["lam"])
   return configs

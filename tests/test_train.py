@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from configs import tokenizer as tokenizer_config
+from genie_jax import config_lib
 from genie_jax import sharding
 from genie_jax import tasks
 from genie_jax.inference import evaluate
@@ -119,7 +120,7 @@ def test_checkpoint_holds_model_optimizer_iterator_and_config(trained_workdir):
   assert ckpt.all_steps() == [3, 6]
   step_dir = os.path.join(ckpt.directory, "6")
   assert {"state", "data", "config"} <= set(os.listdir(step_dir))
-  saved = checkpointing.load_config(trained_workdir)
+  saved = config_lib.load_config(trained_workdir)
   assert saved.stage == "tokenizer" and saved.model.d_model == 32
   with pytest.raises(AttributeError):
     saved.model.d_modle = 3  # Loaded configs are locked too.
@@ -158,7 +159,7 @@ def test_resume_refuses_a_changed_config(trained_workdir, tmp_path, tiny_data_di
   with pytest.raises(ValueError, match=r"config.model.d_model: 32 -> 64.*config.seed: 0 -> 1"):
     trainer.train_and_evaluate(config, workdir)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
-  assert checkpointing.load_config(workdir).model.d_model == 32
+  assert config_lib.load_config(workdir).model.d_model == 32
   # Schedules and intervals may change: that continues the run.
   checkpointing.check_resume_config(
       workdir, tiny_config(tiny_data_dir, total_steps=9, eval_every_steps=4))
@@ -168,21 +169,21 @@ def test_resume_compares_derived_keys_only_where_both_configs_hold_them(tmp_path
   assert "tokenizer_model" in tasks.derived_keys()
   derived = tasks.derived_keys()
   saved = ml_collections.ConfigDict(dict(seed=0, tokenizer_model=dict(num_codes=64)))
-  checkpointing.save_config(str(tmp_path), saved)
+  config_lib.save_config(str(tmp_path), saved)
   # Not filled in yet (a fresh config), or written before the key existed: no difference.
   checkpointing.check_resume_config(
       str(tmp_path), ml_collections.ConfigDict(dict(seed=0, tokenizer_model={})), derived)
-  checkpointing.save_config(str(tmp_path), ml_collections.ConfigDict(dict(seed=0)))
+  config_lib.save_config(str(tmp_path), ml_collections.ConfigDict(dict(seed=0)))
   checkpointing.check_resume_config(str(tmp_path), saved, derived)
   # Both hold it and it differs: the stage the run was built on changed.
-  checkpointing.save_config(str(tmp_path), saved)
+  config_lib.save_config(str(tmp_path), saved)
   changed = ml_collections.ConfigDict(dict(seed=0, tokenizer_model=dict(num_codes=256)))
   with pytest.raises(ValueError, match=r"config.tokenizer_model.num_codes: 64 -> 256"):
     checkpointing.check_resume_config(str(tmp_path), changed, derived)
 
 
 def test_resume_reads_a_model_key_added_later_as_what_the_model_assumed(tmp_path):
-  checkpointing.save_config(str(tmp_path), ml_collections.ConfigDict(
+  config_lib.save_config(str(tmp_path), ml_collections.ConfigDict(
       dict(seed=0, model=dict(d_model=32))))
   later = dict(d_model=32, temporal_positions="learned", sink_frames=0)
   checkpointing.check_resume_config(str(tmp_path), ml_collections.ConfigDict(
@@ -193,7 +194,7 @@ def test_resume_reads_a_model_key_added_later_as_what_the_model_assumed(tmp_path
 
 
 def test_restore_onto_other_meshes(trained_workdir):
-  config = checkpointing.load_config(trained_workdir)
+  config = config_lib.load_config(trained_workdir)
   task = tasks.get_task(config)
   ckpt = checkpointing.Checkpointer(trained_workdir, config.checkpoint, read_only=True)
   restored = []

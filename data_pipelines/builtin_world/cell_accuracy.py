@@ -270,10 +270,10 @@ def _tokenizer_main(workdir: str) -> None:
 
 def main(argv):
   del argv
-  from genie_jax.training import checkpointing
+  from genie_jax import config_lib
   from genie_jax.inference import genie as genie_lib
 
-  if checkpointing.load_config(FLAGS.workdir).stage == "tokenizer":
+  if config_lib.load_config(FLAGS.workdir).stage == "tokenizer":
     _tokenizer_main(FLAGS.workdir)
     return
   genie = genie_lib.Genie.from_workdir(FLAGS.workdir, step=FLAGS.step)

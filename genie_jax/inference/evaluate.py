@@ -37,7 +37,7 @@ def evaluate(workdir: str, *, step: int | None = None, num_batches: int | None =
              out_dir: str | None = None,
              eval_settings: list[str] | None = None) -> dict[str, float]:
   """Restores `workdir` at `step` and runs its evaluators on this host's devices."""
-  config = checkpointing.load_config(workdir)
+  config = config_lib.load_config(workdir)
   with config.unlocked():
     # Evaluate on whatever devices are here, not the training mesh.
     config.mesh = sharding.default_mesh_shape(sharding.rules_of(config))

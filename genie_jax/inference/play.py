@@ -302,9 +302,9 @@ class PlayServer(http.server.ThreadingHTTPServer):
 
 def load_prompts(workdir: str, num_clips: int) -> np.ndarray:
   """The first `num_clips` validation clips of the workdir's data, uint8 (B, T, H, W, C)."""
-  from genie_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
+  from genie_jax import config_lib  # pylint: disable=g-import-not-at-top
   from genie_jax.data import input_pipeline  # pylint: disable=g-import-not-at-top
-  config = checkpointing.load_config(workdir)
+  config = config_lib.load_config(workdir)
   ds = input_pipeline.make_eval_dataset(config.data, "validation", global_batch_size=num_clips,
                                         num_batches=1, drop_remainder=False,
                                         process_index=0, process_count=1)

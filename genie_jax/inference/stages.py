@@ -15,6 +15,7 @@ import ml_collections
 from absl import logging
 from flax import nnx
 
+from genie_jax import config_lib
 from genie_jax import model_spec
 from genie_jax import paths
 from genie_jax import sharding
@@ -64,7 +65,7 @@ def load_stage(workdir: str, *, step: int | None = None, mesh: jax.sharding.Mesh
   """
   if not paths.path(workdir).is_dir():
     raise FileNotFoundError(f"workdir {workdir!r} does not exist (train that stage there first)")
-  config = checkpointing.load_config(workdir)
+  config = config_lib.load_config(workdir)
   if expect_stage is not None and config.stage != expect_stage:
     raise ValueError(f"workdir {workdir!r} holds a {config.stage!r} stage "
                      f"(config.stage in its config.json), not the {expect_stage!r} stage expected")

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import importlib
 
+from genie_jax import config_lib
 from genie_jax import paths
-from genie_jax.training import checkpointing
 
 # config.stage of a world-model workdir -> "module:Class" of its generator (imported when
 # used, so that one family's code loads only for its workdirs).
@@ -25,7 +25,7 @@ def load(workdir: str, *, step: int | None = None):
   if not paths.path(workdir).is_dir():
     raise FileNotFoundError(f"workdir {workdir!r} does not exist (train a world model there "
                             "first)")
-  stage = checkpointing.load_config(workdir).stage
+  stage = config_lib.load_config(workdir).stage
   if stage not in FAMILIES:
     raise ValueError(f"workdir {workdir!r} holds a {stage!r} stage (config.stage in its "
                      f"config.json); generation needs a world model: one of {sorted(FAMILIES)}")

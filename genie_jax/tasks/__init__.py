@@ -10,10 +10,10 @@ from collections.abc import Mapping, Sequence
 
 import ml_collections
 
+from genie_jax import config_lib
 from genie_jax import paths
 from genie_jax.tasks.base import Dependency
 from genie_jax.tasks.base import Task
-from genie_jax.training import checkpointing
 
 # stage name -> "module:Class"; imported lazily so a stage's dependencies load only when used.
 _TASKS = {
@@ -74,7 +74,7 @@ def _read_upstream(config: ml_collections.ConfigDict, dep: Dependency
     raise ValueError(f"config.{key}={workdir!r} does not exist; train the {dep.stage} stage "
                      f"there first")
   try:
-    stage_config = checkpointing.load_config(workdir)
+    stage_config = config_lib.load_config(workdir)
   except FileNotFoundError as e:
     raise ValueError(f"config.{key}={workdir!r} holds no config.json: {e}") from e
   if stage_config.stage != dep.stage:

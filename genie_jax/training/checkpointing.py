@@ -21,10 +21,9 @@ import orbax.checkpoint as ocp
 from absl import logging
 from jax.experimental import multihost_utils
 
+from genie_jax import config_lib
 from genie_jax import paths
-from genie_jax import sharding
 
-CONFIG_FILE = "config.json"
 # Checkpoints that could not be restored are renamed to this prefix + "<step>_<UTC time>" in
 # the checkpoints directory; Orbax does not list such names as steps.
 SET_ASIDE_PREFIX = "unreadable_step_"
@@ -90,38 +89,6 @@ def verify_checksums(tree: Any, saved: dict[str, int], where: str) -> None:
         f"{', '.join(bad[:5])}{' ...' if len(bad) > 5 else ''}")
 
 
-def config_to_dict(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  return json.loads(config.to_json_best_effort())
-
-
-def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-  """Writes workdir/config.json (process 0 only)."""
-  if jax.process_index() != 0:
-    return
-  paths.write_text(paths.join(workdir, CONFIG_FILE),
-                   json.dumps(config_to_dict(config), indent=2, sort_keys=True))
-
-
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a workdir was trained with (older configs' names upgraded), locked so that
-  typos in overrides fail."""
-  path = paths.path(workdir) / CONFIG_FILE
-  if not path.exists():
-    raise FileNotFoundError(
-        f"{path} not found: {workdir!r} is not a genie_jax workdir (train there first, or "
-        "pass the workdir that holds config.json and checkpoints/)")
-  config = ml_collections.ConfigDict(_upgrade(json.loads(path.read_text())))
-  config.lock()
-  return config
-
-
-def _upgrade(tree: dict[str, Any]) -> dict[str, Any]:
-  """A saved config with the names of older configs renamed to today's."""
-  if "rules" in tree.get("sharding", {}):
-    tree["sharding"]["rules"] = sharding.upgrade_rules(tree["sharding"]["rules"])
-  return tree
-
-
 # Keys that may differ between a run and its continuation: how often things happen, how long to
 # train, where data is read from and how fast, the mesh (checkpoints restore onto any mesh), and
 # what to do with non-finite updates (e.g. "skip" to get past a run stopped by one).
@@ -164,11 +131,11 @@ def check_resume_config(workdir: str, config: ml_collections.ConfigDict,
     ValueError: listing the keys that differ from workdir/config.json, other than
       RESUMABLE_KEYS; nothing in the workdir is touched.
   """
-  path = paths.path(workdir) / CONFIG_FILE
+  path = paths.path(workdir) / config_lib.CONFIG_FILE
   if not path.exists():
     return
-  saved = _flatten(_upgrade(json.loads(path.read_text())))
-  new = _flatten(config_to_dict(config))
+  saved = _flatten(config_lib.upgrade(json.loads(path.read_text())))
+  new = _flatten(config_lib.config_to_dict(config))
   under = lambda key, k: key == k or key.startswith(k + ".")
   skip = list(RESUMABLE_KEYS) + [
       k for k in derived_keys
@@ -191,7 +158,7 @@ class Checkpointer:
                config: ml_collections.ConfigDict | None = None, *, read_only: bool = False):
     self.directory = paths.join(paths.path(workdir), "checkpoints")
     self._read_only = read_only
-    self._config_dict = config_to_dict(config) if config is not None else None
+    self._config_dict = config_lib.config_to_dict(config) if config is not None else None
     options = ocp.CheckpointManagerOptions(
         max_to_keep=cfg.max_to_keep,
         keep_period=cfg.keep_period or None,

@@ -29,6 +29,7 @@ import jax
 import ml_collections
 from absl import logging
 
+from genie_jax import config_lib
 from genie_jax import evaluators as evaluators_lib
 from genie_jax import paths
 from genie_jax import tasks
@@ -70,7 +71,7 @@ def _upstream_models(stages: dict[str, tuple[str, ml_collections.ConfigDict]], n
   stage_config = stages[name][1]
   return {dep.name: resolved[dep.name].model
           for dep in tasks.task_class(stage_config.stage).depends_on
-          if not (paths.path(stages[dep.name][0]) / checkpointing.CONFIG_FILE).exists()}
+          if not (paths.path(stages[dep.name][0]) / config_lib.CONFIG_FILE).exists()}
 
 
 def _finished(workdir: str, config: ml_collections.ConfigDict) -> bool:

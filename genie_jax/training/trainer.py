@@ -24,6 +24,7 @@ import numpy as np
 from absl import logging
 
 import data_pipelines
+from genie_jax import config_lib
 from genie_jax import evaluators as evaluators_lib
 from genie_jax import profiling
 from genie_jax import sharding
@@ -144,7 +145,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       config.data, "train", seed=config.seed, global_batch_size=config.batch_size))
 
   # --- State: a sharded init, or the latest checkpoint with the iterator restored in place.
-  checkpointing.save_config(workdir, config)
+  config_lib.save_config(workdir, config)
   ckpt = checkpointing.Checkpointer(workdir, config.checkpoint, config)
   if ckpt.latest_step() is not None:
     _, state = ckpt.restore(None, spec.abstract, train_iter)
@@ -168,7 +169,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       out_shardings=sharding.replicated(mesh))
   writer = metric_writers.MetricWriter(workdir, first_step=first_step,
                                        wandb_config=config.get("wandb"),
-                                       run_config=checkpointing.config_to_dict(config))
+                                       run_config=config_lib.config_to_dict(config))
   progress = metric_writers.Progress(first_step, config.total_steps, config.batch_size)
 
   def run_evals(step):
