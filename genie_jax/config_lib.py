@@ -151,12 +151,12 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
     raise FileNotFoundError(
         f"{path} not found: {workdir!r} is not a genie_jax workdir (train there first, or "
         "pass the workdir that holds config.json and checkpoints/)")
-  config = ml_collections.ConfigDict(upgrade(json.loads(path.read_text())))
+  config = ml_collections.ConfigDict(upgrade_saved(json.loads(path.read_text())))
   config.lock()
   return config
 
 
-def upgrade(tree: dict[str, Any]) -> dict[str, Any]:
+def upgrade_saved(tree: dict[str, Any]) -> dict[str, Any]:
   """A saved config with the names of older configs renamed to today's."""
   if "rules" in tree.get("sharding", {}):
     tree["sharding"]["rules"] = sharding.upgrade_rules(tree["sharding"]["rules"])

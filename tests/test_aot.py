@@ -10,8 +10,8 @@ import pytest
 
 from configs import lam as lam_config
 from configs import tokenizer as tokenizer_config
-from genie_jax.training import aot
 from genie_jax import config_lib
+from genie_jax.training import aot
 from conftest import REPO, tiny_config
 
 # A folder holding the libtpu wheel (pip install --no-deps --target DIR "libtpu==0.0.42.*"),

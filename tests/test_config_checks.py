@@ -3,6 +3,8 @@ model's shapes are built or anything is compiled, with a message naming the conf
 the fix."""
 
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -12,7 +14,7 @@ from configs import tokenizer as tokenizer_config
 from genie_jax import config_lib
 from genie_jax.training import train_state
 from genie_jax.training import trainer
-from conftest import tiny_config
+from conftest import REPO, tiny_config
 
 
 @pytest.fixture(autouse=True)
@@ -151,8 +153,7 @@ def test_dynamics_workdir_of_the_wrong_stage(tmp_path, lam_workdir):
 ])
 def test_dynamics_training_mask_keys(tmp_path, lam_workdir, key, value, pattern):
   tokenizer_workdir = str(tmp_path / "tok")
-  config_lib.save_config(tokenizer_workdir,
-                            tokenizer_config.get_config("size=tiny,runlocal"))
+  config_lib.save_config(tokenizer_workdir, tokenizer_config.get_config("size=tiny,runlocal"))
   config = _dynamics(tmp_path, tokenizer_workdir, lam_workdir)
   config[key] = value
   _fails(config, tmp_path, pattern)
@@ -167,3 +168,13 @@ def test_checks_run_before_the_workdir_is_touched(tmp_path):
   with pytest.raises(ValueError, match="config.batch_size=12"):
     trainer.train_and_evaluate(config, str(workdir))
   assert os.listdir(workdir) == ["marker"]
+
+
+def test_stage_configs_are_read_without_the_checkpointer():
+  # Resolving a stage's dependencies reads their config.json (config_lib); Orbax and Grain,
+  # the checkpointer's, load only where a run trains or restores.
+  code = ("import sys, genie_jax.tasks, genie_jax.config_lib, configs.dynamics; "
+          "print(sorted({m.split('.')[0] for m in sys.modules} & {'orbax', 'grain'}))")
+  out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                       check=True)
+  assert out.stdout.strip() == "[]", out.stdout

@@ -1,8 +1,9 @@
 """Orbax checkpoints holding, in one step directory, the train state (model, optimizer, step),
 the Grain iterator state of every process and the config as JSON.
 
-The config is also written to workdir/config.json so that later stages and `evaluate` rebuild
-the model from what was trained, not from flags retyped by hand.
+The trainer also writes the config to workdir/config.json (`config_lib.save_config`), so that
+later stages and `evaluate` rebuild the model from what was trained, not from flags retyped by
+hand; a continuation is checked against it here (`check_resume_config`).
 """
 
 from __future__ import annotations
@@ -134,7 +135,7 @@ def check_resume_config(workdir: str, config: ml_collections.ConfigDict,
   path = paths.path(workdir) / config_lib.CONFIG_FILE
   if not path.exists():
     return
-  saved = _flatten(config_lib.upgrade(json.loads(path.read_text())))
+  saved = _flatten(config_lib.upgrade_saved(json.loads(path.read_text())))
   new = _flatten(config_lib.config_to_dict(config))
   under = lambda key, k: key == k or key.startswith(k + ".")
   skip = list(RESUMABLE_KEYS) + [
