@@ -143,21 +143,27 @@ def save_config(workdir: str, config: ml_collections.ConfigDict) -> None:
                    json.dumps(config_to_dict(config), indent=2, sort_keys=True))
 
 
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a workdir was trained with (older configs' names upgraded), locked so that
-  typos in overrides fail."""
+def read_saved(workdir: str) -> dict[str, Any] | None:
+  """workdir/config.json as plain values, older configs' names renamed to today's; None
+  where the workdir has none."""
   path = paths.path(workdir) / CONFIG_FILE
   if not path.exists():
-    raise FileNotFoundError(
-        f"{path} not found: {workdir!r} is not a genie_jax workdir (train there first, or "
-        "pass the workdir that holds config.json and checkpoints/)")
-  config = ml_collections.ConfigDict(upgrade_saved(json.loads(path.read_text())))
-  config.lock()
-  return config
-
-
-def upgrade_saved(tree: dict[str, Any]) -> dict[str, Any]:
-  """A saved config with the names of older configs renamed to today's."""
+    return None
+  tree = json.loads(path.read_text())
   if "rules" in tree.get("sharding", {}):
     tree["sharding"]["rules"] = sharding.upgrade_rules(tree["sharding"]["rules"])
   return tree
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a workdir was trained with (`read_saved`), locked so that typos in
+  overrides fail."""
+  tree = read_saved(workdir)
+  if tree is None:
+    raise FileNotFoundError(
+        f"{paths.path(workdir) / CONFIG_FILE} not found: {workdir!r} is not a genie_jax "
+        "workdir (train there first, or pass the workdir that holds config.json and "
+        "checkpoints/)")
+  config = ml_collections.ConfigDict(tree)
+  config.lock()
+  return config

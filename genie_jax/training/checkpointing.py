@@ -132,10 +132,10 @@ def check_resume_config(workdir: str, config: ml_collections.ConfigDict,
     ValueError: listing the keys that differ from workdir/config.json, other than
       RESUMABLE_KEYS; nothing in the workdir is touched.
   """
-  path = paths.path(workdir) / config_lib.CONFIG_FILE
-  if not path.exists():
+  saved = config_lib.read_saved(workdir)
+  if saved is None:
     return
-  saved = _flatten(config_lib.upgrade_saved(json.loads(path.read_text())))
+  saved = _flatten(saved)
   new = _flatten(config_lib.config_to_dict(config))
   under = lambda key, k: key == k or key.startswith(k + ".")
   skip = list(RESUMABLE_KEYS) + [
