@@ -347,6 +347,16 @@ def _vq(**kwargs):
   return vq_lib.VectorQuantizer(16, 4, rngs=nnx.Rngs(0), **kwargs)
 
 
+def test_nearest_code_search_asks_for_float32_products():
+  # Accelerators round float32 matmuls by default (TPU bfloat16 passes, GPU TF32), which
+  # would move latents to a code that is not the nearest; a CPU computes float32 anyway,
+  # so what is checked is what the search asks for.
+  vq = _vq()
+  jaxpr = jax.make_jaxpr(lambda z: vq(z, train=False)[1])(jnp.ones((8, 4)))
+  dots = [e for e in jaxpr.eqns if e.primitive.name == "dot_general"]
+  assert dots and all(e.params["precision"] == (jax.lax.Precision.HIGHEST,) * 2 for e in dots)
+
+
 @pytest.mark.parametrize("normalize", [False, True])
 def test_vq_picks_nearest_code_and_returns_it(normalize):
   vq = _vq(normalize=normalize)

@@ -28,8 +28,11 @@ RESTART_SAMPLINGS = ("uniform", "distance")
 def _code_distances(x_XL: jax.Array, codes_VL: jax.Array) -> jax.Array:
   """(..., V): squared distance of each latent to each code, less ||x||^2 (the same for
   every code, so it does not change which code is nearest)."""
+  # HIGHEST: TPUs (bfloat16 passes) and recent GPUs (TF32) would otherwise round the
+  # products, and with them which code is nearest; CPUs compute float32 either way.
   return (jnp.sum(jnp.square(codes_VL), -1)
-          - 2.0 * jnp.einsum("...l,vl->...v", x_XL, codes_VL))
+          - 2.0 * jnp.einsum("...l,vl->...v", x_XL, codes_VL,
+                             precision=jax.lax.Precision.HIGHEST))
 
 
 class VectorQuantizer(nnx.Module):
@@ -164,7 +167,8 @@ class VectorQuantizer(nnx.Module):
     def lloyd(_, c_VL):
       onehot_XV = jax.nn.one_hot(jnp.argmin(sq_dist(c_VL), axis=1), v, dtype=jnp.float32)
       counts_V = onehot_XV.sum(0)
-      means_VL = (onehot_XV.T @ x_XL) / jnp.maximum(counts_V, 1.0)[:, None]
+      means_VL = (jnp.matmul(onehot_XV.T, x_XL, precision=jax.lax.Precision.HIGHEST)
+                  / jnp.maximum(counts_V, 1.0)[:, None])
       # An empty cluster keeps its centre.
       return jnp.where(counts_V[:, None] > 0, means_VL, c_VL)
 
