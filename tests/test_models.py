@@ -265,6 +265,20 @@ def test_block_is_spatial_temporal_then_one_4x_feed_forward():
   assert len(feed_forwards) == 1
 
 
+def test_projections_are_lecun_normal_over_their_contracted_axes():
+  # Variance 1/fan_in, fan_in the contracted axes' size (per-head kernels included), so a
+  # unit-variance input gives unit-variance outputs at init.
+  block = layers.STBlock(256, 4, rngs=nnx.Rngs(0))
+  attention = block.spatial_attention
+  kernels = {"qkv": (attention.qkv_kernel, 256), "out": (attention.out_kernel, 256),
+             "up": (block.ffn.up_kernel, 256), "down": (block.ffn.down_kernel, 1024),
+             "linear": (layers.Linear(512, 32, names=("embed", None),
+                                      rngs=nnx.Rngs(1)).kernel, 512)}
+  for name, (kernel, fan_in) in kernels.items():
+    std = float(jnp.std(kernel[...])) * np.sqrt(fan_in)
+    assert 0.9 < std < 1.1, (name, kernel.shape, std)
+
+
 def test_patchify_roundtrip_and_order():
   video = jnp.arange(2 * 3 * 8 * 12 * 3, dtype=jnp.float32).reshape(2, 3, 8, 12, 3)
   patches = layers.patchify(video, 4)

@@ -70,10 +70,16 @@ def param(rngs: nnx.Rngs, init: Callable[..., jax.Array], shape: Sequence[int],
 
 
 def _fan_in_init(in_axes: Sequence[int]) -> Callable[..., jax.Array]:
-  # LeCun normal over the contracted axes, so stacked (e.g. per-head) kernels keep the
-  # variance of the equivalent 2-D matrix.
-  return jax.nn.initializers.variance_scaling(
-      1.0, "fan_in", "truncated_normal", in_axis=tuple(in_axes), out_axis=())
+  """LeCun normal over the contracted axes `in_axes` (variance 1 / their product), so
+  stacked (e.g. per-head) kernels keep the variance of the equivalent 2-D matrix."""
+  def init(key: jax.Array, shape: Sequence[int], dtype: Dtype = jnp.float32) -> jax.Array:
+    # Every other axis is an output axis: variance_scaling would count the axes named in
+    # neither as a convolution's receptive field and divide by them too.
+    out_axes = tuple(i for i in range(len(shape)) if i not in in_axes)
+    return jax.nn.initializers.variance_scaling(
+        1.0, "fan_in", "truncated_normal", in_axis=tuple(in_axes), out_axis=out_axes)(
+            key, shape, dtype)
+  return init
 
 
 # Below this many rows (a generated frame is 256 rows per clip) the transposed copy of k
