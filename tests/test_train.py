@@ -10,6 +10,7 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
+from flax import nnx
 
 from configs import tokenizer as tokenizer_config
 from genie_jax import config_lib
@@ -149,6 +150,16 @@ def test_resume_is_exact(trained_workdir, tmp_path, tiny_data_dir):
   original = read_metrics(trained_workdir)
   for row in rows[3:]:
     assert row["train/loss"] == original[row["step"]], row["step"]
+
+
+def test_train_steps_never_draw_from_an_initialisers_key():
+  init_key, train_key = train_state.root_keys(0)
+  rngs = nnx.Rngs(init_key)
+  data = lambda key: tuple(np.asarray(jax.random.key_data(key)).tolist())
+  drawn = {data(rngs.params()) for _ in range(64)}
+  used = {data(jax.random.fold_in(train_key, s)) for s in range(64)}
+  used |= {data(k) for s in range(64) for k in train_state.step_keys(train_key, s)}
+  assert len(drawn) == 64 and len(used) == 3 * 64 and not drawn & used
 
 
 def test_resume_refuses_a_changed_config(trained_workdir, tmp_path, tiny_data_dir):

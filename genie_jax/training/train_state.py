@@ -72,6 +72,19 @@ def make_state_spec(task: Task, config: ml_collections.ConfigDict, mesh: Mesh) -
 NONFINITE_POLICIES = ("stop", "skip")
 
 
+def root_keys(seed: int) -> tuple[jax.Array, jax.Array]:
+  """(init key, train key) of config.seed: the model's initialisation draws from the first,
+  the train steps from the second, so no step reuses a key an initialiser drew from."""
+  init_key, train_key = jax.random.split(jax.random.key(seed))
+  return init_key, train_key
+
+
+def step_keys(train_key: jax.Array, step: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(loss key, update key) of train step `step`."""
+  loss_key, update_key = jax.random.split(jax.random.fold_in(train_key, step))
+  return loss_key, update_key
+
+
 def make_train_step(task: Task, spec: StateSpec, seed: int, nonfinite: str = "stop"):
   """The update for one global batch: loss, gradients, AdamW, then the task's post-update.
 
@@ -90,11 +103,11 @@ def make_train_step(task: Task, spec: StateSpec, seed: int, nonfinite: str = "st
   """
   if nonfinite not in NONFINITE_POLICIES:
     raise ValueError(f"config.nonfinite={nonfinite!r}; choose one of {NONFINITE_POLICIES}")
-  base_key = jax.random.key(seed)
+  train_key = root_keys(seed)[1]
 
   def train_step(state, batch):
     step = state["step"]
-    loss_key, update_key = jax.random.split(jax.random.fold_in(base_key, step))
+    loss_key, update_key = step_keys(train_key, step)
 
     # copy=True gives the merged model fresh Variables of the current trace, which the
     # model may then update (e.g. codebook usage).

@@ -151,7 +151,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     _, state = ckpt.restore(None, spec.abstract, train_iter)
   else:
     # Earlier stages' weights enter on a fresh start only: on resume the checkpoint has them.
-    state = stages.init_from_dependencies(task, spec.init(jax.random.key(config.seed)), spec)
+    init_key = train_state.root_keys(config.seed)[0]
+    state = stages.init_from_dependencies(task, spec.init(init_key), spec)
   first_step = int(jax.device_get(state["step"]))
 
   # --- The update step, compiled once; its cost is printed before training starts.
