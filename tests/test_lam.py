@@ -162,6 +162,9 @@ predict_from = nnx.jit(lambda model, video, z: model.decode(video[:, :-1], z))
     ("model.decoder_context_frames", 17, "config.model.decoder_context_frames"),
     ("model.image_size", 32, "config.model.image_size"),
     ("data.clip_len", 17, "config.data.clip_len"),
+    # Tokenizer options the LAM does not have.
+    ("model.temporal_positions", "rope", "config.model.temporal_positions='rope': the LAM"),
+    ("model.code_restart_sampling", "distance", "config.model.code_restart_sampling"),
 ])
 def test_bad_config_names_the_key(key, value, message):
   config = lam_config.get_config("size=tiny")

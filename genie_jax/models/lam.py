@@ -90,6 +90,12 @@ def default_config() -> ml_collections.ConfigDict:
   return cfg
 
 
+# Tokenizer keys the LAM's config carries but its model does not implement, with the one
+# value it behaves as: another value would be saved in config.json and silently not used.
+_TOKENIZER_ONLY = {"temporal_positions": "learned", "sink_frames": 0,
+                   "code_restart_sampling": "uniform", "quantizer": "vq"}
+
+
 def validate_config(cfg: ml_collections.ConfigDict) -> None:
   """Raises ValueError, naming the config.model key, for a config the model cannot use."""
   # The shared keys mean what they mean for the tokenizer; num_codes is num_actions here.
@@ -108,6 +114,10 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   if cfg.max_frames < 2:
     raise ValueError(f"config.model.max_frames={cfg.max_frames} must be at least 2: a "
                      f"latent action needs a transition")
+  for key, only in _TOKENIZER_ONLY.items():
+    if cfg.get(key, only) != only:
+      raise ValueError(f"config.model.{key}={cfg[key]!r}: the LAM has only {only!r} (the key "
+                       f"comes with the tokenizer's settings; it is the tokenizer's option)")
   if cfg.get("spatial_rope", False) and (cfg.d_model // cfg.num_heads) % 4:
     raise ValueError(f"config.model.spatial_rope needs a head width divisible by 4; "
                      f"d_model={cfg.d_model} / num_heads={cfg.num_heads} is not")
