@@ -97,6 +97,20 @@ def plurality_latent(confusion: np.ndarray) -> np.ndarray:
   return plurality
 
 
+def latent_for_true(confusion: np.ndarray) -> np.ndarray:
+  """The latent action to play for each true action: int64 (num_true,), all in
+  [0, num_latent).
+
+  `best_assignment`'s one-to-one match where it matches; a true action it leaves unmatched
+  (more true than latent actions) gets its plurality latent action, and one that never
+  occurred gets latent action 0. Every entry is a real latent action, so rolling out the
+  mapped true actions never feeds a model an index outside its action vocabulary.
+  """
+  mapping = best_assignment(confusion)
+  fallback = np.maximum(plurality_latent(confusion), 0)
+  return np.where(mapping >= 0, mapping, fallback)
+
+
 def confusion_image(confusion: np.ndarray, cell: int = 24,
                     true_names: list[str] | None = None) -> np.ndarray:
   """The confusion matrix as a uint8 (R, W, 3) picture for a PNG.

@@ -236,6 +236,10 @@ def test_nmi_matches_the_arithmetic_mean_formula_and_skips_unknown_actions():
 def test_best_assignment_with_fewer_latent_than_true_actions_and_the_picture():
   confusion = np.array([[0, 9, 1], [7, 0, 2]])
   np.testing.assert_array_equal(action_metrics.best_assignment(confusion), [1, 0, -1])
+  # What the true-action rollouts play: an unmatched true action its plurality latent action,
+  # one that never occurred latent action 0 (never -1, which would index the "no action" row).
+  np.testing.assert_array_equal(
+      action_metrics.latent_for_true(np.c_[confusion, [0, 0]]), [1, 0, 1, 0])
   assert action_metrics.assignment_accuracy(confusion) == pytest.approx(16 / 19)
   image = action_metrics.confusion_image(confusion, cell=20)
   assert image.dtype == np.uint8 and image.shape == (20 + 2 * 20, 20 + 3 * 20, 3)

@@ -10,7 +10,9 @@ On held-out clips x_1..x_T of the validation split:
       - 'random' actions: drawn uniformly from the A latent actions,
       - 'true' actions (datasets with true actions): the true action of each transition mapped
         to a latent action by the best one-to-one assignment of the LAM/true confusion
-        matrix (Hungarian), i.e. the world model driven by the real controls.
+        matrix (Hungarian; a true action left unmatched, when there are more true than
+        latent actions, by its plurality latent action), i.e. the world model driven by the
+        real controls.
     psnr_<variant>_t<k> and ssim_<variant>_t<k>: generated frame k (frame 1 + k of the clip)
     against the true frame, k = 1..horizon.
   * Genie's controllability metric, Delta_t PSNR = PSNR(x_t, xhat_t) - PSNR(x_t, xhat'_t),
@@ -271,7 +273,7 @@ class ControllabilityEvaluator(base.Evaluator):
                                                   self.num_actions, self.num_true_actions)
       scalars.update(nmi=action_metrics.normalized_mutual_information(confusion),
                      accuracy=action_metrics.assignment_accuracy(confusion))
-      mapping = np.asarray(action_metrics.best_assignment(confusion), np.int32)
+      mapping = np.asarray(action_metrics.latent_for_true(confusion), np.int32)
       # Which latent action each named true action mostly gets: two true actions that share
       # one are not told apart by the LAM (the pipeline report checks named ones differ).
       for name, code in zip(self.true_action_names,
