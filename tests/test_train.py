@@ -174,6 +174,10 @@ def test_resume_refuses_a_changed_config(trained_workdir, tmp_path, tiny_data_di
   # Schedules and intervals may change: that continues the run.
   checkpointing.check_resume_config(
       workdir, tiny_config(tiny_data_dir, total_steps=9, eval_every_steps=4))
+  # Grain's worker processes shape the saved iterator state: their number may not change.
+  with pytest.raises(ValueError, match=r"config.data.worker_count: 0 -> 2"):
+    checkpointing.check_resume_config(
+        workdir, tiny_config(tiny_data_dir, **{"data.worker_count": 2}))
 
 
 def test_resume_compares_derived_keys_only_where_both_configs_hold_them(tmp_path):
