@@ -19,6 +19,7 @@ from PIL import Image
 import data_pipelines
 from data_pipelines import episode_builder
 from data_pipelines.builtin_world import env as env_lib
+from genie_jax import sharding
 from genie_jax.data import input_pipeline
 
 CLIP_LEN = 6
@@ -422,6 +423,22 @@ def test_to_global_batch():
     assert isinstance(batch[key], jax.Array)
     np.testing.assert_array_equal(np.asarray(batch[key]), local[key])
   assert batch["video"].sharding.spec == jax.sharding.PartitionSpec("data")
+
+
+def test_meshes_whose_processes_would_share_batch_rows_are_refused():
+  # 8 devices as if each were a process (one process per GPU), or pairs as processes.
+  devices = jax.devices()[:8]
+  batch_of = lambda mesh: jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+  tensor2 = batch_of(sharding.make_mesh(dict(data=4, fsdp=1, tensor=2), devices))
+  data8 = batch_of(sharding.make_mesh(dict(data=8, fsdp=1, tensor=1), devices))
+  per_device = dict(process_of=devices.index, process_count=8)
+  per_pair = dict(process_of=lambda d: devices.index(d) // 2, process_count=4)
+  with pytest.raises(ValueError, match=r"config.mesh=.*'tensor': 2.*config.batch_size=16 "
+                                       r"over 8 processes: process 0 reads rows \[0, 2\)"):
+    input_pipeline.check_process_rows(tensor2, 16, "config.batch_size", **per_device)
+  input_pipeline.check_process_rows(data8, 16, "config.batch_size", **per_device)
+  input_pipeline.check_process_rows(tensor2, 16, "config.batch_size", **per_pair)
 
 
 # --- Errors ---------------------------------------------------------------------------------

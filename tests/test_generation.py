@@ -662,3 +662,23 @@ def test_genie_from_workdir_rollout_and_generate_cli(dynamics_workdir, tmp_path)
     generate.generate(dynamics_workdir, actions="0,6", num_steps=1, num_videos=1, out_dir=out)
   with pytest.raises(FileNotFoundError, match="does not exist"):
     generate.generate(str(tmp_path / "nowhere"))
+
+
+def test_generate_and_evaluate_refuse_bad_settings_before_the_work(dynamics_workdir, tmp_path,
+                                                                    monkeypatch):
+  from genie_jax.inference import evaluate  # pylint: disable=g-import-not-at-top
+  from genie_jax.inference import generate  # pylint: disable=g-import-not-at-top
+  from genie_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
+  out = str(tmp_path / "gen")
+  with pytest.raises(ValueError, match="--num_videos=0 must be at least 1"):
+    generate.generate(dynamics_workdir, num_videos=0, out_dir=out)
+  # 4 validation clips of 8 frames.
+  with pytest.raises(ValueError, match="--num_videos=5: the validation split"):
+    generate.generate(dynamics_workdir, num_steps=1, num_videos=5, out_dir=out)
+  assert not os.path.exists(out)
+
+  def no_restore(*args, **kwargs):
+    raise AssertionError("the checkpoint was read before the settings were checked")
+  monkeypatch.setattr(checkpointing.Checkpointer, "restore_model", no_restore)
+  with pytest.raises(ValueError, match=r"config.evals.controllability.dt=0 must be in"):
+    evaluate.evaluate(dynamics_workdir, eval_settings=["dt=0"], out_dir=str(tmp_path / "ev"))

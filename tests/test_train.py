@@ -64,6 +64,19 @@ def test_bad_config_fails_before_work(tmp_path, key, value, message):
   assert not os.path.exists(tmp_path / "data")  # Failed before generating any data.
 
 
+def test_evaluation_data_is_checked_before_training(tmp_path, tiny_data_dir):
+  workdir = tmp_path / "work"
+  # 4 validation episodes of 40 frames: 20 clips of 8.
+  for overrides, message in [
+      ({"evals.reconstruction.split": "nope"},
+       r"config.evals.reconstruction.split='nope': Split 'nope' not in"),
+      ({"evals.reconstruction.batch_size": 24},
+       r"config.evals.reconstruction.batch_size=24: split 'validation' has 20 clips")]:
+    with pytest.raises(ValueError, match=message):
+      trainer.train_and_evaluate(tiny_config(tiny_data_dir, **overrides), str(workdir))
+    assert not os.path.exists(workdir / "checkpoints")
+
+
 # --- Sharding: DP and FSDP give the single-device losses ------------------------------------
 
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 import collections
 import math
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import grain
@@ -352,6 +353,18 @@ def make_eval_dataset(
   return _to_iter_dataset(_read_rows(ds, clips, process_index, local_batch), data_config)
 
 
+def num_eval_clips(data_config: ml_collections.ConfigDict, split: str = "validation", *,
+                   builder: tfds.core.DatasetBuilder | None = None) -> int:
+  """How many clips `make_eval_dataset` has in `split` (before batching); reads no record.
+
+  Raises ValueError, as make_eval_dataset would, for a split the dataset lacks or one with
+  no chunk of config.data.clip_len frames.
+  """
+  records, lengths = _open_split(data_config, split, builder)
+  clip_len = int(data_config.clip_len)
+  return _ClipSource(records, lengths, clip_len, stride=clip_len).num_clips
+
+
 def batch_shapes(data_config: ml_collections.ConfigDict, global_batch_size: int, *,
                  evaluation: bool = False) -> dict[str, tuple[tuple[int, ...], Any]]:
   """{key: (shape, dtype)} of one global batch as `to_global_batch` gives it: training
@@ -363,6 +376,35 @@ def batch_shapes(data_config: ml_collections.ConfigDict, global_batch_size: int,
     # int64 on the host, held as jax's default integer.
     shapes["episode_id"] = ((b,), jax.dtypes.canonicalize_dtype(np.int64))
   return shapes
+
+
+def check_process_rows(sharding: NamedSharding, global_batch_size: int, what: str, *,
+                       process_of: Callable[[jax.Device], int] | None = None,
+                       process_count: int | None = None) -> None:
+  """Raises ValueError, naming config.mesh, unless each process's devices hold exactly the
+  rows of a batch that this pipeline gives the process: [p * b, (p + 1) * b), b = G / P.
+
+  Processes share rows when the batch's mesh axes have fewer shards than there are
+  processes (e.g. tensor parallelism across processes, one process per GPU). `what` names
+  the batch size G (e.g. config.batch_size); `process_of` and `process_count` default to
+  the devices' and JAX's.
+  """
+  process_of = process_of or (lambda device: device.process_index)
+  count = jax.process_count() if process_count is None else process_count
+  batch_sharding = NamedSharding(sharding.mesh, P(sharding.spec[0] if sharding.spec else None))
+  local = global_batch_size // count
+  rows: dict[int, set[int]] = collections.defaultdict(set)
+  for device, index in batch_sharding.devices_indices_map((global_batch_size,)).items():
+    rows[process_of(device)].update(range(global_batch_size)[index[0]])
+  bad = [p for p in range(count) if rows[p] != set(range(p * local, (p + 1) * local))]
+  if bad:
+    p = bad[0]
+    raise ValueError(
+        f"config.mesh={dict(sharding.mesh.shape)} with {what}={global_batch_size} over "
+        f"{count} processes: process {p} reads rows [{p * local}, {(p + 1) * local}) of each "
+        f"batch, but its devices hold {len(rows[p])} other or more rows; the batch's mesh "
+        f"axes (config.sharding.rules, act_batch) must split it into a multiple of the "
+        f"process count, in process order (e.g. no tensor parallelism across processes).")
 
 
 def to_global_batch(local_batch: dict[str, np.ndarray],

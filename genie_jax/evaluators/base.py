@@ -39,7 +39,23 @@ class Evaluator:
       raise ValueError(
           f"config.evals.{name}.batch_size={self.batch_size} must be divisible by the "
           f"data-parallel size {dp} and the {jax.process_count()} processes")
+    input_pipeline.check_process_rows(spec.batch_sharding, self.batch_size,
+                                      f"config.evals.{name}.batch_size")
     self.replicated = sharding.replicated(spec.mesh)
+
+  def check_data(self) -> None:
+    """Raises ValueError, naming config.evals.<name>, when the split cannot give a batch
+    (a split the dataset lacks, no clip, fewer clips than a batch where the remainder is
+    dropped). Reads no record: for the trainer to call before the first step."""
+    where = f"config.evals.{self.name}"
+    try:
+      clips = input_pipeline.num_eval_clips(self.config.data, self.cfg.split)
+    except ValueError as e:
+      raise ValueError(f"{where}.split={self.cfg.split!r}: {e}") from e
+    if self.drop_remainder and clips < self.batch_size:
+      raise ValueError(
+          f"{where}.batch_size={self.batch_size}: split {self.cfg.split!r} has {clips} clips "
+          f"of {self.config.data.clip_len} frames, less than one batch")
 
   def _dataset(self):
     return input_pipeline.make_eval_dataset(

@@ -49,6 +49,11 @@ def evaluate(workdir: str, *, step: int | None = None, num_batches: int | None =
   config = task.config
   mesh = sharding.mesh_from_config(config)
   spec = model_spec.make_model_spec(task, config, mesh)
+  # Built (and so checked: settings, batch size against the devices) before the restore,
+  # which can take minutes from Cloud Storage.
+  evaluators = evaluators_lib.build_evaluators(config, task, spec)
+  for evaluator in evaluators:
+    evaluator.check_data()
   ckpt = checkpointing.Checkpointer(workdir, config.checkpoint, read_only=True)
   try:
     step, state = ckpt.restore_model(step, spec.abstract)
@@ -57,7 +62,7 @@ def evaluate(workdir: str, *, step: int | None = None, num_batches: int | None =
 
   out_dir = out_dir or paths.join(workdir, "eval")
   results: dict[str, float] = {"step": step}
-  for evaluator in evaluators_lib.build_evaluators(config, task, spec):
+  for evaluator in evaluators:
     scalars, images = evaluator.run(state)
     results.update({f"{evaluator.name}/{k}": v for k, v in scalars.items()})
     if jax.process_index() == 0:

@@ -43,6 +43,8 @@ def generate(workdir: str, *, step: int | None = None, num_frames: int | None = 
     ValueError: naming the flag when an argument cannot work (e.g. an action out of range).
   """
   action_spec = parse_actions(actions)
+  if num_videos < 1:
+    raise ValueError(f"--num_videos={num_videos} must be at least 1")
   genie = worlds.load(workdir, step=step)
   num_steps = genie.resolve_steps(num_steps, "--num_steps")
   clip_len = int(genie.config.data.clip_len)
@@ -64,7 +66,10 @@ def generate(workdir: str, *, step: int | None = None, num_frames: int | None = 
 
   batch = next(iter(input_pipeline.make_eval_dataset(
       genie.config.data, "validation", global_batch_size=num_videos, num_batches=1,
-      process_index=0, process_count=1)))
+      process_index=0, process_count=1)), None)
+  if batch is None:
+    raise ValueError(f"--num_videos={num_videos}: the validation split of the workdir's data "
+                     f"has fewer clips of {clip_len} frames (config.data.clip_len) than that")
   clips = np.asarray(batch["video"])
   prompt = clips[:, :prompt_frames]
   rng = np.random.default_rng(seed)

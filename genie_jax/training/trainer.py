@@ -137,10 +137,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   spec = train_state.make_state_spec(task, config, mesh)
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(spec.abstract["params"]))
   logging.info("Model %s: %.2fM parameters", config.stage, num_params / 1e6)
+  input_pipeline.check_process_rows(spec.batch_sharding, config.batch_size, "config.batch_size")
   evaluators = evaluators_lib.build_evaluators(config, task, spec)
 
   # --- Input: this process's share of each global batch, as a checkpointable Grain iterator.
   data_pipelines.get_builder(config.data, prepare=True)
+  for evaluator in evaluators:
+    evaluator.check_data()
   train_iter = iter(input_pipeline.make_dataset(
       config.data, "train", seed=config.seed, global_batch_size=config.batch_size))
 
