@@ -1,12 +1,15 @@
 """genie_jax.cli.play: the JSON API, one generation at a time, and the page played in Chromium."""
 
 import base64
+import http.client
 import json
 import re
 import shutil
+import socket
 import subprocess
 import threading
 import time
+import types
 import urllib.error
 import urllib.request
 
@@ -144,9 +147,17 @@ def test_api(served):
     status, err = request(server, "/api/step", {"action": bad})
     assert status == 400 and "[0, 6)" in err["error"], (bad, err)
   assert world.actions == [3, 0, 5]
-  for body in [b"{not json", b"[1]", {"act": 1}]:
+  for body in [b"{not json", b"[1]", {"act": 1}, b"[" * 5000 + b"]" * 5000]:
     status, err = request(server, "/api/step", body)
     assert status == 400 and err["error"], body
+  for length in ["abc", "-5"]:
+    conn = http.client.HTTPConnection(*server.server_address[:2], timeout=30)
+    conn.putrequest("POST", "/api/step")
+    conn.putheader("Content-Length", length)
+    conn.endheaders()
+    answer = conn.getresponse()
+    assert answer.status == 400 and b"Content-Length" in answer.read(), length
+    conn.close()
   for prompt in [3, -1, "1", None]:
     status, err = request(server, "/api/start", {"prompt": prompt})
     assert status == 400 and "[0, 3)" in err["error"] and "random" in err["error"]
@@ -258,6 +269,30 @@ def test_a_world_that_takes_only_some_step_counts_offers_those():
   with pytest.raises(play.PlayError, match="num_steps=8 is not valid"):
     game.reset(num_steps=8)
   assert world.num_steps == [2]
+
+
+def test_play_command_checks_its_flags_and_port_before_compiling(monkeypatch):
+  from absl import app  # pylint: disable=import-outside-toplevel
+  from genie_jax.cli import play as play_cli  # pylint: disable=import-outside-toplevel
+  world = FakeWorld()
+  world.genie = types.SimpleNamespace(resolve_steps=lambda n, flag: n or 25, step=0)
+  world.step_choices = None
+  monkeypatch.setattr(play, "load_world", lambda *args, **kwargs: world)
+  monkeypatch.setattr(play, "load_prompts", lambda *args: make_prompts())
+  f = types.SimpleNamespace(workdir="w", step=None, num_steps=None, temperature=1.0, seed=0,
+                            num_prompts=3, arrow_actions=["0", "1", "2", "9"],
+                            host="127.0.0.1", port=0)
+  monkeypatch.setattr(play_cli, "flags", types.SimpleNamespace(FLAGS=f))
+  with pytest.raises(app.UsageError, match=r"--arrow_actions=\[0, 1, 2, 9\]"):
+    play_cli.main()
+  f.arrow_actions = ["0", "1", "2", "3"]
+  with socket.socket() as taken:
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    f.port = taken.getsockname()[1]
+    with pytest.raises(app.UsageError, match=f"--port={f.port}"):
+      play_cli.main()
+  assert not world.prompts, "the generation step was compiled before the checks"
 
 
 def test_play_takes_the_distributed_flags_and_serves_from_one_process(tmp_path):

@@ -43,18 +43,30 @@ def main() -> None:
     arrow_actions = tuple(int(a) for a in f.arrow_actions)
   except ValueError as e:
     raise app.UsageError(f"--arrow_actions={f.arrow_actions}: {e}") from e
+  if f.num_prompts < 1:
+    raise app.UsageError(f"--num_prompts={f.num_prompts} must be at least 1.")
   world = play.load_world(f.workdir, step=f.step, temperature=f.temperature, seed=f.seed)
   try:
     num_steps = world.genie.resolve_steps(f.num_steps, "--num_steps")
-  except ValueError as e:
+    if f.num_steps is None and num_steps > play.MAX_NUM_STEPS:
+      # A model's own default (a shortcut model's finest step count) past the page's bound:
+      # the most steps the page offers.
+      num_steps = max([c for c in world.step_choices or () if c <= play.MAX_NUM_STEPS]
+                      or [play.MAX_NUM_STEPS])
+    prompts_BTHWC = play.load_prompts(f.workdir, f.num_prompts)
+    # Flags and the port are checked before the compile below, which takes seconds to
+    # minutes.
+    game = play.Game(world, prompts_BTHWC, arrow_actions=arrow_actions, seed=f.seed,
+                     title=f"{f.workdir} (step {world.genie.step})", num_steps=num_steps)
+  except ValueError as e:  # play.PlayError included
     raise app.UsageError(str(e)) from e
-  prompts_BTHWC = play.load_prompts(f.workdir, f.num_prompts)
-  # Compiles the step now, so the first key press is not kept waiting (seconds to minutes).
+  try:
+    server = play.PlayServer(game, f.host, f.port)
+  except OSError as e:
+    raise app.UsageError(f"--host={f.host} --port={f.port}: {e}") from e
+  # Compiles the step now, so the first key press is not kept waiting.
   logging.info("Compiling the generation step...")
   world.start(prompts_BTHWC[:1, :1], num_steps=num_steps).step(0)
-  game = play.Game(world, prompts_BTHWC, arrow_actions=arrow_actions, seed=f.seed,
-                   title=f"{f.workdir} (step {world.genie.step})", num_steps=num_steps)
-  server = play.PlayServer(game, f.host, f.port)
   logging.info("Serving Genie on %s (Ctrl-C stops).", server.url)
   try:
     server.serve_forever()

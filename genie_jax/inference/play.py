@@ -240,12 +240,18 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     self._answer(lambda: method(body))
 
   def _read_json(self) -> dict[str, Any]:
-    length = int(self.headers.get("Content-Length") or 0)
+    header = self.headers.get("Content-Length") or "0"
+    try:
+      length = int(header)
+    except ValueError:
+      length = -1
+    if length < 0:
+      raise PlayError(f"Content-Length {header!r} is not a byte count.")
     if length > MAX_BODY_BYTES:
       raise PlayError(f"Request body of {length} bytes is too large.")
     try:
       body = json.loads(self.rfile.read(length) or b"null")
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
       raise PlayError(f"Request body is not JSON: {e}") from e
     if not isinstance(body, dict):
       raise PlayError(f"Request body must be a JSON object, got {body!r}.")
