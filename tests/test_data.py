@@ -426,19 +426,24 @@ def test_to_global_batch():
 
 
 def test_meshes_whose_processes_would_share_batch_rows_are_refused():
-  # 8 devices as if each were a process (one process per GPU), or pairs as processes.
+  # 8 devices as if each were a process (one process per GPU), pairs as processes, or two
+  # slices (processes) over DCN along fsdp, whose rows interleave.
   devices = jax.devices()[:8]
   batch_of = lambda mesh: jax.sharding.NamedSharding(
       mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
   tensor2 = batch_of(sharding.make_mesh(dict(data=4, fsdp=1, tensor=2), devices))
   data8 = batch_of(sharding.make_mesh(dict(data=8, fsdp=1, tensor=1), devices))
-  per_device = dict(process_of=devices.index, process_count=8)
-  per_pair = dict(process_of=lambda d: devices.index(d) // 2, process_count=4)
-  with pytest.raises(ValueError, match=r"config.mesh=.*'tensor': 2.*config.batch_size=16 "
-                                       r"over 8 processes: process 0 reads rows \[0, 2\)"):
-    input_pipeline.check_process_rows(tensor2, 16, "config.batch_size", **per_device)
-  input_pipeline.check_process_rows(data8, 16, "config.batch_size", **per_device)
-  input_pipeline.check_process_rows(tensor2, 16, "config.batch_size", **per_pair)
+  dcn = batch_of(sharding.make_mesh(dict(data=4, fsdp=1, tensor=1), devices,
+                                    dcn_shape=dict(data=1, fsdp=2, tensor=1)))
+  per_device, per_pair = devices.index, lambda d: devices.index(d) // 2
+  with pytest.raises(ValueError, match=r"config.mesh=.*'tensor': 2.*config.batch_size=16 over "
+                                       r"8 processes: process 0's devices hold 4 rows .* not "
+                                       r"the 2 it reads"):
+    input_pipeline.check_process_rows(tensor2, 16, "config.batch_size", process_of=per_device)
+  input_pipeline.check_process_rows(data8, 16, "config.batch_size", process_of=per_device)
+  input_pipeline.check_process_rows(tensor2, 16, "config.batch_size", process_of=per_pair)
+  input_pipeline.check_process_rows(dcn, 16, "config.batch_size",
+                                    process_of=lambda d: devices.index(d) // 4)
 
 
 # --- Errors ---------------------------------------------------------------------------------

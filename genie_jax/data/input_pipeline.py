@@ -57,6 +57,10 @@ class RecordError(ValueError):
   """A record that cannot be read, or does not match the dataset's description."""
 
 
+class UnknownSplitError(ValueError):
+  """A split the dataset does not have."""
+
+
 class _Records:
   """Random access to the chunks of one split: decoded, validated, errors name the file.
 
@@ -208,7 +212,8 @@ def _open_split(data_config: ml_collections.ConfigDict, split: str,
     builder = data_pipelines.get_builder(data_config, prepare=False)
   where = f"dataset {builder.data_dir}"
   if split not in builder.info.splits:
-    raise ValueError(f"Split {split!r} not in {where}; it has {list(builder.info.splits)}.")
+    raise UnknownSplitError(f"Split {split!r} not in {where}; it has "
+                            f"{list(builder.info.splits)}.")
   s = int(data_config.image_size)
   frame_shape = tuple(builder.info.features["frames"].shape)
   if frame_shape[1:] != (s, s, 3):
@@ -379,32 +384,29 @@ def batch_shapes(data_config: ml_collections.ConfigDict, global_batch_size: int,
 
 
 def check_process_rows(sharding: NamedSharding, global_batch_size: int, what: str, *,
-                       process_of: Callable[[jax.Device], int] | None = None,
-                       process_count: int | None = None) -> None:
-  """Raises ValueError, naming config.mesh, unless each process's devices hold exactly the
-  rows of a batch that this pipeline gives the process: [p * b, (p + 1) * b), b = G / P.
+                       process_of: Callable[[jax.Device], int] | None = None) -> None:
+  """Raises ValueError, naming config.mesh, unless each process's devices hold as many rows of
+  a batch as the process reads, G / P, none of them also held by another process.
 
-  Processes share rows when the batch's mesh axes have fewer shards than there are
+  Processes share rows when the batch's mesh axes split it into fewer shards than there are
   processes (e.g. tensor parallelism across processes, one process per GPU). `what` names
-  the batch size G (e.g. config.batch_size); `process_of` and `process_count` default to
-  the devices' and JAX's.
+  the batch size G (e.g. config.batch_size); P is the number of processes among the mesh's
+  devices; `process_of` defaults to each device's process_index.
   """
   process_of = process_of or (lambda device: device.process_index)
-  count = jax.process_count() if process_count is None else process_count
   batch_sharding = NamedSharding(sharding.mesh, P(sharding.spec[0] if sharding.spec else None))
-  local = global_batch_size // count
   rows: dict[int, set[int]] = collections.defaultdict(set)
   for device, index in batch_sharding.devices_indices_map((global_batch_size,)).items():
     rows[process_of(device)].update(range(global_batch_size)[index[0]])
-  bad = [p for p in range(count) if rows[p] != set(range(p * local, (p + 1) * local))]
-  if bad:
-    p = bad[0]
-    raise ValueError(
-        f"config.mesh={dict(sharding.mesh.shape)} with {what}={global_batch_size} over "
-        f"{count} processes: process {p} reads rows [{p * local}, {(p + 1) * local}) of each "
-        f"batch, but its devices hold {len(rows[p])} other or more rows; the batch's mesh "
-        f"axes (config.sharding.rules, act_batch) must split it into a multiple of the "
-        f"process count, in process order (e.g. no tensor parallelism across processes).")
+  local = global_batch_size // len(rows)
+  for p, held in sorted(rows.items()):
+    if len(held) != local:
+      raise ValueError(
+          f"config.mesh={dict(sharding.mesh.shape)} with {what}={global_batch_size} over "
+          f"{len(rows)} processes: process {p}'s devices hold {len(held)} rows of each batch, "
+          f"not the {local} it reads (rows shared between processes); the batch's mesh axes "
+          f"(config.sharding.rules, act_batch) must split it into a multiple of the process "
+          f"count (e.g. no tensor parallelism across processes).")
 
 
 def to_global_batch(local_batch: dict[str, np.ndarray],

@@ -50,12 +50,13 @@ class Evaluator:
     where = f"config.evals.{self.name}"
     try:
       clips = input_pipeline.num_eval_clips(self.config.data, self.cfg.split)
-    except ValueError as e:
+    except input_pipeline.UnknownSplitError as e:
       raise ValueError(f"{where}.split={self.cfg.split!r}: {e}") from e
     if self.drop_remainder and clips < self.batch_size:
-      raise ValueError(
-          f"{where}.batch_size={self.batch_size}: split {self.cfg.split!r} has {clips} clips "
-          f"of {self.config.data.clip_len} frames, less than one batch")
+      size = (f"{where}.batch_size={self.batch_size}" if self.cfg.batch_size else
+              f"config.batch_size={self.batch_size} ({where}.batch_size=0)")
+      raise ValueError(f"{size}: split {self.cfg.split!r} has {clips} clips of "
+                       f"{self.config.data.clip_len} frames, less than one batch")
 
   def _dataset(self):
     return input_pipeline.make_eval_dataset(

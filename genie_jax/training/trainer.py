@@ -52,6 +52,8 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
   if config.batch_size % jax.process_count():
     raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the "
                      f"{jax.process_count()} processes")
+  input_pipeline.check_process_rows(sharding.named_sharding(mesh, rules, (sharding.BATCH,)),
+                                    config.batch_size, "config.batch_size")
   for key, value in (("total_steps", config.total_steps),
                      ("log_every_steps", config.log_every_steps),
                      ("checkpoint.every_steps", config.checkpoint.every_steps)):
@@ -137,15 +139,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   spec = train_state.make_state_spec(task, config, mesh)
   num_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(spec.abstract["params"]))
   logging.info("Model %s: %.2fM parameters", config.stage, num_params / 1e6)
-  input_pipeline.check_process_rows(spec.batch_sharding, config.batch_size, "config.batch_size")
   evaluators = evaluators_lib.build_evaluators(config, task, spec)
 
   # --- Input: this process's share of each global batch, as a checkpointable Grain iterator.
   data_pipelines.get_builder(config.data, prepare=True)
-  for evaluator in evaluators:
-    evaluator.check_data()
   train_iter = iter(input_pipeline.make_dataset(
       config.data, "train", seed=config.seed, global_batch_size=config.batch_size))
+  if config.eval_every_steps:
+    for evaluator in evaluators:
+      evaluator.check_data()
 
   # --- State: a sharded init, or the latest checkpoint with the iterator restored in place.
   config_lib.save_config(workdir, config)
