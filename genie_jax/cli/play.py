@@ -48,17 +48,19 @@ def main() -> None:
   world = play.load_world(f.workdir, step=f.step, temperature=f.temperature, seed=f.seed)
   try:
     num_steps = world.genie.resolve_steps(f.num_steps, "--num_steps")
-    if f.num_steps is None and num_steps > play.MAX_NUM_STEPS:
-      # A model's own default (a shortcut model's finest step count) past the page's bound:
-      # the most steps the page offers.
-      num_steps = max([c for c in world.step_choices or () if c <= play.MAX_NUM_STEPS]
-                      or [play.MAX_NUM_STEPS])
-    prompts_BTHWC = play.load_prompts(f.workdir, f.num_prompts)
-    # Flags and the port are checked before the compile below, which takes seconds to
-    # minutes.
+  except ValueError as e:
+    raise app.UsageError(str(e)) from e
+  if f.num_steps is None and num_steps > play.MAX_NUM_STEPS:
+    # A model's own default (a shortcut model's finest step count) past the page's bound:
+    # the most steps the page offers.
+    num_steps = max([c for c in world.step_choices or () if c <= play.MAX_NUM_STEPS]
+                    or [play.MAX_NUM_STEPS])
+  prompts_BTHWC = play.load_prompts(f.workdir, f.num_prompts)
+  # Flags and the port are checked before the compile below, which takes seconds to minutes.
+  try:
     game = play.Game(world, prompts_BTHWC, arrow_actions=arrow_actions, seed=f.seed,
                      title=f"{f.workdir} (step {world.genie.step})", num_steps=num_steps)
-  except ValueError as e:  # play.PlayError included
+  except ValueError as e:  # --arrow_actions, or play.PlayError: --num_steps
     raise app.UsageError(str(e)) from e
   try:
     server = play.PlayServer(game, f.host, f.port)

@@ -93,7 +93,7 @@ def default_config() -> ml_collections.ConfigDict:
 # Tokenizer keys the LAM's config carries but its model does not implement, with the one
 # value it behaves as: another value would be saved in config.json and silently not used.
 _TOKENIZER_ONLY = {"temporal_positions": "learned", "sink_frames": 0,
-                   "code_restart_sampling": "uniform", "quantizer": "vq"}
+                   "code_restart_sampling": "uniform", "quantizer": "vq", "kl_weight": 1e-4}
 
 
 def validate_config(cfg: ml_collections.ConfigDict) -> None:
