@@ -383,7 +383,8 @@ def test_a_shortcut_model_is_told_the_samplers_step_size(num_steps):
               np.concatenate([actions, actions], 1),
               np.array([[3, int(np.log2(num_steps))]] * 2, np.int32))[:, 1]
     x = x - v / num_steps
-  np.testing.assert_allclose(rolled[:, 1], x, atol=1e-4)
+  # float32 of a cached pass against a whole-clip one, on values of order 1.
+  np.testing.assert_allclose(rolled[:, 1], x, rtol=1e-4, atol=1e-4)
   # Told the finest size instead, the model would step elsewhere.
   x_finest = np.asarray(jax.random.normal(jax.random.fold_in(jax.random.key(3), 1),
                                           z[:, 0].shape))

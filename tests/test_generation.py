@@ -541,7 +541,8 @@ def test_sampling_takes_back_the_rare_code_weighting():
   usage_V[common] = 0.98
 
   def world_with_usage(logit_shift_V=None):
-    world = _world()
+    # A copy: _world() is cached, and its Variables are shared with every Genie built on it.
+    world = nnx.clone(_world())
     world.tokenizer.vq.usage[...] = jnp.asarray(usage_V)
     if logit_shift_V is not None:
       world.dynamics.to_logits.bias[...] += logit_shift_V
