@@ -145,11 +145,10 @@ class _ClipSource:
   """Random-access source of clips: index i -> (chunk, start) over all usable chunks.
 
   Each chunk of L >= T frames gives (L - T) // stride + 1 clips starting at multiples of
-  `stride`. Indices past the last clip (up to `padded_len`) give padding clips.
+  `stride`. Indices past the last clip (up to `pad_to`'s length) give padding clips.
   """
 
-  def __init__(self, records: _Records, lengths: np.ndarray, clip_len: int, stride: int,
-               padded_len: int | None = None):
+  def __init__(self, records: _Records, lengths: np.ndarray, clip_len: int, stride: int):
     self._records = records
     self._clip_len = clip_len
     self._stride = stride
@@ -158,7 +157,7 @@ class _ClipSource:
     clips_per_chunk = (lengths[usable] - clip_len) // stride + 1
     self._first_clip = np.concatenate([[0], np.cumsum(clips_per_chunk)]).astype(np.int64)
     self.num_clips = int(self._first_clip[-1])
-    self._len = self.num_clips if padded_len is None else padded_len
+    self._len = self.num_clips
     image_size = records.image_size
     self._padding = {
         "video": np.zeros((clip_len, image_size, image_size, 3), np.uint8),
@@ -169,6 +168,10 @@ class _ClipSource:
 
   def __len__(self) -> int:
     return self._len
+
+  def pad_to(self, length: int) -> None:
+    """Indices up to `length` (>= num_clips), those past the last clip giving padding."""
+    self._len = length
 
   def __getitem__(self, index: int) -> dict[str, Any]:
     index = int(index)
@@ -341,14 +344,12 @@ def make_eval_dataset(
   """
   process_index, process_count, local_batch = _process_share(global_batch_size, process_index,
                                                              process_count)
-  records, lengths = _open_split(data_config, split, builder)
-  clip_len = int(data_config.clip_len)
-  clips = _ClipSource(records, lengths, clip_len, stride=clip_len)
+  clips = _eval_clips(data_config, split, builder)
   if drop_remainder:
     total = clips.num_clips // global_batch_size * global_batch_size
   else:
     total = math.ceil(clips.num_clips / global_batch_size) * global_batch_size
-    clips = _ClipSource(records, lengths, clip_len, stride=clip_len, padded_len=total)
+    clips.pad_to(total)
   # As in training: global batch k holds clips [k * G, (k + 1) * G) whatever the process
   # count, and each process reads its rows of it, so `num_batches` batches are the same
   # clips for any number of processes.
@@ -365,9 +366,15 @@ def num_eval_clips(data_config: ml_collections.ConfigDict, split: str = "validat
   Raises ValueError, as make_eval_dataset would, for a split the dataset lacks or one with
   no chunk of config.data.clip_len frames.
   """
+  return _eval_clips(data_config, split, builder).num_clips
+
+
+def _eval_clips(data_config: ml_collections.ConfigDict, split: str,
+                builder: tfds.core.DatasetBuilder | None) -> _ClipSource:
+  """The non-overlapping clips of every chunk of `split` (starts 0, T, 2T, ...)."""
   records, lengths = _open_split(data_config, split, builder)
   clip_len = int(data_config.clip_len)
-  return _ClipSource(records, lengths, clip_len, stride=clip_len).num_clips
+  return _ClipSource(records, lengths, clip_len, stride=clip_len)
 
 
 def batch_shapes(data_config: ml_collections.ConfigDict, global_batch_size: int, *,
@@ -383,6 +390,11 @@ def batch_shapes(data_config: ml_collections.ConfigDict, global_batch_size: int,
   return shapes
 
 
+def _batch_axis_sharding(sharding: NamedSharding) -> NamedSharding:
+  """`sharding`'s first entry (the batch axes) alone: one sharding for arrays of any rank."""
+  return NamedSharding(sharding.mesh, P(sharding.spec[0] if sharding.spec else None))
+
+
 def check_process_rows(sharding: NamedSharding, global_batch_size: int, what: str, *,
                        process_of: Callable[[jax.Device], int] | None = None) -> None:
   """Raises ValueError, naming config.mesh, unless each process's devices hold as many rows of
@@ -394,7 +406,7 @@ def check_process_rows(sharding: NamedSharding, global_batch_size: int, what: st
   devices; `process_of` defaults to each device's process_index.
   """
   process_of = process_of or (lambda device: device.process_index)
-  batch_sharding = NamedSharding(sharding.mesh, P(sharding.spec[0] if sharding.spec else None))
+  batch_sharding = _batch_axis_sharding(sharding)
   rows: dict[int, set[int]] = collections.defaultdict(set)
   for device, index in batch_sharding.devices_indices_map((global_batch_size,)).items():
     rows[process_of(device)].update(range(global_batch_size)[index[0]])
@@ -417,7 +429,7 @@ def to_global_batch(local_batch: dict[str, np.ndarray],
   array are replicated, so one sharding serves arrays of every rank. The global batch is the
   local one times jax.process_count() along axis 0.
   """
-  batch_sharding = NamedSharding(sharding.mesh, P(sharding.spec[0] if sharding.spec else None))
+  batch_sharding = _batch_axis_sharding(sharding)
 
   def put(x: np.ndarray) -> jax.Array:
     x = np.asarray(x)
