@@ -654,11 +654,18 @@ def test_genie_from_workdir_rollout_and_generate_cli(dynamics_workdir, tmp_path)
   assert genie._play_step._cache_size() == 1  # pylint: disable=protected-access
 
   out = str(tmp_path / "gen")
+  os.makedirs(out)
+  for stale in ("video_2.gif", "video_2.mp4", "video_10.gif"):  # an earlier, larger run's
+    open(os.path.join(out, stale), "wb").close()
+  open(os.path.join(out, "notes.txt"), "wb").close()
   result = generate.generate(dynamics_workdir, num_frames=3, actions="inferred", num_steps=2,
                              num_videos=2, out_dir=out, scale=1)
   assert result["video"].shape == (2, 4, 32, 32, 3)
   assert result["actions"].shape == (2, 3)
   assert os.path.exists(os.path.join(out, "video_1.gif"))
+  assert sorted(n for n in os.listdir(out) if n.startswith("video_")) == sorted(
+      os.path.basename(f) for f in result["files"] if "video_" in f)
+  assert os.path.exists(os.path.join(out, "notes.txt"))
   with pytest.raises(ValueError, match=r"out of range.*\[0, 6\)"):
     generate.generate(dynamics_workdir, actions="0,6", num_steps=1, num_videos=1, out_dir=out)
   with pytest.raises(FileNotFoundError, match="does not exist"):

@@ -103,6 +103,11 @@ def generate(workdir: str, *, step: int | None = None, num_frames: int | None = 
     visualize.save_gif(path + ".gif", frames)
     if visualize.save_mp4(path + ".mp4", frames):
       files.append(path + ".mp4")
+  # A reused folder keeps no videos of an earlier, larger (or MP4-writing) run: every
+  # video_* file there belongs to this run's actions.json.
+  for stale in paths.path(out_dir).glob("video_*"):
+    if paths.join(out_dir, stale.name) not in files:
+      stale.unlink()
   paths.write_text(actions_file, json.dumps(dict(
       workdir=workdir, step=genie.step, actions=actions, action_ids=action_ids.tolist(),
       prompt_frames=prompt_frames, num_steps=num_steps, temperature=temperature, seed=seed),
