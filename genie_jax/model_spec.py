@@ -38,8 +38,7 @@ class ModelSpec:
 
   @property
   def batch_sharding(self) -> NamedSharding:
-    """Sharding of the leading (example) axis of every batch entry."""
-    return sharding.named_sharding(self.mesh, self.rules, (sharding.BATCH,))
+    return sharding.batch_sharding(self.mesh, self.rules)
 
   def model(self, state: dict[str, Any]) -> nnx.Module:
     """The module of a state's (or a restored model's) 'params' and 'model_state'."""

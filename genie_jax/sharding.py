@@ -266,6 +266,11 @@ def named_sharding(mesh: Mesh, rules: Rules, names: Sequence[str | None]) -> Nam
   return NamedSharding(mesh, logical_to_spec(names, rules))
 
 
+def batch_sharding(mesh: Mesh, rules: Rules) -> NamedSharding:
+  """Sharding of the leading (example) axis of every batch entry."""
+  return named_sharding(mesh, rules, (BATCH,))
+
+
 def state_shardings(abstract_state: Any, mesh: Mesh, rules: Rules) -> Any:
   """Shardings for an nnx state from the logical names its Variables carry.
 

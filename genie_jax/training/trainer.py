@@ -52,8 +52,8 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
   if config.batch_size % jax.process_count():
     raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the "
                      f"{jax.process_count()} processes")
-  input_pipeline.check_process_rows(sharding.named_sharding(mesh, rules, (sharding.BATCH,)),
-                                    config.batch_size, "config.batch_size")
+  input_pipeline.check_process_rows(sharding.batch_sharding(mesh, rules), config.batch_size,
+                                    "config.batch_size")
   for key, value in (("total_steps", config.total_steps),
                      ("log_every_steps", config.log_every_steps),
                      ("checkpoint.every_steps", config.checkpoint.every_steps)):
@@ -142,9 +142,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   evaluators = evaluators_lib.build_evaluators(config, task, spec)
 
   # --- Input: this process's share of each global batch, as a checkpointable Grain iterator.
-  data_pipelines.get_builder(config.data, prepare=True)
+  builder = data_pipelines.get_builder(config.data, prepare=True)
   train_iter = iter(input_pipeline.make_dataset(
-      config.data, "train", seed=config.seed, global_batch_size=config.batch_size))
+      config.data, "train", seed=config.seed, global_batch_size=config.batch_size,
+      builder=builder))
   if config.eval_every_steps:
     for evaluator in evaluators:
       evaluator.check_data()
