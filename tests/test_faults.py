@@ -353,3 +353,20 @@ def test_array_checksums_do_not_depend_on_sharding_and_see_any_one_changed_eleme
   assert checkpointing.array_checksums({**tree, "x": jax.numpy.asarray(swapped)}) != base
   with pytest.raises(checkpointing.ChecksumMismatchError, match=r"where: 1 restored .*\['x'\]"):
     checkpointing.verify_checksums({**tree, "x": jax.numpy.asarray(swapped)}, base, "where")
+
+
+def test_a_failed_save_names_the_checkpoint_folder(tmp_path):
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  cfg = ml_collections.ConfigDict(dict(max_to_keep=2, keep_period=0, async_save=True))
+  ckpt = checkpointing.Checkpointer(str(tmp_path), cfg)
+  ckpt.save(1, {"x": jnp.ones(3)})
+  ckpt.manager.wait_until_finished()
+  # The folder is gone under the run and a file stands in its place: the next save cannot
+  # create its step folder, which it finds out at once or in the background (then at close).
+  folder = os.path.join(str(tmp_path), "checkpoints")
+  shutil.rmtree(folder)
+  open(folder, "w").close()
+  with pytest.raises(OSError, match=f"could not write {folder}: a checkpoint save failed "
+                                    r"\(NotADirectoryError.*Run the same command again"):
+    ckpt.save(2, {"x": jnp.ones(3)})
+    ckpt.close()

@@ -39,8 +39,10 @@ def loopback_only(gcs):
 
 
 def _main(gcs, flags, log, env):
+  # TMPDIR: a killed run's local TensorBoard mirror is left in the test's folder, not /tmp.
   return subprocess.Popen([sys.executable, "-m", "genie_jax.cli.train", *flags], cwd=REPO,
-                          env={**os.environ, **gcs.env(), **env}, stdout=open(log, "w"),
+                          env={**os.environ, **gcs.env(), **env,
+                               "TMPDIR": os.path.dirname(log)}, stdout=open(log, "w"),
                           stderr=subprocess.STDOUT, start_new_session=True)
 
 

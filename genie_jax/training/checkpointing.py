@@ -8,6 +8,7 @@ hand; a continuation is checked against it here (`check_resume_config`).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -185,7 +186,8 @@ class Checkpointer:
       items["config"] = ocp.args.JsonSave(self._config_dict)
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-    saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+    with self._writing():
+      saved = self.manager.save(step, args=ocp.args.Composite(**items), force=force)
     if saved:
       logging.info("Saving checkpoint for step %d to %s", step, self.directory)
     return saved
@@ -352,5 +354,20 @@ class Checkpointer:
     return step, model
 
   def close(self) -> None:
-    self.manager.wait_until_finished()
-    self.manager.close()
+    try:
+      with self._writing():
+        self.manager.wait_until_finished()
+    finally:
+      self.manager.close()
+
+  @contextlib.contextmanager
+  def _writing(self):
+    # An asynchronous save's failure (e.g. an upload session a storage outage lost, which
+    # gcsfs does not retry) surfaces at the next save or at close, as the storage client's
+    # own error; this one names the folder and what to do.
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except
+      raise OSError(f"could not write {self.directory}: a checkpoint save failed "
+                    f"({type(e).__name__}: {e}). Run the same command again to resume from "
+                    "the newest complete checkpoint.") from e

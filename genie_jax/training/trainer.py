@@ -243,15 +243,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         local_batch = next(train_iter)
   finally:
     notice.close()
-    # Lets an in-flight asynchronous save finish even when the loop fails (and the preemption
-    # checkpoint land before the process exits).
-    ckpt.close()
-    writer.close()
     try:
-      profiler.close()
-    except Exception:  # pylint: disable=broad-except
-      # A trace that cannot be written must not hide why the loop ended.
-      logging.exception("Could not write the profile to %s", profiler.directory)
+      # Lets an in-flight asynchronous save finish even when the loop fails (and the
+      # preemption checkpoint land before the process exits).
+      ckpt.close()
+    finally:
+      writer.close()  # Even when a save failed: the logged rows reach the workdir.
+      try:
+        profiler.close()
+      except Exception:  # pylint: disable=broad-except
+        # A trace that cannot be written must not hide why the loop ended.
+        logging.exception("Could not write the profile to %s", profiler.directory)
   if preempted:
     logging.warning("Preempted at step %d: its checkpoint is in %s; run the same command to "
                     "continue. Exiting with status %d.", step, ckpt.directory,
