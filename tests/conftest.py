@@ -30,6 +30,13 @@ from genie_jax.training import pipeline
 from genie_jax.training import train_state
 
 
+def pytest_configure(config):
+  # The suite runs near CI's time bound: every run names its slowest tests (--durations=N
+  # on the command line overrides).
+  if config.option.durations is None:
+    config.option.durations = 15
+
+
 @pytest.fixture(scope="session")
 def tiny_data_dir(tmp_path_factory):
   """A TFDS data_dir shared by the tests that build the tiny builtin dataset."""
