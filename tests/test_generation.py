@@ -657,14 +657,15 @@ def test_genie_from_workdir_rollout_and_generate_cli(dynamics_workdir, tmp_path)
   os.makedirs(out)
   for stale in ("video_2.gif", "video_2.mp4", "video_10.gif"):  # an earlier, larger run's
     open(os.path.join(out, stale), "wb").close()
-  open(os.path.join(out, "notes.txt"), "wb").close()
+  for kept in ("notes.txt", "video_holiday.mp4"):  # not generate's
+    open(os.path.join(out, kept), "wb").close()
   result = generate.generate(dynamics_workdir, num_frames=3, actions="inferred", num_steps=2,
                              num_videos=2, out_dir=out, scale=1)
   assert result["video"].shape == (2, 4, 32, 32, 3)
   assert result["actions"].shape == (2, 3)
   assert os.path.exists(os.path.join(out, "video_1.gif"))
   assert sorted(n for n in os.listdir(out) if n.startswith("video_")) == sorted(
-      os.path.basename(f) for f in result["files"] if "video_" in f)
+      [os.path.basename(f) for f in result["files"] if "video_" in f] + ["video_holiday.mp4"])
   assert os.path.exists(os.path.join(out, "notes.txt"))
   with pytest.raises(ValueError, match=r"out of range.*\[0, 6\)"):
     generate.generate(dynamics_workdir, actions="0,6", num_steps=1, num_videos=1, out_dir=out)

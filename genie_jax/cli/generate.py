@@ -11,8 +11,8 @@ config. Actions:
   random     drawn uniformly from [0, A);
   inferred   the LAM's actions of the ground-truth clip, which is shown beside the rollout.
 Writes <out>/video_<i>.gif (and .mp4 when imageio-ffmpeg is installed) with the action
-index drawn on each generated frame, and <out>/actions.json; other video_* files already in
-<out> (an earlier run's) are removed.
+index drawn on each generated frame, and <out>/actions.json; other video_<i>.gif/.mp4 files
+already in <out> (an earlier run's) are removed.
 """
 
 from absl import app

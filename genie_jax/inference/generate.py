@@ -5,6 +5,7 @@ on each generated frame. The command: genie_jax/cli/generate.py."""
 from __future__ import annotations
 
 import json
+import re
 
 import jax
 import numpy as np
@@ -104,9 +105,10 @@ def generate(workdir: str, *, step: int | None = None, num_frames: int | None = 
     if visualize.save_mp4(path + ".mp4", frames):
       files.append(path + ".mp4")
   # A reused folder keeps no videos of an earlier, larger (or MP4-writing) run: every
-  # video_* file there belongs to this run's actions.json.
-  for stale in paths.path(out_dir).glob("video_*"):
-    if paths.join(out_dir, stale.name) not in files:
+  # video_<i>.gif/.mp4 there belongs to this run's actions.json.
+  for stale in paths.path(out_dir).iterdir():
+    if (re.fullmatch(r"video_\d+\.(gif|mp4)", stale.name) and stale.is_file()
+        and paths.join(out_dir, stale.name) not in files):
       stale.unlink()
   paths.write_text(actions_file, json.dumps(dict(
       workdir=workdir, step=genie.step, actions=actions, action_ids=action_ids.tolist(),

@@ -363,11 +363,12 @@ class Checkpointer:
   @contextlib.contextmanager
   def _writing(self):
     # An asynchronous save's failure (e.g. an upload session a storage outage lost, which
-    # gcsfs does not retry) surfaces at the next save or at close, as the storage client's
-    # own error; this one names the folder and what to do.
+    # gcsfs does not retry) surfaces at the next save or at close as the storage client's
+    # own error, naming an upload URL at best: the note names the folder and what to do.
     try:
       yield
     except Exception as e:  # pylint: disable=broad-except
-      raise OSError(f"could not write {self.directory}: a checkpoint save failed "
-                    f"({type(e).__name__}: {e}). Run the same command again to resume from "
-                    "the newest complete checkpoint.") from e
+      e.add_note(f"could not write {self.directory}: a checkpoint save failed (this one or "
+                 "an earlier asynchronous one). If the storage failed, the same command run "
+                 "again resumes from the newest complete checkpoint.")
+      raise

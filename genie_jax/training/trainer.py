@@ -15,6 +15,7 @@ Faults:
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any
 
@@ -243,10 +244,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         local_batch = next(train_iter)
   finally:
     notice.close()
+    failing = sys.exc_info()[0] is not None
     try:
       # Lets an in-flight asynchronous save finish even when the loop fails (and the
       # preemption checkpoint land before the process exits).
       ckpt.close()
+    except Exception:  # pylint: disable=broad-except
+      if not failing:
+        raise
+      # A save that failed as well must not hide why the loop ended.
+      logging.exception("Could not finish writing checkpoints to %s", ckpt.directory)
     finally:
       writer.close()  # Even when a save failed: the logged rows reach the workdir.
       try:
