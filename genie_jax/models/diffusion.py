@@ -38,7 +38,10 @@ from genie_jax.models import layers
 OBJECTIVES = ("velocity", "x0")
 
 _ACT_BTNL = ("act_batch", "act_time", "act_tokens", None)
-_EMBED_STDDEV = 0.02
+# The latent tokens enter at about unit scale (a LeCun-initialised projection of latents of
+# about unit variance); the action and step embeddings added to them start at that scale too,
+# not at the 0.02 of a token embedding, which the tokens would drown.
+_EMBED_STDDEV = 1.0
 # Sinusoidal features of the noise level (half sines, half cosines).
 _LEVEL_FEATURES = 64
 
