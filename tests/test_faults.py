@@ -16,6 +16,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
@@ -356,7 +357,6 @@ def test_array_checksums_do_not_depend_on_sharding_and_see_any_one_changed_eleme
 
 
 def test_a_failed_save_names_the_checkpoint_folder(tmp_path):
-  import ml_collections  # pylint: disable=g-import-not-at-top
   cfg = ml_collections.ConfigDict(dict(max_to_keep=2, keep_period=0, async_save=True))
   ckpt = checkpointing.Checkpointer(str(tmp_path), cfg)
   ckpt.save(1, {"x": jnp.ones(3)})
