@@ -19,9 +19,10 @@ Arguments (after the colon, comma separated):
 Examples:
   # The README's main job: the whole pipeline on the built-in world, generated locally.
   python -m genie_jax.cli.pipeline --config=configs/genie.py:runlocal --workdir=workdirs/genie
-  # The same on CoinRun (procgen, see data_pipelines/coinrun):
+  # The same on CoinRun (procgen, see data_pipelines/coinrun), whose tokenizer needs longer
+  # (README "Data": the recipe for a new dataset):
   python -m genie_jax.cli.pipeline --config=configs/genie.py:runlocal,data=coinrun \
-      --workdir=workdirs/genie_coinrun
+      --workdir=workdirs/genie_coinrun --config.tokenizer.total_steps=1500
   # Your videos (no actions needed): the recipe for a new dataset is in README "Data".
   python -m genie_jax.cli.pipeline --config=configs/genie.py:runlocal,data=video_folder,video_dir=./videos \
       --workdir=workdirs/genie_videos
