@@ -10,6 +10,18 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Read when gcsfs is imported: its experimental file system would ask the Storage Control
 # API (gRPC to Google, not the test server of tests/gcs_server.py) for every bucket's layout.
 os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
+# Most of the suite's time is XLA compiling the same tiny programs again: in test after test
+# and in every subprocess a test starts (the CLIs, each process of a multi-process job). One
+# persistent compilation cache for the session, inherited by those subprocesses, compiles
+# each program once; a cache hit loads the same executable, so results are unchanged.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+  import atexit
+  import shutil
+  import tempfile
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="genie_jax_tests_xla_")
+  atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+  os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
 import json

@@ -38,10 +38,10 @@ def loopback_only(gcs):
   assert gcs.non_loopback_connections() == []
 
 
-def _main(gcs, flags, log, env):
+def _main(gcs, flags, log):
   # TMPDIR: a killed run's local TensorBoard mirror is left in the test's folder, not /tmp.
   return subprocess.Popen([sys.executable, "-m", "genie_jax.cli.train", *flags], cwd=REPO,
-                          env={**os.environ, **gcs.env(), **env,
+                          env={**os.environ, **gcs.env(),
                                "TMPDIR": os.path.dirname(log)}, stdout=open(log, "w"),
                           stderr=subprocess.STDOUT, start_new_session=True)
 
@@ -60,13 +60,11 @@ def _checkpoints(gcs, prefix):
 
 
 def test_training_killed_on_gcs_resumes_bitwise(gcs, tmp_path, tiny_data_dir):
-  env = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
-         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
   local, remote = str(tmp_path / "reference"), f"{URL}/resume"
   flags = lambda workdir: fault_injection.main_flags(tiny_data_dir, workdir, 12, 4)
-  assert _main(gcs, flags(local), tmp_path / "ref.log", env).wait(300) == 0
+  assert _main(gcs, flags(local), tmp_path / "ref.log").wait(300) == 0
 
-  job = _main(gcs, flags(remote), tmp_path / "first.log", env)
+  job = _main(gcs, flags(remote), tmp_path / "first.log")
   deadline = time.monotonic() + 300
   while not _checkpoints(gcs, "resume") and job.poll() is None and time.monotonic() < deadline:
     time.sleep(0.05)
@@ -75,7 +73,7 @@ def test_training_killed_on_gcs_resumes_bitwise(gcs, tmp_path, tiny_data_dir):
   left = _checkpoints(gcs, "resume")
   assert left and left[-1] < 12, (left, (tmp_path / "first.log").read_text()[-2000:])
 
-  assert _main(gcs, flags(remote), tmp_path / "second.log", env).wait(300) == 0
+  assert _main(gcs, flags(remote), tmp_path / "second.log").wait(300) == 0
   out = (tmp_path / "second.log").read_text()
   assert fault_injection.restored_step(out) == left[-1], out[-3000:]
   assert _losses(remote) == _losses(local)
@@ -89,14 +87,12 @@ def test_storage_outage_during_a_save_then_the_losses_of_an_undisturbed_run(
   """The server stops while step 8 is being saved and comes back 3 s later: the run rides it
   out (writes are retried) or fails naming what it could not write; either way the run,
   rerun if it failed, ends with every loss bitwise equal to an undisturbed local run."""
-  env = {"JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
-         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
   local, remote = str(tmp_path / "reference"), f"{URL}/outage"
   flags = lambda workdir: fault_injection.main_flags(tiny_data_dir, workdir, 16, 4)
-  reference = _main(gcs, flags(local), tmp_path / "ref.log", env)
+  reference = _main(gcs, flags(local), tmp_path / "ref.log")
 
   log = tmp_path / "first.log"
-  job = _main(gcs, flags(remote), log, env)
+  job = _main(gcs, flags(remote), log)
   deadline = time.monotonic() + 300
   while "Saving checkpoint for step 8" not in log.read_text():
     assert job.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
@@ -106,7 +102,7 @@ def test_storage_outage_during_a_save_then_the_losses_of_an_undisturbed_run(
   gcs.start()
   if job.wait(300) != 0:
     assert "could not write gs://genie-test/outage" in log.read_text(), log.read_text()[-3000:]
-    assert _main(gcs, flags(remote), tmp_path / "rerun.log", env).wait(300) == 0
+    assert _main(gcs, flags(remote), tmp_path / "rerun.log").wait(300) == 0
   assert reference.wait(300) == 0
   assert _losses(remote) == _losses(local)
   assert _checkpoints(gcs, "outage")[-1] == 16
