@@ -141,7 +141,7 @@ def test_pipeline_with_its_workdir_on_gcs(gcs, tiny_data_dir):
 def test_a_gcs_data_dir_is_refused_before_any_work(gcs, tmp_path, tiny_data_dir):
   log = tmp_path / "main.log"
   flags = fault_injection.main_flags(f"{URL}/data", f"{URL}/refused", 4, 2)
-  assert _main(gcs, flags, log, {}).wait(300) != 0
+  assert _main(gcs, flags, log).wait(300) != 0
   out = log.read_text()
   assert "config.data.data_dir='gs://genie-test/data'" in out
   assert "gcsfuse" in out
