@@ -71,8 +71,7 @@ class Job:
   def __init__(self, flags: list[str], log_path: str, *, num_processes: int = 1,
                devices_per_process: int = 1, env: dict[str, str] | None = None):
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices_per_process}",
-           **(env or {})}
+           "XLA_FLAGS": _multiprocess_local().cpu_xla_flags(devices_per_process), **(env or {})}
     if num_processes == 1:
       argvs = [(env, [sys.executable, "-m", "genie_jax.cli.train", *flags])]
     else:

@@ -10,8 +10,8 @@ r"""Runs N genie_jax.cli.train processes on this machine as one multi-process JA
 Each process runs `python -m genie_jax.cli.train MAIN_FLAGS --coordinator_address=127.0.0.1:PORT
 --num_processes=N --process_id=I` (process 0 hosts JAX's coordinator; a free port is picked
 when --port=0). Environment given to each process: JAX_PLATFORMS=<--platform> and, on cpu,
-XLA_FLAGS=--xla_force_host_platform_device_count=<--devices_per_process> (CPU collectives use
-gloo, chosen by genie_jax.distributed). PYTHON (default: this interpreter) runs the processes.
+$XLA_FLAGS with --xla_force_host_platform_device_count=<--devices_per_process> (CPU
+collectives use gloo, chosen by genie_jax.distributed). PYTHON (default: this interpreter) runs the processes.
 Process I's output goes to LOG_DIR/process_I.log (default: a temporary folder); the last lines of
 every log are printed when a process fails. If one process fails or --timeout seconds pass, the
 others are killed, so the job never hangs; so are they when this launcher gets SIGTERM. Exit
@@ -39,12 +39,22 @@ def free_port() -> int:
     return s.getsockname()[1]
 
 
+_DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+
+
+def cpu_xla_flags(devices_per_process: int) -> str:
+  """This process's $XLA_FLAGS with the CPU device count replaced by `devices_per_process`."""
+  kept = [flag for flag in os.environ.get("XLA_FLAGS", "").split()
+          if flag.split("=")[0] != _DEVICE_COUNT_FLAG]
+  return " ".join(kept + [f"{_DEVICE_COUNT_FLAG}={devices_per_process}"])
+
+
 def commands(args: argparse.Namespace, main_flags: list[str]) -> list[tuple[dict, list[str]]]:
   """(extra environment, argv) of every process."""
   python = os.environ.get("PYTHON", sys.executable)
   env = {"JAX_PLATFORMS": args.platform}
   if args.platform == "cpu":
-    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={args.devices_per_process}"
+    env["XLA_FLAGS"] = cpu_xla_flags(args.devices_per_process)
   return [(env, [python, "-m", args.module, *main_flags,
                  f"--coordinator_address=127.0.0.1:{args.port}",
                  f"--num_processes={args.num_processes}", f"--process_id={i}"])

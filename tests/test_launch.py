@@ -103,7 +103,9 @@ def test_slurm_dry_run_prints_an_sbatch_script_with_one_process_per_gpu():
   assert "sbatch" in out.splitlines()[-1]
 
 
-def test_multiprocess_local_dry_run_gives_each_process_the_coordinator():
+def test_multiprocess_local_dry_run_gives_each_process_the_coordinator(monkeypatch):
+  # The caller's XLA flags reach every process; its device count is replaced.
+  monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/d --xla_force_host_platform_device_count=8")
   proc = _run([sys.executable, "launch/multiprocess_local.py", "--dry_run", "--num_processes=3",
                "--devices_per_process=2", "--port=12345", "--",
                "--config=" + MAIN_ARGS[0], "--workdir=/tmp/w"])
@@ -111,7 +113,8 @@ def test_multiprocess_local_dry_run_gives_each_process_the_coordinator():
   lines = proc.stdout.splitlines()
   assert len(lines) == 3
   for i, line in enumerate(lines):
-    assert line.startswith("JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=2")
+    assert line.startswith("JAX_PLATFORMS=cpu XLA_FLAGS='--xla_dump_to=/tmp/d "
+                           "--xla_force_host_platform_device_count=2' "), line
     assert "-m genie_jax.cli.train" in line and "--workdir=/tmp/w" in line
     assert line.endswith(f"--coordinator_address=127.0.0.1:12345 --num_processes=3 "
                          f"--process_id={i}")
