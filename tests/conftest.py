@@ -4,8 +4,11 @@ import os
 
 # Must precede any jax import: every test process sees 8 CPU devices, so sharded runs and
 # single-device baselines (meshes over jax.devices()[:1]) can be compared in one process.
+# LLVM's optimisation level 0 (XLA's HLO passes still run; the matmuls are library calls):
+# the tests' programs are tiny, so compiling them costs more than running them.
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8").strip()
+                           " --xla_force_host_platform_device_count=8"
+                           " --xla_backend_optimization_level=0").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Read when gcsfs is imported: its experimental file system would ask the Storage Control
 # API (gRPC to Google, not the test server of tests/gcs_server.py) for every bucket's layout.
