@@ -128,7 +128,7 @@ def _flag_value(value):
 
 def test_two_process_pipeline_trains_evaluates_and_generates(tmp_path, tiny_data_dir):
   """genie_jax.cli.pipeline (three stages, evaluate, generate, report) as one 2-process job, then
-  genie_jax.cli.evaluate of its dynamics stage in 2 processes against 1 process."""
+  genie_jax.cli.evaluate of its dynamics stage in 1 process against the job's evaluation."""
   import conftest  # pylint: disable=g-import-not-at-top
   workdir = str(tmp_path / "genie")
   overrides = conftest.tiny_pipeline_overrides(tiny_data_dir)
@@ -146,22 +146,20 @@ def test_two_process_pipeline_trains_evaluates_and_generates(tmp_path, tiny_data
     assert len(gifs) == 2 and all(os.path.getsize(os.path.join(workdir, "report", g)) > 0
                                   for g in gifs)
 
-  # The same 4 devices, as 2 processes x 2 and as 1 process x 4, side by side: each device
-  # then computes the same rows, so the metrics must agree (an untrained model's codes sit
-  # near ties, which other device counts' reduction orders could flip).
+  # The same 4 devices as 1 process x 4 against the pipeline's evaluation in 2 processes x 2
+  # (one batch, as report.num_batches): each device then computes the same rows, so the
+  # metrics must agree (an untrained model's codes sit near ties, which other device counts'
+  # reduction orders could flip).
+  assert "Process 1 of 2" in (tmp_path / "logs" / "process_1.log").read_text()
   dynamics = os.path.join(workdir, "dynamics")
-  flags = ["--", f"--workdir={dynamics}", "--num_batches=1"]
-  with _started(launcher + [f"--log_dir={tmp_path / 'eval_logs'}", "--module=genie_jax.cli.evaluate",
-                            *flags, f"--out={tmp_path / 'eval2'}"]) as wait_two, \
-      _started([sys.executable, "-m", "genie_jax.cli.evaluate", *flags[1:],
-                f"--out={tmp_path / 'eval1'}"], JAX_PLATFORMS="cpu",
-               XLA_FLAGS="--xla_force_host_platform_device_count=4") as wait_one:
-    wait_two()
+  with _started([sys.executable, "-m", "genie_jax.cli.evaluate", f"--workdir={dynamics}",
+                 "--num_batches=1", f"--out={tmp_path / 'eval1'}"], JAX_PLATFORMS="cpu",
+                XLA_FLAGS=os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=4")
+                ) as wait_one:
     wait_one()
-  assert "Process 1 of 2" in (tmp_path / "eval_logs" / "process_1.log").read_text()
   results = {}
-  for name in ("eval1", "eval2"):
-    with open(tmp_path / name / "metrics.json", encoding="utf-8") as f:
+  for name, folder in (("eval1", tmp_path / "eval1"), ("eval2", os.path.join(dynamics, "eval"))):
+    with open(os.path.join(folder, "metrics.json"), encoding="utf-8") as f:
       results[name] = json.load(f)
   assert results["eval2"].keys() == results["eval1"].keys()
   for key, value in results["eval1"].items():
