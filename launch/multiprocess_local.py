@@ -11,11 +11,11 @@ Each process runs `python -m genie_jax.cli.train MAIN_FLAGS --coordinator_addres
 --num_processes=N --process_id=I` (process 0 hosts JAX's coordinator; a free port is picked
 when --port=0). Environment given to each process: JAX_PLATFORMS=<--platform> and, on cpu,
 $XLA_FLAGS with --xla_force_host_platform_device_count=<--devices_per_process> (CPU
-collectives use gloo, chosen by genie_jax.distributed). PYTHON (default: this interpreter) runs the processes.
-Process I's output goes to LOG_DIR/process_I.log (default: a temporary folder); the last lines of
-every log are printed when a process fails. If one process fails or --timeout seconds pass, the
-others are killed, so the job never hangs; so are they when this launcher gets SIGTERM. Exit
-status: 0 if every process succeeded.
+collectives use gloo, chosen by genie_jax.distributed). PYTHON (default: this interpreter)
+runs the processes. Process I's output goes to LOG_DIR/process_I.log (default: a temporary
+folder); the last lines of every log are printed when a process fails. If one process fails or
+--timeout seconds pass, the others are killed, so the job never hangs; so are they when this
+launcher gets SIGTERM. Exit status: 0 if every process succeeded.
 --dry_run prints the commands (with their environment) and starts nothing.
 """
 
