@@ -45,9 +45,14 @@ SPLITS = (TRAIN, VALIDATION)
 ACTION_UNKNOWN = -1
 
 
-def generation_field(default: Any, short: str | None) -> Any:
-  """A config field; `short` is its key in the config name, None keeps it out of the name."""
-  return dataclasses.field(default=default, metadata={"short": short})
+def generation_field(default: Any, short: str | None, *, named_if_default: bool = True) -> Any:
+  """A config field; `short` is its key in the config name, None keeps it out of the name.
+
+  named_if_default=False leaves the field out of the name while it holds its default: a
+  field added later then keeps the names (and the data) of what was generated before it.
+  """
+  return dataclasses.field(default=default,
+                           metadata={"short": short, "named_if_default": named_if_default})
 
 
 @dataclasses.dataclass(eq=False, kw_only=True)
@@ -90,6 +95,8 @@ def generation_name(config: EpisodeConfig) -> str:
     if short is None:
       continue
     value = getattr(config, field.name)
+    if not field.metadata.get("named_if_default", True) and value == field.default:
+      continue
     parts.append(f"{short}{value:g}" if isinstance(value, float) else f"{short}{value}")
   name = "_".join(parts)
   if not re.fullmatch(r"[\w.-]+", name):

@@ -47,6 +47,8 @@ def default_data_config(name: str = "builtin_world") -> ml_collections.ConfigDic
     seed: generation seed.
     video_dir, val_fraction: video_folder: the folder, and the fraction of files held out.
     coinrun_start_level, coinrun_num_levels: coinrun level seeds.
+    coinrun_max_hold: coinrun: the random policy holds each action for 1 to this many steps
+      (1, the default: a new action every step, as in Genie; README "Results" measures 8).
     builtin_world_max_hold: builtin_world: the random policy holds each action for 1 to
       this many steps (1: a new action every step; README "Results" measures both).
   Reading (see genie_jax.data.input_pipeline):
@@ -75,6 +77,7 @@ def default_data_config(name: str = "builtin_world") -> ml_collections.ConfigDic
   c.val_fraction = 0.1
   c.coinrun_start_level = 0
   c.coinrun_num_levels = 10_000
+  c.coinrun_max_hold = 1
   c.builtin_world_max_hold = 8
   c.worker_count = 0
   c.read_threads = 4

@@ -21,6 +21,7 @@ from data_pipelines import episode_builder
 from data_pipelines.builtin_world import env as env_lib
 from genie_jax import sharding
 from genie_jax.data import input_pipeline
+from conftest import REPO
 
 CLIP_LEN = 6
 IMAGE_SIZE = 32
@@ -578,6 +579,23 @@ def test_coinrun_generation(tmp_path):
   assert len(builder.info.metadata["level_seeds"]["train"]) == 2
 
 
+def test_coinrun_policy_can_hold_its_actions(tmp_path):
+  pytest.importorskip("procgen")
+  config = data_pipelines.default_data_config("coinrun")
+  config.update(data_dir=str(tmp_path), num_train_episodes=2, num_val_episodes=1,
+                episode_len=60, chunk_len=60, min_chunk_len=1)
+  # The default (a new action every step) keeps the names of data generated before holds.
+  assert "hold" not in data_pipelines.make_builder(config).builder_config.name
+  config.coinrun_max_hold = 8
+  builder = data_pipelines.get_builder(config, prepare=True, process_index=0)
+  assert builder.builder_config.name.endswith("_hold8")
+  source = builder.as_data_source("train")
+  for i in range(len(source)):
+    actions = source[i]["actions"][:-1]
+    runs = 1 + np.count_nonzero(actions[1:] != actions[:-1])
+    assert len(actions) / runs > 2, actions  # Uniform holds of 1-8 steps: 4.5 on average.
+
+
 def test_coinrun_generation_under_tcmalloc(tmp_path):
   """genie_jax's entry points preload tcmalloc, under which procgen's library aborts while
   loading; the builder plays the games in a child process started without it."""
@@ -593,3 +611,19 @@ def test_coinrun_generation_under_tcmalloc(tmp_path):
       env=env, capture_output=True, text=True, timeout=300, check=False)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "train: " in result.stdout and "2 episodes" in result.stdout, result.stdout
+
+
+def test_coinrun_action_effects_compares_keys_from_one_state():
+  """data_pipelines.coinrun.action_effects replays keys from saved game states (it fails if
+  a replay differs) and tables what each key changes; left and right always part ways."""
+  pytest.importorskip("procgen")
+  result = subprocess.run(
+      [sys.executable, "-m", "data_pipelines.coinrun.action_effects", "--states=3",
+       "--holds=1,2"], cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
+  assert result.returncode == 0, result.stderr[-3000:]
+  rows = [line.split("|")[1:-1] for line in result.stdout.splitlines()
+          if line.startswith("| 1 ") or line.startswith("| 2 ")]
+  assert len(rows) == 12, result.stdout
+  for hold, name, psnr, _, states in rows:
+    if name.strip() == "left vs right":
+      assert float(psnr) < 60 and states.strip().startswith("100%"), (hold, result.stdout)

@@ -1,5 +1,8 @@
 """TFDS builder of procgen CoinRun played by a uniform random policy (Genie App. F).
 
+By default the policy draws a new action every step, as in Genie; `max_hold` > 1 holds each
+action for 1 to max_hold steps (drawn uniformly), as the built-in world's policy does.
+
 procgen is imported only when episodes are generated; install it with
 `bash data_pipelines/coinrun/install_procgen.sh`.
 
@@ -44,6 +47,7 @@ class CoinrunConfig(episode_builder.EpisodeConfig):
   distribution_mode: str = episode_builder.generation_field("hard", "")
   # Which episodes finish first depends on how many games run together.
   num_envs: int = episode_builder.generation_field(16, "envs")
+  max_hold: int = episode_builder.generation_field(1, "hold", named_if_default=False)
 
 
 def _import_procgen():
@@ -74,6 +78,8 @@ class Coinrun(episode_builder.EpisodeDatasetBuilder):
         max_episode_len=int(data_config.episode_len),
         start_level=int(data_config.coinrun_start_level),
         num_levels=int(data_config.coinrun_num_levels),
+        # Configs saved before the key existed: a new action every step.
+        max_hold=int(data_config.get("coinrun_max_hold", 1)),
         **episode_builder.common_config_kwargs(data_config))
 
   def _episodes(self, split: str) -> Iterator[episode_builder.Episode]:
@@ -91,7 +97,7 @@ class Coinrun(episode_builder.EpisodeDatasetBuilder):
                  rand_seed=int(env_seed.generate_state(1)[0] % 2**31),
                  policy_seed=policy_seed, max_episode_len=config.max_episode_len,
                  min_chunk_len=config.min_chunk_len, num_episodes=len(episode_ids),
-                 image_size=config.image_size)
+                 image_size=config.image_size, max_hold=config.max_hold)
     for episode_id, (frames, actions, level) in zip(episode_ids, _play_elsewhere(games)):
       level_seeds.append(level)
       yield episode_builder.Episode(episode_id, frames, actions)
@@ -142,7 +148,7 @@ def _serve() -> None:
 
 def _play(*, num_envs: int, distribution_mode: str, start_level: int, num_levels: int,
           rand_seed: int, policy_seed: np.random.SeedSequence, max_episode_len: int,
-          min_chunk_len: int, num_episodes: int, image_size: int
+          min_chunk_len: int, num_episodes: int, image_size: int, max_hold: int
           ) -> Iterator[tuple[np.ndarray, np.ndarray, int]]:
   """(frames, actions, level seed) of the first `num_episodes` episodes that `num_envs`
   games played by a uniform random policy finish with at least `min_chunk_len` frames."""
@@ -168,8 +174,15 @@ def _play(*, num_envs: int, distribution_mode: str, start_level: int, num_levels
   for i in range(n):
     frames[i].append(frame(obs["rgb"][i]))
     level[i] = int(info[i]["level_seed"])
+  action_N, hold_left_N = np.zeros(n, np.int32), np.zeros(n, np.int64)
   while done < num_episodes:
-    action_N = rng.integers(0, NUM_ACTIONS, size=n).astype(np.int32)
+    # One draw of n actions every step whatever the holds, so that max_hold=1 replays the
+    # random stream of the data generated before holds existed.
+    redraw_N = hold_left_N <= 0
+    action_N = np.where(redraw_N, rng.integers(0, NUM_ACTIONS, size=n), action_N).astype(np.int32)
+    if max_hold > 1:
+      hold_left_N = np.where(redraw_N, rng.integers(1, max_hold + 1, size=n), hold_left_N)
+    hold_left_N = hold_left_N - 1
     env.act(action_N)
     _, obs, first = env.observe()
     info = env.get_info()
