@@ -34,6 +34,8 @@ _INT_FLAGS = {
         ("seed", "Generation seed."),
         ("coinrun_start_level", "First CoinRun level seed."),
         ("coinrun_num_levels", "Number of CoinRun level seeds."),
+        ("coinrun_max_hold", "coinrun: longest run of one action (1, the default: a new "
+                             "action every step)."),
         ("builtin_world_max_hold", "builtin_world: longest run of one action (1: a new "
                                    "action every step)."),
     ]
