@@ -586,6 +586,9 @@ def test_coinrun_policy_can_hold_its_actions(tmp_path):
                 episode_len=60, chunk_len=60, min_chunk_len=1)
   # The default (a new action every step) keeps the names of data generated before holds.
   assert "hold" not in data_pipelines.make_builder(config).builder_config.name
+  config.coinrun_max_hold = 0
+  with pytest.raises(ValueError, match=r"config.data.coinrun_max_hold=0 must be at least 1"):
+    data_pipelines.make_builder(config)
   config.coinrun_max_hold = 8
   builder = data_pipelines.get_builder(config, prepare=True, process_index=0)
   assert builder.builder_config.name.endswith("_hold8")

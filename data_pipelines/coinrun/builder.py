@@ -72,14 +72,18 @@ class Coinrun(episode_builder.EpisodeDatasetBuilder):
 
   @classmethod
   def config_from_data_config(cls, data_config) -> CoinrunConfig:
+    # Configs saved before the key existed: a new action every step.
+    max_hold = int(data_config.get("coinrun_max_hold", 1))
+    if max_hold < 1:
+      raise ValueError(f"config.data.coinrun_max_hold={max_hold} must be at least 1 (1: a new "
+                       "action every step).")
     return CoinrunConfig(
         num_train_episodes=int(data_config.num_train_episodes),
         num_val_episodes=int(data_config.num_val_episodes),
         max_episode_len=int(data_config.episode_len),
         start_level=int(data_config.coinrun_start_level),
         num_levels=int(data_config.coinrun_num_levels),
-        # Configs saved before the key existed: a new action every step.
-        max_hold=int(data_config.get("coinrun_max_hold", 1)),
+        max_hold=max_hold,
         **episode_builder.common_config_kwargs(data_config))
 
   def _episodes(self, split: str) -> Iterator[episode_builder.Episode]:
