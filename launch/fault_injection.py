@@ -70,12 +70,12 @@ class Job:
 
   def __init__(self, flags: list[str], log_path: str, *, num_processes: int = 1,
                devices_per_process: int = 1, env: dict[str, str] | None = None):
+    mpl = _multiprocess_local()
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "XLA_FLAGS": _multiprocess_local().cpu_xla_flags(devices_per_process), **(env or {})}
+           "XLA_FLAGS": mpl.cpu_xla_flags(devices_per_process), **(env or {})}
     if num_processes == 1:
       argvs = [(env, [sys.executable, "-m", "genie_jax.cli.train", *flags])]
     else:
-      mpl = _multiprocess_local()
       args = argparse.Namespace(num_processes=num_processes, port=mpl.free_port(),
                                 platform="cpu", devices_per_process=devices_per_process)
       argvs = [({**env, **extra}, argv) for extra, argv in mpl.commands(args, flags)]

@@ -28,6 +28,9 @@ from genie_jax.training import checkpointing
 from genie_jax.training import trainer
 from conftest import REPO, read_metrics, tiny_config
 
+sys.path.insert(0, os.path.join(REPO, "launch"))
+import multiprocess_local  # pylint: disable=g-import-not-at-top,wrong-import-position
+
 FIRST_STEPS = 2  # Trained by 2 processes, checkpointed at the end.
 TOTAL_STEPS = 4  # Continued in 1 process.
 TIMEOUT_S = 240
@@ -154,8 +157,7 @@ def test_two_process_pipeline_trains_evaluates_and_generates(tmp_path, tiny_data
   dynamics = os.path.join(workdir, "dynamics")
   with _started([sys.executable, "-m", "genie_jax.cli.evaluate", f"--workdir={dynamics}",
                  "--num_batches=1", f"--out={tmp_path / 'eval1'}"], JAX_PLATFORMS="cpu",
-                XLA_FLAGS=os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=4")
-                ) as wait_one:
+                XLA_FLAGS=multiprocess_local.cpu_xla_flags(4)) as wait_one:
     wait_one()
   results = {}
   for name, folder in (("eval1", tmp_path / "eval1"), ("eval2", os.path.join(dynamics, "eval"))):
