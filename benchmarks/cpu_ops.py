@@ -4,12 +4,14 @@ r"""The single XLA:CPU ops behind `--cpu_dots` and `layers.dense`'s tall kernels
   python benchmarks/cpu_ops.py --cpu_dots=xla     # XLA's default dot library
 
 One row per op at the README "Benchmark" tokenizer's sizes (16384 tokens, d 256, FFN 1024,
-256 attention products of 256 x 64 by 64 x 256): best-of-7 milliseconds, GFLOP/s, and the
-process's CPU time over wall time while it runs (2.0: both cores of a 2-core machine busy).
+4 heads of 64; spatial attention: 256 products of 256 x 64 by 64 x 256, temporal: 4096 of
+16 x 64 by 64 x 16): best-of-7 milliseconds, GFLOP/s, and the process's CPU time over wall
+time while it runs (2.0: both cores of a 2-core machine busy).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import resource
 import sys
@@ -50,6 +52,16 @@ def _value_and_vjp(fn, cotangent, *args):
   return value, vjp(cotangent)
 
 
+def _attention(shape_BXKSE):
+  """layers.attention_core's forward and backward over random q, k, v, and its FLOPs (two
+  products forward, four backward)."""
+  q, k, v, do = jax.random.normal(jax.random.key(1), (4, *shape_BXKSE))
+  fn = jax.jit(lambda q, k, v, do: _value_and_vjp(
+      lambda q, k, v: layers.attention_core(False, q, k, v), do, q, k, v))
+  *batch, s, e = shape_BXKSE
+  return fn, (q, k, v, do), 6 * 2 * math.prod(batch) * s * s * e
+
+
 def _ops():
   m, d, f, g, s, e = 16384, 256, 1024, 256, 256, 64
   ones = lambda *shape: jnp.ones(shape, jnp.float32)
@@ -60,6 +72,13 @@ def _ops():
       ("batched matmul q k^T (spatial attention)",
        jax.jit(lambda q, k: jnp.einsum("gse,gte->gst", q, k)), (ones(g, s, e), ones(g, s, e)),
        2 * g * s * s * e),
+      ("batched matmul P^T dv (the attention's key and value gradients: contracted over "
+       "the query axis)", jax.jit(lambda p, dv: jnp.einsum("gst,gse->gte", p, dv)),
+       (ones(g, s, s), ones(g, s, e)), 2 * g * s * s * e),
+      ("spatial attention (layers.attention_core), forward and backward",
+       *_attention((4, 16, 4, s, e))),
+      ("temporal attention (layers.attention_core), forward and backward",
+       *_attention((4, s, 4, 16, e))),
       ("weight gradient x^T dy into [1024, 256]", jax.jit(contract_rows),
        (ones(m, f), ones(m, d)), 2 * m * f * d),
       ("weight gradient dy^T x into [256, 1024]", jax.jit(contract_rows),
