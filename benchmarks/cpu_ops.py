@@ -52,13 +52,14 @@ def _value_and_vjp(fn, cotangent, *args):
   return value, vjp(cotangent)
 
 
-def _attention(shape_BXKSE):
-  """layers.attention_core's forward and backward over random q, k, v, and its FLOPs (two
-  products forward, four backward)."""
-  q, k, v, do = jax.random.normal(jax.random.key(1), (4, *shape_BXKSE))
+def _attention(shape):
+  """layers.attention_core's forward and backward over random q, k, v of `shape` (batch
+  axes, then the sequence attended over and the head width), and its FLOPs (two products
+  forward, four backward)."""
+  q, k, v, do = jax.random.normal(jax.random.key(1), (4, *shape))
   fn = jax.jit(lambda q, k, v, do: _value_and_vjp(
       lambda q, k, v: layers.attention_core(False, q, k, v), do, q, k, v))
-  *batch, s, e = shape_BXKSE
+  *batch, s, e = shape
   return fn, (q, k, v, do), 6 * 2 * math.prod(batch) * s * s * e
 
 
