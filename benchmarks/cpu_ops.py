@@ -52,13 +52,13 @@ def _value_and_vjp(fn, cotangent, *args):
   return value, vjp(cotangent)
 
 
-def _attention(shape):
+def _attention(shape, causal):
   """layers.attention_core's forward and backward over random q, k, v of `shape` (batch
   axes, then the sequence attended over and the head width), and its FLOPs (two products
-  forward, four backward)."""
+  forward, four backward; the causal mask computes them whole)."""
   q, k, v, do = jax.random.normal(jax.random.key(1), (4, *shape))
   fn = jax.jit(lambda q, k, v, do: _value_and_vjp(
-      lambda q, k, v: layers.attention_core(False, q, k, v), do, q, k, v))
+      lambda q, k, v: layers.attention_core(causal, q, k, v), do, q, k, v))
   *batch, s, e = shape
   return fn, (q, k, v, do), 6 * 2 * math.prod(batch) * s * s * e
 
@@ -73,13 +73,14 @@ def _ops():
       ("batched matmul q k^T (spatial attention)",
        jax.jit(lambda q, k: jnp.einsum("gse,gte->gst", q, k)), (ones(g, s, e), ones(g, s, e)),
        2 * g * s * s * e),
-      ("batched matmul P^T dv (the attention's key and value gradients: contracted over "
-       "the query axis)", jax.jit(lambda p, dv: jnp.einsum("gst,gse->gte", p, dv)),
+      ("batched matmul P^T dO, dO the output's gradient (the attention's value gradient; "
+       "the key gradient's product has the same form: contracted over the query axis)",
+       jax.jit(lambda p, d_out: jnp.einsum("gst,gse->gte", p, d_out)),
        (ones(g, s, s), ones(g, s, e)), 2 * g * s * s * e),
       ("spatial attention (layers.attention_core), forward and backward",
-       *_attention((4, 16, 4, s, e))),
-      ("temporal attention (layers.attention_core), forward and backward",
-       *_attention((4, s, 4, 16, e))),
+       *_attention((4, 16, 4, s, e), causal=False)),
+      ("temporal attention, causal as in the models (layers.attention_core), forward and "
+       "backward", *_attention((4, s, 4, 16, e), causal=True)),
       ("weight gradient x^T dy into [1024, 256]", jax.jit(contract_rows),
        (ones(m, f), ones(m, d)), 2 * m * f * d),
       ("weight gradient dy^T x into [256, 1024]", jax.jit(contract_rows),
