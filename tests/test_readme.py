@@ -8,6 +8,7 @@ Values are not checked (README uses placeholders such as W and S).
 """
 
 import concurrent.futures
+import functools
 import importlib.util
 import os
 import re
@@ -79,6 +80,7 @@ def defined_flags(entry_point: str) -> tuple[frozenset[str], frozenset[str], str
           frozenset(name for no, name in listed if no), text[-600:])
 
 
+@functools.lru_cache(maxsize=None)
 def _config(spec: str):
   path, _, arg = spec.partition(":")
   module_spec = importlib.util.spec_from_file_location("readme_config", os.path.join(_ROOT, path))
@@ -87,9 +89,9 @@ def _config(spec: str):
   return module.get_config(arg) if arg else module.get_config()
 
 
-def problems(command: str, flags: tuple[frozenset[str], frozenset[str], str]) -> list[str]:
-  """What in `command` its entry point (with `defined_flags` `flags`) would refuse."""
-  entry_point, args = parse(command)
+def problems(entry_point: str, args: list[str],
+             flags: tuple[frozenset[str], frozenset[str], str]) -> list[str]:
+  """What in a `parse`d command its entry point (with `defined_flags` `flags`) would refuse."""
   names, booleans, output = flags
   if not names:
     return [f"{entry_point} did not start; --helpfull ended with: {output}"]
@@ -148,13 +150,13 @@ Then `/usr/bin/time python -m genie_jax.cli.play
 """
   train, suite, play = commands(readme)
   flags = (frozenset({"config", "workdir", "breakdown", "steps"}), frozenset({"breakdown"}), "")
-  assert problems(train, flags) == [
+  assert problems(*parse(train), flags) == [
       "--config=configs/tokenizer.py:runlocal has no key model.no_such_key",
       "genie_jax.cli.train has no flag --no_such_flag",
       "genie_jax.cli.train has no flag --noworkdir"]
   assert parse(suite) == ("benchmarks/suite.py", ["--steps=3"])
-  assert problems(play, flags) == []
-  assert problems(play, (frozenset(), frozenset(), "Traceback")) == [
+  assert problems(*parse(play), flags) == []
+  assert problems(*parse(play), (frozenset(), frozenset(), "Traceback")) == [
       "genie_jax.cli.play did not start; --helpfull ended with: Traceback"]
 
 
@@ -166,6 +168,6 @@ def test_every_readme_command_names_real_flags_and_config_keys():
   assert len(entry_points) >= 10, entry_points  # The parser still finds README's commands.
   with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 2) as pool:
     flags = dict(zip(entry_points, pool.map(defined_flags, entry_points)))
-  found = [f"{p}  [{c[:120]}]" for c, (e, _) in parsed for p in problems(c, flags[e])]
+  found = [f"{p}  [{c[:120]}]" for c, (e, args) in parsed for p in problems(e, args, flags[e])]
   if found:
     pytest.fail("README commands that would not run as written:\n" + "\n".join(found))
