@@ -27,9 +27,7 @@ from genie_jax import distributed
 from genie_jax.training import checkpointing
 from genie_jax.training import trainer
 from conftest import REPO, read_metrics, tiny_config
-
-sys.path.insert(0, os.path.join(REPO, "launch"))
-import multiprocess_local  # pylint: disable=g-import-not-at-top,wrong-import-position
+from launch import multiprocess_local
 
 FIRST_STEPS = 2  # Trained by 2 processes, checkpointed at the end.
 TOTAL_STEPS = 4  # Continued in 1 process.
