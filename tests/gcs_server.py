@@ -4,7 +4,8 @@ connection a client tries to open to any other address.
 
     with GCSServer(tmp_dir) as server:          # a free port, a bucket, the client env set
       run(..., env=server.env())                # subprocesses reach it too
-      server.stop(); server.start()             # objects survive (filesystem backend)
+      server.stop(); server.start()             # objects survive (filesystem backend);
+                                                # an upload cut by stop() is not an object
 
 Clients are pointed at it by environment: gcsfs / etils.epath by STORAGE_EMULATOR_HOST,
 tensorstore (Orbax) by TENSORSTORE_GCS_HTTP_URL with a fixed test token. Google's auth
@@ -71,6 +72,7 @@ class GCSServer:
   def start(self) -> None:
     data = os.path.join(self.root, "objects")
     os.makedirs(data, exist_ok=True)
+    _drop_unfinished_uploads(os.path.join(data, BUCKET))
     self._proc = subprocess.Popen(
         [_binary(), "-scheme", "http", "-backend", "filesystem", "-filesystem-root", data,
          "-host", "127.0.0.1", "-port", str(self.port), "-external-url", self.url,
@@ -122,6 +124,28 @@ class GCSServer:
       return []
     with open(self.net_log, encoding="utf-8") as f:
       return [line.strip() for line in f if line.strip()]
+
+
+def _drop_unfinished_uploads(bucket_dir: str) -> None:
+  """Removes the object files that a stop left without their metadata.
+
+  The filesystem backend writes an object's bytes, then its metadata: as the extended
+  attribute `user.metadata`, or where the filesystem has none as a file beside it named
+  `<object>.metadata`. A stop between the two leaves bytes without metadata: an object that
+  Cloud Storage would never show, and that makes this server answer 404 to every listing of a
+  prefix holding it.
+  """
+  suffix = ".metadata"
+  for folder, _, files in os.walk(bucket_dir):
+    for name in files:
+      file = os.path.join(folder, name)
+      try:
+        has_attribute = "user.metadata" in os.listxattr(file)
+      except OSError:  # A filesystem without extended attributes.
+        has_attribute = False
+      is_side_file = name.endswith(suffix) and os.path.exists(file[:-len(suffix)])
+      if not (has_attribute or is_side_file or os.path.exists(file + suffix)):
+        os.remove(file)
 
 
 def install_guard(log_path: str) -> None:

@@ -108,6 +108,29 @@ def test_storage_outage_during_a_save_then_the_losses_of_an_undisturbed_run(
   assert _checkpoints(gcs, "outage")[-1] == 16
 
 
+def test_an_object_write_cut_by_a_server_stop_is_not_an_object(gcs):
+  """As on Cloud Storage, a write the outage cut short leaves no object behind (this
+  server's filesystem backend can leave the bytes without their metadata, which breaks
+  every listing of their prefix)."""
+  paths.write_text(f"{URL}/cut/complete", "saved")
+  bucket_dir = os.path.join(gcs.root, "objects", gcs_server.BUCKET)
+  with open(os.path.join(bucket_dir, "cut", "partial"), "wb") as f:
+    f.write(b"half an upload")
+  gcs.stop()
+  gcs.start()
+  assert gcs_server.object_names(gcs, "cut/") == ["cut/complete"]
+  assert not os.path.exists(os.path.join(bucket_dir, "cut", "partial"))
+
+
+def test_an_object_with_its_metadata_beside_it_is_kept(tmp_path):
+  """Where the filesystem has no extended attributes, the metadata is a file beside the
+  object's, and the object is complete."""
+  for name in ("kept", "kept.metadata", "cut"):
+    (tmp_path / name).write_text("x")
+  gcs_server._drop_unfinished_uploads(str(tmp_path))  # pylint: disable=protected-access
+  assert sorted(os.listdir(tmp_path)) == ["kept", "kept.metadata"]
+
+
 def test_pipeline_with_its_workdir_on_gcs(gcs, tiny_data_dir):
   from genie_jax.inference import generate as generate_lib  # pylint: disable=g-import-not-at-top
   from genie_jax.training import pipeline  # pylint: disable=g-import-not-at-top
