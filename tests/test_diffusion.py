@@ -17,6 +17,7 @@ from configs import dynamics as dynamics_config
 from configs import lam as lam_config
 from configs import tokenizer as tokenizer_config
 from genie_jax import evaluators
+from genie_jax import sharding
 from genie_jax import tasks
 from genie_jax import visualize
 from genie_jax.inference import diffusion as diffusion_sampling
@@ -365,6 +366,42 @@ def test_rolling_cache_sampling_equals_an_unbounded_cache_masked_to_the_window()
         model.embed_context(rolled[:, g:g + 1], caused[:, g:g + 1]),
         transformer.rotate_cache(kv, positions), g, visible)
     kv = transformer.write_cache(kv, frame_kv, g)
+
+
+def test_each_data_shard_trains_the_shortcut_on_its_own_clips(stage_workdirs):
+  """On a mesh the shortcut clips are the first of every batch shard (one of each shard of
+  two here), so no device computes another's shortcut targets: the compiled step moves no
+  clips between devices."""
+  config = _diffusion_config(stage_workdirs["ktok"], stage_workdirs["lam"], arg="shortcut=4")
+  task = tasks.get_task(config)
+  model = task.make_model(nnx.Rngs(0))
+  video = np.random.default_rng(0).integers(0, 256, (8, CLIP_LEN, IMAGE_SIZE, IMAGE_SIZE, 3),
+                                            dtype=np.uint8)
+  batch = dict(video=video, actions=np.zeros((8, CLIP_LEN), np.int32))
+  rng = jax.random.key(7)
+  mesh = sharding.make_mesh(dict(data=4, fsdp=1, tensor=1), jax.devices()[:4])
+  rules = sharding.DEFAULT_RULES
+  batch = jax.device_put(batch, sharding.batch_sharding(mesh, rules))
+  graph, state = nnx.split(model)
+
+  def noised(state, batch):
+    with sharding.activation_rules(mesh, rules):
+      return task.noised_batch(nnx.merge(graph, state), batch, rng)
+
+  step = jax.jit(noised)
+  ex = step(state, batch)
+  shortcut = np.asarray(ex["shortcut"])
+  np.testing.assert_array_equal(shortcut.sum(axis=1), [1, 0] * 4)
+  # Clip 2's target is its own shortcut target (the first shard's clip 0 is checked by hand
+  # in the test above).
+  clip = slice(2, 3)
+  by_hand = diffusion_task.DiffusionTask.shortcut_target(
+      model.dynamics, ex["z_tau"][clip], ex["tau"][clip], ex["actions"][clip],
+      ex["step"][clip], ex["shortcut"][clip])
+  np.testing.assert_allclose(ex["target"][clip][shortcut[clip]], by_hand[shortcut[clip]],
+                             atol=1e-5)
+  hlo = step.lower(state, batch).compile().as_text()
+  assert "collective-permute" not in hlo and "all-gather" not in hlo
 
 
 @pytest.mark.parametrize("num_steps", [1, 2, 4])

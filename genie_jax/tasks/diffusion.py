@@ -9,8 +9,10 @@ squared error: flow matching's usual weighting); with objective 'x0' the target 
 every entry weighted alike.
 
 Shortcut (config.model.shortcut_steps = K > 0, `genie_jax.models.diffusion`). In the first
-round(B * shortcut_fraction) clips of a batch (at least one) one frame i, uniform in
-{1, ..., T - 1}, learns the shortcut: it draws a step size d = 2^-s, s uniform in
+round(B_s * shortcut_fraction) clips (at least one) of each of the batch's S data-parallel
+shards of B_s clips (S = 1 on one device; `sharding.batch_shards`: every device computes the
+shortcut targets of its own clips) one frame i, uniform in {1, ..., T - 1}, learns the
+shortcut: it draws a step size d = 2^-s, s uniform in
 {0, ..., log2 K - 1}, and a level on d's grid (tau = j d, j uniform in {1, ..., 1/d}, so the
 step stays in [0, 1]); its target is the mean of the model's own two velocities at size d / 2
 (no gradient): v1 at (z_tau, tau), then v2 at (z_tau - d/2 v1, tau - d/2), the second pass
@@ -26,6 +28,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from genie_jax import sharding
 from genie_jax.models import diffusion as diffusion_lib
 from genie_jax.models import dynamics as dynamics_lib
 from genie_jax.models import lam as lam_lib
@@ -51,7 +54,8 @@ def sample_shortcut_levels(rng: jax.Array, shape: tuple[int, int], shortcut_step
 
 
 def shortcut_clips(config_model, batch_size: int) -> int:
-  """How many of a batch's clips learn the shortcut (0 for a plain flow model)."""
+  """How many of `batch_size` clips (a batch, or one shard of it) learn the shortcut (0 for a
+  plain flow model)."""
   if not diffusion_lib.shortcut_steps(config_model):
     return 0
   return max(1, round(batch_size * config_model.shortcut_fraction))
@@ -108,11 +112,18 @@ class DiffusionTask(base.Task):
     b, t = z_BTNL.shape[:2]
     tau_BT = sample_levels(level_key, (b, t))
     step_BT = shortcut_BT = None
-    nb = shortcut_clips(self.config.model, b)
+    shards = sharding.batch_shards()
+    per_shard = shortcut_clips(self.config.model, b // shards)
+    nb = shards * per_shard
+    # The first per_shard clips of every shard, as nb clips (shard-major), and back.
+    pick = lambda x: x.reshape(shards, b // shards, *x.shape[1:])[:, :per_shard].reshape(
+        nb, *x.shape[1:])
+    put = lambda x, part: x.reshape(shards, b // shards, *x.shape[1:]).at[:, :per_shard].set(
+        part.reshape(shards, per_shard, *x.shape[1:])).reshape(x.shape)
     if nb:
       frame_key, shortcut_key = jax.random.split(jax.random.fold_in(rng, 2))
       frame_B1 = jax.random.randint(frame_key, (nb, 1), 1, t)
-      shortcut_BT = jnp.zeros((b, t), bool).at[:nb].set(jnp.arange(t)[None] == frame_B1)
+      shortcut_BT = put(jnp.zeros((b, t), bool), jnp.arange(t)[None] == frame_B1)
       tau_sc_BT, step_sc_BT = sample_shortcut_levels(shortcut_key, (b, t),
                                                      model.dynamics.shortcut_steps)
       tau_BT = jnp.where(shortcut_BT, tau_sc_BT, tau_BT)
@@ -121,10 +132,11 @@ class DiffusionTask(base.Task):
     z_tau = diffusion_lib.noised(z_BTNL, eps_BTNL, tau_BT)
     target = eps_BTNL - z_BTNL if model.dynamics.objective == "velocity" else z_BTNL
     if nb:
-      shortcut_target = self.shortcut_target(model.dynamics, z_tau[:nb], tau_BT[:nb],
-                                             actions_BT[:nb], step_BT[:nb], shortcut_BT[:nb])
-      target = target.at[:nb].set(jnp.where(shortcut_BT[:nb, :, None, None],
-                                            shortcut_target, target[:nb]))
+      shortcut_target = self.shortcut_target(model.dynamics, pick(z_tau), pick(tau_BT),
+                                             pick(actions_BT), pick(step_BT),
+                                             pick(shortcut_BT))
+      target = put(target, jnp.where(pick(shortcut_BT)[:, :, None, None], shortcut_target,
+                                     pick(target)))
     return dict(z=z_BTNL, tau=tau_BT, step=step_BT, shortcut=shortcut_BT, eps=eps_BTNL,
                 z_tau=z_tau, actions=actions_BT, target=target)
 
