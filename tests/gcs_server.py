@@ -15,6 +15,7 @@ GCE_METADATA_IP send those lookups to a closed port on 127.0.0.1 instead.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import socket
@@ -130,21 +131,29 @@ def _drop_unfinished_uploads(bucket_dir: str) -> None:
   """Removes the object files that a stop left without their metadata.
 
   The filesystem backend writes an object's bytes, then its metadata: as the extended
-  attribute `user.metadata`, or where the filesystem has none as a file beside it named
-  `<object>.metadata`. A stop between the two leaves bytes without metadata: an object that
-  Cloud Storage would never show, and that makes this server answer 404 to every listing of a
-  prefix holding it.
+  attribute `user.metadata` where the filesystem has extended attributes (decided once, as
+  the server does), else as a file `<object>.metadata` beside it. A stop between the two
+  leaves bytes without metadata, a write Cloud Storage would not have completed, on which this
+  server answers 404 to every listing of a prefix that holds it.
   """
+  if not os.path.isdir(bucket_dir):
+    return
+  try:
+    os.listxattr(bucket_dir)
+    attributes = True
+  except OSError as e:
+    if e.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP):
+      raise
+    attributes = False
   suffix = ".metadata"
   for folder, _, files in os.walk(bucket_dir):
     for name in files:
       file = os.path.join(folder, name)
-      try:
-        has_attribute = "user.metadata" in os.listxattr(file)
-      except OSError:  # A filesystem without extended attributes.
-        has_attribute = False
-      is_side_file = name.endswith(suffix) and os.path.exists(file[:-len(suffix)])
-      if not (has_attribute or is_side_file or os.path.exists(file + suffix)):
+      if attributes:
+        complete = "user.metadata" in os.listxattr(file, follow_symlinks=False)
+      else:
+        complete = name.endswith(suffix) or os.path.exists(file + suffix)
+      if not complete:
         os.remove(file)
 
 

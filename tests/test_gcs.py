@@ -3,6 +3,7 @@
 evaluation, generation, report) with its workdir there; a gs:// data_dir refused up front.
 No client may reach any address but 127.0.0.1 (checked after every test)."""
 
+import errno
 import json
 import os
 import signal
@@ -122,13 +123,34 @@ def test_an_object_write_cut_by_a_server_stop_is_not_an_object(gcs):
   assert not os.path.exists(os.path.join(bucket_dir, "cut", "partial"))
 
 
-def test_an_object_with_its_metadata_beside_it_is_kept(tmp_path):
-  """Where the filesystem has no extended attributes, the metadata is a file beside the
-  object's, and the object is complete."""
+def test_what_a_restart_keeps_of_an_object_without_metadata(tmp_path, monkeypatch):
+  """Where the filesystem has extended attributes, an object file is complete when it holds
+  `user.metadata`; where it has none, when its side file `<name>.metadata` is there."""
+  bucket = tmp_path / "bucket"
+  bucket.mkdir()
   for name in ("kept", "kept.metadata", "cut"):
-    (tmp_path / name).write_text("x")
-  gcs_server._drop_unfinished_uploads(str(tmp_path))  # pylint: disable=protected-access
-  assert sorted(os.listdir(tmp_path)) == ["kept", "kept.metadata"]
+    (bucket / name).write_text("x")
+  try:
+    os.setxattr(bucket / "kept", "user.metadata", b"{}")
+    os.setxattr(bucket / "kept.metadata", "user.metadata", b"{}")
+  except OSError:
+    pass  # No extended attributes here: the side-file case below still runs.
+  else:
+    gcs_server._drop_unfinished_uploads(str(bucket))  # pylint: disable=protected-access
+    assert sorted(os.listdir(bucket)) == ["kept", "kept.metadata"]
+    (bucket / "cut").write_text("x")
+    os.removexattr(bucket / "kept.metadata", "user.metadata")
+    gcs_server._drop_unfinished_uploads(str(bucket))  # pylint: disable=protected-access
+    assert sorted(os.listdir(bucket)) == ["kept"]  # A cut object named *.metadata too.
+    (bucket / "kept.metadata").write_text("x")
+    (bucket / "cut").write_text("x")
+
+  def no_attributes(*args, **kwargs):
+    raise OSError(errno.ENOTSUP, "Operation not supported")
+
+  monkeypatch.setattr(os, "listxattr", no_attributes)
+  gcs_server._drop_unfinished_uploads(str(bucket))  # pylint: disable=protected-access
+  assert sorted(os.listdir(bucket)) == ["kept", "kept.metadata"]
 
 
 def test_pipeline_with_its_workdir_on_gcs(gcs, tiny_data_dir):
