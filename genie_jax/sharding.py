@@ -353,14 +353,6 @@ def activation_rules(mesh: Mesh, rules: Rules) -> Iterator[None]:
     _ACTIVE.reset(token)
 
 
-def batch_shards() -> int:
-  """How many ways `activation_rules`' mesh splits a batch (`data_parallel_size`); 1 outside
-  it. Code that picks some of a batch's examples picks from every shard alike with it, so
-  that each device computes on its own examples."""
-  active = _ACTIVE.get()
-  return 1 if active is None else data_parallel_size(*active)
-
-
 def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
   """Constrains activation `x` to the sharding its logical `names` map to; a no-op outside
   `activation_rules` (e.g. in single-device tests and eager code)."""

@@ -1,6 +1,7 @@
 """The diffusion family: the continuous tokenizer, the diffusion-forcing dynamics model, its
 task on frozen earlier stages, and its cached sampler."""
 
+import functools
 import json
 import os
 import shutil
@@ -368,40 +369,48 @@ def test_rolling_cache_sampling_equals_an_unbounded_cache_masked_to_the_window()
     kv = transformer.write_cache(kv, frame_kv, g)
 
 
-def test_each_data_shard_trains_the_shortcut_on_its_own_clips(stage_workdirs):
-  """On a mesh the shortcut clips are the first of every batch shard (one of each shard of
-  two here), so no device computes another's shortcut targets: the compiled step moves no
-  clips between devices."""
+def test_shortcut_clips_spread_over_the_batch_stay_on_their_devices(stage_workdirs):
+  """The shortcut clips are every (B // nb)-th: on a data=4 mesh with 4 clips per shard,
+  one in each shard; the example is the one-device example, and computing it moves nothing
+  between devices."""
   config = _diffusion_config(stage_workdirs["ktok"], stage_workdirs["lam"], arg="shortcut=4")
   task = tasks.get_task(config)
   model = task.make_model(nnx.Rngs(0))
-  video = np.random.default_rng(0).integers(0, 256, (8, CLIP_LEN, IMAGE_SIZE, IMAGE_SIZE, 3),
+  video = np.random.default_rng(0).integers(0, 256, (16, CLIP_LEN, IMAGE_SIZE, IMAGE_SIZE, 3),
                                             dtype=np.uint8)
-  batch = dict(video=video, actions=np.zeros((8, CLIP_LEN), np.int32))
+  batch = dict(video=video, actions=np.zeros((16, CLIP_LEN), np.int32))
   rng = jax.random.key(7)
   mesh = sharding.make_mesh(dict(data=4, fsdp=1, tensor=1), jax.devices()[:4])
   rules = sharding.DEFAULT_RULES
-  batch = jax.device_put(batch, sharding.batch_sharding(mesh, rules))
   graph, state = nnx.split(model)
 
-  def noised(state, batch):
+  def noised(state, batch, on_mesh):
+    if not on_mesh:
+      return task.noised_batch(nnx.merge(graph, state), batch, rng)
     with sharding.activation_rules(mesh, rules):
       return task.noised_batch(nnx.merge(graph, state), batch, rng)
 
-  step = jax.jit(noised)
-  ex = step(state, batch)
+  single = jax.jit(functools.partial(noised, on_mesh=False))(state, batch)
+  sharded_batch = jax.device_put(batch, sharding.batch_sharding(mesh, rules))
+  step = jax.jit(functools.partial(noised, on_mesh=True))
+  ex = step(state, sharded_batch)
   shortcut = np.asarray(ex["shortcut"])
-  np.testing.assert_array_equal(shortcut.sum(axis=1), [1, 0] * 4)
-  # Clip 2's target is its own shortcut target (the first shard's clip 0 is checked by hand
-  # in the test above).
-  clip = slice(2, 3)
+  np.testing.assert_array_equal(shortcut.sum(axis=1), [1, 0, 0, 0] * 4)
+  for key in ("shortcut", "step", "tau", "target"):
+    np.testing.assert_allclose(np.asarray(ex[key]), np.asarray(single[key]), atol=1e-6,
+                               err_msg=key)
+  # Clip 4's target is its own shortcut target (placement; the target's value is checked
+  # by hand in test_shortcut_frames_learn_two_half_steps_in_one_on_the_levels_grid).
+  clip = slice(4, 5)
   by_hand = diffusion_task.DiffusionTask.shortcut_target(
       model.dynamics, ex["z_tau"][clip], ex["tau"][clip], ex["actions"][clip],
       ex["step"][clip], ex["shortcut"][clip])
   np.testing.assert_allclose(ex["target"][clip][shortcut[clip]], by_hand[shortcut[clip]],
                              atol=1e-5)
-  hlo = step.lower(state, batch).compile().as_text()
-  assert "collective-permute" not in hlo and "all-gather" not in hlo
+  hlo = step.lower(state, sharded_batch).compile().as_text()
+  for collective in ("collective-permute", "all-gather", "all-to-all", "all-reduce",
+                     "reduce-scatter", "collective-broadcast"):
+    assert collective not in hlo, collective
 
 
 @pytest.mark.parametrize("num_steps", [1, 2, 4])

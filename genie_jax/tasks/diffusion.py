@@ -8,18 +8,17 @@ every level weighted alike (in terms of the clean latents, a weight of 1 / tau^2
 squared error: flow matching's usual weighting); with objective 'x0' the target is z and
 every entry weighted alike.
 
-Shortcut (config.model.shortcut_steps = K > 0, `genie_jax.models.diffusion`). In the first
-round(B_s * shortcut_fraction) clips (at least one) of each of the batch's S data-parallel
-shards of B_s clips (S = 1 on one device; `sharding.batch_shards`: every device computes the
-shortcut targets of its own clips) one frame i, uniform in {1, ..., T - 1}, learns the
-shortcut: it draws a step size d = 2^-s, s uniform in
-{0, ..., log2 K - 1}, and a level on d's grid (tau = j d, j uniform in {1, ..., 1/d}, so the
-step stays in [0, 1]); its target is the mean of the model's own two velocities at size d / 2
-(no gradient): v1 at (z_tau, tau), then v2 at (z_tau - d/2 v1, tau - d/2), the second pass
-moving frame i only, so that its past is the same in both (causal attention: the two passes
-are frame i's two steps exactly). Every other frame learns the flow at the finest size 1/K as
-above. The loss is the mean squared error over all frames, every entry weighted alike;
-`shortcut_loss` (the shortcut frames) and `flow_loss` (the others) are logged apart.
+Shortcut (config.model.shortcut_steps = K > 0, `genie_jax.models.diffusion`). In
+nb = round(B * shortcut_fraction) clips of a batch (at least one), every (B // nb)-th from
+the first, one frame i, uniform in {1, ..., T - 1}, learns the shortcut: it draws a step
+size d = 2^-s, s uniform in {0, ..., log2 K - 1}, and a level on d's grid (tau = j d,
+j uniform in {1, ..., 1/d}, so the step stays in [0, 1]); its target is the mean of the
+model's own two velocities at size d / 2 (no gradient): v1 at (z_tau, tau), then v2 at
+(z_tau - d/2 v1, tau - d/2), the second pass moving frame i only, so that its past is the
+same in both (causal attention: the two passes are frame i's two steps exactly). Every other
+frame learns the flow at the finest size 1/K as above. The loss is the mean squared error
+over all frames, every entry weighted alike; `shortcut_loss` (the shortcut frames) and
+`flow_loss` (the others) are logged apart.
 """
 
 from __future__ import annotations
@@ -28,7 +27,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from genie_jax import sharding
 from genie_jax.models import diffusion as diffusion_lib
 from genie_jax.models import dynamics as dynamics_lib
 from genie_jax.models import lam as lam_lib
@@ -54,8 +52,7 @@ def sample_shortcut_levels(rng: jax.Array, shape: tuple[int, int], shortcut_step
 
 
 def shortcut_clips(config_model, batch_size: int) -> int:
-  """How many of `batch_size` clips (a batch, or one shard of it) learn the shortcut (0 for a
-  plain flow model)."""
+  """How many of a batch's clips learn the shortcut (0 for a plain flow model)."""
   if not diffusion_lib.shortcut_steps(config_model):
     return 0
   return max(1, round(batch_size * config_model.shortcut_fraction))
@@ -112,14 +109,15 @@ class DiffusionTask(base.Task):
     b, t = z_BTNL.shape[:2]
     tau_BT = sample_levels(level_key, (b, t))
     step_BT = shortcut_BT = None
-    shards = sharding.batch_shards()
-    per_shard = shortcut_clips(self.config.model, b // shards)
-    nb = shards * per_shard
-    # The first per_shard clips of every shard, as nb clips (shard-major), and back.
-    pick = lambda x: x.reshape(shards, b // shards, *x.shape[1:])[:, :per_shard].reshape(
-        nb, *x.shape[1:])
-    put = lambda x, part: x.reshape(shards, b // shards, *x.shape[1:]).at[:, :per_shard].set(
-        part.reshape(shards, per_shard, *x.shape[1:])).reshape(x.shape)
+    nb = shortcut_clips(self.config.model, b)
+    # Every stride-th clip, spread over the batch rather than its first nb: on a mesh whose
+    # batch shards hold a multiple of `stride` clips each, every device computes the shortcut
+    # targets of its own clips, and the choice does not depend on the mesh.
+    stride = b // max(nb, 1)
+    pick = lambda x: x[:nb * stride].reshape(nb, stride, *x.shape[1:])[:, 0]
+    put = lambda x, part: jnp.concatenate([
+        x[:nb * stride].reshape(nb, stride, *x.shape[1:]).at[:, 0].set(part).reshape(
+            nb * stride, *x.shape[1:]), x[nb * stride:]])
     if nb:
       frame_key, shortcut_key = jax.random.split(jax.random.fold_in(rng, 2))
       frame_B1 = jax.random.randint(frame_key, (nb, 1), 1, t)
