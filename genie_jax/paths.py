@@ -44,6 +44,26 @@ def join(*parts: PathLike) -> str:
   return os.fspath(epath.Path(*[os.fspath(p) for p in parts]))
 
 
+def check_bucket(p: PathLike, what: str) -> None:
+  """For a gs:// path, raises ValueError when its bucket does not exist, so that a misspelt
+  bucket stops a run before it builds data or a model rather than at its first write.
+
+  Only Cloud Storage's "not found" counts: any other answer (no permission to read the
+  bucket's metadata, a server that does not answer) is left to the first write to report.
+  """
+  if not is_remote(p):
+    return
+  import fsspec  # pylint: disable=g-import-not-at-top
+  bucket = os.fspath(p)[len("gs://"):].split("/", 1)[0]
+  try:
+    fsspec.filesystem("gs").call("GET", "b/{}", bucket, json_out=True)
+  except FileNotFoundError:
+    raise ValueError(f"{what}={os.fspath(p)}: the Cloud Storage bucket gs://{bucket} does "
+                     "not exist") from None
+  except Exception:  # pylint: disable=broad-except
+    pass
+
+
 # Waits between attempts of a Cloud Storage write (a server restart, a dropped connection
 # or an upload session that expired); then the error is raised, naming the object.
 RETRY_DELAYS_S = (1.0, 2.0, 4.0, 8.0)

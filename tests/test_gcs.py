@@ -153,6 +153,26 @@ def test_what_a_restart_keeps_of_an_object_without_metadata(tmp_path, monkeypatc
   assert sorted(os.listdir(bucket)) == ["kept", "kept.metadata"]
 
 
+def test_a_workdir_in_a_missing_bucket_stops_the_run_before_any_work(gcs, tmp_path):
+  from genie_jax.inference import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
+  from genie_jax.inference import generate as generate_lib  # pylint: disable=g-import-not-at-top
+  from genie_jax.training import pipeline  # pylint: disable=g-import-not-at-top
+  from genie_jax.training import trainer  # pylint: disable=g-import-not-at-top
+  import conftest  # pylint: disable=g-import-not-at-top
+
+  data_dir = tmp_path / "data"
+  missing = "the Cloud Storage bucket gs://no-such-bucket does not exist"
+  with pytest.raises(ValueError, match=f"workdir=gs://no-such-bucket/run: {missing}"):
+    trainer.train_and_evaluate(conftest.tiny_config(str(data_dir)), "gs://no-such-bucket/run")
+  with pytest.raises(ValueError, match=missing):
+    pipeline.run_pipeline(conftest.tiny_pipeline_config(str(data_dir)), "gs://no-such-bucket/g")
+  assert not data_dir.exists()  # No dataset was built.
+  for run in (evaluate_lib.evaluate, generate_lib.generate):
+    with pytest.raises(ValueError, match=f"--out_dir=gs://no-such-bucket/out: {missing}"):
+      run(str(tmp_path / "no_workdir"), out_dir="gs://no-such-bucket/out")
+  paths.check_bucket(f"{URL}/run", "workdir")  # The test bucket exists.
+
+
 def test_pipeline_with_its_workdir_on_gcs(gcs, tiny_data_dir):
   from genie_jax.inference import generate as generate_lib  # pylint: disable=g-import-not-at-top
   from genie_jax.training import pipeline  # pylint: disable=g-import-not-at-top

@@ -37,6 +37,8 @@ def evaluate(workdir: str, *, step: int | None = None, num_batches: int | None =
              out_dir: str | None = None,
              eval_settings: list[str] | None = None) -> dict[str, float]:
   """Restores `workdir` at `step` and runs its evaluators on this host's devices."""
+  if out_dir:
+    paths.check_bucket(out_dir, "--out_dir")
   config = config_lib.load_config(workdir)
   with config.unlocked():
     # Evaluate on whatever devices are here, not the training mesh.

@@ -86,6 +86,7 @@ def _finished(workdir: str, config: ml_collections.ConfigDict) -> bool:
 
 def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, object]:
   """Trains what is not trained yet, evaluates everything, writes WORKDIR/report."""
+  paths.check_bucket(workdir, "workdir")
   check_report_config(config)
   stages = stage_configs(config, workdir)
   # Everything that can be checked before the first stage trains is checked now: the report's

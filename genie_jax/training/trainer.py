@@ -27,6 +27,7 @@ from absl import logging
 import data_pipelines
 from genie_jax import config_lib
 from genie_jax import evaluators as evaluators_lib
+from genie_jax import paths
 from genie_jax import profiling
 from genie_jax import sharding
 from genie_jax import tasks
@@ -125,6 +126,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     The last logged training metrics (handy for tests and sweeps).
   """
   # --- Task and config checks: everything that can be wrong is found before work starts.
+  paths.check_bucket(workdir, "workdir")
   # The task's config holds what it takes from the stages it builds on; it is the one saved.
   task = tasks.get_task(config)
   config = task.config
