@@ -55,8 +55,11 @@ def check_bucket(p: PathLike, what: str) -> None:
     return
   import fsspec  # pylint: disable=g-import-not-at-top
   bucket = os.fspath(p)[len("gs://"):].split("/", 1)[0]
+  if not bucket:
+    raise ValueError(f"{what}={os.fspath(p)} names no bucket (gs://BUCKET/PATH)")
   try:
-    fsspec.filesystem("gs").call("GET", "b/{}", bucket, json_out=True)
+    # A bounded wait: gcsfs retries a server that does not answer for about half a minute.
+    fsspec.filesystem("gs").call("GET", "b/{}", bucket, json_out=True, timeout=10)
   except FileNotFoundError:
     raise ValueError(f"{what}={os.fspath(p)}: the Cloud Storage bucket gs://{bucket} does "
                      "not exist") from None

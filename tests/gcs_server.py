@@ -73,7 +73,7 @@ class GCSServer:
   def start(self) -> None:
     data = os.path.join(self.root, "objects")
     os.makedirs(data, exist_ok=True)
-    _drop_unfinished_uploads(os.path.join(data, BUCKET))
+    _drop_unfinished_uploads(data, BUCKET)
     self._proc = subprocess.Popen(
         [_binary(), "-scheme", "http", "-backend", "filesystem", "-filesystem-root", data,
          "-host", "127.0.0.1", "-port", str(self.port), "-external-url", self.url,
@@ -127,26 +127,22 @@ class GCSServer:
       return [line.strip() for line in f if line.strip()]
 
 
-def _drop_unfinished_uploads(bucket_dir: str) -> None:
-  """Removes the object files that a stop left without their metadata.
+def _drop_unfinished_uploads(root: str, bucket: str) -> None:
+  """Removes the object files of `bucket` that a stop left without their metadata.
 
-  The filesystem backend writes an object's bytes, then its metadata: as the extended
-  attribute `user.metadata` where the filesystem has extended attributes (decided once, as
-  the server does), else as a file `<object>.metadata` beside it. A stop between the two
-  leaves bytes without metadata, a write Cloud Storage would not have completed, on which this
-  server answers 404 to every listing of a prefix that holds it.
+  The filesystem backend under `root` writes an object's bytes, then its metadata: as the
+  extended attribute `user.metadata` where `root` takes one (the server asks once, as here),
+  else as a file `<object>.metadata` beside it. A stop between the two leaves bytes without
+  metadata, a write Cloud Storage would not have completed, on which this server answers 404
+  to every listing of a prefix that holds it.
   """
-  if not os.path.isdir(bucket_dir):
-    return
   try:
-    os.listxattr(bucket_dir)
+    os.getxattr(root, "user.metadata")
     attributes = True
   except OSError as e:
-    if e.errno not in (errno.ENOTSUP, errno.EOPNOTSUPP):
-      raise
-    attributes = False
+    attributes = e.errno == errno.ENODATA
   suffix = ".metadata"
-  for folder, _, files in os.walk(bucket_dir):
+  for folder, _, files in os.walk(os.path.join(root, bucket)):
     for name in files:
       file = os.path.join(folder, name)
       if attributes:

@@ -411,6 +411,12 @@ def test_shortcut_clips_spread_over_the_batch_stay_on_their_devices(stage_workdi
   for collective in ("collective-permute", "all-gather", "all-to-all", "all-reduce",
                      "reduce-scatter", "collective-broadcast"):
     assert collective not in hlo, collective
+  # 7 clips: round(1.75) = 2 shortcut clips, every third; clip 6 is past the last stride.
+  seven = jax.tree.map(lambda x: x[:7], batch)
+  ex = task.noised_batch(model, seven, rng)
+  np.testing.assert_array_equal(np.asarray(ex["shortcut"]).sum(axis=1), [1, 0, 0, 1, 0, 0, 0])
+  flow = ~np.asarray(ex["shortcut"])
+  np.testing.assert_allclose(ex["target"][flow], (ex["eps"] - ex["z"])[flow], atol=1e-6)
 
 
 @pytest.mark.parametrize("num_steps", [1, 2, 4])

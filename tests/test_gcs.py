@@ -124,10 +124,12 @@ def test_an_object_write_cut_by_a_server_stop_is_not_an_object(gcs):
 
 
 def test_what_a_restart_keeps_of_an_object_without_metadata(tmp_path, monkeypatch):
-  """Where the filesystem has extended attributes, an object file is complete when it holds
-  `user.metadata`; where it has none, when its side file `<name>.metadata` is there."""
+  """Where the server's root takes extended attributes, an object file is complete when it
+  holds `user.metadata`; where it takes none, when its side file `<name>.metadata` is
+  there."""
   bucket = tmp_path / "bucket"
   bucket.mkdir()
+  drop = lambda: gcs_server._drop_unfinished_uploads(str(tmp_path), "bucket")  # pylint: disable=protected-access
   for name in ("kept", "kept.metadata", "cut"):
     (bucket / name).write_text("x")
   try:
@@ -136,20 +138,21 @@ def test_what_a_restart_keeps_of_an_object_without_metadata(tmp_path, monkeypatc
   except OSError:
     pass  # No extended attributes here: the side-file case below still runs.
   else:
-    gcs_server._drop_unfinished_uploads(str(bucket))  # pylint: disable=protected-access
+    drop()
     assert sorted(os.listdir(bucket)) == ["kept", "kept.metadata"]
     (bucket / "cut").write_text("x")
     os.removexattr(bucket / "kept.metadata", "user.metadata")
-    gcs_server._drop_unfinished_uploads(str(bucket))  # pylint: disable=protected-access
+    drop()
     assert sorted(os.listdir(bucket)) == ["kept"]  # A cut object named *.metadata too.
     (bucket / "kept.metadata").write_text("x")
     (bucket / "cut").write_text("x")
 
   def no_attributes(*args, **kwargs):
-    raise OSError(errno.ENOTSUP, "Operation not supported")
+    raise OSError(errno.EOPNOTSUPP, "Operation not supported")
 
+  monkeypatch.setattr(os, "getxattr", no_attributes)
   monkeypatch.setattr(os, "listxattr", no_attributes)
-  gcs_server._drop_unfinished_uploads(str(bucket))  # pylint: disable=protected-access
+  drop()
   assert sorted(os.listdir(bucket)) == ["kept", "kept.metadata"]
 
 
@@ -168,9 +171,21 @@ def test_a_workdir_in_a_missing_bucket_stops_the_run_before_any_work(gcs, tmp_pa
     pipeline.run_pipeline(conftest.tiny_pipeline_config(str(data_dir)), "gs://no-such-bucket/g")
   assert not data_dir.exists()  # No dataset was built.
   for run in (evaluate_lib.evaluate, generate_lib.generate):
-    with pytest.raises(ValueError, match=f"--out_dir=gs://no-such-bucket/out: {missing}"):
+    with pytest.raises(ValueError, match=f"--out=gs://no-such-bucket/out: {missing}"):
       run(str(tmp_path / "no_workdir"), out_dir="gs://no-such-bucket/out")
   paths.check_bucket(f"{URL}/run", "workdir")  # The test bucket exists.
+  with pytest.raises(ValueError, match="workdir=gs:///run names no bucket"):
+    paths.check_bucket("gs:///run", "workdir")
+
+
+def test_a_bucket_check_the_server_refuses_is_left_to_the_first_write(monkeypatch):
+  import fsspec  # pylint: disable=g-import-not-at-top
+
+  def forbidden(*args, **kwargs):
+    raise OSError("Forbidden: b/some-bucket")
+
+  monkeypatch.setattr(type(fsspec.filesystem("gs")), "call", forbidden)
+  paths.check_bucket("gs://some-bucket/run", "workdir")  # No error: cannot tell.
 
 
 def test_pipeline_with_its_workdir_on_gcs(gcs, tiny_data_dir):

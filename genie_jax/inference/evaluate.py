@@ -38,7 +38,7 @@ def evaluate(workdir: str, *, step: int | None = None, num_batches: int | None =
              eval_settings: list[str] | None = None) -> dict[str, float]:
   """Restores `workdir` at `step` and runs its evaluators on this host's devices."""
   if out_dir:
-    paths.check_bucket(out_dir, "--out_dir")
+    paths.check_bucket(out_dir, "--out")
   config = config_lib.load_config(workdir)
   with config.unlocked():
     # Evaluate on whatever devices are here, not the training mesh.

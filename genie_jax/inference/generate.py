@@ -45,7 +45,7 @@ def generate(workdir: str, *, step: int | None = None, num_frames: int | None = 
   """
   action_spec = parse_actions(actions)
   if out_dir:
-    paths.check_bucket(out_dir, "--out_dir")
+    paths.check_bucket(out_dir, "--out")
   if num_videos < 1:
     raise ValueError(f"--num_videos={num_videos} must be at least 1")
   genie = worlds.load(workdir, step=step)

@@ -110,9 +110,9 @@ class DiffusionTask(base.Task):
     tau_BT = sample_levels(level_key, (b, t))
     step_BT = shortcut_BT = None
     nb = shortcut_clips(self.config.model, b)
-    # Every stride-th clip, spread over the batch rather than its first nb: on a mesh whose
-    # batch shards hold a multiple of `stride` clips each, every device computes the shortcut
-    # targets of its own clips, and the choice does not depend on the mesh.
+    # Every stride-th clip, spread over the batch rather than its first nb: the choice does
+    # not depend on the mesh, and where nb divides B and the batch's shard count divides nb,
+    # every device computes the shortcut targets of its own clips.
     stride = b // max(nb, 1)
     pick = lambda x: x[:nb * stride].reshape(nb, stride, *x.shape[1:])[:, 0]
     put = lambda x, part: jnp.concatenate([
