@@ -160,6 +160,7 @@ def load_config(workdir: str) -> ml_collections.ConfigDict:
   overrides fail."""
   tree = read_saved(workdir)
   if tree is None:
+    paths.check_bucket(workdir, "workdir")
     raise FileNotFoundError(
         f"{paths.path(workdir) / CONFIG_FILE} not found: {workdir!r} is not a genie_jax "
         "workdir (train there first, or pass the workdir that holds config.json and "

@@ -159,6 +159,8 @@ def test_what_a_restart_keeps_of_an_object_without_metadata(tmp_path, monkeypatc
 def test_a_workdir_in_a_missing_bucket_stops_the_run_before_any_work(gcs, tmp_path):
   from genie_jax.inference import evaluate as evaluate_lib  # pylint: disable=g-import-not-at-top
   from genie_jax.inference import generate as generate_lib  # pylint: disable=g-import-not-at-top
+  from configs import dynamics as dynamics_config  # pylint: disable=g-import-not-at-top
+  from genie_jax import tasks  # pylint: disable=g-import-not-at-top
   from genie_jax.training import pipeline  # pylint: disable=g-import-not-at-top
   from genie_jax.training import trainer  # pylint: disable=g-import-not-at-top
   import conftest  # pylint: disable=g-import-not-at-top
@@ -173,6 +175,13 @@ def test_a_workdir_in_a_missing_bucket_stops_the_run_before_any_work(gcs, tmp_pa
   for run in (evaluate_lib.evaluate, generate_lib.generate):
     with pytest.raises(ValueError, match=f"--out=gs://no-such-bucket/out: {missing}"):
       run(str(tmp_path / "no_workdir"), out_dir="gs://no-such-bucket/out")
+    with pytest.raises(ValueError, match=f"workdir=gs://no-such-bucket/w: {missing}"):
+      run("gs://no-such-bucket/w")
+  dynamics = dynamics_config.get_config(
+      "size=tiny,runlocal,tokenizer_workdir=gs://no-such-bucket/tok,lam_workdir=unused")
+  with pytest.raises(ValueError, match=f"config.tokenizer_workdir=gs://no-such-bucket/tok: "
+                                       f"{missing}"):
+    tasks.get_task(dynamics)
   paths.check_bucket(f"{URL}/run", "workdir")  # The test bucket exists.
   with pytest.raises(ValueError, match="workdir=gs:///run names no bucket"):
     paths.check_bucket("gs:///run", "workdir")

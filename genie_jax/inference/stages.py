@@ -61,9 +61,11 @@ def load_stage(workdir: str, *, step: int | None = None, mesh: jax.sharding.Mesh
   Raises:
     FileNotFoundError: naming the workdir when it, its config.json or a checkpoint (of
       `step`) is missing.
-    ValueError: naming the workdir when its stage is not `expect_stage`.
+    ValueError: naming the workdir when its stage is not `expect_stage`, or the bucket of a
+      gs:// workdir that does not exist.
   """
   if not paths.path(workdir).is_dir():
+    paths.check_bucket(workdir, "workdir")
     raise FileNotFoundError(f"workdir {workdir!r} does not exist (train that stage there first)")
   config = config_lib.load_config(workdir)
   if expect_stage is not None and config.stage != expect_stage:

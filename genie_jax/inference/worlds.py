@@ -20,9 +20,11 @@ def load(workdir: str, *, step: int | None = None):
 
   Raises:
     FileNotFoundError: naming the workdir when it or its config.json is missing.
-    ValueError: naming the workdir when it holds a stage that is no world model.
+    ValueError: naming the workdir when it holds a stage that is no world model, or the
+      bucket of a gs:// workdir that does not exist.
   """
   if not paths.path(workdir).is_dir():
+    paths.check_bucket(workdir, "workdir")
     raise FileNotFoundError(f"workdir {workdir!r} does not exist (train a world model there "
                             "first)")
   stage = config_lib.load_config(workdir).stage

@@ -71,6 +71,7 @@ def _read_upstream(config: ml_collections.ConfigDict, dep: Dependency
     raise ValueError(f"config.{key} is empty; set it to the workdir of a trained {dep.stage} "
                      f"stage")
   if not paths.path(workdir).is_dir():
+    paths.check_bucket(workdir, f"config.{key}")
     raise ValueError(f"config.{key}={workdir!r} does not exist; train the {dep.stage} stage "
                      f"there first")
   try:
