@@ -112,7 +112,8 @@ class DiffusionTask(base.Task):
     nb = shortcut_clips(self.config.model, b)
     # Every stride-th clip, spread over the batch rather than its first nb: the choice does
     # not depend on the mesh, and where nb divides B and the batch's shard count divides nb,
-    # every device computes the shortcut targets of its own clips.
+    # every device computes the shortcut targets of its own clips. Reshapes, not strided
+    # slices: XLA partitions a strided scatter with all-gathers.
     stride = b // max(nb, 1)
     pick = lambda x: x[:nb * stride].reshape(nb, stride, *x.shape[1:])[:, 0]
     put = lambda x, part: jnp.concatenate([
@@ -130,10 +131,10 @@ class DiffusionTask(base.Task):
     z_tau = diffusion_lib.noised(z_BTNL, eps_BTNL, tau_BT)
     target = eps_BTNL - z_BTNL if model.dynamics.objective == "velocity" else z_BTNL
     if nb:
+      picked_shortcut = pick(shortcut_BT)
       shortcut_target = self.shortcut_target(model.dynamics, pick(z_tau), pick(tau_BT),
-                                             pick(actions_BT), pick(step_BT),
-                                             pick(shortcut_BT))
-      target = put(target, jnp.where(pick(shortcut_BT)[:, :, None, None], shortcut_target,
+                                             pick(actions_BT), pick(step_BT), picked_shortcut)
+      target = put(target, jnp.where(picked_shortcut[:, :, None, None], shortcut_target,
                                      pick(target)))
     return dict(z=z_BTNL, tau=tau_BT, step=step_BT, shortcut=shortcut_BT, eps=eps_BTNL,
                 z_tau=z_tau, actions=actions_BT, target=target)
