@@ -58,8 +58,10 @@ def check_bucket(p: PathLike, what: str) -> None:
   if not bucket:
     raise ValueError(f"{what}={os.fspath(p)} names no bucket (gs://BUCKET/PATH)")
   try:
-    # A bounded wait: gcsfs retries a server that does not answer for about half a minute.
-    fsspec.filesystem("gs").call("GET", "b/{}", bucket, json_out=True, timeout=10)
+    # epath's own gcsfs instance (fsspec caches one per set of arguments, these are epath's),
+    # and a bounded wait: gcsfs retries a server that does not answer for about half a minute.
+    fs = fsspec.filesystem("gs", finalize_on_close=True)
+    fs.call("GET", "b/{}", bucket, json_out=True, timeout=10)
   except FileNotFoundError:
     raise ValueError(f"{what}={os.fspath(p)}: the Cloud Storage bucket gs://{bucket} does "
                      "not exist") from None
