@@ -7,6 +7,7 @@ r"""Every stage's train step, the rollout and the input pipeline, timed on this 
       --tokenizer_positions=rope --tokenizer_sinks=1     # streaming: both caches roll
   python benchmarks/suite.py --malloc=system                   # glibc's malloc as it comes
   python benchmarks/suite.py --only=train --breakdown          # and where each step's time goes
+  python benchmarks/suite.py --only=train --microbatches=4     # each batch in 4 microbatches
   python benchmarks/suite.py --dynamics=diffusion --diffusion_steps=8   # the diffusion family
 
 One table, one row per measurement:
@@ -20,7 +21,8 @@ One table, one row per measurement:
            and frames/s of the second call; the first call's extra time is its compile time.
   input    clips/s of training batches read from the prepared ArrayRecord files through
            Grain (the built-in world, generated into --data_dir on first use).
-Every row also gives the process's peak RSS so far. Weights are random: the figures are the
+Train rows also give XLA's estimate of the step's temporary memory (`--microbatches` cuts
+it). Every row also gives the process's peak RSS so far. Weights are random: the figures are the
 programs', not a trained model's.
 
 --dynamics=diffusion measures the diffusion family instead (genie_jax/models/diffusion.py): a
@@ -86,6 +88,9 @@ _BATCH = flags.DEFINE_integer("batch_size", 0, "Batch of every stage's train ste
                               "rows (0: the shape's; e.g. Genie's own batches on an "
                               "accelerator at --shapes=appf).", lower_bound=0)
 _BREAKDOWN_FRAMES = 20  # Frames of the rollout --breakdown traces (past a 16-frame window).
+_MICROBATCHES = flags.DEFINE_integer(
+    "microbatches", 1, "Train rows: each step's batch in this many microbatches, their "
+    "gradients accumulated (config.microbatches).", lower_bound=1)
 _FRAMES = flags.DEFINE_list("rollout_frames", ["16", "64"], "Generated frames per rollout.")
 _MASKGIT = flags.DEFINE_integer("maskgit_steps", 25, "MaskGIT steps per generated frame.")
 _FAMILY = flags.DEFINE_enum("dynamics", "maskgit", ["maskgit", "diffusion"],
@@ -143,6 +148,7 @@ def _configs(shape: str, root: str) -> dict:
   batch = _BATCH.value or dict(runlocal=None, readme=4, appf=2)[shape]
   for config in configs.values():
     config.mesh = sharding.single_device_mesh_shape()
+    config.microbatches = _MICROBATCHES.value
     if batch:
       config.batch_size = batch
   return configs
@@ -161,16 +167,22 @@ def bench_train(config, peak: float) -> dict[str, float]:
                                                                       jax.devices()[:1]))
   local = _random_batch(config)
   batch = jax.device_put(local, spec.batch_sharding)
+  compile_step = lambda microbatches: train_state.jit_train_step(
+      task, spec, config.seed, microbatches=microbatches).lower(
+          spec.abstract, train_state.abstract_batch(spec, local)).compile()
   t0 = time.perf_counter()
-  compiled = train_state.jit_train_step(task, spec, config.seed).lower(
-      spec.abstract, train_state.abstract_batch(spec, local)).compile()
+  compiled = compile_step(config.microbatches)
   compile_s = time.perf_counter() - t0
   step_s, state, _ = profiling.time_steps(compiled, spec.init(jax.random.key(config.seed)),
                                           batch, _STEPS.value)
-  flops = profiling.compiled_stats(compiled).get("flops", float("nan"))
+  # XLA's cost analysis counts a loop's body once: the FLOPs of a step are the whole batch's.
+  whole = compiled if config.microbatches == 1 else compile_step(1)
+  flops = profiling.compiled_stats(whole).get("flops", float("nan"))
+  temp = profiling.compiled_stats(compiled).get("temp_bytes", float("nan"))
   frames = config.batch_size * config.data.clip_len
   result = dict(compile_s=compile_s, ms=1e3 * step_s, rate=frames / step_s, unit="frames/s",
-                gflop=flops / 1e9, mfu=flops / step_s / peak, batch=config.batch_size)
+                gflop=flops / 1e9, mfu=flops / step_s / peak, batch=config.batch_size,
+                temp_mib=temp / 2**20)
   if _BREAKDOWN.value:
     result["breakdown"] = profiling.step_breakdown(compiled, state, batch, _STEPS.value)
   return result
@@ -247,6 +259,7 @@ def _row(kind, what, shape, r) -> str:
            f"{r['ms']:.1f}", f"{r['rate']:.4g} {r['unit']}",
            f"{r['gflop']:.1f}" if "gflop" in r else "",
            f"{r['mfu']:.2f}" if "mfu" in r else "",
+           f"{r['temp_mib']:.0f}" if "temp_mib" in r else "",
            f"{allocator.peak_rss_mib():.0f}"]
   return "| " + " | ".join(cells) + " |"
 
@@ -263,12 +276,12 @@ def main(argv):
   print(f"{jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()}), "
         f"{os.cpu_count()} cores, jax {jax.__version__}, float32, malloc "
         f"{allocator.in_use()}, cpu dots {flags.FLAGS.cpu_dots}, matmul peak {peak / 1e9:.1f} "
-        "GFLOP/s")
+        f"GFLOP/s, train steps in {_MICROBATCHES.value} microbatch(es)")
   if _BREAKDOWN.value and jax.default_backend() == "cpu" and flags.FLAGS.cpu_dots == "eigen":
     print("note: Eigen's 2-D dots leave no trace events; the breakdowns' matmuls are the "
           "batched ones only (--cpu_dots=xla traces every dot)")
   header = ("| kind | what | shape | batch | compile s | ms (per step / frame / batch) | "
-            "rate | GFLOP/step | MFU | peak RSS MiB |")
+            "rate | GFLOP/step | MFU | XLA temp MiB | peak RSS MiB |")
   print(header)
   print("|" + "---|" * (header.count("|") - 1), flush=True)
   with tempfile.TemporaryDirectory() as root:

@@ -84,6 +84,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.stage = ""
   config.seed = 0
   config.batch_size = 48  # Global, across all devices and processes.
+  # Each step's batch in this many equal parts, one after the other, their gradients averaged
+  # into one update (`train_state.accumulate`): less memory per step for the same batch.
+  config.microbatches = 1
   config.total_steps = 300_000
 
   # Mesh axes (outer to inner) and the logical-axis rules: DP, FSDP or TP is the mesh shape.

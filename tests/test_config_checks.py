@@ -58,6 +58,8 @@ TRAINER_CASES = [
     ("mesh_dcn", dict(data=3, fsdp=1, tensor=1),
      ["config.mesh_dcn=", "3 slices", "set config.mesh_dcn to the job's number of slices"]),
     ("mesh_dcn", dict(data=-1, fsdp=1, tensor=1), ["config.mesh_dcn=", "-1 is not allowed"]),
+    ("microbatches", 3, ["config.microbatches=3", "config.batch_size=8",
+                         "8 data-parallel devices", "use a divisor of 1"]),
     ("batch_size", 12,
      ["config.batch_size=12", "data-parallel size 8", "use a multiple of 8"]),
     ("model.patch_size", 5,

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import pytest
@@ -116,6 +117,119 @@ def test_data_parallel_fsdp_and_tensor_parallel_match_one_device(tmp_path):
       specs = [s.spec for s in jax.tree.leaves(spec.shardings["params"])]
       assert any("tensor" in str(p) for p in specs)
   assert base[-1] < base[0]
+
+
+# --- Microbatches: one update from a batch computed in parts ----------------------------------
+
+
+class _ToyState(nnx.Variable):
+  """Model state of `_ToyTask`."""
+
+
+class _ToyModel(nnx.Module):
+
+  def __init__(self):
+    self.w = nnx.Param(jnp.linspace(-1.0, 1.0, 3))
+    self.calls = _ToyState(jnp.asarray(0, jnp.int32))
+    self.mean_x = _ToyState(jnp.asarray(0.0, jnp.float32))
+
+
+class _ToyTask(tasks.base.Task):
+  """Least squares on x . w; its model state counts the loss's calls and averages x; its aux
+  is the batch's x, whose order `after_update` reads."""
+
+  def make_model(self, rngs):
+    del rngs
+    return _ToyModel()
+
+  def loss(self, model, batch, rng):
+    model.calls[...] += 1
+    model.mean_x[...] = 0.5 * model.mean_x[...] + 0.5 * jnp.mean(batch["x"])
+    error = batch["x"] @ model.w[...] - batch["y"] + 0.01 * jax.random.normal(rng, ())
+    return jnp.mean(jnp.square(error)), dict(error=jnp.mean(error)), batch["x"]
+
+  def after_update(self, model, aux, rng):
+    del model, rng
+    return dict(order=jnp.sum(aux * jnp.arange(aux.shape[0])[:, None]))
+
+
+def _toy_steps(microbatches, mesh_shape, devices, task_cls=_ToyTask):
+  config = tiny_config("/unused", mesh=mesh_shape)
+  task = task_cls(config)
+  spec = train_state.make_state_spec(task, config, sharding.make_mesh(config.mesh, devices))
+  step = train_state.jit_train_step(task, spec, config.seed, microbatches=microbatches)
+  rng = np.random.default_rng(0)
+  batch = dict(x=rng.normal(size=(8, 3)).astype(np.float32),
+               y=rng.normal(size=(8,)).astype(np.float32))
+  state, history = spec.init(jax.random.key(0)), []
+  for _ in range(2):
+    state, metrics = step(state, jax.device_put(batch, spec.batch_sharding))
+    history.append(jax.device_get(metrics))
+  hlo = step.lower(spec.abstract, train_state.abstract_batch(spec, batch)).compile().as_text()
+  return jax.device_get(state), history, hlo
+
+
+def test_microbatches_give_the_whole_batch_update():
+  one = jax.devices()[:1]
+  whole, whole_metrics, _ = _toy_steps(1, dict(data=1, fsdp=1, tensor=1), one)
+  for microbatches in (2, 4):
+    state, metrics, _ = _toy_steps(microbatches, dict(data=1, fsdp=1, tensor=1), one)
+    # Each microbatch draws its own noise (0.01 scale): equal up to that.
+    np.testing.assert_allclose(state["params"]["w"], whole["params"]["w"], atol=1e-3)
+    for got, want in zip(metrics, whole_metrics):
+      assert got["loss"] == pytest.approx(want["loss"], rel=0.05)
+      assert got["order"] == want["order"]  # aux back in batch order for after_update.
+    # Every microbatch starts from the step's state: the counter moves once per step, the
+    # average by the batch's mean, as without microbatches.
+    assert int(state["model_state"]["calls"]) == 2
+    assert float(state["model_state"]["mean_x"]) == pytest.approx(
+        float(whole["model_state"]["mean_x"]), rel=1e-6)
+  assert whole_metrics[1]["loss"] < whole_metrics[0]["loss"]
+
+
+def test_microbatches_stay_on_their_devices():
+  mesh = dict(data=4, fsdp=1, tensor=1)
+  local, local_metrics, _ = _toy_steps(2, dict(data=1, fsdp=1, tensor=1), jax.devices()[:1])
+  state, metrics, hlo = _toy_steps(2, mesh, jax.devices()[:4])
+  # The same microbatches on every mesh: clips i, i + 2, ... (one per device here).
+  np.testing.assert_allclose(state["params"]["w"], local["params"]["w"], rtol=1e-5)
+  assert metrics[1]["loss"] == pytest.approx(local_metrics[1]["loss"], rel=1e-5)
+  _, _, whole_hlo = _toy_steps(1, mesh, jax.devices()[:4])
+  for collective in ("all-gather", "all-to-all", "collective-permute"):
+    assert hlo.count(f" {collective}(") == whole_hlo.count(f" {collective}("), collective
+
+
+class _ScalarAuxTask(_ToyTask):
+
+  def loss(self, model, batch, rng):
+    loss, metrics, x = super().loss(model, batch, rng)
+    return loss, metrics, jnp.sum(x)
+
+
+def test_microbatches_need_an_aux_with_the_batch_first():
+  with pytest.raises(ValueError, match=r"config.microbatches=2 every leaf of the task's aux"):
+    _toy_steps(2, dict(data=1, fsdp=1, tensor=1), jax.devices()[:1], _ScalarAuxTask)
+
+
+def test_trainer_steps_in_microbatches(tmp_path, tiny_data_dir, monkeypatch):
+  asked = []
+  real = train_state.jit_train_step
+
+  def recording(*args, **kwargs):
+    asked.append(args[4] if len(args) > 4 else kwargs.get("microbatches", 1))
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(trainer.train_state, "jit_train_step", recording)
+  losses = {}
+  for microbatches in (1, 4):
+    config = tiny_config(tiny_data_dir, total_steps=3, eval_every_steps=0,
+                         images_every_steps=0, microbatches=microbatches,
+                         mesh=dict(data=2, fsdp=1, tensor=1))
+    workdir = str(tmp_path / str(microbatches))
+    trainer.train_and_evaluate(config, workdir, devices=jax.devices()[:2])
+    losses[microbatches] = read_metrics(workdir)
+  assert asked == [1, 4]
+  assert losses[4] == pytest.approx(losses[1], rel=1e-4)
 
 
 # --- Checkpoints and exact resume -----------------------------------------------------------

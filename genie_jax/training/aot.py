@@ -86,8 +86,9 @@ def compile_for(config: ml_collections.ConfigDict, devices: Sequence[jax.Device]
     hbm_bytes: memory of one device; default from `HBM_BYTES` by device kind.
   """
   task, mesh, spec = _stage_spec(config, devices)
-  compiled = train_state.jit_train_step(task, spec, config.seed).lower(
-      spec.abstract, abstract_batch(task.config, spec)).compile()
+  compiled = train_state.jit_train_step(
+      task, spec, config.seed, microbatches=config.get("microbatches", 1)).lower(
+          spec.abstract, abstract_batch(task.config, spec)).compile()
   return _report(compiled, mesh, hbm_bytes)
 
 

@@ -85,7 +85,8 @@ def step_keys(train_key: jax.Array, step: jax.Array) -> tuple[jax.Array, jax.Arr
   return loss_key, update_key
 
 
-def make_train_step(task: Task, spec: StateSpec, seed: int, nonfinite: str = "stop"):
+def make_train_step(task: Task, spec: StateSpec, seed: int, nonfinite: str = "stop",
+                    microbatches: int = 1):
   """The update for one global batch: loss, gradients, AdamW, then the task's post-update.
 
   Randomness is derived from (seed, step), so a resumed run draws the same numbers as an
@@ -100,25 +101,31 @@ def make_train_step(task: Task, spec: StateSpec, seed: int, nonfinite: str = "st
       or the updated parameters are not finite, the state keeps its model, model state and
       optimizer state (only `step` advances, so the batch is consumed), and the metric
       `skipped_updates` is 1. The choice is made on device, so no step waits for the host.
+    microbatches: config.microbatches (`accumulate`); 1: the whole batch at once.
   """
   if nonfinite not in NONFINITE_POLICIES:
     raise ValueError(f"config.nonfinite={nonfinite!r}; choose one of {NONFINITE_POLICIES}")
   train_key = root_keys(seed)[1]
 
+  # copy=True gives the merged model fresh Variables of the current trace, which the model
+  # may then update (e.g. codebook usage).
+  def loss_fn(params, model_state, batch, key):
+    model = nnx.merge(spec.graphdef, params, model_state, copy=True)
+    with sharding.activation_rules(spec.mesh, spec.rules):
+      loss, metrics, aux = task.loss(model, batch, key)
+    return loss, (metrics, aux, spec.split(model)[1])
+
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
   def train_step(state, batch):
     step = state["step"]
     loss_key, update_key = step_keys(train_key, step)
-
-    # copy=True gives the merged model fresh Variables of the current trace, which the
-    # model may then update (e.g. codebook usage).
-    def loss_fn(params, model_state):
-      model = nnx.merge(spec.graphdef, params, model_state, copy=True)
-      with sharding.activation_rules(spec.mesh, spec.rules):
-        loss, metrics, aux = task.loss(model, batch, loss_key)
-      return loss, (metrics, aux, spec.split(model)[1])
-
-    (loss, (metrics, aux, model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state["params"], state["model_state"])
+    if microbatches == 1:
+      (loss, (metrics, aux, model_state)), grads = grad_fn(
+          state["params"], state["model_state"], batch, loss_key)
+    else:
+      loss, metrics, aux, model_state, grads = accumulate(
+          grad_fn, state["params"], state["model_state"], batch, loss_key, microbatches, spec)
     updates, opt_state = spec.tx.update(grads, state["opt_state"], state["params"])
     params = optax.apply_updates(state["params"], updates)
     model = nnx.merge(spec.graphdef, params, model_state, copy=True)
@@ -142,10 +149,75 @@ def make_train_step(task: Task, spec: StateSpec, seed: int, nonfinite: str = "st
   return train_step
 
 
-def jit_train_step(task: Task, spec: StateSpec, seed: int, nonfinite: str = "stop"):
+def accumulate(grad_fn, params, model_state, batch, key: jax.Array, microbatches: int,
+               spec: StateSpec):
+  """`grad_fn` (value_and_grad of the loss with its aux) over the batch in `microbatches`
+  equal parts, one after the other: (loss, metrics, aux, model_state, grads) as one call on
+  the whole batch gives them, for a loss that averages over the batch's examples.
+
+  Microbatch i holds the clips i, i + m, i + 2m, ... (m = microbatches): on every mesh the
+  same clips, and where each device's share of the batch is a multiple of m, each device's
+  part of a microbatch lies on that device (no data moves). Only one microbatch's
+  activations are alive at a time, so the memory a step needs falls with m while the
+  update stays that of the whole batch. Each microbatch draws from key folded with its
+  index. Gradients (accumulated in float32), the loss and the metrics are the microbatches'
+  means: a loss that is a ratio over the batch (the dynamics model's cross-entropy over its
+  masked tokens) weighs each microbatch equally rather than each token. Every microbatch
+  starts from the step's model state; float state (codebook usage averages) moves by the
+  mean of their changes, other state (counters, which each microbatch moves alike) is the
+  last one's. aux leaves must have the batch axis first; they are put back in batch order
+  for the task's `after_update`.
+  """
+  size = jax.tree.leaves(batch)[0].shape[0]
+  if size % microbatches:
+    raise ValueError(f"config.microbatches={microbatches} does not divide the batch of {size}")
+  part = size // microbatches
+
+  def split(x):
+    # (B, ...) -> (B/m, m, ...) -> (m, B/m, ...): row i holds clips i, i + m, ...
+    parts = jnp.swapaxes(x.reshape(part, microbatches, *x.shape[1:]), 0, 1)
+    return sharding.constrain(parts, (None, sharding.BATCH) + (None,) * (x.ndim - 1))
+
+  def merge(x):
+    if x.ndim < 2 or x.shape[1] != part:
+      raise ValueError(f"with config.microbatches={microbatches} every leaf of the task's aux "
+                       f"needs the batch ({part} clips per microbatch) as its first axis; "
+                       f"got shape {x.shape[1:]}")
+    return jnp.swapaxes(x, 0, 1).reshape(size, *x.shape[2:])
+
+  floats = lambda tree: jax.tree.map(lambda x: jnp.issubdtype(x.dtype, jnp.inexact), tree)
+  is_float = floats(model_state)
+
+  def body(carry, xs):
+    grad_sum, delta_sum, _ = carry
+    micro, index = xs
+    (loss, (metrics, aux, new_state)), grads = grad_fn(params, model_state, micro,
+                                                       jax.random.fold_in(key, index))
+    grad_sum = jax.tree.map(lambda s, g: s + g.astype(jnp.float32), grad_sum, grads)
+    delta_sum = jax.tree.map(
+        lambda f, s, new, old: s + (new - old).astype(jnp.float32) if f else s,
+        is_float, delta_sum, new_state, model_state)
+    return (grad_sum, delta_sum, new_state), (loss, metrics, aux)
+
+  zeros = lambda tree: jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), tree)
+  with sharding.activation_rules(spec.mesh, spec.rules):
+    micro_batches = jax.tree.map(split, batch)
+  (grad_sum, delta_sum, last_state), (losses, metrics, aux) = jax.lax.scan(
+      body, (zeros(params), zeros(model_state), model_state),
+      (micro_batches, jnp.arange(microbatches)))
+  grads = jax.tree.map(lambda s, p: (s / microbatches).astype(p.dtype), grad_sum, params)
+  model_state = jax.tree.map(
+      lambda f, s, old, last: (old + s / microbatches).astype(old.dtype) if f else last,
+      is_float, delta_sum, model_state, last_state)
+  metrics = jax.tree.map(lambda m: jnp.mean(m.astype(jnp.float32), axis=0), metrics)
+  return jnp.mean(losses), metrics, jax.tree.map(merge, aux), model_state, grads
+
+
+def jit_train_step(task: Task, spec: StateSpec, seed: int, nonfinite: str = "stop",
+                   microbatches: int = 1):
   """jit with explicit shardings; the old state's buffers are donated to the new one."""
   return jax.jit(
-      make_train_step(task, spec, seed, nonfinite),
+      make_train_step(task, spec, seed, nonfinite, microbatches),
       in_shardings=(spec.shardings, spec.batch_sharding),
       out_shardings=(spec.shardings, sharding.replicated(spec.mesh)),
       donate_argnums=(0,),

@@ -51,6 +51,12 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
         f"config.batch_size={config.batch_size} is not divisible by the data-parallel size "
         f"{dp} (config.mesh {' x '.join(axes)} = "
         f"{' x '.join(str(mesh.shape[a]) for a in axes)}); use a multiple of {dp}")
+  microbatches = config.get("microbatches", 1)
+  if microbatches < 1 or config.batch_size % (microbatches * dp):
+    raise ValueError(
+        f"config.microbatches={microbatches}: each of the microbatches must hold an equal "
+        f"share of config.batch_size={config.batch_size} for each of the {dp} data-parallel "
+        f"devices; use a divisor of {config.batch_size // dp}")
   if config.batch_size % jax.process_count():
     raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the "
                      f"{jax.process_count()} processes")
@@ -167,7 +173,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   # --- The update step, compiled once; its cost is printed before training starts.
   local_batch = next(train_iter)
   t0 = time.perf_counter()
-  compiled = train_state.jit_train_step(task, spec, config.seed, config.nonfinite).lower(
+  compiled = train_state.jit_train_step(
+      task, spec, config.seed, config.nonfinite, config.get("microbatches", 1)).lower(
       spec.abstract, train_state.abstract_batch(spec, local_batch)).compile()
   logging.info("Compiled train step in %.1fs: %s", time.perf_counter() - t0,
                profiling.format_stats(profiling.compiled_stats(compiled)))
