@@ -167,18 +167,18 @@ def bench_train(config, peak: float) -> dict[str, float]:
                                                                       jax.devices()[:1]))
   local = _random_batch(config)
   batch = jax.device_put(local, spec.batch_sharding)
-  compile_step = lambda microbatches: train_state.jit_train_step(
-      task, spec, config.seed, microbatches=microbatches).lower(
-          spec.abstract, train_state.abstract_batch(spec, local)).compile()
+  shapes = train_state.abstract_batch(spec, local)
   t0 = time.perf_counter()
-  compiled = compile_step(config.microbatches)
+  compiled = train_state.jit_train_step(task, spec, config.seed,
+                                        microbatches=config.microbatches).lower(
+      spec.abstract, shapes).compile()
   compile_s = time.perf_counter() - t0
   step_s, state, _ = profiling.time_steps(compiled, spec.init(jax.random.key(config.seed)),
                                           batch, _STEPS.value)
-  # XLA's cost analysis counts a loop's body once: the FLOPs of a step are the whole batch's.
-  whole = compiled if config.microbatches == 1 else compile_step(1)
-  flops = profiling.compiled_stats(whole).get("flops", float("nan"))
-  temp = profiling.compiled_stats(compiled).get("temp_bytes", float("nan"))
+  stats = train_state.step_stats(compiled, task, spec, config.seed, shapes,
+                                 config.microbatches)
+  flops = stats.get("flops", float("nan"))
+  temp = stats.get("temp_bytes", float("nan"))
   frames = config.batch_size * config.data.clip_len
   result = dict(compile_s=compile_s, ms=1e3 * step_s, rate=frames / step_s, unit="frames/s",
                 gflop=flops / 1e9, mfu=flops / step_s / peak, batch=config.batch_size,

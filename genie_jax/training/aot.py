@@ -86,16 +86,20 @@ def compile_for(config: ml_collections.ConfigDict, devices: Sequence[jax.Device]
     hbm_bytes: memory of one device; default from `HBM_BYTES` by device kind.
   """
   task, mesh, spec = _stage_spec(config, devices)
-  compiled = train_state.jit_train_step(
-      task, spec, config.seed, microbatches=config.get("microbatches", 1)).lower(
-          spec.abstract, abstract_batch(task.config, spec)).compile()
-  return _report(compiled, mesh, hbm_bytes)
+  microbatches = config.get("microbatches", 1)
+  batch = abstract_batch(task.config, spec)
+  compiled = train_state.jit_train_step(task, spec, config.seed,
+                                        microbatches=microbatches).lower(
+      spec.abstract, batch).compile()
+  return _report(compiled, mesh, hbm_bytes, train_state.step_stats(
+      compiled, task, spec, config.seed, batch, microbatches))
 
 
-def _report(compiled: Any, mesh: jax.sharding.Mesh, hbm_bytes: float | None) -> AotReport:
+def _report(compiled: Any, mesh: jax.sharding.Mesh, hbm_bytes: float | None,
+            stats: dict[str, float] | None = None) -> AotReport:
   kind = mesh.devices.flat[0].device_kind
   return AotReport(mesh=dict(mesh.shape), device_kind=kind,
-                   stats=profiling.compiled_stats(compiled),
+                   stats=stats if stats is not None else profiling.compiled_stats(compiled),
                    hbm_bytes=hbm_bytes if hbm_bytes is not None else HBM_BYTES.get(kind))
 
 
