@@ -100,8 +100,8 @@ def poison_step(monkeypatch):
   make_train_step = train_state.make_train_step
 
   def poison(k):
-    def make(task, spec, seed, nonfinite="stop"):
-      inner = make_train_step(_PoisonedTask(task, k), spec, seed, nonfinite)
+    def make(task, spec, seed, nonfinite="stop", microbatches=1):
+      inner = make_train_step(_PoisonedTask(task, k), spec, seed, nonfinite, microbatches)
       return lambda state, batch: inner(state, dict(batch, _step=state["step"]))
     monkeypatch.setattr(train_state, "make_train_step", make)
 

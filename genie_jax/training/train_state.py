@@ -164,10 +164,11 @@ def accumulate(grad_fn, params, model_state, batch, key: jax.Array, microbatches
   index. Gradients (accumulated in float32), the loss and the metrics are the microbatches'
   means: a loss that is a ratio over the batch (the dynamics model's cross-entropy over its
   masked tokens) weighs each microbatch equally rather than each token. Every microbatch
-  starts from the step's model state; float state (codebook usage averages) moves by the
-  mean of their changes, other state (counters, which each microbatch moves alike) is the
-  last one's. aux leaves must have the batch axis first; they are put back in batch order
-  for the task's `after_update`.
+  starts from the step's model state. A loss leaves the model state's parameters (frozen
+  stages' weights) alone (`Task.loss`), so they pass through; of the rest, float state
+  (codebook usage averages) moves by the mean of the microbatches' changes and other state
+  (counters, which each microbatch moves alike) is the last one's. aux leaves must have the
+  batch axis first; they are put back in batch order for the task's `after_update`.
   """
   size = jax.tree.leaves(batch)[0].shape[0]
   if size % microbatches:
@@ -186,49 +187,58 @@ def accumulate(grad_fn, params, model_state, batch, key: jax.Array, microbatches
                        f"got shape {x.shape[1:]}")
     return jnp.swapaxes(x, 0, 1).reshape(size, *x.shape[2:])
 
-  floats = lambda tree: jax.tree.map(lambda x: jnp.issubdtype(x.dtype, jnp.inexact), tree)
-  is_float = floats(model_state)
+  frozen, moving = nnx.split_state(model_state, nnx.Param, ...)
+  is_float = jax.tree.map(lambda x: jnp.issubdtype(x.dtype, jnp.inexact), moving)
 
   def body(carry, xs):
     grad_sum, delta_sum, _ = carry
     micro, index = xs
     (loss, (metrics, aux, new_state)), grads = grad_fn(params, model_state, micro,
                                                        jax.random.fold_in(key, index))
+    new_moving = nnx.split_state(new_state, nnx.Param, ...)[1]
     grad_sum = jax.tree.map(lambda s, g: s + g.astype(jnp.float32), grad_sum, grads)
     delta_sum = jax.tree.map(
         lambda f, s, new, old: s + (new - old).astype(jnp.float32) if f else s,
-        is_float, delta_sum, new_state, model_state)
-    return (grad_sum, delta_sum, new_state), (loss, metrics, aux)
+        is_float, delta_sum, new_moving, moving)
+    return (grad_sum, delta_sum, new_moving), (loss, metrics, aux)
 
   zeros = lambda tree: jax.tree.map(lambda x: jnp.zeros(x.shape, jnp.float32), tree)
   with sharding.activation_rules(spec.mesh, spec.rules):
     micro_batches = jax.tree.map(split, batch)
-  (grad_sum, delta_sum, last_state), (losses, metrics, aux) = jax.lax.scan(
-      body, (zeros(params), zeros(model_state), model_state),
+  (grad_sum, delta_sum, last_moving), (losses, metrics, aux) = jax.lax.scan(
+      body, (zeros(params), zeros(moving), moving),
       (micro_batches, jnp.arange(microbatches)))
   grads = jax.tree.map(lambda s, p: (s / microbatches).astype(p.dtype), grad_sum, params)
-  model_state = jax.tree.map(
+  moving = jax.tree.map(
       lambda f, s, old, last: (old + s / microbatches).astype(old.dtype) if f else last,
-      is_float, delta_sum, model_state, last_state)
+      is_float, delta_sum, moving, last_moving)
   metrics = jax.tree.map(lambda m: jnp.mean(m.astype(jnp.float32), axis=0), metrics)
-  return jnp.mean(losses), metrics, jax.tree.map(merge, aux), model_state, grads
+  return (jnp.mean(losses), metrics, jax.tree.map(merge, aux),
+          nnx.merge_state(frozen, moving), grads)
 
 
 def step_stats(compiled: Any, task: Task, spec: StateSpec, seed: int, batch: Any,
                microbatches: int) -> dict[str, float]:
-  """`profiling.compiled_stats` of a compiled train step on the abstract `batch`. XLA's cost
-  analysis counts a loop's body once, so a step in microbatches reports the FLOPs of the
-  step lowered without them (not compiled; within 0.3% of the compiled figure on CPU), or
-  none where the backend cannot estimate a lowered program (compile-only TPU devices)."""
+  """`profiling.compiled_stats` (per device) of a compiled train step on the abstract
+  `batch`. XLA's cost analysis counts a loop's body once, so the FLOPs of a step in
+  microbatches are its compiled count scaled by the whole batch's over one microbatch's, both
+  from the (global, not compiled) lowered steps; none where the backend cannot estimate a
+  lowered program (compile-only TPU devices)."""
   stats = profiling.compiled_stats(compiled)
-  if microbatches > 1:
-    stats.pop("flops", None)
-    cost = jit_train_step(task, spec, seed).lower(spec.abstract, batch).cost_analysis()
-    if isinstance(cost, (list, tuple)):
-      cost = cost[0] if cost else None
-    if cost and "flops" in cost:
-      stats["flops"] = float(cost["flops"])
+  if microbatches > 1 and "flops" in stats:
+    flops = stats.pop("flops")
+    lowered = [_lowered_flops(jit_train_step(task, spec, seed, microbatches=m).lower(
+        spec.abstract, batch)) for m in (1, microbatches)]
+    if None not in lowered:
+      stats["flops"] = flops * lowered[0] / lowered[1]
   return stats
+
+
+def _lowered_flops(lowered: Any) -> float | None:
+  cost = lowered.cost_analysis()
+  if isinstance(cost, (list, tuple)):
+    cost = cost[0] if cost else None
+  return float(cost["flops"]) if cost and cost.get("flops") else None
 
 
 def jit_train_step(task: Task, spec: StateSpec, seed: int, nonfinite: str = "stop",
