@@ -169,13 +169,14 @@ def bench_train(config, peak: float) -> dict[str, float]:
   batch = jax.device_put(local, spec.batch_sharding)
   shapes = train_state.abstract_batch(spec, local)
   t0 = time.perf_counter()
-  compiled = train_state.jit_train_step(task, spec, config.seed,
-                                        microbatches=config.microbatches).lower(
-      spec.abstract, shapes).compile()
+  lowered = train_state.jit_train_step(task, spec, config.seed,
+                                       microbatches=config.microbatches).lower(
+      spec.abstract, shapes)
+  compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
   step_s, state, _ = profiling.time_steps(compiled, spec.init(jax.random.key(config.seed)),
                                           batch, _STEPS.value)
-  stats = train_state.step_stats(compiled, task, spec, config.seed, shapes,
+  stats = train_state.step_stats(lowered, compiled, task, spec, config.seed, shapes,
                                  config.microbatches)
   flops = stats.get("flops", float("nan"))
   temp = stats.get("temp_bytes", float("nan"))

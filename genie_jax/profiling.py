@@ -22,17 +22,24 @@ from absl import logging
 from genie_jax import paths
 
 
+def cost_flops(stage: Any) -> float | None:
+  """XLA's FLOPs of a `jax.stages.Compiled` (per device) or `Lowered` (the global program),
+  or None where the backend does not estimate them."""
+  cost = stage.cost_analysis()
+  if isinstance(cost, (list, tuple)):  # Older jax returned one dict per device.
+    cost = cost[0] if cost else None
+  return float(cost["flops"]) if cost and "flops" in cost else None
+
+
 def compiled_stats(compiled: Any) -> dict[str, float]:
   """FLOPs per call and memory (bytes), both per device, of a `jax.stages.Compiled`.
 
   Either figure is left out when the backend does not report it.
   """
   stats: dict[str, float] = {}
-  cost = compiled.cost_analysis()
-  if isinstance(cost, (list, tuple)):  # Older jax returned one dict per device.
-    cost = cost[0] if cost else None
-  if cost and "flops" in cost:
-    stats["flops"] = float(cost["flops"])
+  flops = cost_flops(compiled)
+  if flops is not None:
+    stats["flops"] = flops
   mem = compiled.memory_analysis()
   if mem is not None:
     for field in ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",

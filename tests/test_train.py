@@ -215,11 +215,10 @@ def test_step_stats_count_every_microbatch(tmp_path, mesh):
   batch = train_state.abstract_batch(spec, random_batch(config))
   flops = {}
   for microbatches in (1, 2):
-    compiled = train_state.jit_train_step(task, spec, config.seed,
-                                          microbatches=microbatches).lower(
-        spec.abstract, batch).compile()
-    flops[microbatches] = train_state.step_stats(compiled, task, spec, config.seed, batch,
-                                                 microbatches)["flops"]
+    lowered = train_state.jit_train_step(task, spec, config.seed,
+                                         microbatches=microbatches).lower(spec.abstract, batch)
+    flops[microbatches] = train_state.step_stats(lowered, lowered.compile(), task, spec,
+                                                 config.seed, batch, microbatches)["flops"]
   # XLA's own count for the loop is one part's; the step's is the whole batch's, per device.
   assert flops[2] == pytest.approx(flops[1], rel=0.02)
 

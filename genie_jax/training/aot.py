@@ -88,11 +88,11 @@ def compile_for(config: ml_collections.ConfigDict, devices: Sequence[jax.Device]
   task, mesh, spec = _stage_spec(config, devices)
   microbatches = config.get("microbatches", 1)
   batch = abstract_batch(task.config, spec)
-  compiled = train_state.jit_train_step(task, spec, config.seed,
-                                        microbatches=microbatches).lower(
-      spec.abstract, batch).compile()
+  lowered = train_state.jit_train_step(task, spec, config.seed,
+                                       microbatches=microbatches).lower(spec.abstract, batch)
+  compiled = lowered.compile()
   return _report(compiled, mesh, hbm_bytes, train_state.step_stats(
-      compiled, task, spec, config.seed, batch, microbatches))
+      lowered, compiled, task, spec, config.seed, batch, microbatches))
 
 
 def _report(compiled: Any, mesh: jax.sharding.Mesh, hbm_bytes: float | None,

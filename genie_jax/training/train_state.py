@@ -217,28 +217,21 @@ def accumulate(grad_fn, params, model_state, batch, key: jax.Array, microbatches
           nnx.merge_state(frozen, moving), grads)
 
 
-def step_stats(compiled: Any, task: Task, spec: StateSpec, seed: int, batch: Any,
-               microbatches: int) -> dict[str, float]:
-  """`profiling.compiled_stats` (per device) of a compiled train step on the abstract
-  `batch`. XLA's cost analysis counts a loop's body once, so the FLOPs of a step in
+def step_stats(lowered: Any, compiled: Any, task: Task, spec: StateSpec, seed: int,
+               batch: Any, microbatches: int) -> dict[str, float]:
+  """`profiling.compiled_stats` (per device) of a train step lowered on the abstract `batch`
+  and compiled. XLA's cost analysis counts a loop's body once, so the FLOPs of a step in
   microbatches are its compiled count scaled by the whole batch's over one microbatch's, both
-  from the (global, not compiled) lowered steps; none where the backend cannot estimate a
+  from (global, not compiled) lowered steps; none where the backend cannot estimate a
   lowered program (compile-only TPU devices)."""
   stats = profiling.compiled_stats(compiled)
   if microbatches > 1 and "flops" in stats:
     flops = stats.pop("flops")
-    lowered = [_lowered_flops(jit_train_step(task, spec, seed, microbatches=m).lower(
-        spec.abstract, batch)) for m in (1, microbatches)]
-    if None not in lowered:
-      stats["flops"] = flops * lowered[0] / lowered[1]
+    part = profiling.cost_flops(lowered)
+    whole = profiling.cost_flops(jit_train_step(task, spec, seed).lower(spec.abstract, batch))
+    if part and whole:
+      stats["flops"] = flops * whole / part
   return stats
-
-
-def _lowered_flops(lowered: Any) -> float | None:
-  cost = lowered.cost_analysis()
-  if isinstance(cost, (list, tuple)):
-    cost = cost[0] if cost else None
-  return float(cost["flops"]) if cost and cost.get("flops") else None
 
 
 def jit_train_step(task: Task, spec: StateSpec, seed: int, nonfinite: str = "stop",

@@ -175,12 +175,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   t0 = time.perf_counter()
   microbatches = config.get("microbatches", 1)
   batch_shapes = train_state.abstract_batch(spec, local_batch)
-  compiled = train_state.jit_train_step(
+  lowered = train_state.jit_train_step(
       task, spec, config.seed, config.nonfinite, microbatches).lower(
-      spec.abstract, batch_shapes).compile()
+          spec.abstract, batch_shapes)
+  compiled = lowered.compile()
   logging.info("Compiled train step in %.1fs: %s", time.perf_counter() - t0,
                profiling.format_stats(train_state.step_stats(
-                   compiled, task, spec, config.seed, batch_shapes, microbatches)))
+                   lowered, compiled, task, spec, config.seed, batch_shapes, microbatches)))
 
   # --- Pictures and metrics. Only the first examples are shown, so only they are computed.
   n_images = config.num_images
