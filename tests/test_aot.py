@@ -1,6 +1,5 @@
 """Ahead-of-time compilation of a train step for other devices, with an HBM verdict."""
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -38,18 +37,6 @@ def test_config_checks_run_before_compiling():
   config = tiny_config("", batch_size=12)
   with pytest.raises(ValueError, match="config.batch_size=12"):
     aot.compile_for(config, jax.devices())
-
-
-@pytest.mark.skipif(importlib.util.find_spec("libtpu") is None,
-                    reason="needs the libtpu wheel (pip install libtpu; no TPU needed)")
-def test_tpu_topology_two_slices():
-  devices = aot.topology_devices("v5e:2x2", num_slices=2)
-  assert len(devices) == 8
-  config = tiny_config("")
-  config.mesh = dict(data=1, fsdp=2, tensor=2)
-  config.mesh_dcn = dict(data=2, fsdp=1, tensor=1)
-  report = aot.compile_for(config, devices)
-  assert report.device_kind == "TPU v5 lite" and report.fits
 
 
 def test_rollout_compiles_for_devices_with_shapes_only(tmp_path):
@@ -104,6 +91,16 @@ def test_every_stage_and_the_rollout_lower_for_a_tpu_topology(tmp_path):
           (["--rollout"] if stage == "dynamics" else []),
           cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
       for stage, config in configs.items()}
+  # Two slices joined by DCN (aot.topology_devices' multi-slice devices), data across them.
+  two_slices = subprocess.Popen(
+      [sys.executable, "-m", "genie_jax.cli.aot", f"--config={configs['tokenizer']}",
+       "--topology=v5e:2x2", "--num_slices=2", "--config.mesh.data=1", "--config.mesh.fsdp=2",
+       "--config.mesh.tensor=2", "--config.mesh_dcn.data=2", "--config.batch_size=8"],
+      cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  out, _ = two_slices.communicate(timeout=600)
+  assert two_slices.returncode == 0, out[-4000:]
+  assert "tokenizer on v5e:2x2 x 2 slice(s), 8 devices" in out and "TPU v5 lite" in out, out
+  assert "-> FITS" in out, out
   for stage, proc in procs.items():
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-4000:]

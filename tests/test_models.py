@@ -555,6 +555,23 @@ def test_bfloat16_compute_keeps_float32_params():
   assert all(g.dtype == jnp.float32 for g in jax.tree.leaves(grads))
 
 
+def _remat_policies(model, video) -> list:
+  """The policy of every checkpoint (remat) in the jaxpr of the model's forward pass."""
+  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+  forward = lambda params: nnx.merge(graphdef, params, rest, copy=True)(video, train=False)
+  found = []
+
+  def walk(jaxpr):
+    for eqn in jaxpr.eqns:
+      if eqn.primitive.name in ("remat2", "checkpoint"):  # jax.checkpoint's, by version
+        found.append(eqn.params["policy"])
+      for sub in jax.core.jaxprs_in_params(eqn.params):
+        walk(sub)
+
+  walk(jax.make_jaxpr(forward)(params).jaxpr)
+  return found
+
+
 @pytest.mark.parametrize("remat", ["full", "dots"])
 def test_remat_gives_the_same_loss_and_grads(remat):
   video = random_video()
@@ -565,6 +582,11 @@ def test_remat_gives_the_same_loss_and_grads(remat):
   np.testing.assert_allclose(loss_r, loss, rtol=1e-6)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
                grads_r, grads)
+  # Equal values would hold without any remat too: each of the 3 ST blocks (2 encoder, 1
+  # decoder) must be checkpointed with the chosen policy, and none in the plain model.
+  policy = layers.REMAT_POLICIES[remat]
+  assert _remat_policies(rematted, video).count(policy) == 3
+  assert policy not in _remat_policies(plain, video)
 
 
 def test_code_stability_counts_only_tokens_whose_patch_did_not_change():
