@@ -41,7 +41,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   config.model = diffusion_lib.default_config()
   config.model.update(dynamics_config.SIZES[size])
-  config.model.max_frames = config.data.clip_len
+  # Follows an override of data.clip_len (see configs/tokenizer.py).
+  config.model.max_frames = config.data.get_ref("clip_len").identity()
   config.model.action_conditioning = args.conditioning
   config.model.objective = args.objective
   config.model.shortcut_steps = int(args.shortcut)

@@ -84,7 +84,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   config.model = dynamics_lib.default_config()
   config.model.update(SIZES[size])
-  config.model.max_frames = config.data.clip_len
+  # Follows an override of data.clip_len (see configs/tokenizer.py).
+  config.model.max_frames = config.data.get_ref("clip_len").identity()
   config.model.action_conditioning = args.conditioning
 
   # Teacher-forced accuracy, rollouts against the truth, Genie's Delta_t PSNR, LAM vs true

@@ -53,8 +53,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   config.model = lam_lib.default_config()
   config.model.update(SIZES[size])
-  config.model.image_size = config.data.image_size
-  config.model.max_frames = config.data.clip_len
+  # References, as in configs/tokenizer.py: the model follows overrides of the data's.
+  config.model.image_size = config.data.get_ref("image_size").identity()
+  config.model.max_frames = config.data.get_ref("clip_len").identity()
 
   config.evals.latent_actions = ml_collections.ConfigDict(dict(
       type="latent_actions", split="validation", batch_size=0, num_batches=8, num_images=4))
@@ -63,7 +64,6 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # 4-frame clips: more updates per CPU second than 16-frame ones (with
     # decoder_context_frames=1 the decoder never uses more than one past frame anyway).
     config.data.clip_len = 4
-    config.model.max_frames = 4
     # Cosine matching spreads the latents over the codes; squared L2 sends every latent to
     # the code of smallest norm at initialisation.
     config.model.vq_normalize = True
@@ -73,7 +73,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
       # App. F's patch for its frame size (16 at 64x64): 8 at the built-in world's 32x32,
       # two cells on a side, so a move shows inside each token pair; patch 4 (one cell, 4x
       # the tokens) buys far fewer steps in the same time (README, "Results").
-      config.model.patch_size = config.data.image_size // 4
+      config.model.patch_size = config.data.get_ref("image_size") // 4
       # Rotary row/column angles in spatial attention: the decoder shifts the view by
       # "the token one over" whatever its place, so a direction in the latent pays off
       # early and the encoder keeps it apart from the other moves (README, "Results").

@@ -51,8 +51,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
   config.model = tokenizer_lib.default_config()
   config.model.update(SIZES[size])
-  config.model.image_size = config.data.image_size
-  config.model.max_frames = config.data.clip_len
+  # Derived references, not copies: an override of data.image_size or data.clip_len (the
+  # new-dataset recipe, README "Data") carries into the model; setting the model's own key
+  # unlinks it and leaves the data's alone.
+  config.model.image_size = config.data.get_ref("image_size").identity()
+  config.model.max_frames = config.data.get_ref("clip_len").identity()
   config.model.quantizer = args.quantizer
 
   config.evals.reconstruction = ml_collections.ConfigDict(dict(

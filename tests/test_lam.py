@@ -161,7 +161,8 @@ predict_from = nnx.jit(lambda model, video, z: model.decode(video[:, :-1], z))
     ("model.patch_size", 5, "config.model.patch_size"),
     ("model.decoder_context_frames", 17, "config.model.decoder_context_frames"),
     ("model.image_size", 32, "config.model.image_size"),
-    ("data.clip_len", 17, "config.data.clip_len"),
+    # (A clip_len set alone carries into max_frames: configs/lam.py.)
+    ("model.max_frames", 8, "config.data.clip_len=16 exceeds config.model.max_frames=8"),
     # Tokenizer options the LAM does not have.
     ("model.temporal_positions", "rope", "config.model.temporal_positions='rope': the LAM"),
     ("model.code_restart_sampling", "distance", "config.model.code_restart_sampling"),
