@@ -7,11 +7,15 @@ import subprocess
 import sys
 
 import pytest
+from absl import flags
+from ml_collections import config_flags
 
 from configs import dynamics as dynamics_config
+from configs import genie as genie_config
 from configs import lam as lam_config
 from configs import tokenizer as tokenizer_config
 from genie_jax import config_lib
+from genie_jax.training import pipeline
 from genie_jax.training import train_state
 from genie_jax.training import trainer
 from conftest import REPO, tiny_config
@@ -71,6 +75,17 @@ TRAINER_CASES = [
      ["config.model.code_restart_sampling='farthest'", "expected 'uniform' or 'distance'"]),
     ("stage", "tokeniser", ["config.stage='tokeniser'", "choose one of"]),
     ("total_steps", 0, ["config.total_steps=0 must be positive"]),
+    ("eval_every_steps", -1, ["config.eval_every_steps=-1 must not be negative (0: never)"]),
+    ("checkpoint.max_to_keep", 0, ["config.checkpoint.max_to_keep=0 must be at least 1"]),
+    ("checkpoint.keep_period", -5, ["config.checkpoint.keep_period=-5 must not be negative"]),
+    ("seed", -1, ["config.seed=-1 must be in [0, 2**32)"]),
+    ("data.name", "atari", ["config.data.name='atari' is not a dataset", "builtin_world"]),
+    ("model.dtype", "int32", ["config.model.dtype='int32'", "expected a floating type"]),
+    ("optimizer.lr", -1e-3, ["config.optimizer.lr=-0.001 must be positive"]),
+    ("optimizer.grad_clip_norm", -1.0,
+     ["config.optimizer.grad_clip_norm=-1.0 must not be negative"]),
+    ("optimizer.b2", 1.0, ["config.optimizer.b2=1.0 must be in [0, 1)"]),
+    ("optimizer.decay_fraction", 3.0, ["config.optimizer.decay_fraction=3.0 must be in [0, 1]"]),
 ]
 
 
@@ -80,6 +95,12 @@ def test_bad_trainer_config(tmp_path, key, value, patterns):
   config = tiny_config(str(tmp_path / "data"))
   _set(config, key, value)
   _fails(config, tmp_path, *patterns)
+
+
+def test_a_clip_longer_than_any_record_fails_before_the_data_is_made(tmp_path):
+  config = tiny_config(str(tmp_path / "data"), **{"data.clip_len": 48, "model.max_frames": 48})
+  _fails(config, tmp_path, "config.data.clip_len=48: records hold at most 40 frames",
+         "config.data.episode_len=40")
 
 
 # The model split is checked on the weights' shapes (jax.eval_shape: nothing allocated, no
@@ -180,3 +201,56 @@ def test_stage_configs_are_read_without_the_checkpointer():
   out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                        check=True)
   assert out.stdout.strip() == "[]", out.stdout
+
+
+def _parsed_config(argv: list[str]):
+  """The config `argv` gives, parsed as the command line's flags are (config_flags reads its
+  overrides from the argv it is defined with)."""
+  values = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=values, lock_config=True,
+                                  sys_argv=argv)
+  values(argv)
+  return values.config
+
+
+def test_new_dataset_recipe_reaches_every_model(tmp_path):
+  """README "Data", the recipe for a new dataset: a frame size and clip length given on the
+  command line for each stage's data carry into the stages' models (the LAM's patch with
+  them), and every check the pipeline makes before training passes; a model key given
+  explicitly wins."""
+  argv = ["pipeline",
+          f"--config={REPO}/configs/genie.py:runlocal,data=video_folder,video_dir={tmp_path}",
+          *[f"--config.{stage}.data.image_size=48" for stage in ("tokenizer", "lam", "dynamics")],
+          *[f"--config.{stage}.data.clip_len=8" for stage in ("tokenizer", "dynamics")]]
+  stages = pipeline.checked_stage_configs(_parsed_config(argv), str(tmp_path / "genie"))
+  tokenizer, lam, dynamics = (stages[name][1].model for name in ("tokenizer", "lam", "dynamics"))
+  assert (tokenizer.image_size, tokenizer.max_frames) == (48, 8)
+  assert (lam.image_size, lam.max_frames, lam.patch_size) == (48, 4, 12)
+  assert dynamics.max_frames == 8
+  config = _parsed_config(argv + ["--config.lam.model.patch_size=8"])
+  assert (config.lam.model.patch_size, config.lam.data.image_size) == (8, 48)
+
+
+def test_a_workdir_without_a_checkpoint_takes_a_new_config(tmp_path):
+  """config.json alone (a run stopped before its first save, e.g. by an error found at
+  compile time) binds nothing; once a checkpoint exists, a changed config is refused."""
+  from genie_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
+  workdir = str(tmp_path / "work")
+  config = tiny_config(str(tmp_path / "data"))
+  config_lib.save_config(workdir, config)
+  changed = tiny_config(str(tmp_path / "data"), **{"model.num_codes": 16})
+  checkpointing.check_resume_config(workdir, changed)
+  (tmp_path / "work" / "checkpoints" / "3").mkdir(parents=True)
+  with pytest.raises(ValueError, match="config.model.num_codes: 32 -> 16"):
+    checkpointing.check_resume_config(workdir, changed)
+
+
+def test_the_pipeline_checks_every_stage_before_training_any(tmp_path):
+  """A later stage's bad trainer setting fails the pipeline before the first stage trains,
+  naming the stage."""
+  config = genie_config.get_config("size=tiny,runlocal")
+  config.dynamics.total_steps = 0
+  workdir = tmp_path / "genie"
+  with pytest.raises(ValueError, match=r"config.dynamics: config.total_steps=0 must be "):
+    pipeline.run_pipeline(config, str(workdir))
+  assert not workdir.exists()

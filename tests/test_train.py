@@ -336,6 +336,7 @@ def test_resume_refuses_a_changed_config(trained_workdir, tmp_path, tiny_data_di
 def test_resume_compares_derived_keys_only_where_both_configs_hold_them(tmp_path):
   assert "tokenizer_model" in tasks.derived_keys()
   derived = tasks.derived_keys()
+  (tmp_path / "checkpoints" / "1").mkdir(parents=True)  # A trained workdir.
   saved = ml_collections.ConfigDict(dict(seed=0, tokenizer_model=dict(num_codes=64)))
   config_lib.save_config(str(tmp_path), saved)
   # Not filled in yet (a fresh config), or written before the key existed: no difference.
@@ -351,6 +352,7 @@ def test_resume_compares_derived_keys_only_where_both_configs_hold_them(tmp_path
 
 
 def test_resume_reads_a_model_key_added_later_as_what_the_model_assumed(tmp_path):
+  (tmp_path / "checkpoints" / "1").mkdir(parents=True)  # A trained workdir.
   config_lib.save_config(str(tmp_path), ml_collections.ConfigDict(
       dict(seed=0, model=dict(d_model=32))))
   later = dict(d_model=32, temporal_positions="learned", sink_frames=0)

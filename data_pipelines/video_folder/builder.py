@@ -100,7 +100,10 @@ def read_frames(path: str) -> Iterator[np.ndarray]:
         with Image.open(os.path.join(path, f)) as image:
           yield np.asarray(image.convert("RGB"))
   elif path.lower().endswith(".npy"):
-    frames = np.load(path, mmap_mode="r")
+    try:
+      frames = np.load(path, mmap_mode="r")
+    except (OSError, ValueError) as e:
+      raise ValueError(f"Cannot read {path} as a numpy array of frames ({e})") from e
     if frames.ndim not in (3, 4):
       raise ValueError(f"{path}: expected frames (T, H, W[, C]), got shape {frames.shape}.")
     yield from frames

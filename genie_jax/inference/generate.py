@@ -28,6 +28,30 @@ def parse_actions(spec: str) -> list[int] | str:
                      "integers such as 0,1,2") from e
 
 
+_VIDEO_NAME = re.compile(r"video_\d+\.(gif|mp4)")
+
+
+def _check_out_dir(out_dir: str) -> None:
+  """Refuses an output folder holding files of this command's names (video_<i>.gif/.mp4,
+  actions.json) that an earlier run of it did not write: it would overwrite or delete them.
+  An earlier run's folder (its actions.json says so) is reused."""
+  folder = paths.path(out_dir)
+  if not folder.is_dir():
+    return
+  ours = [p.name for p in folder.iterdir()
+          if _VIDEO_NAME.fullmatch(p.name) or p.name == "actions.json"]
+  if not ours:
+    return
+  try:
+    written = json.loads((folder / "actions.json").read_text())
+  except (FileNotFoundError, ValueError):
+    written = None
+  if not (isinstance(written, dict) and {"workdir", "action_ids", "num_steps"} <= set(written)):
+    raise ValueError(f"--out={out_dir} holds {', '.join(sorted(ours))}, not written by "
+                     "genie_jax.cli.generate; they would be overwritten or deleted: choose "
+                     "an empty or new folder")
+
+
 def generate(workdir: str, *, step: int | None = None, num_frames: int | None = None,
              actions: str = "random", num_steps: int | None = None,
              temperature: float = 1.0,
@@ -48,6 +72,10 @@ def generate(workdir: str, *, step: int | None = None, num_frames: int | None = 
     paths.check_bucket(out_dir, "--out")
   if num_videos < 1:
     raise ValueError(f"--num_videos={num_videos} must be at least 1")
+  if scale < 1:
+    raise ValueError(f"--scale={scale} must be at least 1")
+  out_dir = out_dir or paths.join(workdir, "generate")
+  _check_out_dir(out_dir)
   genie = worlds.load(workdir, step=step)
   num_steps = genie.resolve_steps(num_steps, "--num_steps")
   clip_len = int(genie.config.data.clip_len)
@@ -88,7 +116,6 @@ def generate(workdir: str, *, step: int | None = None, num_frames: int | None = 
   video = np.asarray(genie.rollout(prompt, action_ids, rng=jax.random.key(seed),
                                    num_steps=num_steps, temperature=temperature))
 
-  out_dir = out_dir or paths.join(workdir, "generate")
   actions_file = paths.join(out_dir, "actions.json")
   files = [paths.join(out_dir, f"video_{i}.gif") for i in range(num_videos)] + [actions_file]
   if jax.process_index() != 0:
@@ -109,7 +136,7 @@ def generate(workdir: str, *, step: int | None = None, num_frames: int | None = 
   # A reused folder keeps no videos of an earlier, larger (or MP4-writing) run: every
   # video_<i>.gif/.mp4 there belongs to this run's actions.json.
   for stale in paths.path(out_dir).iterdir():
-    if (re.fullmatch(r"video_\d+\.(gif|mp4)", stale.name) and stale.is_file()
+    if (_VIDEO_NAME.fullmatch(stale.name) and stale.is_file()
         and paths.join(out_dir, stale.name) not in files):
       stale.unlink()
   paths.write_text(actions_file, json.dumps(dict(

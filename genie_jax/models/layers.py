@@ -529,9 +529,13 @@ def validate_transformer_config(cfg) -> None:
       raise ValueError(f"config.model.{key}={cfg[key]!r}; expected one of {list(options)}")
   for key in ("dtype", "param_dtype"):
     try:
-      jnp.dtype(cfg[key])
+      dtype = jnp.dtype(cfg[key])
     except TypeError as e:
       raise ValueError(f"config.model.{key}={cfg[key]!r} is not a dtype name") from e
+    if not jnp.issubdtype(dtype, jnp.floating):
+      # Integer weights or activations would take no gradient: the run would not learn.
+      raise ValueError(f"config.model.{key}={cfg[key]!r}: expected a floating type, e.g. "
+                       "'float32' or 'bfloat16'")
 
 
 def temporal_settings(cfg) -> tuple[str, int]:

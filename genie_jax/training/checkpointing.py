@@ -122,6 +122,12 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
   return flat
 
 
+def has_checkpoint(workdir: str) -> bool:
+  """Whether workdir/checkpoints holds a finished step (a folder named by its number)."""
+  folder = paths.path(workdir) / "checkpoints"
+  return folder.is_dir() and any(p.name.isdigit() for p in folder.iterdir())
+
+
 def check_resume_config(workdir: str, config: ml_collections.ConfigDict,
                         derived_keys: Sequence[str] = ()) -> None:
   """Refuses to continue a workdir with a config that changes what was trained.
@@ -135,7 +141,9 @@ def check_resume_config(workdir: str, config: ml_collections.ConfigDict,
       RESUMABLE_KEYS; nothing in the workdir is touched.
   """
   saved = config_lib.read_saved(workdir)
-  if saved is None:
+  if saved is None or not has_checkpoint(workdir):
+    # Without a checkpoint nothing was trained (a run stopped before its first save, e.g. by
+    # a config error found at compile time): its config.json binds nothing.
     return
   saved = _flatten(saved)
   new = _flatten(config_lib.config_to_dict(config))

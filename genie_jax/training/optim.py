@@ -15,9 +15,8 @@ def learning_rate_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> 
   WSD holds the peak rate and decays linearly to `end_lr` over the last `decay_fraction` of
   training; it lets a run be extended (or stopped early with a short decay) without retuning.
   """
+  check_config(cfg)
   warmup = min(int(cfg.warmup_steps), total_steps)
-  if cfg.schedule not in SCHEDULES:
-    raise ValueError(f"config.optimizer.schedule={cfg.schedule!r}; choose one of {SCHEDULES}")
   if cfg.schedule == "constant":
     return optax.warmup_constant_schedule(0.0, cfg.lr, max(warmup, 1))
   if cfg.schedule == "warmup_cosine":
@@ -30,6 +29,25 @@ def learning_rate_schedule(cfg: ml_collections.ConfigDict, total_steps: int) -> 
        optax.constant_schedule(cfg.lr),
        optax.linear_schedule(cfg.lr, cfg.end_lr, max(decay, 1))],
       boundaries=[warmup, warmup + stable])
+
+
+def check_config(cfg: ml_collections.ConfigDict) -> None:
+  """Fails naming the key where `config.optimizer` holds a value that would not train, or
+  would train backwards (a negative rate or clipping norm turns the update around)."""
+  if cfg.schedule not in SCHEDULES:
+    raise ValueError(f"config.optimizer.schedule={cfg.schedule!r}; choose one of {SCHEDULES}")
+  ranges = (("lr", cfg.lr > 0, "must be positive"),
+            ("end_lr", cfg.end_lr >= 0, "must not be negative"),
+            ("b1", 0 <= cfg.b1 < 1, "must be in [0, 1)"),
+            ("b2", 0 <= cfg.b2 < 1, "must be in [0, 1)"),
+            ("eps", cfg.eps > 0, "must be positive"),
+            ("weight_decay", cfg.weight_decay >= 0, "must not be negative"),
+            ("warmup_steps", cfg.warmup_steps >= 0, "must not be negative"),
+            ("decay_fraction", 0 <= cfg.decay_fraction <= 1, "must be in [0, 1]"),
+            ("grad_clip_norm", cfg.grad_clip_norm >= 0, "must not be negative (0: no clipping)"))
+  for key, ok, why in ranges:
+    if not ok:
+      raise ValueError(f"config.optimizer.{key}={cfg[key]!r} {why}")
 
 
 def decay_mask(params):

@@ -32,6 +32,7 @@ from absl import logging
 from genie_jax import config_lib
 from genie_jax import evaluators as evaluators_lib
 from genie_jax import paths
+from genie_jax import sharding
 from genie_jax import tasks
 from genie_jax.evaluators import controllability as controllability_lib
 from genie_jax.inference import evaluate as evaluate_lib
@@ -84,24 +85,35 @@ def _finished(workdir: str, config: ml_collections.ConfigDict) -> bool:
     ckpt.close()
 
 
-def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, object]:
-  """Trains what is not trained yet, evaluates everything, writes WORKDIR/report."""
-  paths.check_bucket(workdir, "workdir")
+def checked_stage_configs(config: ml_collections.ConfigDict, workdir: str
+                          ) -> dict[str, tuple[str, ml_collections.ConfigDict]]:
+  """`stage_configs`, after everything that can be checked before the first stage trains:
+  the report's thresholds, every stage's task (a later stage's on the configs of the stages
+  it builds on), every evaluator's settings, and each trained workdir's config."""
   check_report_config(config)
   stages = stage_configs(config, workdir)
-  # Everything that can be checked before the first stage trains is checked now: the report's
-  # thresholds, every stage's task (a later stage's on the configs of the stages it builds
-  # on), every evaluator's settings.
   resolved_configs = {}
   for stage, (stage_dir, stage_config) in stages.items():
     resolved = tasks.get_task(stage_config,
                               _upstream_models(stages, stage, resolved_configs)).config
     resolved_configs[stage] = resolved
+    try:
+      trainer.check_config(resolved, sharding.mesh_from_config(resolved))
+      trainer.check_fault_config(resolved)
+    except ValueError as e:
+      raise ValueError(f"config.{stage}: {e}") from e
     evaluators_lib.check_configs(resolved)
     metric_writers.check_wandb_config(resolved.get("wandb"))
     # A stage workdir is reused or continued only with the config it was trained with (a
     # finished 256-code tokenizer must not stand in for the 64 codes asked for).
     checkpointing.check_resume_config(stage_dir, resolved, tasks.derived_keys((resolved.stage,)))
+  return stages
+
+
+def run_pipeline(config: ml_collections.ConfigDict, workdir: str) -> dict[str, object]:
+  """Trains what is not trained yet, evaluates everything, writes WORKDIR/report."""
+  paths.check_bucket(workdir, "workdir")
+  stages = checked_stage_configs(config, workdir)
   timings = {}
   for stage, (stage_dir, stage_config) in stages.items():
     if _finished(stage_dir, stage_config):

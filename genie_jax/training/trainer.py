@@ -67,6 +67,20 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
                      ("checkpoint.every_steps", config.checkpoint.every_steps)):
     if value <= 0:
       raise ValueError(f"config.{key}={value} must be positive")
+  for key, value in (("images_every_steps", config.images_every_steps),
+                     ("eval_every_steps", config.eval_every_steps)):
+    if value < 0:
+      raise ValueError(f"config.{key}={value} must not be negative (0: never)")
+  keep, period = config.checkpoint.max_to_keep, config.checkpoint.keep_period
+  if keep is not None and keep < 1:
+    # Orbax would delete every checkpoint, those of earlier runs in the workdir too.
+    raise ValueError(f"config.checkpoint.max_to_keep={keep} must be at least 1, or None "
+                     "(keep all)")
+  if period is not None and period < 0:
+    raise ValueError(f"config.checkpoint.keep_period={period} must not be negative (0: off)")
+  _check_data_config(config.data)
+  if not 0 <= config.seed < 2**32:
+    raise ValueError(f"config.seed={config.seed} must be in [0, 2**32)")
   optim.learning_rate_schedule(config.optimizer, config.total_steps)
   metric_writers.check_wandb_config(config.get("wandb"))
   profile = config.get("profile")
@@ -78,6 +92,21 @@ def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> 
       logging.warning("config.profile names steps %d..%d, past config.total_steps=%d: the "
                       "trace ends with the run", profile.start_step + 1,
                       profile.start_step + profile.num_steps, config.total_steps)
+
+
+def _check_data_config(data: ml_collections.ConfigDict) -> None:
+  """What config.data can be found wrong in before its dataset is generated or read."""
+  if data.name not in data_pipelines.DATASET_NAMES:
+    raise ValueError(f"config.data.name={data.name!r} is not a dataset; known: "
+                     f"{', '.join(data_pipelines.DATASET_NAMES)}")
+  # Records hold at most chunk_len frames (the built-in world's episodes exactly episode_len).
+  builtin = data.name == "builtin_world"
+  longest = min(data.chunk_len, data.episode_len) if builtin else data.chunk_len
+  if not 1 <= data.clip_len <= longest:
+    raise ValueError(
+        f"config.data.clip_len={data.clip_len}: records hold at most {longest} frames "
+        f"(config.data.chunk_len={data.chunk_len}"
+        + (f", config.data.episode_len={data.episode_len})" if builtin else ")"))
 
 
 def check_fault_config(config: ml_collections.ConfigDict) -> None:
