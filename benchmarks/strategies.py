@@ -37,6 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configs import dynamics as dynamics_config
 from configs import lam as lam_config
 from configs import tokenizer as tokenizer_config
+from genie_jax import allocator
 from genie_jax import config_lib
 from genie_jax import profiling
 from genie_jax import sharding
@@ -140,7 +141,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   print(f"jax {jax.__version__}, {jax.device_count()} {jax.devices()[0].platform} devices, "
-        f"{os.cpu_count()} cores, size={_SIZE.value}, batch {_BATCH.value}")
+        f"{os.cpu_count()} cores, size={_SIZE.value}, batch {_BATCH.value}, malloc "
+        f"{allocator.in_use()}, cpu dots {flags.FLAGS.cpu_dots}")
   with tempfile.TemporaryDirectory() as root:
     configs = stage_configs(_SIZE.value, _BATCH.value, root, _IMAGE_SIZE.value)
     header = ("| stage | strategy | mesh | params+opt MiB/device | XLA args MiB | XLA temp MiB | "
@@ -159,4 +161,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  allocator.define_flags()
+  app.run(allocator.entry_point(main))

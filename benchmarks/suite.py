@@ -9,12 +9,13 @@ r"""Every stage's train step, the rollout and the input pipeline, timed on this 
   python benchmarks/suite.py --only=train --breakdown          # and where each step's time goes
   python benchmarks/suite.py --only=train --microbatches=4     # each batch in 4 microbatches
   python benchmarks/suite.py --dynamics=diffusion --diffusion_steps=8   # the diffusion family
+  python benchmarks/suite.py --only=train --dtype=bfloat16     # every model computing in bf16
 
 One table, one row per measurement:
   train    the whole train step (forward, backward, clipping, AdamW; for dynamics also the
            frozen tokenizer's encoder and the LAM) on random frames: median seconds per step,
            frames/s, XLA's FLOPs per step and model-FLOPs utilisation against the best
-           float32 matmul throughput measured here.
+           matmul throughput measured here (float32, or --dtype's operands).
   rollout  `Genie.rollout` (prompt encoding, MaskGIT per frame, decoding) of N generated
            frames from a 1-frame prompt at --maskgit_steps (`DiffusionGenie.rollout` at
            --diffusion_steps Euler steps with --dynamics=diffusion): ms per generated frame
@@ -110,6 +111,9 @@ _TOKENIZER_POSITIONS = flags.DEFINE_string(
     "decoder's cache rolls).")
 _TOKENIZER_SINKS = flags.DEFINE_integer("tokenizer_sinks", None,
                                         "Override the tokenizer's sink_frames.")
+_DTYPE = flags.DEFINE_enum("dtype", None, ["float32", "bfloat16"], "Override every model's "
+                           "compute dtype (model.dtype; parameters stay float32); MFU is "
+                           "then against the matmul peak in that dtype.")
 _DATA_DIR = flags.DEFINE_string("data_dir", None, "Where the built-in world is prepared "
                                 "(default: the data config's).")
 
@@ -132,6 +136,8 @@ def _configs(shape: str, root: str) -> dict:
     if value is not None:
       configs["tokenizer"].model[key] = value
   for stage in ("tokenizer", "lam"):
+    if _DTYPE.value:  # Before saving: the dynamics step's frozen stages read these.
+      configs[stage].model.dtype = _DTYPE.value
     config_lib.save_config(os.path.join(root, stage), configs[stage])
   if shape != "runlocal":
     configs["dynamics"] = (diffusion_config if diffusion else dynamics_config).get_config(
@@ -143,6 +149,8 @@ def _configs(shape: str, root: str) -> dict:
                      ("sink_frames", _SINKS.value)):
     if value is not None:
       configs["dynamics"].model[key] = value
+  if _DTYPE.value:
+    configs["dynamics"].model.dtype = _DTYPE.value
   if diffusion and _SHORTCUT.value:
     configs["dynamics"].model.shortcut_steps = _SHORTCUT.value
   batch = _BATCH.value or dict(runlocal=None, readme=4, appf=2)[shape]
@@ -273,9 +281,10 @@ def main(argv):
     if set(values) - set(known):
       raise app.UsageError(f"--{name}: unknown {sorted(set(values) - set(known))}; "
                            f"known: {list(known)}")
-  peak = profiling.matmul_peak_flops()
+  dtype = _DTYPE.value or "float32"
+  peak = profiling.matmul_peak_flops(dtype=dtype)
   print(f"{jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()}), "
-        f"{os.cpu_count()} cores, jax {jax.__version__}, float32, malloc "
+        f"{os.cpu_count()} cores, jax {jax.__version__}, {dtype}, malloc "
         f"{allocator.in_use()}, cpu dots {flags.FLAGS.cpu_dots}, matmul peak {peak / 1e9:.1f} "
         f"GFLOP/s, train steps in {_MICROBATCHES.value} microbatch(es)")
   if _BREAKDOWN.value and jax.default_backend() == "cpu" and flags.FLAGS.cpu_dots == "eigen":

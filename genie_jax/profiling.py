@@ -64,13 +64,13 @@ def format_stats(stats: dict[str, float]) -> str:
   return ", ".join(parts) or "no cost analysis from this backend"
 
 
-def matmul_peak_flops(sizes=(1024, 2048, 3072), repeats=5) -> float:
-  """Best float32 matmul throughput (FLOP/s) jax reaches on the default device: the
-  denominator of the benchmarks' model-FLOPs utilisation."""
+def matmul_peak_flops(sizes=(1024, 2048, 3072), repeats=5, dtype="float32") -> float:
+  """Best matmul throughput (FLOP/s) jax reaches on the default device with `dtype`
+  operands and float32 results: the denominator of the benchmarks' model-FLOPs utilisation."""
   best = 0.0
   for n in sizes:
-    a = jnp.ones((n, n), jnp.float32)
-    f = jax.jit(lambda x, y: x @ y)
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x, y: jnp.matmul(x, y, preferred_element_type=jnp.float32))
     f(a, a).block_until_ready()
     for _ in range(repeats):
       t0 = time.perf_counter()
