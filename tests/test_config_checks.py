@@ -251,6 +251,6 @@ def test_the_pipeline_checks_every_stage_before_training_any(tmp_path):
   config = genie_config.get_config("size=tiny,runlocal")
   config.dynamics.total_steps = 0
   workdir = tmp_path / "genie"
-  with pytest.raises(ValueError, match=r"config.dynamics: config.total_steps=0 must be "):
+  with pytest.raises(ValueError, match=r"config.dynamics.total_steps=0 must be positive"):
     pipeline.run_pipeline(config, str(workdir))
   assert not workdir.exists()

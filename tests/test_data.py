@@ -557,7 +557,8 @@ def test_video_folder_import(tmp_path):
 
 
 def test_an_unreadable_npy_video_is_named(tmp_path):
-  for name, content in (("objects.npy", None), ("truncated.npy", b"\x93NUMPY")):
+  for name, content in (("objects.npy", None), ("truncated.npy", b"\x93NUMPY"),
+                        ("empty.npy", b"")):
     path = tmp_path / name
     if content is None:
       np.save(path, np.array([{"frame": 1}], dtype=object))

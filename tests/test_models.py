@@ -7,6 +7,7 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from jax.extend import core as jax_core
 
 from genie_jax import sharding
 from genie_jax.evaluators import reconstruction
@@ -565,7 +566,7 @@ def _remat_policies(model, video) -> list:
     for eqn in jaxpr.eqns:
       if eqn.primitive.name in ("remat2", "checkpoint"):  # jax.checkpoint's, by version
         found.append(eqn.params["policy"])
-      for sub in jax.core.jaxprs_in_params(eqn.params):
+      for sub in jax_core.jaxprs_in_params(eqn.params):
         walk(sub)
 
   walk(jax.make_jaxpr(forward)(params).jaxpr)

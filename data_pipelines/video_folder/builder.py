@@ -102,8 +102,8 @@ def read_frames(path: str) -> Iterator[np.ndarray]:
   elif path.lower().endswith(".npy"):
     try:
       frames = np.load(path, mmap_mode="r")
-    except (OSError, ValueError) as e:
-      raise ValueError(f"Cannot read {path} as a numpy array of frames ({e})") from e
+    except (OSError, ValueError, EOFError) as e:
+      raise ValueError(f"Cannot read {path} as a numpy array of frames ({e!r})") from e
     if frames.ndim not in (3, 4):
       raise ValueError(f"{path}: expected frames (T, H, W[, C]), got shape {frames.shape}.")
     yield from frames

@@ -121,6 +121,11 @@ def generate(workdir: str, *, step: int | None = None, num_frames: int | None = 
   if jax.process_index() != 0:
     # Every process of a multi-process job generated the same videos; process 0 writes them.
     return dict(video=video, actions=action_ids, files=files)
+  # First, so that a folder left by an interrupted run is known as this command's.
+  paths.write_text(actions_file, json.dumps(dict(
+      workdir=workdir, step=genie.step, actions=actions, action_ids=action_ids.tolist(),
+      prompt_frames=prompt_frames, num_steps=num_steps, temperature=temperature, seed=seed),
+      indent=2))
   labels = [None] * prompt_frames
   for i in range(num_videos):
     frames = visualize.label_frames(video[i], labels + [f"a={a}" for a in action_ids[i]],
@@ -139,10 +144,6 @@ def generate(workdir: str, *, step: int | None = None, num_frames: int | None = 
     if (_VIDEO_NAME.fullmatch(stale.name) and stale.is_file()
         and paths.join(out_dir, stale.name) not in files):
       stale.unlink()
-  paths.write_text(actions_file, json.dumps(dict(
-      workdir=workdir, step=genie.step, actions=actions, action_ids=action_ids.tolist(),
-      prompt_frames=prompt_frames, num_steps=num_steps, temperature=temperature, seed=seed),
-      indent=2))
   logging.info("Wrote %d videos of %d frames to %s", num_videos, prompt_frames + num_frames,
                out_dir)
   return dict(video=video, actions=action_ids, files=files)

@@ -123,9 +123,14 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def has_checkpoint(workdir: str) -> bool:
-  """Whether workdir/checkpoints holds a finished step (a folder named by its number)."""
+  """Whether workdir/checkpoints holds a finished step: a folder named by its number (Orbax
+  renames it into place when complete; on Cloud Storage, where it cannot, it marks it with
+  commit_success.txt instead)."""
   folder = paths.path(workdir) / "checkpoints"
-  return folder.is_dir() and any(p.name.isdigit() for p in folder.iterdir())
+  remote = paths.is_remote(folder)
+  return folder.is_dir() and any(
+      p.name.isdigit() and (not remote or (p / "commit_success.txt").exists())
+      for p in folder.iterdir())
 
 
 def check_resume_config(workdir: str, config: ml_collections.ConfigDict,

@@ -23,13 +23,13 @@ import dataclasses
 import json
 import math
 import os
+import re
 import time
 
 import jax
 import ml_collections
 from absl import logging
 
-from genie_jax import config_lib
 from genie_jax import evaluators as evaluators_lib
 from genie_jax import paths
 from genie_jax import sharding
@@ -38,7 +38,6 @@ from genie_jax.evaluators import controllability as controllability_lib
 from genie_jax.inference import evaluate as evaluate_lib
 from genie_jax.inference import generate as generate_lib
 from genie_jax.training import checkpointing
-from genie_jax.training import metric_writers
 from genie_jax.training import trainer
 
 
@@ -72,7 +71,7 @@ def _upstream_models(stages: dict[str, tuple[str, ml_collections.ConfigDict]], n
   stage_config = stages[name][1]
   return {dep.name: resolved[dep.name].model
           for dep in tasks.task_class(stage_config.stage).depends_on
-          if not (paths.path(stages[dep.name][0]) / config_lib.CONFIG_FILE).exists()}
+          if not checkpointing.has_checkpoint(stages[dep.name][0])}
 
 
 def _finished(workdir: str, config: ml_collections.ConfigDict) -> bool:
@@ -85,6 +84,9 @@ def _finished(workdir: str, config: ml_collections.ConfigDict) -> bool:
     ckpt.close()
 
 
+_STAGE_KEY = re.compile(r"\bconfig\.(?!json\b)")
+
+
 def checked_stage_configs(config: ml_collections.ConfigDict, workdir: str
                           ) -> dict[str, tuple[str, ml_collections.ConfigDict]]:
   """`stage_configs`, after everything that can be checked before the first stage trains:
@@ -94,19 +96,21 @@ def checked_stage_configs(config: ml_collections.ConfigDict, workdir: str
   stages = stage_configs(config, workdir)
   resolved_configs = {}
   for stage, (stage_dir, stage_config) in stages.items():
-    resolved = tasks.get_task(stage_config,
-                              _upstream_models(stages, stage, resolved_configs)).config
-    resolved_configs[stage] = resolved
     try:
+      resolved = tasks.get_task(stage_config,
+                                _upstream_models(stages, stage, resolved_configs)).config
+      resolved_configs[stage] = resolved
       trainer.check_config(resolved, sharding.mesh_from_config(resolved))
       trainer.check_fault_config(resolved)
+      evaluators_lib.check_configs(resolved)
+      # A stage workdir is reused or continued only with the config it was trained with (a
+      # finished 256-code tokenizer must not stand in for the 64 codes asked for).
+      checkpointing.check_resume_config(stage_dir, resolved,
+                                        tasks.derived_keys((resolved.stage,)))
     except ValueError as e:
-      raise ValueError(f"config.{stage}: {e}") from e
-    evaluators_lib.check_configs(resolved)
-    metric_writers.check_wandb_config(resolved.get("wandb"))
-    # A stage workdir is reused or continued only with the config it was trained with (a
-    # finished 256-code tokenizer must not stand in for the 64 codes asked for).
-    checkpointing.check_resume_config(stage_dir, resolved, tasks.derived_keys((resolved.stage,)))
+      # The stage's checks name its own keys (config.total_steps); the command line's are
+      # the pipeline config's (config.dynamics.total_steps).
+      raise ValueError(_STAGE_KEY.sub(f"config.{stage}.", str(e))) from e
   return stages
 
 

@@ -99,14 +99,17 @@ def _check_data_config(data: ml_collections.ConfigDict) -> None:
   if data.name not in data_pipelines.DATASET_NAMES:
     raise ValueError(f"config.data.name={data.name!r} is not a dataset; known: "
                      f"{', '.join(data_pipelines.DATASET_NAMES)}")
-  # Records hold at most chunk_len frames (the built-in world's episodes exactly episode_len).
-  builtin = data.name == "builtin_world"
-  longest = min(data.chunk_len, data.episode_len) if builtin else data.chunk_len
-  if not 1 <= data.clip_len <= longest:
+  if data.clip_len < 1:
+    raise ValueError(f"config.data.clip_len={data.clip_len} must be positive")
+  # Records hold at most chunk_len frames of an episode, and episode_len (where set) caps
+  # an episode (a video).
+  capped = data.episode_len > 0
+  longest = min(data.chunk_len, data.episode_len) if capped else data.chunk_len
+  if data.clip_len > longest:
     raise ValueError(
         f"config.data.clip_len={data.clip_len}: records hold at most {longest} frames "
         f"(config.data.chunk_len={data.chunk_len}"
-        + (f", config.data.episode_len={data.episode_len})" if builtin else ")"))
+        + (f", config.data.episode_len={data.episode_len})" if capped else ")"))
 
 
 def check_fault_config(config: ml_collections.ConfigDict) -> None:
