@@ -43,6 +43,8 @@ from genie_jax.training import train_state
 
 def check_config(config: ml_collections.ConfigDict, mesh: jax.sharding.Mesh) -> None:
   """Fails fast, naming the key, on configs that cannot run on this mesh."""
+  if config.batch_size < 1:
+    raise ValueError(f"config.batch_size={config.batch_size} must be positive")
   rules = sharding.rules_of(config)
   dp = sharding.data_parallel_size(mesh, rules)
   if config.batch_size % dp:
@@ -99,6 +101,9 @@ def _check_data_config(data: ml_collections.ConfigDict) -> None:
   if data.name not in data_pipelines.DATASET_NAMES:
     raise ValueError(f"config.data.name={data.name!r} is not a dataset; known: "
                      f"{', '.join(data_pipelines.DATASET_NAMES)}")
+  for key, least in (("read_threads", 1), ("prefetch", 0), ("worker_count", 0)):
+    if data[key] < least:
+      raise ValueError(f"config.data.{key}={data[key]} must be at least {least}")
   if data.clip_len < 1:
     raise ValueError(f"config.data.clip_len={data.clip_len} must be positive")
   # Records hold at most chunk_len frames of an episode, and episode_len (where set) caps
