@@ -246,6 +246,9 @@ def test_a_workdir_without_a_checkpoint_takes_a_new_config(tmp_path):
   (tmp_path / "work" / "checkpoints" / "3").mkdir(parents=True)
   with pytest.raises(ValueError, match="config.model.num_codes: 32 -> 16"):
     checkpointing.check_resume_config(workdir, changed)
+  # How the same weights are computed may change (a run moved from GPUs to TPUs).
+  checkpointing.check_resume_config(workdir, tiny_config(
+      str(tmp_path / "data"), **{"model.attention_impl": "cudnn", "model.remat": True}))
 
 
 def test_the_pipeline_checks_every_stage_before_training_any(tmp_path):

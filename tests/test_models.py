@@ -590,6 +590,19 @@ def test_remat_gives_the_same_loss_and_grads(remat):
   assert policy not in _remat_policies(plain, video)
 
 
+def test_cudnn_attention_runs_as_xla_off_a_gpu_and_needs_a_half_dtype():
+  # A model set up for cuDNN's fused attention (trained on a GPU, say) is evaluated or played
+  # on this CPU with the same weights and the 'xla' attention's outputs.
+  video = random_video()
+  recon = [tokenizer_lib.Tokenizer(tiny_config(dtype="bfloat16", attention_impl=impl),
+                                   rngs=nnx.Rngs(0))(video, train=False)["recon"]
+           for impl in ("xla", "cudnn")]
+  np.testing.assert_array_equal(*recon)
+  with pytest.raises(ValueError, match="config.model.attention_impl='cudnn' needs "
+                                       "config.model.dtype 'bfloat16' or 'float16'"):
+    tokenizer_lib.validate_config(tiny_config(attention_impl="cudnn"))
+
+
 def test_code_stability_counts_only_tokens_whose_patch_did_not_change():
   # 2 frames of 4x4 pixels in 2x2 patches (4 tokens): patches 0 and 3 unchanged, 1 and 2 not.
   video = np.zeros((1, 2, 4, 4, 3), np.float32)

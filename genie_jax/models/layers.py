@@ -33,6 +33,7 @@ import einops
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 from flax import nnx
 
 from genie_jax import sharding
@@ -53,6 +54,7 @@ _EMBED_STDDEV = 0.02
 
 NORMS = ("layernorm", "rmsnorm")
 ATTENTION_IMPLS = ("xla", "cudnn")
+_CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 REMAT_POLICIES = {
     # Keeps only each block's input: the least memory, one extra forward per block.
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -320,6 +322,9 @@ class Attention(nnx.Module):
     if implementation not in ATTENTION_IMPLS:
       raise ValueError(f"attention implementation={implementation!r}; expected one of "
                        f"{ATTENTION_IMPLS}")
+    if implementation == "cudnn" and jnp.dtype(dtype) not in _CUDNN_DTYPES:
+      raise ValueError(f"attention implementation 'cudnn' needs a bfloat16 or float16 compute "
+                       f"dtype; got {jnp.dtype(dtype)}")
     head_dim = d_model // num_heads
     if rotary and (over != "time" or head_dim % 2):
       raise ValueError(f"rotary positions need attention over time and an even head width; "
@@ -335,7 +340,13 @@ class Attention(nnx.Module):
     self.over = over
     self.causal = causal
     self.dtype = dtype
-    self.implementation = implementation
+    # cuDNN's kernel runs on NVIDIA GPUs only; elsewhere (a GPU-trained model evaluated or
+    # played on a CPU, compiled for a TPU) the same attention runs as 'xla': the weights
+    # are the same either way.
+    self.implementation = implementation if jax.default_backend() == "gpu" else "xla"
+    if implementation != self.implementation:
+      logging.log_first_n(logging.WARNING, "attention implementation 'cudnn' needs an NVIDIA "
+                          "GPU; on %s it runs as 'xla'", 1, jax.default_backend())
     self.scale = head_dim ** -0.5
     # q, k and v share one kernel: one matmul reads x once. Heads come before the q/k/v
     # axis so that the flattened (K 3 E) output axis keeps a 'heads' sharding.
@@ -536,6 +547,9 @@ def validate_transformer_config(cfg) -> None:
       # Integer weights or activations would take no gradient: the run would not learn.
       raise ValueError(f"config.model.{key}={cfg[key]!r}: expected a floating type, e.g. "
                        "'float32' or 'bfloat16'")
+  if cfg.attention_impl == "cudnn" and jnp.dtype(cfg.dtype) not in _CUDNN_DTYPES:
+    raise ValueError(f"config.model.attention_impl='cudnn' needs config.model.dtype "
+                     f"'bfloat16' or 'float16' (cuDNN's fused attention); got {cfg.dtype!r}")
 
 
 def temporal_settings(cfg) -> tuple[str, int]:

@@ -94,12 +94,14 @@ def verify_checksums(tree: Any, saved: dict[str, int], where: str) -> None:
 # Keys that may differ between a run and its continuation: how often things happen, how long to
 # train, where data is read from and how fast, the mesh (checkpoints restore onto any mesh), the
 # microbatches a batch is computed in (e.g. more on a machine with less memory), and what to do
-# with non-finite updates (e.g. "skip" to get past a run stopped by one). Not
+# with non-finite updates (e.g. "skip" to get past a run stopped by one), and how attention
+# and rematerialisation are computed (same weights: e.g. a run moved from GPUs to TPUs). Not
 # data.worker_count: the saved iterator state's layout depends on it.
 RESUMABLE_KEYS = ("total_steps", "log_every_steps", "images_every_steps", "num_images",
                   "eval_every_steps", "evals", "checkpoint", "mesh", "mesh_dcn",
                   "data.data_dir", "data.read_threads", "data.prefetch", "nonfinite",
-                  "microbatches", "profile", "wandb")
+                  "microbatches", "profile", "wandb", "model.attention_impl", "model.remat",
+                  "model.remat_policy")
 
 
 # Model keys added after some workdirs were written, with the value such a workdir's model
