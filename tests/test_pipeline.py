@@ -179,7 +179,7 @@ def test_bad_report_settings_name_the_key_before_any_training(tiny_data_dir, tmp
 def test_bad_evaluator_settings_name_the_key(tiny_data_dir, tmp_path):
   config = tiny_pipeline_config(tiny_data_dir)
   config.dynamics.evals.controllability.dt = 9
-  with pytest.raises(ValueError, match=r"config.evals.controllability.dt=9"):
+  with pytest.raises(ValueError, match=r"config.dynamics.evals.controllability.dt=9"):
     pipeline.run_pipeline(config, str(tmp_path))
 
 
@@ -187,12 +187,12 @@ def test_the_dynamics_config_is_checked_before_the_first_stage_trains(tiny_data_
   config = tiny_pipeline_config(tiny_data_dir)
   # Its sizes come from the tokenizer and LAM sections, before either is trained.
   config.dynamics.model.num_codes = 7
-  with pytest.raises(ValueError, match=r"config.model.num_codes=7 differs from "
+  with pytest.raises(ValueError, match=r"config.dynamics.model.num_codes=7 differs from "
                                        f"{config.tokenizer.model.num_codes}"):
     pipeline.run_pipeline(config, str(tmp_path))
   config.dynamics.model.num_codes = 0
   config.dynamics.mask_rate_per = "batch"
-  with pytest.raises(ValueError, match=r"config.mask_rate_per='batch'"):
+  with pytest.raises(ValueError, match=r"config.dynamics.mask_rate_per='batch'"):
     pipeline.run_pipeline(config, str(tmp_path))
   assert not os.listdir(tmp_path)
 
@@ -233,7 +233,7 @@ def test_a_stage_trained_with_another_config_is_refused_before_any_training(pipe
   changed.lam.model.num_actions = 5
   mtimes = {stage: os.path.getmtime(os.path.join(workdir, stage, "metrics.jsonl"))
             for stage in STAGES}
-  with pytest.raises(ValueError, match=r"lam.*config.model.num_actions: 6 -> 5"):
+  with pytest.raises(ValueError, match=r"lam.*config.lam.model.num_actions: 6 -> 5"):
     pipeline.run_pipeline(changed, workdir)
   for stage in STAGES:
     assert os.path.getmtime(os.path.join(workdir, stage, "metrics.jsonl")) == mtimes[stage]

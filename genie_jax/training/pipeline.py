@@ -215,8 +215,11 @@ def check_report_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.dynamics.evals has no {_CONTROLLABILITY!r} evaluator, whose "
                      f"metrics config.report's checks read")
   if frames and not _off(report.max_rollout_gap_db):
-    horizon = controllability_lib.ControllabilityEvaluator.check_config(
-        _CONTROLLABILITY, evals[_CONTROLLABILITY], config.dynamics)
+    try:
+      horizon = controllability_lib.ControllabilityEvaluator.check_config(
+          _CONTROLLABILITY, evals[_CONTROLLABILITY], config.dynamics)
+    except ValueError as e:
+      raise ValueError(_STAGE_KEY.sub("config.dynamics.", str(e))) from e
     if frames > horizon:
       raise ValueError(
           f"config.report.rollout_gap_frames={frames} exceeds the rollouts' horizon "
