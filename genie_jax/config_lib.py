@@ -74,9 +74,6 @@ def apply_runlocal(config: ml_collections.ConfigDict, data_name: str, *, total_s
     config.data.num_val_episodes = 20
   if data_name == "builtin_world":
     config.data.image_size = 32
-  if "image_size" in config.model:
-    # Linked, as the stage configs link it: a later override of data.image_size carries.
-    config.model.image_size = config.data.get_ref("image_size").identity()
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -19,6 +19,7 @@ values and the config key that set it, then exits non-zero (`config.report.fail_
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -75,7 +76,7 @@ def _upstream_models(stages: dict[str, tuple[str, ml_collections.ConfigDict]], n
 
 
 def _finished(workdir: str, config: ml_collections.ConfigDict) -> bool:
-  if not (paths.path(workdir) / "checkpoints").is_dir():
+  if not checkpointing.has_checkpoint(workdir):
     return False
   ckpt = checkpointing.Checkpointer(workdir, config.checkpoint, read_only=True)
   try:
@@ -84,7 +85,17 @@ def _finished(workdir: str, config: ml_collections.ConfigDict) -> bool:
     ckpt.close()
 
 
-_STAGE_KEY = re.compile(r"\bconfig\.(?!json\b)")
+_CONFIG_KEY = re.compile(r"\bconfig\.(?!json\b)")
+
+
+@contextlib.contextmanager
+def _keys_of(stage: str):
+  """Re-raises a stage's ValueError with its keys named as the pipeline config's: a stage's
+  checks say config.total_steps, the command line config.dynamics.total_steps."""
+  try:
+    yield
+  except ValueError as e:
+    raise ValueError(_CONFIG_KEY.sub(f"config.{stage}.", str(e))) from e
 
 
 def checked_stage_configs(config: ml_collections.ConfigDict, workdir: str
@@ -96,7 +107,7 @@ def checked_stage_configs(config: ml_collections.ConfigDict, workdir: str
   stages = stage_configs(config, workdir)
   resolved_configs = {}
   for stage, (stage_dir, stage_config) in stages.items():
-    try:
+    with _keys_of(stage):
       resolved = tasks.get_task(stage_config,
                                 _upstream_models(stages, stage, resolved_configs)).config
       resolved_configs[stage] = resolved
@@ -107,10 +118,6 @@ def checked_stage_configs(config: ml_collections.ConfigDict, workdir: str
       # finished 256-code tokenizer must not stand in for the 64 codes asked for).
       checkpointing.check_resume_config(stage_dir, resolved,
                                         tasks.derived_keys((resolved.stage,)))
-    except ValueError as e:
-      # The stage's checks name its own keys (config.total_steps); the command line's are
-      # the pipeline config's (config.dynamics.total_steps).
-      raise ValueError(_STAGE_KEY.sub(f"config.{stage}.", str(e))) from e
   return stages
 
 
@@ -215,11 +222,9 @@ def check_report_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.dynamics.evals has no {_CONTROLLABILITY!r} evaluator, whose "
                      f"metrics config.report's checks read")
   if frames and not _off(report.max_rollout_gap_db):
-    try:
+    with _keys_of("dynamics"):
       horizon = controllability_lib.ControllabilityEvaluator.check_config(
           _CONTROLLABILITY, evals[_CONTROLLABILITY], config.dynamics)
-    except ValueError as e:
-      raise ValueError(_STAGE_KEY.sub("config.dynamics.", str(e))) from e
     if frames > horizon:
       raise ValueError(
           f"config.report.rollout_gap_frames={frames} exceeds the rollouts' horizon "
