@@ -10,11 +10,13 @@ r"""Every stage's train step, the rollout and the input pipeline, timed on this 
   python benchmarks/suite.py --only=train --microbatches=4     # each batch in 4 microbatches
   python benchmarks/suite.py --dynamics=diffusion --diffusion_steps=8   # the diffusion family
   python benchmarks/suite.py --only=train --dtype=bfloat16     # every model computing in bf16
+  python benchmarks/suite.py --only=train --shapes=appf --batch_size=16 --count_only  # FLOPs only
 
 One table, one row per measurement:
   train    the whole train step (forward, backward, clipping, AdamW; for dynamics also the
            frozen tokenizer's encoder and the LAM) on random frames: median seconds per step,
-           frames/s, XLA's FLOPs per step and model-FLOPs utilisation against the best
+           frames/s, XLA's FLOPs per step (of the program before compilation, per device:
+           `profiling.program_flops`) and model-FLOPs utilisation against the best
            matmul throughput measured here (float32, or --dtype's operands).
   rollout  `Genie.rollout` (prompt encoding, MaskGIT per frame, decoding) of N generated
            frames from a 1-frame prompt at --maskgit_steps (`DiffusionGenie.rollout` at
@@ -92,6 +94,10 @@ _BREAKDOWN_FRAMES = 20  # Frames of the rollout --breakdown traces (past a 16-fr
 _MICROBATCHES = flags.DEFINE_integer(
     "microbatches", 1, "Train rows: each step's batch in this many microbatches, their "
     "gradients accumulated (config.microbatches).", lower_bound=1)
+_COUNT_ONLY = flags.DEFINE_bool(
+    "count_only", False, "Train rows: only lower each step and give its FLOPs per device (the "
+    "lowered program's count, as the trainer logs it); nothing compiled or timed, so a step too "
+    "big for this machine can be counted (e.g. --shapes=appf --batch_size=16).")
 _FRAMES = flags.DEFINE_list("rollout_frames", ["16", "64"], "Generated frames per rollout.")
 _MASKGIT = flags.DEFINE_integer("maskgit_steps", 25, "MaskGIT steps per generated frame.")
 _FAMILY = flags.DEFINE_enum("dynamics", "maskgit", ["maskgit", "diffusion"],
@@ -176,6 +182,10 @@ def bench_train(config, peak: float) -> dict[str, float]:
   local = _random_batch(config)
   batch = jax.device_put(local, spec.batch_sharding)
   shapes = train_state.abstract_batch(spec, local)
+  if _COUNT_ONLY.value:
+    whole = train_state.jit_train_step(task, spec, config.seed).lower(spec.abstract, shapes)
+    return dict(gflop=profiling.program_flops(whole, None, spec.mesh.size) / 1e9,
+                batch=config.batch_size)
   t0 = time.perf_counter()
   lowered = train_state.jit_train_step(task, spec, config.seed,
                                        microbatches=config.microbatches).lower(
@@ -265,7 +275,8 @@ def bench_input(config) -> dict[str, float]:
 def _row(kind, what, shape, r) -> str:
   cells = [kind, what, shape, str(r.get("batch", "")),
            f"{r['compile_s']:.1f}" if "compile_s" in r else "",
-           f"{r['ms']:.1f}", f"{r['rate']:.4g} {r['unit']}",
+           f"{r['ms']:.1f}" if "ms" in r else "",
+           f"{r['rate']:.4g} {r['unit']}" if "rate" in r else "",
            f"{r['gflop']:.1f}" if "gflop" in r else "",
            f"{r['mfu']:.2f}" if "mfu" in r else "",
            f"{r['temp_mib']:.0f}" if "temp_mib" in r else "",

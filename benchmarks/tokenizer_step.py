@@ -75,10 +75,11 @@ def bench_shape(name: str, peak: float) -> dict[str, float]:
   batch = jax.device_put(local, spec.batch_sharding)
 
   t0 = time.perf_counter()
-  compiled = train_state.jit_train_step(task, spec, config.seed).lower(
-      spec.abstract, train_state.abstract_batch(spec, local)).compile()
+  shapes = train_state.abstract_batch(spec, local)
+  lowered = train_state.jit_train_step(task, spec, config.seed).lower(spec.abstract, shapes)
+  compiled = lowered.compile()
   compile_s = time.perf_counter() - t0
-  stats = profiling.compiled_stats(compiled)
+  stats = train_state.step_stats(lowered, compiled, task, spec, config.seed, shapes, 1)
 
   step_s, _, losses = profiling.time_steps(compiled, spec.init(jax.random.key(0)), batch,
                                            _STEPS.value)

@@ -31,6 +31,21 @@ def cost_flops(stage: Any) -> float | None:
   return float(cost["flops"]) if cost and "flops" in cost else None
 
 
+def program_flops(lowered: Any, compiled: Any | None, num_devices: int) -> float | None:
+  """FLOPs per device of one call of a program over `num_devices` devices: the lowered
+  (global) program's count split over the devices where the backend counts lowered programs,
+  else the compiled program's own count (None to refuse it), else None.
+
+  The lowered count first because XLA:GPU's compiled cost analysis counts a matmul that a
+  library kernel runs as a few FLOPs per output element (jax-ml/jax#22249): it misses nearly
+  all of a transformer's arithmetic. Compile-only TPU devices count compiled programs only.
+  """
+  flops = cost_flops(lowered)
+  if flops:
+    return flops / num_devices
+  return cost_flops(compiled) if compiled is not None else None
+
+
 def compiled_stats(compiled: Any) -> dict[str, float]:
   """FLOPs per call and memory (bytes), both per device, of a `jax.stages.Compiled`.
 

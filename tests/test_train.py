@@ -15,6 +15,7 @@ from flax import nnx
 
 from configs import tokenizer as tokenizer_config
 from genie_jax import config_lib
+from genie_jax import profiling
 from genie_jax import sharding
 from genie_jax import tasks
 from genie_jax.inference import evaluate
@@ -221,6 +222,43 @@ def test_step_stats_count_every_microbatch(tmp_path, mesh):
                                                  config.seed, batch, microbatches)["flops"]
   # XLA's own count for the loop is one part's; the step's is the whole batch's, per device.
   assert flops[2] == pytest.approx(flops[1], rel=0.02)
+  if mesh["data"] > 1:
+    one = dict(mesh, data=1)
+    spec1 = train_state.make_state_spec(task, config, sharding.make_mesh(one, jax.devices()[:1]))
+    batch1 = train_state.abstract_batch(spec1, random_batch(config))
+    lowered = train_state.jit_train_step(task, spec1, config.seed).lower(spec1.abstract, batch1)
+    whole = train_state.step_stats(lowered, lowered.compile(), task, spec1, config.seed,
+                                   batch1, 1)["flops"]
+    assert flops[1] == pytest.approx(whole / mesh["data"], rel=0.01)
+
+
+class _CostOf:
+  """A program stage whose cost analysis says `flops` (None: no estimate)."""
+
+  def __init__(self, flops):
+    self.flops = flops
+
+  def cost_analysis(self):
+    return None if self.flops is None else {"flops": self.flops}
+
+
+def test_program_flops_count_the_matmuls():
+  m, k, n = 64, 32, 48
+  mesh = jax.make_mesh((4,), ("d",), devices=jax.devices()[:4])
+  rows = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d"))
+  whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  lowered = jax.jit(jnp.matmul, out_shardings=rows).lower(
+      jax.ShapeDtypeStruct((m, k), jnp.float32, sharding=rows),
+      jax.ShapeDtypeStruct((k, n), jnp.float32, sharding=whole))
+  compiled = lowered.compile()
+  per_device = pytest.approx(2 * m * k * n / 4, rel=1e-3)
+  assert profiling.program_flops(lowered, compiled, 4) == per_device
+  # A compiled count that misses the matmul (XLA:GPU's: a few FLOPs per output element)
+  # does not replace the lowered program's...
+  assert profiling.program_flops(lowered, _CostOf(m * n / 4), 4) == per_device
+  # ...which compile-only TPU devices do not give: their compiled count is taken.
+  assert profiling.program_flops(_CostOf(None), compiled, 4) == per_device
+  assert profiling.program_flops(_CostOf(None), None, 4) is None
 
 
 class _ScalarAuxTask(_ToyTask):

@@ -220,17 +220,16 @@ def accumulate(grad_fn, params, model_state, batch, key: jax.Array, microbatches
 def step_stats(lowered: Any, compiled: Any, task: Task, spec: StateSpec, seed: int,
                batch: Any, microbatches: int) -> dict[str, float]:
   """`profiling.compiled_stats` (per device) of a train step lowered on the abstract `batch`
-  and compiled. XLA's cost analysis counts a loop's body once, so the FLOPs of a step in
-  microbatches are its compiled count scaled by the whole batch's over one microbatch's, both
-  from (global, not compiled) lowered steps; none where the backend cannot estimate a
-  lowered program (compile-only TPU devices)."""
+  and compiled, with the FLOPs of `profiling.program_flops`. XLA's cost analysis counts a
+  loop's body once, so a step in microbatches is counted as the same step lowered in one part
+  (no FLOPs where the backend counts compiled programs only)."""
   stats = profiling.compiled_stats(compiled)
-  if microbatches > 1 and "flops" in stats:
-    flops = stats.pop("flops")
-    part = profiling.cost_flops(lowered)
-    whole = profiling.cost_flops(jit_train_step(task, spec, seed).lower(spec.abstract, batch))
-    if part and whole:
-      stats["flops"] = flops * whole / part
+  stats.pop("flops", None)
+  if microbatches > 1:
+    lowered, compiled = jit_train_step(task, spec, seed).lower(spec.abstract, batch), None
+  flops = profiling.program_flops(lowered, compiled, spec.mesh.size)
+  if flops is not None:
+    stats["flops"] = flops
   return stats
 
 
