@@ -343,6 +343,28 @@ def test_resume_is_exact(trained_workdir, tmp_path, tiny_data_dir):
     assert row["train/loss"] == original[row["step"]], row["step"]
 
 
+def test_a_finished_run_trains_and_compiles_nothing(trained_workdir, tmp_path, tiny_data_dir,
+                                                    monkeypatch, caplog):
+  workdir = str(tmp_path / "finished")
+  shutil.copytree(trained_workdir, workdir)
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    logged = f.read()
+
+  def no_compile(*args, **kwargs):
+    raise AssertionError("compiled a train step with nothing to train")
+
+  monkeypatch.setattr(train_state, "jit_train_step", no_compile)
+  for total_steps in (6, 4):
+    caplog.clear()
+    assert trainer.train_and_evaluate(tiny_config(tiny_data_dir, total_steps=total_steps),
+                                      workdir) == {}
+    assert (f"checkpoint of step 6 in {os.path.join(workdir, 'checkpoints')} already reaches "
+            f"config.total_steps={total_steps}: nothing to train") in caplog.text
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["3", "6"]
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    assert f.read() == logged
+
+
 def test_train_steps_never_draw_from_an_initialisers_key():
   init_key, train_key = train_state.root_keys(0)
   rngs = nnx.Rngs(init_key)

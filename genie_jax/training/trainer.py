@@ -206,6 +206,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     init_key = train_state.root_keys(config.seed)[0]
     state = stages.init_from_dependencies(task, spec.init(init_key), spec)
   first_step = int(jax.device_get(state["step"]))
+  if first_step >= config.total_steps:
+    ckpt.close()
+    logging.warning("The checkpoint of step %d in %s already reaches config.total_steps=%d: "
+                    "nothing to train (a larger config.total_steps continues the run).",
+                    first_step, ckpt.directory, config.total_steps)
+    return {}
 
   # --- The update step, compiled once; its cost is printed before training starts.
   local_batch = next(train_iter)
