@@ -466,6 +466,12 @@ def test_short_training_run_learns_then_evaluates(tmp_path, tiny_data_dir, monke
   usage = read_metrics(workdir, "reconstruction/codebook_usage")
   assert usage[120] > 0.5, usage
   assert sum(read_metrics(workdir, "train/restarted_codes").values()) > 0
+  # Each interval's TFLOP/s is its step rate times the step's FLOPs, the same every interval.
+  tflops = read_metrics(workdir, "tflops_per_sec_per_device")
+  steps_per_sec = read_metrics(workdir, "steps_per_sec")
+  assert sorted(tflops) == list(range(10, 121, 10))
+  per_step = {round(tflops[s] / steps_per_sec[s] * 1e12) for s in tflops}
+  assert len(per_step) == 1 and per_step.pop() > 1e8, per_step
   assert os.listdir(os.path.join(workdir, "tensorboard"))
   assert any(name.endswith(".gif") for name in os.listdir(os.path.join(workdir, "images")))
 

@@ -218,11 +218,14 @@ class MetricWriter:
 
 
 class Progress:
-  """Steps/s, examples/s and ETA over the last logging interval; the host's peak memory."""
+  """Steps/s, examples/s, TFLOP/s per device (given the step's FLOPs per device) and ETA over
+  the last logging interval; the host's peak memory."""
 
-  def __init__(self, first_step: int, total_steps: int, global_batch_size: int):
+  def __init__(self, first_step: int, total_steps: int, global_batch_size: int,
+               flops_per_step: float | None = None):
     self.total_steps = total_steps
     self.batch = global_batch_size
+    self.flops_per_step = flops_per_step
     self._last_step = first_step
     self._last_time = time.perf_counter()
 
@@ -232,9 +235,12 @@ class Progress:
     seconds = max(now - self._last_time, 1e-9)
     self._last_step, self._last_time = step, now
     rate = steps / seconds
-    return {"steps_per_sec": rate, "examples_per_sec": rate * self.batch,
-            "eta_hours": (self.total_steps - step) / rate / 3600,
-            "host_peak_rss_mib": allocator.peak_rss_mib()}
+    out = {"steps_per_sec": rate, "examples_per_sec": rate * self.batch,
+           "eta_hours": (self.total_steps - step) / rate / 3600,
+           "host_peak_rss_mib": allocator.peak_rss_mib()}
+    if self.flops_per_step:
+      out["tflops_per_sec_per_device"] = rate * self.flops_per_step / 1e12
+    return out
 
   def log_line(self, step: int, scalars: Mapping[str, float]) -> None:
     shown = " ".join(f"{k}={v:.4g}" for k, v in sorted(scalars.items()))

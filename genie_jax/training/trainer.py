@@ -222,9 +222,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       task, spec, config.seed, config.nonfinite, microbatches).lower(
           spec.abstract, batch_shapes)
   compiled = lowered.compile()
+  stats = train_state.step_stats(lowered, compiled, task, spec, config.seed, batch_shapes,
+                                 microbatches)
   logging.info("Compiled train step in %.1fs: %s", time.perf_counter() - t0,
-               profiling.format_stats(train_state.step_stats(
-                   lowered, compiled, task, spec, config.seed, batch_shapes, microbatches)))
+               profiling.format_stats(stats))
 
   # --- Pictures and metrics. Only the first examples are shown, so only they are computed.
   n_images = config.num_images
@@ -234,7 +235,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   writer = metric_writers.MetricWriter(workdir, first_step=first_step,
                                        wandb_config=config.get("wandb"),
                                        run_config=config_lib.config_to_dict(config))
-  progress = metric_writers.Progress(first_step, config.total_steps, config.batch_size)
+  progress = metric_writers.Progress(first_step, config.total_steps, config.batch_size,
+                                     stats.get("flops"))
 
   def run_evals(step):
     for evaluator in evaluators:
