@@ -95,9 +95,9 @@ _MICROBATCHES = flags.DEFINE_integer(
     "microbatches", 1, "Train rows: each step's batch in this many microbatches, their "
     "gradients accumulated (config.microbatches).", lower_bound=1)
 _COUNT_ONLY = flags.DEFINE_bool(
-    "count_only", False, "Train rows: only lower each step and give its FLOPs per device (the "
-    "lowered program's count, as the trainer logs it); nothing compiled or timed, so a step too "
-    "big for this machine can be counted (e.g. --shapes=appf --batch_size=16).")
+    "count_only", False, "With --only=train: only lower each step and give its FLOPs per device "
+    "(profiling.program_flops, as the trainer logs them); nothing compiled or timed, so a step "
+    "too big for this machine can be counted (e.g. --shapes=appf --batch_size=16).")
 _FRAMES = flags.DEFINE_list("rollout_frames", ["16", "64"], "Generated frames per rollout.")
 _MASKGIT = flags.DEFINE_integer("maskgit_steps", 25, "MaskGIT steps per generated frame.")
 _FAMILY = flags.DEFINE_enum("dynamics", "maskgit", ["maskgit", "diffusion"],
@@ -184,8 +184,8 @@ def bench_train(config, peak: float) -> dict[str, float]:
   shapes = train_state.abstract_batch(spec, local)
   if _COUNT_ONLY.value:
     whole = train_state.jit_train_step(task, spec, config.seed).lower(spec.abstract, shapes)
-    return dict(gflop=profiling.program_flops(whole, None, spec.mesh.size) / 1e9,
-                batch=config.batch_size)
+    flops = profiling.program_flops(whole, None, spec.mesh.size)
+    return dict(gflop=float("nan") if flops is None else flops / 1e9, batch=config.batch_size)
   t0 = time.perf_counter()
   lowered = train_state.jit_train_step(task, spec, config.seed,
                                        microbatches=config.microbatches).lower(
@@ -292,8 +292,10 @@ def main(argv):
     if set(values) - set(known):
       raise app.UsageError(f"--{name}: unknown {sorted(set(values) - set(known))}; "
                            f"known: {list(known)}")
+  if _COUNT_ONLY.value and _ONLY.value != ["train"]:
+    raise app.UsageError("--count_only counts train steps only: add --only=train")
   dtype = _DTYPE.value or "float32"
-  peak = profiling.matmul_peak_flops(dtype=dtype)
+  peak = float("nan") if _COUNT_ONLY.value else profiling.matmul_peak_flops(dtype=dtype)
   print(f"{jax.devices()[0].device_kind} x{jax.device_count()} ({jax.default_backend()}), "
         f"{os.cpu_count()} cores, jax {jax.__version__}, {dtype}, malloc "
         f"{allocator.in_use()}, cpu dots {flags.FLAGS.cpu_dots}, matmul peak {peak / 1e9:.1f} "

@@ -1,4 +1,4 @@
-"""What XLA says about a compiled step: FLOPs, memory, and where its time goes."""
+"""What XLA says about a step: FLOPs, memory, and where its time goes."""
 
 from __future__ import annotations
 
@@ -31,16 +31,38 @@ def cost_flops(stage: Any) -> float | None:
   return float(cost["flops"]) if cost and "flops" in cost else None
 
 
+def lowered_flops(lowered: Any) -> float | None:
+  """XLA's FLOPs of a `jax.stages.Lowered` (the global program), counted by the CPU client
+  where the program's own backend counts none: backends loaded as PJRT plugins (the CUDA
+  wheels, TPUs) give None for `Lowered.cost_analysis()`. None where neither counts it."""
+  flops = cost_flops(lowered)
+  if flops:
+    return flops
+  try:
+    # What Lowered.cost_analysis runs, on the CPU client (a private API: jax has no public
+    # one for a module lowered for another platform).
+    from jax._src.lib import _jax  # pylint: disable=g-import-not-at-top
+    cost = _jax.hlo_module_cost_analysis(jax.devices("cpu")[0].client,
+                                         lowered.compiler_ir("hlo").as_hlo_module())
+  except (ImportError, AttributeError, RuntimeError):
+    # No CPU backend (JAX_PLATFORMS without cpu), the private API moved, or not a Lowered.
+    return None
+  return float(cost["flops"]) if cost and cost.get("flops") else None
+
+
 def program_flops(lowered: Any, compiled: Any | None, num_devices: int) -> float | None:
   """FLOPs per device of one call of a program over `num_devices` devices: the lowered
-  (global) program's count split over the devices where the backend counts lowered programs,
-  else the compiled program's own count (None to refuse it), else None.
+  (global) program's count split evenly over the devices (`lowered_flops`), else the
+  compiled program's own per-device count (None to refuse it), else None.
 
   The lowered count first because XLA:GPU's compiled cost analysis counts a matmul that a
   library kernel runs as a few FLOPs per output element (jax-ml/jax#22249): it misses nearly
-  all of a transformer's arithmetic. Compile-only TPU devices count compiled programs only.
+  all of a transformer's arithmetic. The two differ in what they count: the even split
+  leaves out work a mesh repeats on every device (activations replicated over a tensor
+  axis), which a compiled per-device count includes. Neither counts a custom call's work
+  (cuDNN attention under model.attention_impl='cudnn').
   """
-  flops = cost_flops(lowered)
+  flops = lowered_flops(lowered)
   if flops:
     return flops / num_devices
   return cost_flops(compiled) if compiled is not None else None
@@ -71,7 +93,7 @@ def compiled_stats(compiled: Any) -> dict[str, float]:
 def format_stats(stats: dict[str, float]) -> str:
   parts = []
   if "flops" in stats:
-    # XLA counts the FLOPs of the partitioned program: per device.
+    # Per device, as compiled_stats and step_stats give them.
     parts.append(f"{stats['flops'] / 1e9:.1f} GFLOP/step/device")
   for key in ("argument_bytes", "temp_bytes", "output_bytes", "peak_bytes_estimate"):
     if key in stats:

@@ -37,7 +37,7 @@ class AotReport:
   """What the compiler planned for one device."""
   mesh: dict[str, int]
   device_kind: str
-  stats: dict[str, float]  # profiling.compiled_stats: flops, argument/temp/output bytes...
+  stats: dict[str, float]  # train_state.step_stats or profiling.compiled_stats.
   hbm_bytes: float | None  # Capacity of one device; None when unknown.
 
   @property
