@@ -44,8 +44,12 @@ def lowered_flops(lowered: Any) -> float | None:
     from jax._src.lib import _jax  # pylint: disable=g-import-not-at-top
     cost = _jax.hlo_module_cost_analysis(jax.devices("cpu")[0].client,
                                          lowered.compiler_ir("hlo").as_hlo_module())
-  except (ImportError, AttributeError, RuntimeError):
+  except (ImportError, AttributeError, RuntimeError) as e:
     # No CPU backend (JAX_PLATFORMS without cpu), the private API moved, or not a Lowered.
+    logging.log_first_n(
+        logging.WARNING, "Cannot count the step's FLOPs before compilation (%s: %s); the "
+        "compiled count is used, which on GPUs misses library matmuls (put cpu in "
+        "JAX_PLATFORMS)", 1, type(e).__name__, e)
     return None
   return float(cost["flops"]) if cost and cost.get("flops") else None
 
