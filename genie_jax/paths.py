@@ -53,15 +53,12 @@ def check_bucket(p: PathLike, what: str) -> None:
   """
   if not is_remote(p):
     return
-  import fsspec  # pylint: disable=g-import-not-at-top
   bucket = os.fspath(p)[len("gs://"):].split("/", 1)[0]
   if not bucket:
     raise ValueError(f"{what}={os.fspath(p)} names no bucket (gs://BUCKET/PATH)")
   try:
-    # epath's own gcsfs instance (fsspec caches one per set of arguments, these are epath's),
-    # and a bounded wait: gcsfs retries a server that does not answer for about half a minute.
-    fs = fsspec.filesystem("gs", finalize_on_close=True)
-    fs.call("GET", "b/{}", bucket, json_out=True, timeout=10)
+    # A bounded wait: gcsfs retries a server that does not answer for about half a minute.
+    _gcs().call("GET", "b/{}", bucket, json_out=True, timeout=10)
   except FileNotFoundError:
     raise ValueError(f"{what}={os.fspath(p)}: the Cloud Storage bucket gs://{bucket} does "
                      "not exist") from None
@@ -106,23 +103,46 @@ def write_text(target: PathLike, text: str) -> None:
   write_bytes(target, text.encode("utf-8"))
 
 
+def _gcs():
+  """epath's gcsfs instance (fsspec caches one per set of arguments; these are epath's)."""
+  import fsspec  # pylint: disable=g-import-not-at-top
+  return fsspec.filesystem("gs", finalize_on_close=True)
+
+
+def files_under(folder: PathLike) -> list[str]:
+  """Paths relative to `folder` of every file under it, sorted."""
+  folder = path(folder)
+  if is_remote(folder):
+    # fsspec's walk gives remote folders without their gs:// and skips a folder it fails to
+    # list; find names every object under the prefix and raises on a failed listing.
+    fs, prefix = _gcs(), os.fspath(folder)[len("gs://"):].rstrip("/") + "/"
+    fs.invalidate_cache(prefix)  # Orbax writes through tensorstore, which gcsfs never sees.
+    return sorted(name[len(prefix):] for name in fs.find(prefix))
+  root = os.fspath(folder)
+  return sorted(os.path.relpath(os.path.join(d, n), root)
+                for d, _, names in os.walk(root) for n in names)
+
+
 def copy_tree(source: PathLike, target: PathLike) -> None:
   """Copies the files under `source` to `target` (either may be remote), replacing files
   of the same name."""
   source, target = path(source), path(target)
-  for root, _, files in source.walk():
-    relative = os.path.relpath(os.fspath(root), os.fspath(source))
-    for name in files:
-      write_bytes(target / relative / name, (root / name).read_bytes())
+  for name in files_under(source):
+    write_bytes(target / name, (source / name).read_bytes())
 
 
 def move_tree(source: PathLike, target: PathLike) -> None:
-  """Renames a folder; on Cloud Storage, which cannot rename, copies its files and then
-  deletes the source's."""
+  """Renames a folder; on Cloud Storage, which cannot rename, copies its files, checks that
+  the target holds every one of them, and only then deletes the source's."""
   if not (is_remote(source) or is_remote(target)):
     os.rename(os.fspath(path(source)), os.fspath(path(target)))
     return
+  copied = files_under(source)
   copy_tree(source, target)
+  missing = sorted(set(copied) - set(files_under(target)))
+  if missing:
+    raise OSError(f"moving {source} to {target}: {len(missing)} of its {len(copied)} files "
+                  f"are not in the target (e.g. {missing[0]}); the source is left as it is")
   path(source).rmtree()
 
 

@@ -11,9 +11,16 @@ import subprocess
 import sys
 import time
 
+import jax
 import pytest
 
+from genie_jax import config_lib
 from genie_jax import paths
+from genie_jax import sharding
+from genie_jax import tasks
+from genie_jax.data import input_pipeline
+from genie_jax.training import checkpointing
+from genie_jax.training import train_state
 import gcs_server
 from conftest import STAGES
 
@@ -81,6 +88,40 @@ def test_training_killed_on_gcs_resumes_bitwise(gcs, tmp_path, tiny_data_dir):
   assert _checkpoints(gcs, "resume")[-1] == 12
   assert gcs_server.object_names(gcs, "resume/tensorboard/")
   assert json.loads((paths.path(remote) / "config.json").read_text())["total_steps"] == 12
+
+
+def test_an_unreadable_checkpoint_on_gcs_is_set_aside_whole(gcs, tmp_path, tiny_data_dir):
+  """As on a local disk (tests/test_faults.py): with the latest checkpoint damaged, a restore
+  takes the one before and moves every object of the damaged step out of Orbax's sight,
+  deleting none."""
+  remote = f"{URL}/damaged"
+  flags = fault_injection.main_flags(tiny_data_dir, remote, 8, 4)
+  assert _main(gcs, flags, tmp_path / "train.log").wait(300) == 0
+  assert _checkpoints(gcs, "damaged") == [4, 8]
+  damaged = paths.path(f"{remote}/checkpoints/8/data/process_0-of-1.json")
+  damaged.write_bytes(damaged.read_bytes()[:5])
+
+  def objects(folder):
+    prefix = f"damaged/checkpoints/{folder}/"
+    return {n[len(prefix):]: paths.path(f"{URL}/{n}").read_bytes()
+            for n in gcs_server.object_names(gcs, prefix)}
+
+  before = objects(8)
+  config = config_lib.load_config(remote)
+  task = tasks.get_task(config)
+  spec = train_state.make_state_spec(
+      task, config, sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1]))
+  iterator = iter(input_pipeline.make_dataset(config.data, "train", seed=config.seed,
+                                              global_batch_size=config.batch_size))
+  ckpt = checkpointing.Checkpointer(remote, config.checkpoint, config)
+  step, _ = ckpt.restore(None, spec.abstract, iterator)
+  assert step == 4 and ckpt.latest_step() == 4
+  ckpt.close()
+  aside = {n.split("/")[2] for n in gcs_server.object_names(gcs, "damaged/checkpoints/")
+           if n.split("/")[2].startswith(checkpointing.SET_ASIDE_PREFIX)}
+  assert len(aside) == 1 and next(iter(aside)).startswith("unreadable_step_8_"), aside
+  assert objects(8) == {}
+  assert objects(aside.pop()) == before and len(before) > 3
 
 
 def test_storage_outage_during_a_save_then_the_losses_of_an_undisturbed_run(

@@ -163,7 +163,8 @@ def check_resume_config(workdir: str, config: ml_collections.ConfigDict,
       if saved.get(key, LATER_MODEL_KEYS.get(key)) != new.get(key)
       and not any(under(key, k) for k in skip))
   if changed:
-    details = "; ".join(f"config.{k}: {saved.get(k)!r} -> {new.get(k)!r}" for k in changed)
+    details = "; ".join(f"config.{k}: {saved.get(k, LATER_MODEL_KEYS.get(k))!r} -> "
+                        f"{new.get(k)!r}" for k in changed)
     raise ValueError(
         f"{workdir} was trained with another config ({details}). Use a new --workdir, or "
         f"the original values, to continue it.")
@@ -314,10 +315,22 @@ class Checkpointer:
       now = (int(high) << 16) | int(low)
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now))
     target = paths.join(self.directory, f"{SET_ASIDE_PREFIX}{step}_{stamp}")
+    failure = None
     if jax.process_index() == 0:
-      paths.move_tree(step_dir, target)
+      try:
+        paths.move_tree(step_dir, target)
+      except Exception as e:  # pylint: disable=broad-except
+        failure = e
+    moved = failure is None
     if jax.process_count() > 1:
-      multihost_utils.sync_global_devices(f"genie_set_aside_{step}_{now}")
+      # Also the barrier: every process learns whether process 0 moved it, and none waits
+      # for a process that failed.
+      moved = bool(multihost_utils.broadcast_one_to_all(np.array(moved, np.int32)))
+    if failure is not None:
+      raise failure
+    if not moved:
+      raise OSError(f"process 0 could not move the unreadable checkpoint {step_dir} to "
+                    f"{target} (its log says why)")
     self.manager.reload()
     logging.warning("Moved the unreadable checkpoint %s to %s (nothing deleted); this run "
                     "continues from an earlier step and will save step %d again", step_dir,
