@@ -164,6 +164,28 @@ def test_sigterm_sets_the_flag_and_the_handler_is_restored():
   assert signal.getsignal(signal.SIGTERM) is previous
 
 
+def test_a_handler_installed_outside_python_gives_way_to_the_default(monkeypatch):
+  """signal.signal returns None for a handler Python did not install; closing the notice
+  then leaves SIGTERM at its default (ending the process), not at the notice's handler."""
+  install = signal.signal
+  calls = []
+
+  def first_returns_none(signum, handler):
+    calls.append(handler)
+    old = install(signum, handler)
+    return None if len(calls) == 1 else old
+
+  previous = signal.getsignal(signal.SIGTERM)
+  monkeypatch.setattr(signal, "signal", first_returns_none)
+  try:
+    notice = preemption.PreemptionNotice(manager=None, check_every_steps=10)
+    assert signal.getsignal(signal.SIGTERM) == notice._on_sigterm  # pylint: disable=protected-access
+    notice.close()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+  finally:
+    install(signal.SIGTERM, previous)
+
+
 # --- End to end: kill -9, SIGTERM, a damaged checkpoint (launch/fault_injection.py) ---------
 
 

@@ -426,7 +426,7 @@ def test_resume_reads_a_model_key_added_later_as_what_the_model_assumed(tmp_path
   later = dict(d_model=32, temporal_positions="learned", sink_frames=0)
   checkpointing.check_resume_config(str(tmp_path), ml_collections.ConfigDict(
       dict(seed=0, model=later)))
-  with pytest.raises(ValueError, match=r"config.model.temporal_positions: None -> 'rope'"):
+  with pytest.raises(ValueError, match=r"config.model.temporal_positions: 'learned' -> 'rope'"):
     checkpointing.check_resume_config(str(tmp_path), ml_collections.ConfigDict(
         dict(seed=0, model=dict(later, temporal_positions="rope"))))
 

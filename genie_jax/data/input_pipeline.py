@@ -16,8 +16,10 @@ inside an Orbax CheckpointManager) restores the exact stream.
 Training: every JAX process computes the same sequence of global batches of clip indices and
 reads only its rows of each (process p: rows [p*b, (p+1)*b)), so the global batches, and the
 iterator state (the number of batches drawn), are the same for any number of processes: a
-checkpoint written by N processes continues exactly in M. Evaluation: each process reads a
-contiguous, disjoint range of the clips, of equal length on every process.
+checkpoint written by N processes continues exactly in M. Evaluation likewise: global batch k
+holds clips [k * G, (k + 1) * G) of the split and each process reads its rows of it, so every
+process yields the same number of batches (the clips that do not fill the last one dropped, or
+padded with rows of episode_id -1).
 
 With config.data.worker_count > 0, Grain reads in spawned processes: the main script needs an
 `if __name__ == "__main__":` guard, and a saved iterator state only restores into a pipeline

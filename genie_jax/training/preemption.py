@@ -46,11 +46,13 @@ class PreemptionNotice:
     self._manager = manager
     self._every = check_every_steps
     self._flag = False
+    self._installed = False
     self._previous_handler = None
     self.uses_jax_service = _jax_preemption_service_running()
     if not self.uses_jax_service:
       if threading.current_thread() is threading.main_thread():
         self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+        self._installed = True
       else:
         logging.warning("Not in the main thread: SIGTERM is not handled, a preemption loses "
                         "the steps since the last checkpoint")
@@ -72,6 +74,9 @@ class PreemptionNotice:
     return bool(np.any(flags))
 
   def close(self) -> None:
-    if self._previous_handler is not None:
-      signal.signal(signal.SIGTERM, self._previous_handler)
-      self._previous_handler = None
+    if self._installed:
+      # signal.signal gives None for a handler not installed from Python: the default then,
+      # so that a SIGTERM after training (between pipeline stages) still ends the process.
+      previous = self._previous_handler
+      signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+      self._installed, self._previous_handler = False, None
