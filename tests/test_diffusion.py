@@ -183,21 +183,38 @@ def test_each_family_refuses_the_others_tokenizer(stage_workdirs):
     tasks.get_task(maskgit)
 
 
-def test_loss_is_the_objectives_mean_squared_error(stage_workdirs):
-  task = tasks.get_task(_diffusion_config(stage_workdirs["ktok"], stage_workdirs["lam"]))
+@pytest.mark.parametrize("objective,clean", [("velocity", 0.0), ("x0", 0.0),
+                                             ("velocity", 0.5)])
+def test_loss_is_the_objectives_mean_squared_error(stage_workdirs, objective, clean):
+  config = _diffusion_config(stage_workdirs["ktok"], stage_workdirs["lam"],
+                             arg=f"objective={objective}")
+  config.clean_frame_fraction = clean
+  task = tasks.get_task(config)
   model = task.make_model(nnx.Rngs(0))
-  video = np.random.default_rng(0).integers(0, 256, (2, CLIP_LEN, IMAGE_SIZE, IMAGE_SIZE, 3),
+  video = np.random.default_rng(0).integers(0, 256, (4, CLIP_LEN, IMAGE_SIZE, IMAGE_SIZE, 3),
                                             dtype=np.uint8)
-  batch = dict(video=video, actions=np.zeros((2, CLIP_LEN), np.int32))
+  batch = dict(video=video, actions=np.zeros((4, CLIP_LEN), np.int32))
   rng = jax.random.key(3)
   loss, metrics, _ = task.loss(model, batch, rng)
   ex = task.noised_batch(model, batch, rng)
-  np.testing.assert_allclose(ex["target"], ex["eps"] - ex["z"], atol=1e-6)
-  np.testing.assert_allclose(ex["z"], model.tokenizer.encode_latents(video), atol=1e-6)
-  prediction = model.dynamics(ex["z_tau"], ex["tau"], ex["actions"])
-  np.testing.assert_allclose(loss, np.mean(np.square(prediction - ex["target"])), rtol=1e-5)
+  z, tau = np.asarray(ex["z"]), np.asarray(ex["tau"])
+  np.testing.assert_allclose(z, model.tokenizer.encode_latents(video), atol=1e-6)
+  np.testing.assert_allclose(ex["target"], ex["eps"] - z if objective == "velocity" else z,
+                             atol=1e-6)
+  prediction = np.asarray(model.dynamics(ex["z_tau"], ex["tau"], ex["actions"]))
+  x0 = (prediction if objective == "x0"
+        else np.asarray(ex["z_tau"]) - tau[:, :, None, None] * prediction)
+  # Means over the noised frames: a clean frame (level 0, its latents as they are) is context.
+  noised = np.ones(tau.shape, bool) if ex["clean"] is None else ~np.asarray(ex["clean"])
+  if clean:
+    assert 0.3 < np.mean(~noised) < 0.7
+    assert np.all(tau[~noised] == 0)
+    np.testing.assert_array_equal(np.asarray(ex["z_tau"])[~noised], z[~noised])
+  assert np.all(tau[noised] > 0)
+  per_frame = lambda a: np.mean(np.square(a), axis=(2, 3))[noised].mean()
+  np.testing.assert_allclose(loss, per_frame(prediction - np.asarray(ex["target"])), rtol=1e-5)
+  np.testing.assert_allclose(metrics["x0_mse"], per_frame(x0 - z), rtol=1e-5)
   assert float(jnp.std(ex["tau"][:, 1:] - ex["tau"][:, :-1])) > 0.05  # Levels per frame.
-  assert metrics["x0_mse"] > 0
 
 
 def test_shortcut_frames_learn_two_half_steps_in_one_on_the_levels_grid(stage_workdirs):

@@ -19,6 +19,12 @@ same in both (causal attention: the two passes are frame i's two steps exactly).
 frame learns the flow at the finest size 1/K as above. The loss is the mean squared error
 over all frames, every entry weighted alike; `shortcut_loss` (the shortcut frames) and
 `flow_loss` (the others) are logged apart.
+
+Clean frames (config.clean_frame_fraction = p > 0). A generated frame's past is read clean,
+at level 0 exactly (`DiffusionModel.embed_context`), which levels drawn from U[0, 1] never
+give; so each frame other than a shortcut frame is, with probability p, left clean at level 0
+instead. Clean frames are context only and leave the loss (at level 0 the velocity target
+eps - z is not predictable from z): the losses and x0_mse are means over the noised frames.
 """
 
 from __future__ import annotations
@@ -61,7 +67,8 @@ def shortcut_clips(config_model, batch_size: int) -> int:
 class DiffusionTask(base.Task):
   """Loss: see the module docstring. Config keys (besides the trainer's): tokenizer_workdir,
   tokenizer_step, lam_workdir, lam_step, tokenizer_model, lam_model (`base.Dependency`);
-  model: `genie_jax.models.diffusion.default_config`."""
+  model: `genie_jax.models.diffusion.default_config`; clean_frame_fraction (module
+  docstring; configs saved before the key: 0)."""
 
   depends_on = (base.Dependency("tokenizer", "tokenizer"), base.Dependency("lam", "lam"))
   trainable = nnx.All(nnx.Param, nnx.PathContains("dynamics"))
@@ -74,8 +81,14 @@ class DiffusionTask(base.Task):
             "model.tokens_per_frame": (tokenizer.image_size // tokenizer.patch_size) ** 2,
             "model.num_actions": lam.num_actions}
 
+  def __init__(self, config):
+    super().__init__(config)
+    self.clean_fraction = config.get("clean_frame_fraction", 0.0)
+
   def validate(self) -> None:
     config = self.config
+    if not 0.0 <= self.clean_fraction < 1.0:
+      raise ValueError(f"config.clean_frame_fraction={self.clean_fraction} must be in [0, 1)")
     dynamics_task.check_world_model_config(
         config, "kl", "it denoises continuous latents; the MaskGIT stage predicts tokens")
     diffusion_lib.validate_config(config.model)
@@ -103,7 +116,8 @@ class DiffusionTask(base.Task):
     """The training example of a batch: clean latents 'z', levels 'tau', noise 'eps', the
     noised latents 'z_tau', 'actions' and the objective's 'target'; for a shortcut model
     also the step-size indices 'step' and the shortcut frames 'shortcut' (bool (B, T)),
-    whose targets are `shortcut_target`'s (else both None)."""
+    whose targets are `shortcut_target`'s (else both None); 'clean' (bool (B, T)), the
+    frames left at level 0 (None without clean_frame_fraction)."""
     level_key, noise_key = jax.random.split(rng)
     z_BTNL, actions_BT = self.latents_and_actions(model, batch["video"])
     b, t = z_BTNL.shape[:2]
@@ -127,6 +141,12 @@ class DiffusionTask(base.Task):
                                                      model.dynamics.shortcut_steps)
       tau_BT = jnp.where(shortcut_BT, tau_sc_BT, tau_BT)
       step_BT = jnp.where(shortcut_BT, step_sc_BT, model.dynamics.finest_step)
+    clean_BT = None
+    if self.clean_fraction:
+      clean_BT = jax.random.uniform(jax.random.fold_in(rng, 3), (b, t)) < self.clean_fraction
+      if nb:
+        clean_BT &= ~shortcut_BT
+      tau_BT = jnp.where(clean_BT, 0.0, tau_BT)
     eps_BTNL = jax.random.normal(noise_key, z_BTNL.shape, jnp.float32)
     z_tau = diffusion_lib.noised(z_BTNL, eps_BTNL, tau_BT)
     target = eps_BTNL - z_BTNL if model.dynamics.objective == "velocity" else z_BTNL
@@ -137,7 +157,7 @@ class DiffusionTask(base.Task):
       target = put(target, jnp.where(picked_shortcut[:, :, None, None], shortcut_target,
                                      pick(target)))
     return dict(z=z_BTNL, tau=tau_BT, step=step_BT, shortcut=shortcut_BT, eps=eps_BTNL,
-                z_tau=z_tau, actions=actions_BT, target=target)
+                z_tau=z_tau, actions=actions_BT, target=target, clean=clean_BT)
 
   @staticmethod
   def shortcut_target(dynamics: diffusion_lib.DiffusionModel, z_tau_BTNL: jax.Array,
@@ -157,15 +177,17 @@ class DiffusionTask(base.Task):
     ex = self.noised_batch(model, batch, rng)
     prediction_BTNL = model.dynamics(ex["z_tau"], ex["tau"], ex["actions"], ex["step"])
     error_BT = jnp.mean(jnp.square(prediction_BTNL - ex["target"]), axis=(2, 3))
-    loss = jnp.mean(error_BT)
     x0_BTNL = model.dynamics.clean_estimate(prediction_BTNL, ex["z_tau"], ex["tau"])
     x0_error_BT = jnp.mean(jnp.square(x0_BTNL - ex["z"]), axis=(2, 3))
+    mean_where = lambda x, m: jnp.sum(jnp.where(m, x, 0.0)) / jnp.maximum(jnp.sum(m), 1)
+    noised_BT = None if ex["clean"] is None else ~ex["clean"]
+    mean = jnp.mean if noised_BT is None else (lambda x: mean_where(x, noised_BT))
+    loss = mean(error_BT)
     if ex["shortcut"] is None:
-      return loss, dict(diffusion_loss=loss, x0_mse=jnp.mean(x0_error_BT)), None
+      return loss, dict(diffusion_loss=loss, x0_mse=mean(x0_error_BT)), None
     # The clean estimate of the flow frames (a shortcut velocity spans a step, not tau).
     shortcut_BT = ex["shortcut"]
-    flow_BT = ~shortcut_BT
-    mean_where = lambda x, m: jnp.sum(jnp.where(m, x, 0.0)) / jnp.maximum(jnp.sum(m), 1)
+    flow_BT = ~shortcut_BT if noised_BT is None else ~shortcut_BT & noised_BT
     return loss, dict(diffusion_loss=loss, x0_mse=mean_where(x0_error_BT, flow_BT),
                       shortcut_loss=mean_where(error_BT, shortcut_BT),
                       flow_loss=mean_where(error_BT, flow_BT)), None
