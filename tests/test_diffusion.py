@@ -326,11 +326,13 @@ def test_trains_on_frozen_stages_and_resumes_exactly(stage_workdirs, tmp_path, t
 # --- Sampling ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("conditioning,positions,sinks", [
-    ("additive", "learned", 0), ("prepend", "learned", 0), ("additive", "rope", 0),
-    ("prepend", "rope", 1)])
-def test_cached_sampling_equals_the_uncached_reference(conditioning, positions, sinks):
-  model = _model(conditioning, temporal_positions=positions, sink_frames=sinks)
+@pytest.mark.parametrize("conditioning,positions,sinks,objective", [
+    ("additive", "learned", 0, "velocity"), ("prepend", "learned", 0, "velocity"),
+    ("additive", "rope", 0, "velocity"), ("prepend", "rope", 1, "velocity"),
+    ("additive", "learned", 0, "x0")])
+def test_cached_sampling_equals_the_uncached_reference(conditioning, positions, sinks,
+                                                       objective):
+  model = _model(conditioning, objective, temporal_positions=positions, sink_frames=sinks)
   z, _, _ = _inputs(b=2, t=2, seed=4)
   actions = np.random.default_rng(5).integers(0, ACTIONS, (2, 6)).astype(np.int32)
   # 2 prompt + 6 generated frames: past the window of 5, which then slides.
@@ -484,7 +486,8 @@ def test_sampling_compiles_once_and_follows_the_actions():
   first = np.asarray(rollout(state, z, actions, jax.random.key(0)))
   other = np.asarray(rollout(state, z, actions + 1, jax.random.key(0)))
   assert len(compiles) == 1
-  np.testing.assert_array_equal(first[:, 0], other[:, 0])
+  np.testing.assert_array_equal(first[:, 0], np.asarray(z)[:, 0])  # The prompt leads.
+  assert first.shape[1] == 5
   assert np.abs(first[:, 1] - other[:, 1]).max() > 1e-4  # Frame 1 follows actions[:, 0].
 
 
