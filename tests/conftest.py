@@ -40,6 +40,7 @@ from configs import tokenizer as tokenizer_config
 from genie_jax import config_lib
 from genie_jax import sharding
 from genie_jax import tasks
+from genie_jax.data import input_pipeline
 from genie_jax.training import checkpointing
 from genie_jax.training import pipeline
 from genie_jax.training import train_state
@@ -88,6 +89,18 @@ def tiny_config(data_dir, **overrides):
       target = target[part]
     target[last] = value
   return config
+
+
+def restore_setup(workdir):
+  """(config, state spec on one device, training iterator) of a trained workdir, for
+  restoring its checkpoints in process."""
+  config = config_lib.load_config(workdir)
+  task = tasks.get_task(config)
+  spec = train_state.make_state_spec(
+      task, config, sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1]))
+  iterator = iter(input_pipeline.make_dataset(config.data, "train", seed=config.seed,
+                                              global_batch_size=config.batch_size))
+  return config, spec, iterator
 
 
 def read_metrics(workdir, key="train/loss"):

@@ -24,14 +24,11 @@ from absl import logging as absl_logging
 
 import data_pipelines
 from genie_jax import config_lib
-from genie_jax import sharding
-from genie_jax import tasks
-from genie_jax.data import input_pipeline
 from genie_jax.training import checkpointing
 from genie_jax.training import preemption
 from genie_jax.training import train_state
 from genie_jax.training import trainer
-from conftest import REPO, read_metrics, tiny_config
+from conftest import REPO, read_metrics, restore_setup, tiny_config
 
 SCRIPT = os.path.join(REPO, "launch", "fault_injection.py")
 TOTAL_STEPS = 16
@@ -215,16 +212,6 @@ def test_fault_injection_help():
 # --- Damaged checkpoints, in process, on the script's finished reference run ----------------
 
 
-def _restore_setup(workdir):
-  config = config_lib.load_config(workdir)
-  task = tasks.get_task(config)
-  spec = train_state.make_state_spec(
-      task, config, sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1]))
-  iterator = iter(input_pipeline.make_dataset(config.data, "train", seed=config.seed,
-                                              global_batch_size=config.batch_size))
-  return config, spec, iterator
-
-
 def _files(directory):
   return sorted(os.path.relpath(os.path.join(d, n), directory)
                 for d, _, names in os.walk(directory) for n in names)
@@ -261,7 +248,7 @@ def absl_warnings():
 
 def test_damaged_latest_checkpoint_restores_the_previous_and_keeps_it(
     reference_copy, absl_warnings):
-  config, spec, iterator = _restore_setup(reference_copy)
+  config, spec, iterator = restore_setup(reference_copy)
   ckpt_dir = os.path.join(reference_copy, "checkpoints")
   latest, previous = TOTAL_STEPS, TOTAL_STEPS - CHECKPOINT_EVERY
   step_dir = os.path.join(ckpt_dir, str(latest))
@@ -298,7 +285,7 @@ def test_damaged_latest_checkpoint_restores_the_previous_and_keeps_it(
 
 
 def test_no_readable_checkpoint_raises_and_renames_nothing(reference_copy):
-  config, spec, _ = _restore_setup(reference_copy)
+  config, spec, _ = restore_setup(reference_copy)
   ckpt_dir = os.path.join(reference_copy, "checkpoints")
   for name in os.listdir(ckpt_dir):
     os.remove(os.path.join(ckpt_dir, name, "state", "manifest.ocdbt"))
@@ -311,7 +298,7 @@ def test_no_readable_checkpoint_raises_and_renames_nothing(reference_copy):
 
 
 def test_read_only_fallback_renames_nothing(reference_copy, absl_warnings):
-  config, spec, _ = _restore_setup(reference_copy)
+  config, spec, _ = restore_setup(reference_copy)
   step_dir = os.path.join(reference_copy, "checkpoints", str(TOTAL_STEPS))
   os.remove(os.path.join(step_dir, "state", "_METADATA"))
   ckpt = checkpointing.Checkpointer(reference_copy, config.checkpoint, read_only=True)
@@ -343,7 +330,7 @@ def _change_one_parameter_silently(workdir, step, spec, iterator):
 @pytest.mark.parametrize("what", ["train_state", "model_only"])
 def test_changed_array_bytes_are_caught_and_the_previous_checkpoint_restores(
     reference_copy, absl_warnings, what):
-  config, spec, iterator = _restore_setup(reference_copy)
+  config, spec, iterator = restore_setup(reference_copy)
   step_dir = os.path.join(reference_copy, "checkpoints", str(TOTAL_STEPS))
   _change_one_parameter_silently(reference_copy, TOTAL_STEPS, spec, iterator)
   ckpt = checkpointing.Checkpointer(reference_copy, config.checkpoint, read_only=True)

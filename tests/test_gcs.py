@@ -11,18 +11,12 @@ import subprocess
 import sys
 import time
 
-import jax
 import pytest
 
-from genie_jax import config_lib
 from genie_jax import paths
-from genie_jax import sharding
-from genie_jax import tasks
-from genie_jax.data import input_pipeline
 from genie_jax.training import checkpointing
-from genie_jax.training import train_state
 import gcs_server
-from conftest import STAGES
+from conftest import STAGES, restore_setup
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "launch"))
@@ -107,12 +101,7 @@ def test_an_unreadable_checkpoint_on_gcs_is_set_aside_whole(gcs, tmp_path, tiny_
             for n in gcs_server.object_names(gcs, prefix)}
 
   before = objects(8)
-  config = config_lib.load_config(remote)
-  task = tasks.get_task(config)
-  spec = train_state.make_state_spec(
-      task, config, sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), jax.devices()[:1]))
-  iterator = iter(input_pipeline.make_dataset(config.data, "train", seed=config.seed,
-                                              global_batch_size=config.batch_size))
+  config, spec, iterator = restore_setup(remote)
   ckpt = checkpointing.Checkpointer(remote, config.checkpoint, config)
   step, _ = ckpt.restore(None, spec.abstract, iterator)
   assert step == 4 and ckpt.latest_step() == 4
