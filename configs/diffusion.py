@@ -48,7 +48,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
   config.model.shortcut_steps = int(args.shortcut)
   # The share of training frames left clean (level 0), as every generated frame's past is
   # at sampling (genie_jax/tasks/diffusion.py).
-  config.clean_frame_fraction = 0.0
+  config.clean_frame_fraction = 0.5
 
   # Rollouts against the truth, Delta_t PSNR, LAM vs true actions, as for the MaskGIT stage
   # (genie_jax/evaluators/controllability.py); sampling_steps Euler steps per frame, and

@@ -262,12 +262,15 @@ def test_shortcut_frames_learn_two_half_steps_in_one_on_the_levels_grid(stage_wo
                           half))
   assert np.abs(((v1 + v2_all) / 2 - target[sc])[shortcut[sc]]).max() > 1e-3
   assert np.abs(ex["target"][shortcut] - (ex["eps"] - ex["z"])[shortcut]).max() > 0.1
+  # Clean frames (the default's half of the others) are context only: out of every loss.
+  noised = ~np.asarray(ex["clean"])
+  assert np.all(noised[shortcut]) and not np.all(noised) and np.all(tau[~noised] == 0)
   loss, metrics, _ = task.loss(model, batch, rng)
   prediction = np.asarray(dyn(ex["z_tau"], tau, ex["actions"], step))
   error = np.mean(np.square(prediction - ex["target"]), axis=(2, 3))
-  np.testing.assert_allclose(loss, error.mean(), rtol=1e-5)
+  np.testing.assert_allclose(loss, error[noised].mean(), rtol=1e-5)
   np.testing.assert_allclose(metrics["shortcut_loss"], error[shortcut].mean(), rtol=1e-5)
-  np.testing.assert_allclose(metrics["flow_loss"], error[flow].mean(), rtol=1e-5)
+  np.testing.assert_allclose(metrics["flow_loss"], error[flow & noised].mean(), rtol=1e-5)
   # The step size is an input: the same frames at another size give another prediction.
   other_size = np.asarray(dyn(ex["z_tau"], tau, ex["actions"], step * 0))
   assert np.abs(other_size - prediction).max() > 1e-4

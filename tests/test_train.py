@@ -429,6 +429,12 @@ def test_resume_reads_a_model_key_added_later_as_what_the_model_assumed(tmp_path
   with pytest.raises(ValueError, match=r"config.model.temporal_positions: 'learned' -> 'rope'"):
     checkpointing.check_resume_config(str(tmp_path), ml_collections.ConfigDict(
         dict(seed=0, model=dict(later, temporal_positions="rope"))))
+  # Task keys too: a diffusion run from before clean frames trained with none.
+  checkpointing.check_resume_config(str(tmp_path), ml_collections.ConfigDict(
+      dict(seed=0, model=later, clean_frame_fraction=0.0)))
+  with pytest.raises(ValueError, match=r"config.clean_frame_fraction: 0.0 -> 0.5"):
+    checkpointing.check_resume_config(str(tmp_path), ml_collections.ConfigDict(
+        dict(seed=0, model=later, clean_frame_fraction=0.5)))
 
 
 def test_restore_onto_other_meshes(trained_workdir):

@@ -104,14 +104,16 @@ RESUMABLE_KEYS = ("total_steps", "log_every_steps", "images_every_steps", "num_i
                   "model.remat_policy")
 
 
-# Model keys added after some workdirs were written, with the value such a workdir's model
-# has (the model reads a missing key as this): a saved config without the key matches a new
-# config that holds this value.
+# Model and task keys added after some workdirs were written, with the value such a workdir's
+# run had (the model or task reads a missing key as this): a saved config without the key
+# matches a new config that holds this value.
 LATER_MODEL_KEYS = {
     "model.temporal_positions": "learned", "model.sink_frames": 0,
     "model.encoder_context": "clip", "model.code_restart_sampling": "uniform",
     "model.spatial_rope": False, "model.block_order": "spatial_first",
-    "model.output_head": "linear", "model.quantizer": "vq", "model.kl_weight": 1e-4}
+    "model.output_head": "linear", "model.quantizer": "vq", "model.kl_weight": 1e-4,
+    "context_noise": 0.0, "mask_rate_per": "example", "min_mask_rate": 0.5,
+    "rare_token_weight": 0.0, "clean_frame_fraction": 0.0}
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
