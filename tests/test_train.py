@@ -429,7 +429,11 @@ def test_resume_reads_a_model_key_added_later_as_what_the_model_assumed(tmp_path
   with pytest.raises(ValueError, match=r"config.model.temporal_positions: 'learned' -> 'rope'"):
     checkpointing.check_resume_config(str(tmp_path), ml_collections.ConfigDict(
         dict(seed=0, model=dict(later, temporal_positions="rope"))))
-  # Task keys too: a diffusion run from before clean frames trained with none.
+  # Task keys too: a MaskGIT run from before its training options had Genie's...
+  checkpointing.check_resume_config(str(tmp_path), ml_collections.ConfigDict(
+      dict(seed=0, model=later, context_noise=0.0, mask_rate_per="example", min_mask_rate=0.5,
+           rare_token_weight=0.0, unbias_sampling=True)))
+  # ...and a diffusion run from before clean frames trained with none.
   checkpointing.check_resume_config(str(tmp_path), ml_collections.ConfigDict(
       dict(seed=0, model=later, clean_frame_fraction=0.0)))
   with pytest.raises(ValueError, match=r"config.clean_frame_fraction: 0.0 -> 0.5"):

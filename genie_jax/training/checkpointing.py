@@ -113,7 +113,7 @@ LATER_MODEL_KEYS = {
     "model.spatial_rope": False, "model.block_order": "spatial_first",
     "model.output_head": "linear", "model.quantizer": "vq", "model.kl_weight": 1e-4,
     "context_noise": 0.0, "mask_rate_per": "example", "min_mask_rate": 0.5,
-    "rare_token_weight": 0.0, "clean_frame_fraction": 0.0}
+    "rare_token_weight": 0.0, "unbias_sampling": True, "clean_frame_fraction": 0.0}
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
