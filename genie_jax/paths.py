@@ -123,12 +123,14 @@ def files_under(folder: PathLike) -> list[str]:
                 for d, _, names in os.walk(root) for n in names)
 
 
-def copy_tree(source: PathLike, target: PathLike) -> None:
+def copy_tree(source: PathLike, target: PathLike) -> list[str]:
   """Copies the files under `source` to `target` (either may be remote), replacing files
-  of the same name."""
+  of the same name; returns their paths relative to `source`."""
   source, target = path(source), path(target)
-  for name in files_under(source):
+  names = files_under(source)
+  for name in names:
     write_bytes(target / name, (source / name).read_bytes())
+  return names
 
 
 def move_tree(source: PathLike, target: PathLike) -> None:
@@ -137,8 +139,7 @@ def move_tree(source: PathLike, target: PathLike) -> None:
   if not (is_remote(source) or is_remote(target)):
     os.rename(os.fspath(path(source)), os.fspath(path(target)))
     return
-  copied = files_under(source)
-  copy_tree(source, target)
+  copied = copy_tree(source, target)
   missing = sorted(set(copied) - set(files_under(target)))
   if missing:
     raise OSError(f"moving {source} to {target}: {len(missing)} of its {len(copied)} files "
