@@ -107,7 +107,7 @@ RESUMABLE_KEYS = ("total_steps", "log_every_steps", "images_every_steps", "num_i
 # Model and task keys added after some workdirs were written, with the value such a workdir's
 # run had (the model or task reads a missing key as this): a saved config without the key
 # matches a new config that holds this value.
-LATER_MODEL_KEYS = {
+LATER_KEYS = {
     "model.temporal_positions": "learned", "model.sink_frames": 0,
     "model.encoder_context": "clip", "model.code_restart_sampling": "uniform",
     "model.spatial_rope": False, "model.block_order": "spatial_first",
@@ -160,13 +160,11 @@ def check_resume_config(workdir: str, config: ml_collections.ConfigDict,
   skip = list(RESUMABLE_KEYS) + [
       k for k in derived_keys
       if not (any(under(key, k) for key in saved) and any(under(key, k) for key in new))]
-  changed = sorted(
-      key for key in set(saved) | set(new)
-      if saved.get(key, LATER_MODEL_KEYS.get(key)) != new.get(key)
-      and not any(under(key, k) for k in skip))
+  was = lambda key: saved.get(key, LATER_KEYS.get(key))
+  changed = sorted(key for key in set(saved) | set(new)
+                   if was(key) != new.get(key) and not any(under(key, k) for k in skip))
   if changed:
-    details = "; ".join(f"config.{k}: {saved.get(k, LATER_MODEL_KEYS.get(k))!r} -> "
-                        f"{new.get(k)!r}" for k in changed)
+    details = "; ".join(f"config.{k}: {was(k)!r} -> {new.get(k)!r}" for k in changed)
     raise ValueError(
         f"{workdir} was trained with another config ({details}). Use a new --workdir, or "
         f"the original values, to continue it.")
