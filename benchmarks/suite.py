@@ -180,12 +180,12 @@ def bench_train(config, peak: float) -> dict[str, float]:
   spec = train_state.make_state_spec(task, config, sharding.make_mesh(config.mesh,
                                                                       jax.devices()[:1]))
   local = _random_batch(config)
-  batch = jax.device_put(local, spec.batch_sharding)
   shapes = train_state.abstract_batch(spec, local)
   if _COUNT_ONLY.value:
     whole = train_state.jit_train_step(task, spec, config.seed).lower(spec.abstract, shapes)
     flops = profiling.program_flops(whole, None, spec.mesh.size)
     return dict(gflop=float("nan") if flops is None else flops / 1e9, batch=config.batch_size)
+  batch = jax.device_put(local, spec.batch_sharding)
   t0 = time.perf_counter()
   lowered = train_state.jit_train_step(task, spec, config.seed,
                                        microbatches=config.microbatches).lower(
