@@ -1,12 +1,15 @@
-r"""The single XLA:CPU ops behind `--cpu_dots` and `layers.dense`'s tall kernels, timed alone.
+r"""The single XLA:CPU ops behind `--cpu_dots`, `layers.dense`'s tall kernels and
+`genie_jax.reductions`, timed alone.
 
   python benchmarks/cpu_ops.py                    # --cpu_dots=eigen, the default
   python benchmarks/cpu_ops.py --cpu_dots=xla     # XLA's default dot library
 
 One row per op at the README "Benchmark" tokenizer's sizes (16384 tokens, d 256, FFN 1024,
 4 heads of 64; spatial attention: 256 products of 256 x 64 by 64 x 256, temporal: 4096 of
-16 x 64 by 64 x 16): best-of-7 milliseconds, GFLOP/s, and the process's CPU time over wall
-time while it runs (2.0: both cores of a 2-core machine busy).
+16 x 64 by 64 x 16; the index reductions over the 1024 codes of 16384 tokens, and over the
+1024 codes of one frame's 256 tokens, a MaskGIT step's draw): best-of-7 milliseconds, GFLOP/s
+(the reductions: one per element), and the process's CPU time over wall time while it runs
+(2.0: both cores of a 2-core machine busy).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from absl import flags
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # pylint: disable=g-import-not-at-top,wrong-import-position
 from genie_jax import allocator
+from genie_jax import reductions
 from genie_jax.models import layers
 # pylint: enable=g-import-not-at-top,wrong-import-position
 
@@ -66,6 +70,7 @@ def _attention(shape, causal):
 def _ops():
   m, d, f, g, s, e = 16384, 256, 1024, 256, 256, 64
   ones = lambda *shape: jnp.ones(shape, jnp.float32)
+  normal = lambda *shape: jax.random.normal(jax.random.key(3), shape)
   contract_rows = lambda a, b: jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())))
   return [
       ("2-D matmul x @ W (feed-forward up)", jax.jit(lambda x, w: x @ w),
@@ -91,6 +96,15 @@ def _ops():
        3 * 2 * m * f * d),
       ("column sum over 16384 rows", jax.jit(lambda x: jnp.sum(x, axis=0)), (ones(m, f),),
        m * f),
+      # The VQ's nearest code and the masked-token accuracy: 16384 rows of 1024; a MaskGIT
+      # step's draw: one frame's 256 tokens. FLOPs: one per element.
+      ("jnp.argmax over 1024 columns, 16384 rows", jax.jit(lambda x: jnp.argmax(x, -1)),
+       (normal(m, f),), m * f),
+      ("reductions.argmax, the same", jax.jit(reductions.argmax), (normal(m, f),), m * f),
+      ("jax.random.categorical, 256 rows of 1024", jax.jit(jax.random.categorical),
+       (jax.random.key(2), normal(g, f)), g * f),
+      ("reductions.categorical, the same", jax.jit(reductions.categorical),
+       (jax.random.key(2), normal(g, f)), g * f),
   ]
 
 

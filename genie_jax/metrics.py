@@ -5,6 +5,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from genie_jax import reductions
+
 # A perfect frame would give an infinite PSNR; this MSE floor bounds it.
 _MIN_MSE = 1e-10
 
@@ -28,4 +30,4 @@ def frame_psnr(a_HWC: jax.Array, b_HWC: jax.Array) -> jax.Array:
 def masked_correct(logits_XV: jax.Array, tokens_X: jax.Array, mask_X: jax.Array) -> jax.Array:
   """Where the argmax prediction is the true token among the masked ones (bool, any leading
   axes): the masked-token accuracy's numerator."""
-  return (jnp.argmax(logits_XV, axis=-1) == tokens_X) & mask_X
+  return (reductions.argmax(logits_XV) == tokens_X) & mask_X

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from genie_jax import reductions
+
 # (tokens_BN int32, mask_BN bool, True = [MASK]) -> logits_BNV.
 LogitsFn = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -140,9 +142,9 @@ def sample_frame(logits_fn: LogitsFn, rng: jax.Array, *, batch_size: int, num_to
     logits_BNV = logits_fn(tokens_BN, mask_BN).astype(jnp.float32)
     if temperature > 0:
       logits_BNV = logits_BNV / temperature
-      sampled_BN = jax.random.categorical(sample_key, logits_BNV, axis=-1)
+      sampled_BN = reductions.categorical(sample_key, logits_BNV)
     else:
-      sampled_BN = jnp.argmax(logits_BNV, axis=-1)
+      sampled_BN = reductions.argmax(logits_BNV)
     log_probs_BNV = jax.nn.log_softmax(logits_BNV, axis=-1)
     confidence_BN = jnp.take_along_axis(log_probs_BNV, sampled_BN[..., None], axis=-1)[..., 0]
     if temperature > 0:

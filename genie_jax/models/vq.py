@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from genie_jax import reductions
 from genie_jax.models import layers
 
 
@@ -109,7 +110,7 @@ class VectorQuantizer(nnx.Module):
     if self.normalize:
       z_XL = _l2_normalize(z_XL)
     codes_VL = self.codes()
-    indices_X = jnp.argmin(_code_distances(z_XL, codes_VL), axis=-1).astype(jnp.int32)
+    indices_X = reductions.argmin(_code_distances(z_XL, codes_VL))
     e_XL = jnp.take(codes_VL, indices_X, axis=0)
 
     codebook_loss = jnp.mean(jnp.square(jax.lax.stop_gradient(z_XL) - e_XL))
@@ -162,10 +163,10 @@ class VectorQuantizer(nnx.Module):
     for i in range(1, v):
       d_X = jnp.min(sq_dist(centres_VL)[:, :i], axis=1)
       logits_X = jnp.log(jnp.maximum(d_X, 1e-12))
-      centres_VL = centres_VL.at[i].set(x_XL[jax.random.categorical(keys[i], logits_X)])
+      centres_VL = centres_VL.at[i].set(x_XL[reductions.categorical(keys[i], logits_X)])
 
     def lloyd(_, c_VL):
-      onehot_XV = jax.nn.one_hot(jnp.argmin(sq_dist(c_VL), axis=1), v, dtype=jnp.float32)
+      onehot_XV = jax.nn.one_hot(reductions.argmin(sq_dist(c_VL)), v, dtype=jnp.float32)
       counts_V = onehot_XV.sum(0)
       means_VL = (jnp.matmul(onehot_XV.T, x_XL, precision=jax.lax.Precision.HIGHEST)
                   / jnp.maximum(counts_V, 1.0)[:, None])

@@ -17,6 +17,7 @@ import optax
 from flax import nnx
 
 from genie_jax import metrics as metrics_lib
+from genie_jax import reductions
 from genie_jax.models import dynamics as dynamics_lib
 from genie_jax.models import lam as lam_lib
 from genie_jax.models import tokenizer as tokenizer_lib
@@ -278,7 +279,7 @@ class DynamicsTask(base.Task):
     tokens_BTN, actions_BT = self.tokens_and_actions(model, batch["video"])
     mask_BTN, _ = sample_mask(rng, tokens_BTN.shape)
     logits_BTNV = model.dynamics(tokens_BTN, mask_BTN, actions_BT)
-    pred_BTN = jnp.where(mask_BTN, jnp.argmax(logits_BTNV, -1).astype(jnp.int32), tokens_BTN)
+    pred_BTN = jnp.where(mask_BTN, reductions.argmax(logits_BTNV), tokens_BTN)
     return dict(tokens_BTN=tokens_BTN, mask_BTN=mask_BTN, pred_BTN=pred_BTN,
                 logits_BTNV=logits_BTNV)
 
