@@ -96,8 +96,6 @@ def _ops():
        3 * 2 * m * f * d),
       ("column sum over 16384 rows", jax.jit(lambda x: jnp.sum(x, axis=0)), (ones(m, f),),
        m * f),
-      # The VQ's nearest code and the masked-token accuracy: 16384 rows of 1024; a MaskGIT
-      # step's draw: one frame's 256 tokens. FLOPs: one per element.
       ("jnp.argmax over 1024 columns, 16384 rows", jax.jit(lambda x: jnp.argmax(x, -1)),
        (normal(m, f),), m * f),
       ("reductions.argmax, the same", jax.jit(reductions.argmax), (normal(m, f),), m * f),
