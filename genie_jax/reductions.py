@@ -22,11 +22,7 @@ import jax.numpy as jnp
 _MAX_FLOAT_INDEX = 2**24
 
 
-def _two_pass(reduce, x: jax.Array, axis: int) -> jax.Array:
-  # Both passes must read the same values: left to itself XLA may fuse x's producer into
-  # each pass and compute x twice, and two roundings could leave no element equal to the
-  # extreme.
-  x = jax.lax.optimization_barrier(x)
+def _two_pass(reduce, jax_reduction, x: jax.Array, axis: int) -> jax.Array:
   extreme = reduce(x, axis=axis, keepdims=True)
   n = x.shape[axis]
   shape = [1] * x.ndim
@@ -36,20 +32,30 @@ def _two_pass(reduce, x: jax.Array, axis: int) -> jax.Array:
   # NaNs are found by themselves: their positions count from -n, below every other index.
   candidate = jnp.where(jnp.isnan(x), index - n, jnp.where(x == extreme, index, n))
   first = jnp.min(candidate, axis=axis)
-  return jnp.where(first < 0, first + n, first).astype(jnp.int32)
+  # XLA may fuse x's producer into each pass and compute x twice; were the two to round
+  # differently, a row could have no element equal to its extreme. jax's reduction then
+  # decides (a conditional: under vmap it becomes a select that computes both).
+  return jax.lax.cond(
+      jnp.all(first < n),
+      lambda: jnp.where(first < 0, first + n, first).astype(jnp.int32),
+      lambda: jax_reduction(x, axis=axis).astype(jnp.int32))
 
 
-def _index_reduction(reduce, jax_reduction, x: jax.Array, axis: int) -> jax.Array:
+def _checked(x: jax.Array, axis: int) -> tuple[jax.Array, int]:
   x = jnp.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise TypeError(f"expected a floating-point array; got {x.dtype}")
   if not -x.ndim <= axis < x.ndim:
     raise ValueError(f"axis {axis} is out of range for an array of shape {x.shape}")
-  axis %= x.ndim
-  ours = functools.partial(_two_pass, reduce, axis=axis)
+  return x, axis % x.ndim
+
+
+def _index_reduction(reduce, jax_reduction, x: jax.Array, axis: int) -> jax.Array:
+  x, axis = _checked(x, axis)
   theirs = lambda x: jax_reduction(x, axis=axis).astype(jnp.int32)
   if x.shape[axis] > _MAX_FLOAT_INDEX:
     return theirs(x)
+  ours = functools.partial(_two_pass, reduce, jax_reduction, axis=axis)
   return jax.lax.platform_dependent(x, cpu=ours, default=theirs)
 
 
@@ -69,5 +75,5 @@ def categorical(key: jax.Array, logits: jax.Array, axis: int = -1) -> jax.Array:
   jax draws Gumbel noise of the logits' shape and dtype and takes the argmax of noise +
   logits; this does the same with `argmax` above.
   """
-  logits = jnp.asarray(logits)
+  logits, axis = _checked(logits, axis)
   return argmax(jax.random.gumbel(key, logits.shape, logits.dtype) + logits, axis)

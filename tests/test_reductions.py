@@ -9,7 +9,7 @@ import pytest
 
 from genie_jax import reductions
 
-# Two results from one reduction: XLA's (value, index) reduction, the one CPU code avoids.
+# Two results from one reduction: XLA's (value, index) reduction.
 _PAIR_REDUCTION = re.compile(r"%\S+:2 = stablehlo\.reduce")
 
 
@@ -47,22 +47,36 @@ def test_index_reductions_give_jax_results(name, axis, dtype):
 
 
 def test_index_reductions_of_a_computed_input():
-  # Both passes read one computed array: computed twice, two roundings of it could leave
-  # no element equal to the max.
   a = jnp.asarray(np.random.default_rng(1).normal(size=(512, 300)), jnp.bfloat16)
   fn = lambda a: (a.astype(jnp.float32) * 1.7 + 0.3) / 3.1
   for name in ("argmax", "argmin"):
-    ours = jax.jit(lambda a: getattr(reductions, name)(fn(a)))
-    np.testing.assert_array_equal(ours(a), getattr(jnp, name)(fn(a), axis=-1))
+    both = jax.jit(lambda a: (getattr(reductions, name)(fn(a)),
+                              getattr(jnp, name)(fn(a), axis=-1)))
+    ours, theirs = both(a)
+    np.testing.assert_array_equal(ours, theirs)
 
 
-def test_cpu_avoids_the_pair_reduction_and_other_backends_keep_jax():
+def test_the_two_passes_answer_and_jax_decides_when_they_disagree():
+  x = jnp.asarray(_awkward())
+  sentinel = lambda x, axis: jnp.full(np.delete(x.shape, axis), -7)
+  two_pass = jax.jit(reductions._two_pass, static_argnums=(0, 1, 3))  # pylint: disable=protected-access
+  # Passes that agree answer alone: jax's reduction (here a sentinel) is not consulted.
+  np.testing.assert_array_equal(two_pass(jnp.max, sentinel, x, 2), jnp.argmax(x, axis=2))
+  # A row whose extreme no element equals (as two roundings of one operand could give)
+  # hands the whole answer to jax's reduction.
+  off_max = lambda x, axis, keepdims: jnp.max(x, axis=axis, keepdims=keepdims) + 1.0
+  np.testing.assert_array_equal(two_pass(off_max, sentinel, x, 2), -7)
+
+
+def test_cpu_lowers_the_two_passes_and_other_backends_jax_reduction():
   x = jnp.ones((4, 8))
-  assert _PAIR_REDUCTION.search(jax.jit(lambda x: jnp.argmax(x, -1)).lower(x).as_text())
-  assert not _PAIR_REDUCTION.search(jax.jit(reductions.argmax).lower(x).as_text())
-  for platform in ("tpu", "cuda"):
-    lowered = jax.jit(reductions.argmin).trace(x).lower(lowering_platforms=(platform,))
-    assert _PAIR_REDUCTION.search(lowered.as_text())
+  lower = lambda fn, platform: jax.jit(fn).trace(x).lower(
+      lowering_platforms=(platform,)).as_text()
+  for fn, plain in ((reductions.argmax, "maximum"), (reductions.argmin, "minimum")):
+    assert f"applies stablehlo.{plain}" in lower(fn, "cpu")
+    for platform in ("tpu", "cuda"):
+      text = lower(fn, platform)
+      assert _PAIR_REDUCTION.search(text) and f"applies stablehlo.{plain}" not in text
 
 
 def test_index_reductions_refuse_integers_and_bad_axes():
