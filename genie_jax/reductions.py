@@ -22,7 +22,10 @@ import jax.numpy as jnp
 _MAX_FLOAT_INDEX = 2**24
 
 
-def _two_pass(reduce, jax_reduction, x: jax.Array, axis: int) -> jax.Array:
+def _two_pass(reduce, x: jax.Array, axis: int) -> jax.Array:
+  # Where XLA fuses x's producer into each pass and computes x twice, it emits the same
+  # arithmetic for both (XLA:CPU compiles without fast-math), so each row's extreme is among
+  # the values the second pass compares.
   extreme = reduce(x, axis=axis, keepdims=True)
   n = x.shape[axis]
   shape = [1] * x.ndim
@@ -32,13 +35,7 @@ def _two_pass(reduce, jax_reduction, x: jax.Array, axis: int) -> jax.Array:
   # NaNs are found by themselves: their positions count from -n, below every other index.
   candidate = jnp.where(jnp.isnan(x), index - n, jnp.where(x == extreme, index, n))
   first = jnp.min(candidate, axis=axis)
-  # XLA may fuse x's producer into each pass and compute x twice; were the two to round
-  # differently, a row could have no element equal to its extreme. jax's reduction then
-  # decides (a conditional: under vmap it becomes a select that computes both).
-  return jax.lax.cond(
-      jnp.all(first < n),
-      lambda: jnp.where(first < 0, first + n, first).astype(jnp.int32),
-      lambda: jax_reduction(x, axis=axis).astype(jnp.int32))
+  return jnp.where(first < 0, first + n, first).astype(jnp.int32)
 
 
 def _checked(x: jax.Array, axis: int) -> tuple[jax.Array, int]:
@@ -55,7 +52,7 @@ def _index_reduction(reduce, jax_reduction, x: jax.Array, axis: int) -> jax.Arra
   theirs = lambda x: jax_reduction(x, axis=axis).astype(jnp.int32)
   if x.shape[axis] > _MAX_FLOAT_INDEX:
     return theirs(x)
-  ours = functools.partial(_two_pass, reduce, jax_reduction, axis=axis)
+  ours = functools.partial(_two_pass, reduce, axis=axis)
   return jax.lax.platform_dependent(x, cpu=ours, default=theirs)
 
 

@@ -56,16 +56,18 @@ def test_index_reductions_of_a_computed_input():
     np.testing.assert_array_equal(ours, theirs)
 
 
-def test_the_two_passes_answer_and_jax_decides_when_they_disagree():
-  x = jnp.asarray(_awkward())
-  sentinel = lambda x, axis: jnp.full(np.delete(x.shape, axis), -7)
-  two_pass = jax.jit(reductions._two_pass, static_argnums=(0, 1, 3))  # pylint: disable=protected-access
-  # Passes that agree answer alone: jax's reduction (here a sentinel) is not consulted.
-  np.testing.assert_array_equal(two_pass(jnp.max, sentinel, x, 2), jnp.argmax(x, axis=2))
-  # A row whose extreme no element equals (as two roundings of one operand could give)
-  # hands the whole answer to jax's reduction.
-  off_max = lambda x, axis, keepdims: jnp.max(x, axis=axis, keepdims=keepdims) + 1.0
-  np.testing.assert_array_equal(two_pass(off_max, sentinel, x, 2), -7)
+def test_a_sharded_batch_is_reduced_where_it_lies():
+  """Rows split over devices: each device reduces its own rows, nothing crosses devices."""
+  mesh = jax.make_mesh((4,), ("data",), devices=jax.devices()[:4],
+                       axis_types=(jax.sharding.AxisType.Explicit,))
+  x = jax.device_put(jnp.asarray(_awkward()[:32]),
+                     jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+  for name in ("argmax", "argmin"):
+    fn = jax.jit(lambda x: getattr(reductions, name)(x, -1))
+    np.testing.assert_array_equal(fn(x), getattr(jnp, name)(_awkward()[:32], axis=-1))
+    hlo = fn.lower(x).compile().as_text()
+    for collective in ("all-reduce", "all-gather", "collective-permute", "all-to-all"):
+      assert collective not in hlo, (name, collective)
 
 
 def test_cpu_lowers_the_two_passes_and_other_backends_jax_reduction():
