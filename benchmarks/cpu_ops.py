@@ -70,7 +70,9 @@ def _attention(shape, causal):
 def _ops():
   m, d, f, g, s, e = 16384, 256, 1024, 256, 256, 64
   ones = lambda *shape: jnp.ones(shape, jnp.float32)
-  normal = lambda *shape: jax.random.normal(jax.random.key(3), shape)
+  # One array per pair of rows: a VQ's distances, one frame's logits.
+  distances, logits = (jax.random.normal(jax.random.key(3), shape)
+                       for shape in ((m, f), (g, f)))
   contract_rows = lambda a, b: jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())))
   return [
       ("2-D matmul x @ W (feed-forward up)", jax.jit(lambda x, w: x @ w),
@@ -97,12 +99,12 @@ def _ops():
       ("column sum over 16384 rows", jax.jit(lambda x: jnp.sum(x, axis=0)), (ones(m, f),),
        m * f),
       ("jnp.argmax over 1024 columns, 16384 rows", jax.jit(lambda x: jnp.argmax(x, -1)),
-       (normal(m, f),), m * f),
-      ("reductions.argmax, the same", jax.jit(reductions.argmax), (normal(m, f),), m * f),
+       (distances,), m * f),
+      ("reductions.argmax, the same", jax.jit(reductions.argmax), (distances,), m * f),
       ("jax.random.categorical, 256 rows of 1024", jax.jit(jax.random.categorical),
-       (jax.random.key(2), normal(g, f)), g * f),
+       (jax.random.key(2), logits), g * f),
       ("reductions.categorical, the same", jax.jit(reductions.categorical),
-       (jax.random.key(2), normal(g, f)), g * f),
+       (jax.random.key(2), logits), g * f),
   ]
 
 

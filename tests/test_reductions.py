@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from genie_jax import reductions
+from genie_jax import sharding
 
 # Two results from one reduction: XLA's (value, index) reduction.
 _PAIR_REDUCTION = re.compile(r"%\S+:2 = stablehlo\.reduce")
@@ -58,13 +59,12 @@ def test_index_reductions_of_a_computed_input():
 
 def test_a_sharded_batch_is_reduced_where_it_lies():
   """Rows split over devices: each device reduces its own rows, nothing crosses devices."""
-  mesh = jax.make_mesh((4,), ("data",), devices=jax.devices()[:4],
-                       axis_types=(jax.sharding.AxisType.Explicit,))
-  x = jax.device_put(jnp.asarray(_awkward()[:32]),
-                     jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+  rows = _awkward()[:32]
+  mesh = sharding.make_mesh(dict(data=4, fsdp=1, tensor=1), jax.devices()[:4])
+  x = jax.device_put(rows, sharding.batch_sharding(mesh, sharding.DEFAULT_RULES))
   for name in ("argmax", "argmin"):
     fn = jax.jit(lambda x: getattr(reductions, name)(x, -1))
-    np.testing.assert_array_equal(fn(x), getattr(jnp, name)(_awkward()[:32], axis=-1))
+    np.testing.assert_array_equal(fn(x), getattr(jnp, name)(rows, axis=-1))
     hlo = fn.lower(x).compile().as_text()
     for collective in ("all-reduce", "all-gather", "collective-permute", "all-to-all"):
       assert collective not in hlo, (name, collective)
