@@ -1,5 +1,6 @@
 r"""The single XLA:CPU ops behind `--cpu_dots`, `layers.dense`'s tall kernels and
-`genie_jax.reductions`, timed alone.
+`genie_jax.reductions`, timed alone; also weight gradients computed in two halves of the
+rows (README "Benchmark": faster alone, not in the step, so not used).
 
   python benchmarks/cpu_ops.py                    # --cpu_dots=eigen, the default
   python benchmarks/cpu_ops.py --cpu_dots=xla     # XLA's default dot library
@@ -74,6 +75,10 @@ def _ops():
   distances, logits = (jax.random.normal(jax.random.key(3), shape)
                        for shape in ((m, f), (g, f)))
   contract_rows = lambda a, b: jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())))
+  # The rows in two halves, one batched matmul (a half per core), the two results summed.
+  in_halves = lambda a, b: jnp.sum(jax.lax.dot_general(
+      a.reshape(2, -1, a.shape[1]), b.reshape(2, -1, b.shape[1]), (((1,), (1,)), ((0,), (0,)))),
+                                   axis=0)
   return [
       ("2-D matmul x @ W (feed-forward up)", jax.jit(lambda x, w: x @ w),
        (ones(m, d), ones(d, f)), 2 * m * d * f),
@@ -92,6 +97,12 @@ def _ops():
        (ones(m, f), ones(m, d)), 2 * m * f * d),
       ("weight gradient dy^T x into [256, 1024]", jax.jit(contract_rows),
        (ones(m, d), ones(m, f)), 2 * m * f * d),
+      ("the same in two halves of the rows", jax.jit(in_halves), (ones(m, d), ones(m, f)),
+       2 * m * f * d),
+      ("weight gradient x^T dy into [256, 256] (an attention's output kernel)",
+       jax.jit(contract_rows), (ones(m, d), ones(m, d)), 2 * m * d * d),
+      ("the same in two halves of the rows", jax.jit(in_halves), (ones(m, d), ones(m, d)),
+       2 * m * d * d),
       ("feed-forward down projection, forward and backward (layers.dense)",
        jax.jit(lambda x, w, dy: _value_and_vjp(layers.dense, dy, x, w)),
        (ones(m, f), ones(f, d), jax.random.normal(jax.random.key(0), (m, d))),
