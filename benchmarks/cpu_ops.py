@@ -1,6 +1,6 @@
 r"""The single XLA:CPU ops behind `--cpu_dots`, `layers.dense`'s tall kernels and
 `genie_jax.reductions`, timed alone; also weight gradients computed in two halves of the
-rows (README "Benchmark": faster alone, not in the step, so not used).
+rows (README "Benchmark": faster alone only into [256, 256], not in the step, so not used).
 
   python benchmarks/cpu_ops.py                    # --cpu_dots=eigen, the default
   python benchmarks/cpu_ops.py --cpu_dots=xla     # XLA's default dot library
@@ -75,10 +75,11 @@ def _ops():
   distances, logits = (jax.random.normal(jax.random.key(3), shape)
                        for shape in ((m, f), (g, f)))
   contract_rows = lambda a, b: jax.lax.dot_general(a, b, (((0,), (0,)), ((), ())))
-  # The rows in two halves, one batched matmul (a half per core), the two results summed.
-  in_halves = lambda a, b: jnp.sum(jax.lax.dot_general(
-      a.reshape(2, -1, a.shape[1]), b.reshape(2, -1, b.shape[1]), (((1,), (1,)), ((0,), (0,)))),
-                                   axis=0)
+
+  def in_halves(a, b):  # The rows in two halves, one batched matmul, the two results summed.
+    halves = lambda x: x.reshape(2, -1, x.shape[1])
+    return jax.lax.dot_general(halves(a), halves(b), (((1,), (1,)), ((0,), (0,)))).sum(0)
+
   return [
       ("2-D matmul x @ W (feed-forward up)", jax.jit(lambda x, w: x @ w),
        (ones(m, d), ones(d, f)), 2 * m * d * f),
