@@ -1,6 +1,7 @@
 r"""The single XLA:CPU ops behind `--cpu_dots`, `layers.dense`'s tall kernels and
 `genie_jax.reductions`, timed alone; also weight gradients computed in two halves of the
-rows (README "Benchmark": faster alone only into [256, 256], not in the step, so not used).
+rows (README "Benchmark": faster alone, clearly so into [256, 256]; not in the step, so not
+used).
 
   python benchmarks/cpu_ops.py                    # --cpu_dots=eigen, the default
   python benchmarks/cpu_ops.py --cpu_dots=xla     # XLA's default dot library
