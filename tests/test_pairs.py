@@ -1,0 +1,70 @@
+"""benchmarks/pairs.py: reading the suite's tables, the side-by-side summary, and bad input
+refused before any checkout."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_SCRIPT = os.path.join(_ROOT, "benchmarks", "pairs.py")
+_spec = importlib.util.spec_from_file_location("benchmarks_pairs", _SCRIPT)
+pairs = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(pairs)
+
+# The suite's output, as it prints it.
+_TABLE = "\n".join([
+    "cpu x1 (cpu), 2 cores, jax 0.10.2, float32, malloc tcmalloc, cpu dots eigen",
+    "| kind | what | shape | batch | compile s | ms (per step / frame / batch) | rate | "
+    "GFLOP/step | MFU | XLA temp MiB | peak RSS MiB |",
+    "|---|---|---|---|---|---|---|---|---|---|---|",
+    "| train | tokenizer | readme | 4 | 6.4 | 6395.5 | 10.01 frames/s | 947.6 | 0.69 | 4437 "
+    "| 5385 |",
+    "    XLA ops, ms per step (traced; sum 4623.0): matmul 3955.2 (86%)",
+    "| train | dynamics | readme | 4 | 5.5 | 4410.2 | 14.51 frames/s | 665.7 | 0.70 | 2376 "
+    "| 5390 |",
+    "| rollout | 16 frames, 25 steps | readme | 1 | 12.0 | 615.0 | 1.626 frames/s |  |  |  "
+    "| 3100 |",
+    "| train | lam | appf | 16 |  |  |  | 1638.0 |  |  | 900 |"])
+
+
+def test_parse_rows_reads_the_ms_of_each_result_row():
+  assert pairs.parse_rows(_TABLE) == {
+      ("train", "tokenizer", "readme"): 6395.5,
+      ("train", "dynamics", "readme"): 4410.2,
+      ("rollout", "16 frames, 25 steps", "readme"): 615.0}  # A count-only row has no ms.
+
+
+def test_summary_gives_each_pair_the_means_and_the_median_pair():
+  key = ("train", "dynamics", "readme")
+  other = ("train", "lam", "readme")
+  runs = [({key: 6000.0, other: 100.0}, {key: 4000.0}),  # A row on one side only is left out.
+          ({key: 5000.0}, {key: 5000.0}),
+          ({key: 5500.0}, {key: 4400.0})]
+  lines = pairs.summary(runs).splitlines()
+  assert lines[2:] == [
+      "| train dynamics readme | 1 | 6000.0 | 4000.0 | 1.50x |",
+      "| train dynamics readme | 2 | 5000.0 | 5000.0 | 1.00x |",
+      "| train dynamics readme | 3 | 5500.0 | 4400.0 | 1.25x |",
+      "| train dynamics readme | mean | 5500.0 | 4466.7 | 1.23x (median pair 1.25x) |"]
+
+
+def _run(*args):
+  return subprocess.run([sys.executable, _SCRIPT, *args], cwd=_ROOT, capture_output=True,
+                        text=True, timeout=120, check=False)
+
+
+def test_bad_input_is_refused_before_any_checkout():
+  def worktrees():
+    return subprocess.run(["git", "worktree", "list"], cwd=_ROOT, capture_output=True,
+                          text=True, check=True).stdout
+  before = worktrees()
+  cases = [(["--before=no-such-revision"], "--before=no-such-revision: not a git revision"),
+           (["--before=HEAD", "--harness=HEAD", "--harness_files=no/such/file.py"],
+            "--harness_files: no/such/file.py is not in --harness=HEAD"),
+           (["--before=HEAD", "--pairs=0"], "--pairs=0 must be at least 1"),
+           (["--before=HEAD", "--", "--steps=3"], "suite flags go in --suite_args")]
+  for args, message in cases:
+    done = _run(*args)
+    assert done.returncode != 0 and message in done.stderr + done.stdout, (args, done.stderr)
+  assert worktrees() == before
