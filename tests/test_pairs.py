@@ -6,6 +6,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 _SCRIPT = os.path.join(_ROOT, "benchmarks", "pairs.py")
 _spec = importlib.util.spec_from_file_location("benchmarks_pairs", _SCRIPT)
@@ -25,14 +27,19 @@ _TABLE = "\n".join([
     "| 5390 |",
     "| rollout | 16 frames, 25 steps | readme | 1 | 12.0 | 615.0 | 1.626 frames/s |  |  |  "
     "| 3100 |",
-    "| train | lam | appf | 16 |  |  |  | 1638.0 |  |  | 900 |"])
+    "| train | lam | appf | 16 |  |  |  | 1638.0 |  |  | 900 |",
+    # An older suite's row (ef7f2a6's, the README's "before" harness): fewer columns.
+    "| train | lam | runlocal | 16 | 9.0 | 133.1 | 480.9 frames/s | 6.2 | 0.36 | 871 |"])
 
 
 def test_parse_rows_reads_the_ms_of_each_result_row():
   assert pairs.parse_rows(_TABLE) == {
       ("train", "tokenizer", "readme"): 6395.5,
       ("train", "dynamics", "readme"): 4410.2,
-      ("rollout", "16 frames, 25 steps", "readme"): 615.0}  # A count-only row has no ms.
+      ("rollout", "16 frames, 25 steps", "readme"): 615.0,  # A count-only row has no ms.
+      ("train", "lam", "runlocal"): 133.1}
+  with pytest.raises(ValueError, match="printed row 'train lam runlocal' twice"):
+    pairs.parse_rows(_TABLE + "\n" + _TABLE.splitlines()[-1])
 
 
 def test_summary_gives_each_pair_the_means_and_the_median_pair():
@@ -46,25 +53,40 @@ def test_summary_gives_each_pair_the_means_and_the_median_pair():
       "| train dynamics readme | 1 | 6000.0 | 4000.0 | 1.50x |",
       "| train dynamics readme | 2 | 5000.0 | 5000.0 | 1.00x |",
       "| train dynamics readme | 3 | 5500.0 | 4400.0 | 1.25x |",
-      "| train dynamics readme | mean | 5500.0 | 4466.7 | 1.23x (median pair 1.25x) |"]
+      "| train dynamics readme | mean | 5500.0 | 4466.7 | 1.23x (median of the pairs 1.25x) |"]
 
 
-def _run(*args):
-  return subprocess.run([sys.executable, _SCRIPT, *args], cwd=_ROOT, capture_output=True,
-                        text=True, timeout=120, check=False)
+def _run(tmp_path, *args):
+  # Worktrees go under tmp_path; a suite that starts by mistake stops at its unknown --only.
+  return subprocess.run([sys.executable, _SCRIPT, "--suite_args=--only=no_such_kind", *args],
+                        cwd=_ROOT, capture_output=True, text=True, timeout=300, check=False,
+                        env=dict(os.environ, TMPDIR=str(tmp_path)))
 
 
-def test_bad_input_is_refused_before_any_checkout():
-  def worktrees():
-    return subprocess.run(["git", "worktree", "list"], cwd=_ROOT, capture_output=True,
-                          text=True, check=True).stdout
-  before = worktrees()
+def _worktrees_under(path) -> list[str]:
+  listed = subprocess.run(["git", "worktree", "list", "--porcelain"], cwd=_ROOT,
+                          capture_output=True, text=True, check=True).stdout
+  return [line for line in listed.splitlines() if str(path) in line]
+
+
+def test_bad_input_is_refused_before_any_checkout(tmp_path):
   cases = [(["--before=no-such-revision"], "--before=no-such-revision: not a git revision"),
            (["--before=HEAD", "--harness=HEAD", "--harness_files=no/such/file.py"],
-            "--harness_files: no/such/file.py is not in --harness=HEAD"),
-           (["--before=HEAD", "--pairs=0"], "--pairs=0 must be at least 1"),
+            "--harness_files: no/such/file.py is not a file in --harness=HEAD"),
+           (["--before=HEAD", "--harness=HEAD", "--harness_files=genie_jax"],
+            "--harness_files: genie_jax is not a file in --harness=HEAD"),
+           (["--before=HEAD", "--pairs=0"], "--pairs"),
+           (["--before=HEAD", "--before_args=--malloc='system"], "--before_args="),
            (["--before=HEAD", "--", "--steps=3"], "suite flags go in --suite_args")]
   for args, message in cases:
-    done = _run(*args)
+    done = _run(tmp_path, *args)
     assert done.returncode != 0 and message in done.stderr + done.stdout, (args, done.stderr)
-  assert worktrees() == before
+  assert not os.listdir(tmp_path) and not _worktrees_under(tmp_path)
+
+
+def test_a_failing_suite_run_leaves_no_worktree(tmp_path):
+  done = _run(tmp_path, "--before=HEAD", "--harness=HEAD", "--pairs=1")
+  assert done.returncode != 0
+  # The checked-out revision's suite itself refused the flag, and said so.
+  assert "pair 1, before (HEAD)" in done.stderr and "no_such_kind" in done.stderr, done.stderr
+  assert not os.listdir(tmp_path) and not _worktrees_under(tmp_path)
