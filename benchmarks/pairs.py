@@ -11,8 +11,9 @@ with --suite_args plus each side's own flags (--before_args, --after_args); odd 
 pair (this one's drifts by tens of percent over minutes) does not always favour one side.
 With --harness, the --before checkout (a revision older than the suite, say) takes the suite
 and the modules it measures with (--harness_files) from that revision. Each run imports the
-code of its own tree only: an editable install of this repository, which would lend the
-other tree's modules to an import the revision cannot satisfy, is taken off the import path.
+code of its own tree: this repository's editable install (whose finder would lend this
+tree's modules to an import an older revision cannot satisfy) and this tree's root are taken
+off the import path.
 Input rows read --data_dir (put it in --suite_args, absolute, so that both sides read the same
 files). Prints each run's table, then per suite row both sides' ms in every pair, the
 speed-up (before / after), the means and the median of the pairs' speed-ups.
@@ -50,12 +51,14 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Set by the allocator in a process it re-executed: inherited, it would keep the suite from
 # choosing its own allocator.
 _REEXECUTED = "_GENIE_JAX_MALLOC_REEXECUTED"
-# Runs the suite of the current directory with an editable install's finders (setuptools'
-# `_EditableFinder`) off sys.meta_path: the tree's root, which the suite puts first on
+# Runs the suite of the current directory with this repository's editable install (the
+# finder setuptools puts on sys.meta_path, from its `__editable___genie_jax_*` module) and
+# this tree's root off the import path: the tree's root, which the suite puts first on
 # sys.path, then serves every import of its packages.
-_BOOTSTRAP = ("import runpy, sys\n"
-              "sys.meta_path[:] = [f for f in sys.meta_path\n"
-              "                    if 'editable' not in getattr(f, '__name__', '').lower()]\n"
+_BOOTSTRAP = ("import os, runpy, sys\n"
+              "sys.meta_path[:] = [f for f in sys.meta_path if not getattr(\n"
+              "    f, '__module__', '').startswith('__editable___genie_jax')]\n"
+              f"sys.path[:] = [p for p in sys.path if os.path.abspath(p) != {_ROOT!r}]\n"
               "sys.argv = ['benchmarks/suite.py'] + sys.argv[1:]\n"
               "runpy.run_path('benchmarks/suite.py', run_name='__main__')\n")
 _KINDS = ("train", "rollout", "input")
@@ -157,7 +160,10 @@ def _measure(trees: dict[str, str], args: dict[str, list[str]], revs: dict[str, 
       runs.append((rows["before"], rows["after"]))
   finally:
     if runs:
-      print(summary(runs), flush=True)
+      try:
+        print(summary(runs), flush=True)
+      except Exception:  # pylint: disable=broad-exception-caught
+        logging.exception("no summary of the finished pairs")  # The run's own error wins.
   return runs
 
 
@@ -179,18 +185,19 @@ def main(argv):
         if not rev:
           continue
         trees[side] = os.path.join(root, side)
+        worktrees.append(trees[side])  # Before `add`, which may be cut short.
         _git("worktree", "add", "--detach", trees[side], rev)
-        worktrees.append(trees[side])
         if side == "before" and _HARNESS.value:
           _git("checkout", _HARNESS.value, "--", *_HARNESS_FILES.value, cwd=trees[side])
       _measure(trees, args, revs)
     finally:
+      for sig in (signal.SIGTERM, signal.SIGINT):  # Let the cleanup finish.
+        signal.signal(sig, signal.SIG_IGN)
       for tree in worktrees:
-        done = _git("worktree", "remove", "--force", tree, check=False)
-        if done.returncode:
+        # Twice forced: also a worktree left locked by an interrupted `add`.
+        done = _git("worktree", "remove", "--force", "--force", tree, check=False)
+        if done.returncode and os.path.exists(tree):
           logging.warning("could not remove the worktree %s: %s", tree, done.stderr.strip())
-  if worktrees:
-    _git("worktree", "prune", check=False)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 refused before any checkout."""
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -56,6 +57,27 @@ def test_summary_gives_each_pair_the_means_and_the_median_pair():
       "| train dynamics readme | mean | 5500.0 | 4466.7 | 1.23x (median of the pairs 1.25x) |"]
 
 
+_IN_GIT = subprocess.run(["git", "rev-parse", "--git-dir"], cwd=_ROOT, capture_output=True,
+                         check=False).returncode == 0
+_needs_git = pytest.mark.skipif(not _IN_GIT, reason="needs a git checkout of the repository")
+
+
+def test_the_bootstrap_runs_a_trees_suite_on_that_trees_code_only(tmp_path):
+  # A stand-in tree whose "suite" reports what it runs as and where genie_jax would come
+  # from: not from this checkout (which an editable install would lend it).
+  os.makedirs(tmp_path / "benchmarks")
+  (tmp_path / "benchmarks" / "suite.py").write_text(
+      "import importlib.util, json, os, sys\n"
+      "spec = importlib.util.find_spec('genie_jax')\n"
+      "print(json.dumps([os.path.abspath(__file__), sys.argv, spec and spec.origin]))\n")
+  done = subprocess.run([sys.executable, "-c", pairs._BOOTSTRAP, "--steps=3"], cwd=tmp_path,
+                        capture_output=True, text=True, timeout=60, check=True)
+  file, argv, origin = json.loads(done.stdout)
+  assert file == str(tmp_path / "benchmarks" / "suite.py")
+  assert argv == ["benchmarks/suite.py", "--steps=3"]
+  assert origin is None or not origin.startswith(_ROOT), origin
+
+
 def _run(tmp_path, *args):
   # Worktrees go under tmp_path; a suite that starts by mistake stops at its unknown --only.
   return subprocess.run([sys.executable, _SCRIPT, "--suite_args=--only=no_such_kind", *args],
@@ -69,6 +91,7 @@ def _worktrees_under(path) -> list[str]:
   return [line for line in listed.splitlines() if str(path) in line]
 
 
+@_needs_git
 def test_bad_input_is_refused_before_any_checkout(tmp_path):
   cases = [(["--before=no-such-revision"], "--before=no-such-revision: not a git revision"),
            (["--before=HEAD", "--harness=HEAD", "--harness_files=no/such/file.py"],
@@ -84,6 +107,7 @@ def test_bad_input_is_refused_before_any_checkout(tmp_path):
   assert not os.listdir(tmp_path) and not _worktrees_under(tmp_path)
 
 
+@_needs_git
 def test_a_failing_suite_run_leaves_no_worktree(tmp_path):
   done = _run(tmp_path, "--before=HEAD", "--harness=HEAD", "--pairs=1")
   assert done.returncode != 0
