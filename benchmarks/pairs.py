@@ -61,6 +61,8 @@ _BOOTSTRAP = ("import os, runpy, sys\n"
               f"sys.path[:] = [p for p in sys.path if os.path.abspath(p) != {_ROOT!r}]\n"
               "sys.argv = ['benchmarks/suite.py'] + sys.argv[1:]\n"
               "runpy.run_path('benchmarks/suite.py', run_name='__main__')\n")
+# suite.KINDS, which every revision of the suite prints as a row's first cell (importing the
+# suite for it would load jax and the framework into this process).
 _KINDS = ("train", "rollout", "input")
 Key = tuple[str, str, str]
 
@@ -143,7 +145,7 @@ def _run_suite(tree: str, args: list[str], label: str) -> dict[Key, float]:
 
 
 def _measure(trees: dict[str, str], args: dict[str, list[str]], revs: dict[str, str]
-             ) -> list[tuple[dict[Key, float], dict[Key, float]]]:
+             ) -> None:
   runs = []
   try:
     for i in range(1, _PAIRS.value + 1):
@@ -164,7 +166,6 @@ def _measure(trees: dict[str, str], args: dict[str, list[str]], revs: dict[str, 
         print(summary(runs), flush=True)
       except Exception:  # pylint: disable=broad-exception-caught
         logging.exception("no summary of the finished pairs")  # The run's own error wins.
-  return runs
 
 
 def main(argv):
