@@ -207,12 +207,15 @@ def bench_train(config, peak: float) -> dict[str, float]:
   return result
 
 
-def _breakdown_lines(b: dict, per: str) -> list[str]:
+def _breakdown_lines(b: dict, per: str, ms: float, peak: float) -> list[str]:
   total = b["total_ms"]
   kinds = ", ".join(f"{k} {v:.1f} ({v / total:.0%})" for k, v in b["kinds"].most_common(6))
   top = ", ".join(f"{k} {v:.1f}" for k, v in b["top"])
-  return [f"    XLA ops, ms per {per} (traced; sum {total:.1f}): {kinds}",
-          f"    largest ops: {top}"]
+  lines = [f"    XLA ops, ms per {per} (traced; sum {total:.1f}): {kinds}",
+           f"    largest ops: {top}"]
+  if b["matmuls"]:
+    lines.append("    " + profiling.format_matmuls(b["matmuls"], per, ms, peak))
+  return lines
 
 
 def _genie(config) -> genie_lib.Generator:
@@ -301,8 +304,8 @@ def main(argv):
         f"{allocator.in_use()}, cpu dots {flags.FLAGS.cpu_dots}, matmul peak {peak / 1e9:.1f} "
         f"GFLOP/s, train steps in {_MICROBATCHES.value} microbatch(es)")
   if _BREAKDOWN.value and jax.default_backend() == "cpu" and flags.FLAGS.cpu_dots == "eigen":
-    print("note: Eigen's 2-D dots leave no trace events; the breakdowns' matmuls are the "
-          "batched ones only (--cpu_dots=xla traces every dot)")
+    print("note: Eigen's 2-D dots run asynchronously, past the end of their trace events; "
+          "the breakdowns' matmul time is the batched ones' (--cpu_dots=xla traces every dot)")
   header = ("| kind | what | shape | batch | compile s | ms (per step / frame / batch) | "
             "rate | GFLOP/step | MFU | XLA temp MiB | peak RSS MiB |")
   print(header)
@@ -315,14 +318,16 @@ def main(argv):
           r = bench_train(configs[stage], peak)
           print(_row("train", stage, shape, r), flush=True)
           if "breakdown" in r:
-            print("\n".join(_breakdown_lines(r["breakdown"], "step")), flush=True)
+            print("\n".join(_breakdown_lines(r["breakdown"], "step", r["ms"], peak)),
+                  flush=True)
       if "rollout" in _ONLY.value:
         for n in _FRAMES.value:
           r = bench_rollout(configs["dynamics"], int(n), peak)
           print(_row("rollout", f"{n} frames, {_steps_per_frame()} steps", shape, r),
                 flush=True)
           if "breakdown" in r:
-            print("\n".join(_breakdown_lines(r["breakdown"], "frame")), flush=True)
+            print("\n".join(_breakdown_lines(r["breakdown"], "frame", r["ms"], peak)),
+                  flush=True)
       if "input" in _ONLY.value and shape == "runlocal":
         for stage in STAGES:
           print(_row("input", f"{stage} batches", shape, bench_input(configs[stage])),

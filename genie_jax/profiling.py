@@ -7,6 +7,7 @@ import contextlib
 import glob
 import gzip
 import json
+import math
 import os
 import re
 import statistics
@@ -169,6 +170,78 @@ def _matmul_instructions(hlo_text: str) -> tuple[set[str], set[str]]:
   return names, matmuls
 
 
+_HEADER = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
+_ARRAY = re.compile(r"^\w+\[([\d,]*)\]")
+_OPERANDS = re.compile(r"%([\w.\-]+)")
+_DOT_OPERANDS = re.compile(r" dot\(([^)]*)\)")
+_SUBCOMPUTATION = re.compile(r"\b(calls|body|to_apply|true_computation|false_computation)="
+                             r"%?([\w.\-]+)|branch_computations=\{([^}]*)\}")
+_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+
+
+def _dims(instruction: str, key: str) -> tuple[int, ...]:
+  found = re.search(rf"\b{key}=\{{([\d,]*)\}}", instruction)
+  return tuple(int(d) for d in found.group(1).split(",") if d) if found else ()
+
+
+def matmul_flops(hlo_text: str) -> dict[str, dict[str, float]] | None:
+  """FLOPs per call of a compiled HLO module's dots, by the op that runs them (the name its
+  trace events carry: the dot, or the fusion holding it) and kind: '2d', or 'batched' (with
+  batch dimensions, e.g. attention's per-head products). A dot in a loop counts as often as
+  the loop runs.
+
+  What `cost_analysis` does not say: on XLA:CPU the two kinds run at very different rates
+  (the 2-D ones near the measured matmul peak), so the 2-D count over the peak is a floor
+  under a step's time. None where a loop holding a dot has no known trip count (or the text
+  has no ENTRY computation).
+  """
+  shapes: dict[str, dict[str, tuple[int, ...]]] = collections.defaultdict(dict)
+  lines: dict[str, list[tuple[str, str, str]]] = collections.defaultdict(list)
+  computation, entry = None, None
+  for line in hlo_text.splitlines():
+    header = _HEADER.match(line)
+    if header and not line.startswith(" "):
+      computation = header.group(1)
+      if line.startswith("ENTRY"):
+        entry = computation
+      continue
+    m = _INSTRUCTION.match(_COMMENT.sub("", line))
+    if m and computation:
+      array = _ARRAY.match(line.split(" = ", 1)[1])
+      if array:
+        shapes[computation][m.group(1)] = tuple(int(d) for d in array.group(1).split(",") if d)
+      lines[computation].append((m.group(1), m.group(2), line))
+  if entry is None:
+    return None
+  per_op: dict[str, dict[str, float]] = collections.defaultdict(
+      lambda: {"2d": 0.0, "batched": 0.0})
+  unknown_loop = False
+
+  def walk(computation: str, times: float, owner: str | None) -> float:
+    """Adds `computation`'s dots (times `times`) to `per_op`; returns its FLOPs per call."""
+    nonlocal unknown_loop
+    total = 0.0
+    for result, op, line in lines.get(computation, ()):
+      runs_it = owner or (None if op in _CONTAINERS else result)
+      if op == "dot":
+        lhs = shapes[computation][_OPERANDS.findall(_DOT_OPERANDS.search(line).group(1))[0]]
+        flops = 2.0 * math.prod(shapes[computation][result]) * math.prod(
+            lhs[d] for d in _dims(line, "lhs_contracting_dims"))
+        per_op[runs_it]["batched" if _dims(line, "lhs_batch_dims") else "2d"] += flops * times
+        total += flops
+      for called in _SUBCOMPUTATION.finditer(line):
+        kind, single, branches = called.groups()
+        for sub in ([single] if single else _OPERANDS.findall(branches)):
+          trip = _TRIP_COUNT.search(line) if kind == "body" else None
+          inner = walk(sub, times * (int(trip.group(1)) if trip else 1), runs_it)
+          unknown_loop |= kind == "body" and inner > 0 and trip is None
+          total += inner
+    return total
+
+  walk(entry, 1.0, None)
+  return None if unknown_loop else dict(per_op)
+
+
 def read_trace_events(trace_dir: str) -> list[dict[str, Any]]:
   """The events of the newest `jax.profiler` trace (its trace.json.gz) under `trace_dir`."""
   files = glob.glob(os.path.join(trace_dir, "**", "*.trace.json.gz"), recursive=True)
@@ -195,11 +268,13 @@ def op_breakdown(compiled: Any, run: Any, num_calls: int, per: float = 1.0, top:
   `num_calls` calls of `run()` (which calls `compiled` and blocks; after the caller's
   warm-up): ms per call / `per` (e.g. per generated frame) of the ops that are matmuls (a
   dot, or a fusion holding one), of all other ops by kind (the op's name without its
-  number: 'multiply_reduce_fusion', 'transpose', ...), and the `top` single ops. For
+  number: 'multiply_reduce_fusion', 'transpose', ...), the `top` single ops, and its 2-D and
+  batched matmuls' GFLOP per call / `per` (`_matmul_summary`; None if uncounted). For
   XLA:CPU, whose trace events carry the HLO instructions' names (a GPU's carry its
   kernels'). Their sum is not the call's time: the runtime works between ops, and may run
   independent ops at once."""
-  names, matmuls = _matmul_instructions(compiled.as_text())
+  text = compiled.as_text()
+  names, matmuls = _matmul_instructions(text)
   with tempfile.TemporaryDirectory() as trace_dir:
     with jax.profiler.trace(trace_dir):
       for _ in range(num_calls):
@@ -212,7 +287,44 @@ def op_breakdown(compiled: Any, run: Any, num_calls: int, per: float = 1.0, top:
   kinds: collections.Counter[str] = collections.Counter()
   for name, ms in per_op.items():
     kinds["matmul" if name in matmuls else re.sub(r"\.\d+$", "", name)] += ms
-  return dict(total_ms=sum(per_op.values()), kinds=kinds, top=per_op.most_common(top))
+  return dict(total_ms=sum(per_op.values()), kinds=kinds, top=per_op.most_common(top),
+              matmuls=_matmul_summary(matmul_flops(text), per_op, per))
+
+
+def _matmul_summary(flops: dict[str, dict[str, float]] | None, traced_ms: dict[str, float],
+                    per: float) -> dict[str, dict[str, float]] | None:
+  """{'2d' and 'batched': {'gflop': all such matmuls' GFLOP, 'traced_gflop' and
+  'traced_ms': those of the ops with trace events}}, per call / `per`; None without dots
+  (e.g. a GPU's, which are library calls by then)."""
+  if not flops:
+    return None
+  summary = {kind: dict(gflop=0.0, traced_gflop=0.0, traced_ms=0.0) for kind in ("2d", "batched")}
+  for op, by_kind in flops.items():
+    for kind, op_flops in by_kind.items():
+      summary[kind]["gflop"] += op_flops / 1e9 / per
+      if op in traced_ms:
+        summary[kind]["traced_gflop"] += op_flops / 1e9 / per
+    if op in traced_ms:  # An op holding both kinds (rare): its time goes to the larger.
+      summary[max(by_kind, key=by_kind.get)]["traced_ms"] += traced_ms[op]
+  return summary
+
+
+def format_matmuls(summary: dict[str, dict[str, float]], per: str, ms: float, peak: float
+                   ) -> str:
+  """One line of `op_breakdown`'s matmul summary for a call of `ms` milliseconds against a
+  matmul peak of `peak` FLOP/s: the 2-D matmuls' time at that peak, and each kind's rate
+  over its trace events where those span the work."""
+  def traced(kind: str) -> str:
+    gflop, traced_ms = summary[kind]["traced_gflop"], summary[kind]["traced_ms"]
+    if not traced_ms:
+      return "no trace events"
+    if gflop / traced_ms > peak / 1e12:  # Faster than the peak: the work outlasts them.
+      return f"their trace events, {traced_ms:.0f} ms, end before their work"
+    return f"traced: {traced_ms:.0f} ms, {1e3 * gflop / traced_ms:.0f} GFLOP/s"
+  two_d, batched = summary["2d"]["gflop"], summary["batched"]["gflop"]
+  return (f"matmuls, per {per}: 2-D {two_d:.1f} GFLOP (at the measured peak "
+          f"{1e12 * two_d / peak:.0f} of its {ms:.0f} ms; {traced('2d')}), batched "
+          f"{batched:.1f} GFLOP ({traced('batched')})")
 
 
 class StepProfiler:

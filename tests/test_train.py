@@ -550,6 +550,39 @@ def test_step_breakdown_finds_the_matmuls_of_a_step():
   assert "while" not in b["kinds"], "a loop's time is counted through its body's ops, once"
   assert set(b["kinds"]) - {"matmul"}, "the elementwise work is an op of its own kind"
   assert b["top"] and all(ms > 0 for _, ms in b["top"])
+  m = b["matmuls"]
+  assert m["2d"]["gflop"] == pytest.approx(3 * 2 * 256**3 / 1e9) and m["batched"]["gflop"] == 0
+  assert m["2d"]["traced_gflop"] <= m["2d"]["gflop"]
+  m["2d"].update(traced_gflop=0.1, traced_ms=1.0)  # 100 GFLOP/s over its trace events.
+  line = profiling.format_matmuls(m, "step", ms=2.0, peak=200e9)
+  assert "2-D 0.1 GFLOP (at the measured peak 1 of its 2 ms; traced: 1 ms, 100 GFLOP/s)" in line
+  assert "end before their work" in profiling.format_matmuls(m, "step", ms=2.0, peak=50e9)
+  assert line.endswith("batched 0.0 GFLOP (no trace events)")
+
+
+def test_matmul_flops_counts_each_dot_by_kind_and_loop():
+  """Each dot of the compiled program once per run of the loops around it, 2-D and batched
+  apart, under the name of the op that runs it; None where a loop's trip count is unknown."""
+  from genie_jax import profiling  # pylint: disable=import-outside-toplevel
+
+  def program(x, w, q):
+    y = jax.lax.fori_loop(0, 5, lambda _, c: jax.numpy.tanh(c @ w), x)
+    scores = jax.numpy.einsum("bse,bte->bst", q, q)
+    return y @ w.T, scores
+
+  x, w, q = jax.numpy.ones((64, 32)), jax.numpy.ones((32, 32)), jax.numpy.ones((6, 8, 16))
+  text = jax.jit(program).lower(x, w, q).compile().as_text()
+  per_op = profiling.matmul_flops(text)
+  two_d = 5 * 2 * 64 * 32 * 32 + 2 * 64 * 32 * 32
+  assert sum(f["2d"] for f in per_op.values()) == two_d
+  assert sum(f["batched"] for f in per_op.values()) == 2 * 6 * 8 * 8 * 16
+  assert all(f" {name} = " in text or f"%{name} = " in text for name in per_op)
+
+  def unknown_trips(x, w):
+    return jax.lax.while_loop(lambda c: jax.numpy.sum(c) < 1e6, lambda c: c @ w + 1.0, x)
+
+  text = jax.jit(unknown_trips).lower(x, w).compile().as_text()
+  assert profiling.matmul_flops(text) is None
 
 
 def test_profile_traces_the_named_train_steps(tmp_path, tiny_data_dir):
