@@ -1,7 +1,7 @@
 r"""The single XLA:CPU ops behind `--cpu_dots`, `layers.dense`'s tall kernels and
 `genie_jax.reductions`, timed alone; also weight gradients computed in two halves of the
-rows (README "Benchmark": faster alone, clearly so into [256, 256]; not in the step, so not
-used).
+rows (README "Benchmark": faster alone, not in the step) and the attention's batched
+matmuls cut into parts (no consistent gain alone or in the step); neither is used.
 
   python benchmarks/cpu_ops.py                    # --cpu_dots=eigen, the default
   python benchmarks/cpu_ops.py --cpu_dots=xla     # XLA's default dot library
@@ -81,15 +81,24 @@ def _ops():
     halves = lambda x: x.reshape(2, -1, x.shape[1])
     return jax.lax.dot_general(halves(a), halves(b), (((1,), (1,)), ((0,), (0,)))).sum(0)
 
+  def in_parts(product, parts=8):  # Independent batched matmuls over parts of the batch.
+    return jax.jit(lambda a, b: [product(*pair) for pair in zip(jnp.split(a, parts),
+                                                                 jnp.split(b, parts))])
+
+  qk = lambda q, k: jnp.einsum("gse,gte->gst", q, k)
+  pd = lambda p, d_out: jnp.einsum("gst,gse->gte", p, d_out)
+
   return [
       ("2-D matmul x @ W (feed-forward up)", jax.jit(lambda x, w: x @ w),
        (ones(m, d), ones(d, f)), 2 * m * d * f),
-      ("batched matmul q k^T (spatial attention)",
-       jax.jit(lambda q, k: jnp.einsum("gse,gte->gst", q, k)), (ones(g, s, e), ones(g, s, e)),
-       2 * g * s * s * e),
+      ("batched matmul q k^T (spatial attention)", jax.jit(qk),
+       (ones(g, s, e), ones(g, s, e)), 2 * g * s * s * e),
+      ("the same as 8 independent batched matmuls", in_parts(qk),
+       (ones(g, s, e), ones(g, s, e)), 2 * g * s * s * e),
       ("batched matmul P^T dO, dO the output's gradient (the attention's value gradient; "
        "the key gradient's product has the same form: contracted over the query axis)",
-       jax.jit(lambda p, d_out: jnp.einsum("gst,gse->gte", p, d_out)),
+       jax.jit(pd), (ones(g, s, s), ones(g, s, e)), 2 * g * s * s * e),
+      ("the same as 8 independent batched matmuls", in_parts(pd),
        (ones(g, s, s), ones(g, s, e)), 2 * g * s * s * e),
       ("spatial attention (layers.attention_core), forward and backward",
        *_attention((4, 16, 4, s, e), causal=False)),

@@ -207,14 +207,16 @@ def bench_train(config, peak: float) -> dict[str, float]:
   return result
 
 
-def _breakdown_lines(b: dict, per: str, ms: float, peak: float) -> list[str]:
+def _breakdown_lines(b: dict, per: str, ms: float | None, peak: float) -> list[str]:
+  """The breakdown of a call that took `ms` (None: a call of another length was traced)."""
   total = b["total_ms"]
   kinds = ", ".join(f"{k} {v:.1f} ({v / total:.0%})" for k, v in b["kinds"].most_common(6))
   top = ", ".join(f"{k} {v:.1f}" for k, v in b["top"])
   lines = [f"    XLA ops, ms per {per} (traced; sum {total:.1f}): {kinds}",
            f"    largest ops: {top}"]
-  if b["matmuls"]:
-    lines.append("    " + profiling.format_matmuls(b["matmuls"], per, ms, peak))
+  eigen = jax.default_backend() == "cpu" and flags.FLAGS.cpu_dots == "eigen"
+  lines.append("    " + profiling.format_matmuls(b["matmuls"], per, ms, peak,
+                                                 untimed=("2d",) if eigen else ()))
   return lines
 
 
@@ -304,8 +306,9 @@ def main(argv):
         f"{allocator.in_use()}, cpu dots {flags.FLAGS.cpu_dots}, matmul peak {peak / 1e9:.1f} "
         f"GFLOP/s, train steps in {_MICROBATCHES.value} microbatch(es)")
   if _BREAKDOWN.value and jax.default_backend() == "cpu" and flags.FLAGS.cpu_dots == "eigen":
-    print("note: Eigen's 2-D dots run asynchronously, past the end of their trace events; "
-          "the breakdowns' matmul time is the batched ones' (--cpu_dots=xla traces every dot)")
+    print("note: Eigen's 2-D dots run asynchronously, past the end of their trace events, so "
+          "the breakdowns' matmul time is nearly all the batched ones' (--cpu_dots=xla times "
+          "every dot)")
   header = ("| kind | what | shape | batch | compile s | ms (per step / frame / batch) | "
             "rate | GFLOP/step | MFU | XLA temp MiB | peak RSS MiB |")
   print(header)
@@ -326,7 +329,8 @@ def main(argv):
           print(_row("rollout", f"{n} frames, {_steps_per_frame()} steps", shape, r),
                 flush=True)
           if "breakdown" in r:
-            print("\n".join(_breakdown_lines(r["breakdown"], "frame", r["ms"], peak)),
+            # Its trace is of a rollout of _BREAKDOWN_FRAMES frames, not of this one.
+            print("\n".join(_breakdown_lines(r["breakdown"], "frame", None, peak)),
                   flush=True)
       if "input" in _ONLY.value and shape == "runlocal":
         for stage in STAGES:

@@ -13,6 +13,7 @@ import re
 import statistics
 import tempfile
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -138,65 +139,23 @@ def time_steps(step: Any, state: Any, batch: Any, num_steps: int
 
 _INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (?:\([^=]*?\)|\S+) (\w[\w\-]*)\(")
 _COMMENT = re.compile(r"/\*.*?\*/")
+_HEADER = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
 # Ops whose trace events span the ops they run (a loop's body, a called computation): counted
 # through those ops, not twice.
 _CONTAINERS = ("while", "conditional", "call")
 _CALLS = re.compile(r"calls=%?([\w.\-]+)")
-_COMPUTATION = re.compile(r"^%?([\w.\-]+) .*\{\s*$")
 _MATMUL_OPS = ("dot", "convolution")
-
-
-def _matmul_instructions(hlo_text: str) -> tuple[set[str], set[str]]:
-  """(all instruction names, those that are a dot or a fusion calling one) of an HLO module."""
-  body: dict[str, list[tuple[str, str, str | None]]] = collections.defaultdict(list)
-  computation = None
-  for line in hlo_text.splitlines():
-    header = _COMPUTATION.match(line)
-    if header and not line.startswith(" "):
-      computation = header.group(1)
-      continue
-    m = _INSTRUCTION.match(_COMMENT.sub("", line))
-    if m and computation:
-      called = _CALLS.search(line)
-      body[computation].append((m.group(1), m.group(2), called and called.group(1)))
-  has_dot = {c: any(op in _MATMUL_OPS for _, op, _ in instrs) for c, instrs in body.items()}
-  names, matmuls = set(), set()
-  for instrs in body.values():
-    for name, op, called in instrs:
-      if op not in _CONTAINERS:
-        names.add(name)
-      if op in _MATMUL_OPS or (op == "fusion" and has_dot.get(called, False)):
-        matmuls.add(name)
-  return names, matmuls
-
-
-_HEADER = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
 _ARRAY = re.compile(r"^\w+\[([\d,]*)\]")
-_OPERANDS = re.compile(r"%([\w.\-]+)")
+_NAMES = re.compile(r"%([\w.\-]+)")
 _DOT_OPERANDS = re.compile(r" dot\(([^)]*)\)")
-_SUBCOMPUTATION = re.compile(r"\b(calls|body|to_apply|true_computation|false_computation)="
-                             r"%?([\w.\-]+)|branch_computations=\{([^}]*)\}")
+_CALLED = re.compile(r"\b(calls|body|condition|to_apply)=%?([\w.\-]+)")
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}|(?:true|false)_computation=%?([\w.\-]+)")
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 
 
-def _dims(instruction: str, key: str) -> tuple[int, ...]:
-  found = re.search(rf"\b{key}=\{{([\d,]*)\}}", instruction)
-  return tuple(int(d) for d in found.group(1).split(",") if d) if found else ()
-
-
-def matmul_flops(hlo_text: str) -> dict[str, dict[str, float]] | None:
-  """FLOPs per call of a compiled HLO module's dots, by the op that runs them (the name its
-  trace events carry: the dot, or the fusion holding it) and kind: '2d', or 'batched' (with
-  batch dimensions, e.g. attention's per-head products). A dot in a loop counts as often as
-  the loop runs.
-
-  What `cost_analysis` does not say: on XLA:CPU the two kinds run at very different rates
-  (the 2-D ones near the measured matmul peak), so the 2-D count over the peak is a floor
-  under a step's time. None where a loop holding a dot has no known trip count (or the text
-  has no ENTRY computation).
-  """
-  shapes: dict[str, dict[str, tuple[int, ...]]] = collections.defaultdict(dict)
-  lines: dict[str, list[tuple[str, str, str]]] = collections.defaultdict(list)
+def _parse_hlo(hlo_text: str) -> tuple[str | None, dict[str, list[tuple[str, str, str]]]]:
+  """(the ENTRY computation's name, {computation: [(instruction, op, line)]}) of HLO text."""
+  body: dict[str, list[tuple[str, str, str]]] = collections.defaultdict(list)
   computation, entry = None, None
   for line in hlo_text.splitlines():
     header = _HEADER.match(line)
@@ -207,39 +166,92 @@ def matmul_flops(hlo_text: str) -> dict[str, dict[str, float]] | None:
       continue
     m = _INSTRUCTION.match(_COMMENT.sub("", line))
     if m and computation:
-      array = _ARRAY.match(line.split(" = ", 1)[1])
-      if array:
-        shapes[computation][m.group(1)] = tuple(int(d) for d in array.group(1).split(",") if d)
-      lines[computation].append((m.group(1), m.group(2), line))
-  if entry is None:
-    return None
-  per_op: dict[str, dict[str, float]] = collections.defaultdict(
-      lambda: {"2d": 0.0, "batched": 0.0})
-  unknown_loop = False
+      body[computation].append((m.group(1), m.group(2), line))
+  return entry, body
 
-  def walk(computation: str, times: float, owner: str | None) -> float:
-    """Adds `computation`'s dots (times `times`) to `per_op`; returns its FLOPs per call."""
-    nonlocal unknown_loop
-    total = 0.0
-    for result, op, line in lines.get(computation, ()):
+
+def _matmul_instructions(hlo_text: str) -> tuple[set[str], set[str]]:
+  """(all instruction names, those that are a dot or a fusion calling one) of an HLO module."""
+  _, body = _parse_hlo(hlo_text)
+  has_dot = {c: any(op in _MATMUL_OPS for _, op, _ in instrs) for c, instrs in body.items()}
+  names, matmuls = set(), set()
+  for instrs in body.values():
+    for name, op, line in instrs:
+      called = _CALLS.search(line)
+      if op not in _CONTAINERS:
+        names.add(name)
+      if op in _MATMUL_OPS or (op == "fusion" and called and has_dot.get(called.group(1))):
+        matmuls.add(name)
+  return names, matmuls
+
+
+class _Uncounted(Exception):
+  """A dot whose number of runs the HLO text does not say."""
+
+
+def _dims(instruction: str, key: str) -> tuple[int, ...]:
+  found = re.search(rf"\b{key}=\{{([\d,]*)\}}", instruction)
+  return tuple(int(d) for d in found.group(1).split(",") if d) if found else ()
+
+
+def _add(into: dict[str, dict[str, float]], flops: dict[str, dict[str, float]],
+         times: float = 1.0) -> None:
+  for op, by_kind in flops.items():
+    for kind, value in by_kind.items():
+      into[op][kind] += value * times
+
+
+def _per_op() -> dict[str, dict[str, float]]:
+  return collections.defaultdict(lambda: {"2d": 0.0, "batched": 0.0})
+
+
+def matmul_flops(hlo_text: str) -> dict[str, dict[str, float]] | None:
+  """FLOPs per call of a compiled HLO module's dots, by the op that runs them (the name its
+  trace events carry: the dot, or the fusion holding it) and kind: '2d', or 'batched' (with
+  batch dimensions, e.g. attention's per-head products).
+
+  What `cost_analysis` does not say: on XLA:CPU the two kinds run at very different rates
+  (the 2-D ones near the measured matmul peak), so the 2-D count over the peak is a floor
+  under a step's time. To keep it one, a dot in a loop counts as often as the loop runs and
+  a conditional counts its cheapest branch. Convolutions are not counted (the models have
+  none). None where a loop holding a dot has no known trip count, or the text is not HLO
+  this reads.
+  """
+  entry, body = _parse_hlo(hlo_text)
+  shapes = {computation: {name: tuple(int(d) for d in array.group(1).split(",") if d)
+                          for name, _, line in instrs
+                          if (array := _ARRAY.match(line.split(" = ", 1)[1]))}
+            for computation, instrs in body.items()}
+
+  def walk(computation: str, owner: str | None) -> dict[str, dict[str, float]]:
+    """FLOPs of one run of `computation`, by op and kind."""
+    found = _per_op()
+    for result, op, line in body.get(computation, ()):
       runs_it = owner or (None if op in _CONTAINERS else result)
       if op == "dot":
-        lhs = shapes[computation][_OPERANDS.findall(_DOT_OPERANDS.search(line).group(1))[0]]
+        lhs = shapes[computation][_NAMES.findall(_DOT_OPERANDS.search(line).group(1))[0]]
         flops = 2.0 * math.prod(shapes[computation][result]) * math.prod(
             lhs[d] for d in _dims(line, "lhs_contracting_dims"))
-        per_op[runs_it]["batched" if _dims(line, "lhs_batch_dims") else "2d"] += flops * times
-        total += flops
-      for called in _SUBCOMPUTATION.finditer(line):
-        kind, single, branches = called.groups()
-        for sub in ([single] if single else _OPERANDS.findall(branches)):
-          trip = _TRIP_COUNT.search(line) if kind == "body" else None
-          inner = walk(sub, times * (int(trip.group(1)) if trip else 1), runs_it)
-          unknown_loop |= kind == "body" and inner > 0 and trip is None
-          total += inner
-    return total
+        found[runs_it]["batched" if _dims(line, "lhs_batch_dims") else "2d"] += flops
+      if op == "conditional":
+        branches = [walk(name, runs_it) for m in _BRANCHES.finditer(line)
+                    for name in (_NAMES.findall(m.group(1)) if m.group(1) else [m.group(2)])]
+        _add(found, min(branches, key=lambda b: sum(sum(k.values()) for k in b.values())))
+        continue
+      for kind, called in _CALLED.findall(line):
+        inner = walk(called, runs_it)
+        trip = _TRIP_COUNT.search(line)
+        if inner and (kind == "condition" or (kind == "body" and trip is None)):
+          raise _Uncounted(f"{result} runs {called} an unknown number of times")
+        _add(found, inner, int(trip.group(1)) if kind == "body" and trip else 1)
+    return found
 
-  walk(entry, 1.0, None)
-  return None if unknown_loop else dict(per_op)
+  if entry is None:
+    return None
+  try:
+    return dict(walk(entry, None))
+  except (_Uncounted, KeyError, IndexError, AttributeError):
+    return None
 
 
 def read_trace_events(trace_dir: str) -> list[dict[str, Any]]:
@@ -294,37 +306,43 @@ def op_breakdown(compiled: Any, run: Any, num_calls: int, per: float = 1.0, top:
 def _matmul_summary(flops: dict[str, dict[str, float]] | None, traced_ms: dict[str, float],
                     per: float) -> dict[str, dict[str, float]] | None:
   """{'2d' and 'batched': {'gflop': all such matmuls' GFLOP, 'traced_gflop' and
-  'traced_ms': those of the ops with trace events}}, per call / `per`; None without dots
-  (e.g. a GPU's, which are library calls by then)."""
-  if not flops:
+  'traced_ms': those of the ops with trace events}}, per call / `per`; None if uncounted.
+  An op holding both kinds (rare) is traced as the kind of most of its FLOPs."""
+  if flops is None:
     return None
   summary = {kind: dict(gflop=0.0, traced_gflop=0.0, traced_ms=0.0) for kind in ("2d", "batched")}
   for op, by_kind in flops.items():
     for kind, op_flops in by_kind.items():
       summary[kind]["gflop"] += op_flops / 1e9 / per
-      if op in traced_ms:
-        summary[kind]["traced_gflop"] += op_flops / 1e9 / per
-    if op in traced_ms:  # An op holding both kinds (rare): its time goes to the larger.
-      summary[max(by_kind, key=by_kind.get)]["traced_ms"] += traced_ms[op]
+    if op in traced_ms:
+      kind = max(by_kind, key=by_kind.get)
+      summary[kind]["traced_gflop"] += sum(by_kind.values()) / 1e9 / per
+      summary[kind]["traced_ms"] += traced_ms[op]
   return summary
 
 
-def format_matmuls(summary: dict[str, dict[str, float]], per: str, ms: float, peak: float
-                   ) -> str:
-  """One line of `op_breakdown`'s matmul summary for a call of `ms` milliseconds against a
-  matmul peak of `peak` FLOP/s: the 2-D matmuls' time at that peak, and each kind's rate
-  over its trace events where those span the work."""
+def format_matmuls(summary: dict[str, dict[str, float]] | None, per: str, ms: float | None,
+                   peak: float, untimed: Sequence[str] = ()) -> str:
+  """One line of `op_breakdown`'s matmul summary: the 2-D matmuls' time at a matmul peak of
+  `peak` FLOP/s (against the call's `ms` where given), and each kind's rate over its trace
+  events, but for the kinds in `untimed`, whose events do not span their work (Eigen's 2-D
+  dots on XLA:CPU run asynchronously, past the end of theirs)."""
+  if summary is None:
+    return (f"matmuls, per {per}: not counted (a loop of unknown trip count, or HLO text "
+            "profiling.matmul_flops does not read)")
+
   def traced(kind: str) -> str:
     gflop, traced_ms = summary[kind]["traced_gflop"], summary[kind]["traced_ms"]
+    if kind in untimed:
+      return "not timed by their trace events"
     if not traced_ms:
       return "no trace events"
-    if gflop / traced_ms > peak / 1e12:  # Faster than the peak: the work outlasts them.
-      return f"their trace events, {traced_ms:.0f} ms, end before their work"
     return f"traced: {traced_ms:.0f} ms, {1e3 * gflop / traced_ms:.0f} GFLOP/s"
   two_d, batched = summary["2d"]["gflop"], summary["batched"]["gflop"]
+  of = f" of its {ms:.0f} ms" if ms is not None else ""
   return (f"matmuls, per {per}: 2-D {two_d:.1f} GFLOP (at the measured peak "
-          f"{1e12 * two_d / peak:.0f} of its {ms:.0f} ms; {traced('2d')}), batched "
-          f"{batched:.1f} GFLOP ({traced('batched')})")
+          f"{1e12 * two_d / peak:.0f} ms{of}; {traced('2d')}), batched {batched:.1f} GFLOP "
+          f"({traced('batched')})")
 
 
 class StepProfiler:

@@ -552,37 +552,49 @@ def test_step_breakdown_finds_the_matmuls_of_a_step():
   assert b["top"] and all(ms > 0 for _, ms in b["top"])
   m = b["matmuls"]
   assert m["2d"]["gflop"] == pytest.approx(3 * 2 * 256**3 / 1e9) and m["batched"]["gflop"] == 0
-  assert m["2d"]["traced_gflop"] <= m["2d"]["gflop"]
-  m["2d"].update(traced_gflop=0.1, traced_ms=1.0)  # 100 GFLOP/s over its trace events.
-  line = profiling.format_matmuls(m, "step", ms=2.0, peak=200e9)
-  assert "2-D 0.1 GFLOP (at the measured peak 1 of its 2 ms; traced: 1 ms, 100 GFLOP/s)" in line
-  assert "end before their work" in profiling.format_matmuls(m, "step", ms=2.0, peak=50e9)
+  # Every dot is put to an op that has trace events: the fusion or dot that runs it.
+  assert m["2d"]["traced_gflop"] == pytest.approx(m["2d"]["gflop"])
+  m["2d"].update(traced_gflop=0.1, traced_ms=1.0)
+  line = profiling.format_matmuls(m, "step", 2.0, peak=200e9)
+  assert "2-D 0.1 GFLOP (at the measured peak 1 ms of its 2 ms; traced: 1 ms, 100 GFLOP/s)" in line
   assert line.endswith("batched 0.0 GFLOP (no trace events)")
+  assert "not timed" in profiling.format_matmuls(m, "frame", None, 200e9, untimed=("2d",))
+  assert "not counted" in profiling.format_matmuls(None, "step", 2.0, 200e9)
 
 
-def test_matmul_flops_counts_each_dot_by_kind_and_loop():
+def test_matmul_flops_counts_each_dot_by_kind_and_run():
   """Each dot of the compiled program once per run of the loops around it, 2-D and batched
-  apart, under the name of the op that runs it; None where a loop's trip count is unknown."""
+  apart, a conditional's cheapest branch; None where a loop's trip count is unknown."""
   from genie_jax import profiling  # pylint: disable=import-outside-toplevel
+  np_ = jax.numpy
 
-  def program(x, w, q):
-    y = jax.lax.fori_loop(0, 5, lambda _, c: jax.numpy.tanh(c @ w), x)
-    scores = jax.numpy.einsum("bse,bte->bst", q, q)
-    return y @ w.T, scores
+  def program(x, w, q, p):
+    def outer(_, c):
+      return jax.lax.fori_loop(0, 3, lambda _, c: np_.tanh(c @ w), c)
+    y = jax.lax.fori_loop(0, 4, outer, x)
+    scores = np_.einsum("bse,bte->bst", q, q)
+    z = jax.lax.cond(p > 0, lambda: y @ w, lambda: (y @ w) @ w)
+    return z @ w.T, scores
 
-  x, w, q = jax.numpy.ones((64, 32)), jax.numpy.ones((32, 32)), jax.numpy.ones((6, 8, 16))
-  text = jax.jit(program).lower(x, w, q).compile().as_text()
+  x, w, q = np_.ones((64, 32)), np_.ones((32, 32)), np_.ones((6, 8, 16))
+  text = jax.jit(program).lower(x, w, q, 1.0).compile().as_text()
   per_op = profiling.matmul_flops(text)
-  two_d = 5 * 2 * 64 * 32 * 32 + 2 * 64 * 32 * 32
-  assert sum(f["2d"] for f in per_op.values()) == two_d
+  matmul = 2 * 64 * 32 * 32
+  assert sum(f["2d"] for f in per_op.values()) == (4 * 3 + 1 + 1) * matmul
   assert sum(f["batched"] for f in per_op.values()) == 2 * 6 * 8 * 8 * 16
-  assert all(f" {name} = " in text or f"%{name} = " in text for name in per_op)
+  # Each under the op its trace events name: not a fusion's inner dot, not a loop.
+  _, body = profiling._parse_hlo(text)  # pylint: disable=protected-access
+  fused = {c for instrs in body.values() for _, _, line in instrs
+           for c in re.findall(r"calls=%?([\w.\-]+)", line)}
+  assert set(per_op) <= {name for c, instrs in body.items() if c not in fused
+                         for name, op, _ in instrs if op not in ("while", "conditional")}
 
   def unknown_trips(x, w):
-    return jax.lax.while_loop(lambda c: jax.numpy.sum(c) < 1e6, lambda c: c @ w + 1.0, x)
+    return jax.lax.while_loop(lambda c: np_.sum(c) < 1e6, lambda c: c @ w + 1.0, x)
 
   text = jax.jit(unknown_trips).lower(x, w).compile().as_text()
   assert profiling.matmul_flops(text) is None
+  assert profiling.matmul_flops("not HLO") is None
 
 
 def test_profile_traces_the_named_train_steps(tmp_path, tiny_data_dir):
