@@ -214,9 +214,9 @@ def _breakdown_lines(b: dict, per: str, ms: float | None, peak: float) -> list[s
   top = ", ".join(f"{k} {v:.1f}" for k, v in b["top"])
   lines = [f"    XLA ops, ms per {per} (traced; sum {total:.1f}): {kinds}",
            f"    largest ops: {top}"]
-  eigen = jax.default_backend() == "cpu" and flags.FLAGS.cpu_dots == "eigen"
-  lines.append("    " + profiling.format_matmuls(b["matmuls"], per, ms, peak,
-                                                 untimed=("2d",) if eigen else ()))
+  if jax.default_backend() == "cpu":  # Elsewhere the matmuls are library calls, not dots.
+    untimed = ("2d",) if flags.FLAGS.cpu_dots == "eigen" else ()
+    lines.append("    " + profiling.format_matmuls(b["matmuls"], per, ms, peak, untimed))
   return lines
 
 
@@ -329,7 +329,7 @@ def main(argv):
           print(_row("rollout", f"{n} frames, {_steps_per_frame()} steps", shape, r),
                 flush=True)
           if "breakdown" in r:
-            # Its trace is of a rollout of _BREAKDOWN_FRAMES frames, not of this one.
+            # Its trace is of another compiled rollout (of at most _BREAKDOWN_FRAMES frames).
             print("\n".join(_breakdown_lines(r["breakdown"], "frame", None, peak)),
                   flush=True)
       if "input" in _ONLY.value and shape == "runlocal":

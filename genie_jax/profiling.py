@@ -214,8 +214,8 @@ def matmul_flops(hlo_text: str) -> dict[str, dict[str, float]] | None:
   (the 2-D ones near the measured matmul peak), so the 2-D count over the peak is a floor
   under a step's time. To keep it one, a dot in a loop counts as often as the loop runs and
   a conditional counts its cheapest branch. Convolutions are not counted (the models have
-  none). None where a loop holding a dot has no known trip count, or the text is not HLO
-  this reads.
+  none), nor a GPU's matmuls (library calls by then, not dots). None where a loop holding a
+  dot has no known trip count, or the text is not HLO this reads.
   """
   entry, body = _parse_hlo(hlo_text)
   shapes = {computation: {name: tuple(int(d) for d in array.group(1).split(",") if d)
@@ -236,6 +236,8 @@ def matmul_flops(hlo_text: str) -> dict[str, dict[str, float]] | None:
       if op == "conditional":
         branches = [walk(name, runs_it) for m in _BRANCHES.finditer(line)
                     for name in (_NAMES.findall(m.group(1)) if m.group(1) else [m.group(2)])]
+        if not branches:
+          raise _Uncounted(f"{result}: no branch computations read")
         _add(found, min(branches, key=lambda b: sum(sum(k.values()) for k in b.values())))
         continue
       for kind, called in _CALLED.findall(line):

@@ -592,8 +592,11 @@ def test_matmul_flops_counts_each_dot_by_kind_and_run():
   def unknown_trips(x, w):
     return jax.lax.while_loop(lambda c: np_.sum(c) < 1e6, lambda c: c @ w + 1.0, x)
 
-  text = jax.jit(unknown_trips).lower(x, w).compile().as_text()
-  assert profiling.matmul_flops(text) is None
+  def dot_in_condition(x, w):
+    return jax.lax.while_loop(lambda c: np_.sum(c @ w) < 1e6, lambda c: c + 1.0, x)
+
+  for program in (unknown_trips, dot_in_condition):
+    assert profiling.matmul_flops(jax.jit(program).lower(x, w).compile().as_text()) is None
   assert profiling.matmul_flops("not HLO") is None
 
 
