@@ -153,9 +153,12 @@ _BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}|(?:true|false)_computat
 _TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
 
 
-def _parse_hlo(hlo_text: str) -> tuple[str | None, dict[str, list[tuple[str, str, str]]]]:
+_Body = dict[str, list[tuple[str, str, str]]]
+
+
+def _parse_hlo(hlo_text: str) -> tuple[str | None, _Body]:
   """(the ENTRY computation's name, {computation: [(instruction, op, line)]}) of HLO text."""
-  body: dict[str, list[tuple[str, str, str]]] = collections.defaultdict(list)
+  body: _Body = collections.defaultdict(list)
   computation, entry = None, None
   for line in hlo_text.splitlines():
     header = _HEADER.match(line)
@@ -170,9 +173,9 @@ def _parse_hlo(hlo_text: str) -> tuple[str | None, dict[str, list[tuple[str, str
   return entry, body
 
 
-def _matmul_instructions(hlo_text: str) -> tuple[set[str], set[str]]:
-  """(all instruction names, those that are a dot or a fusion calling one) of an HLO module."""
-  _, body = _parse_hlo(hlo_text)
+def _matmul_instructions(body: _Body) -> tuple[set[str], set[str]]:
+  """(all instruction names, those that are a dot or a fusion calling one) of a parsed HLO
+  module (`_parse_hlo`)."""
   has_dot = {c: any(op in _MATMUL_OPS for _, op, _ in instrs) for c, instrs in body.items()}
   names, matmuls = set(), set()
   for instrs in body.values():
@@ -217,7 +220,13 @@ def matmul_flops(hlo_text: str) -> dict[str, dict[str, float]] | None:
   none), nor a GPU's matmuls (library calls by then, not dots). None where a loop holding a
   dot has no known trip count, or the text is not HLO this reads.
   """
-  entry, body = _parse_hlo(hlo_text)
+  return _count_matmul_flops(*_parse_hlo(hlo_text))
+
+
+def _count_matmul_flops(entry: str | None, body: _Body) -> dict[str, dict[str, float]] | None:
+  """`matmul_flops` of a parsed HLO module (`_parse_hlo`)."""
+  if entry is None:
+    return None
   shapes = {computation: {name: tuple(int(d) for d in array.group(1).split(",") if d)
                           for name, _, line in instrs
                           if (array := _ARRAY.match(line.split(" = ", 1)[1]))}
@@ -240,16 +249,14 @@ def matmul_flops(hlo_text: str) -> dict[str, dict[str, float]] | None:
           raise _Uncounted(f"{result}: no branch computations read")
         _add(found, min(branches, key=lambda b: sum(sum(k.values()) for k in b.values())))
         continue
+      trip = _TRIP_COUNT.search(line)
       for kind, called in _CALLED.findall(line):
         inner = walk(called, runs_it)
-        trip = _TRIP_COUNT.search(line)
         if inner and (kind == "condition" or (kind == "body" and trip is None)):
           raise _Uncounted(f"{result} runs {called} an unknown number of times")
         _add(found, inner, int(trip.group(1)) if kind == "body" and trip else 1)
     return found
 
-  if entry is None:
-    return None
   try:
     return dict(walk(entry, None))
   except (_Uncounted, KeyError, IndexError, AttributeError):
@@ -287,8 +294,8 @@ def op_breakdown(compiled: Any, run: Any, num_calls: int, per: float = 1.0, top:
   XLA:CPU, whose trace events carry the HLO instructions' names (a GPU's carry its
   kernels'). Their sum is not the call's time: the runtime works between ops, and may run
   independent ops at once."""
-  text = compiled.as_text()
-  names, matmuls = _matmul_instructions(text)
+  parsed = _parse_hlo(compiled.as_text())
+  names, matmuls = _matmul_instructions(parsed[1])
   with tempfile.TemporaryDirectory() as trace_dir:
     with jax.profiler.trace(trace_dir):
       for _ in range(num_calls):
@@ -302,7 +309,7 @@ def op_breakdown(compiled: Any, run: Any, num_calls: int, per: float = 1.0, top:
   for name, ms in per_op.items():
     kinds["matmul" if name in matmuls else re.sub(r"\.\d+$", "", name)] += ms
   return dict(total_ms=sum(per_op.values()), kinds=kinds, top=per_op.most_common(top),
-              matmuls=_matmul_summary(matmul_flops(text), per_op, per))
+              matmuls=_matmul_summary(_count_matmul_flops(*parsed), per_op, per))
 
 
 def _matmul_summary(flops: dict[str, dict[str, float]] | None, traced_ms: dict[str, float],
